@@ -1,0 +1,1 @@
+"""bitdet hardware: Amaranth components of the accelerator."""

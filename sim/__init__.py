@@ -1,0 +1,1 @@
+"""bitdet simulation: cocotb testbenches and runners."""

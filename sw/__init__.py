@@ -1,0 +1,1 @@
+"""bitdet host software: golden model, packing, folding, bundle, driver, CLI."""

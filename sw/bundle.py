@@ -1,0 +1,542 @@
+"""Deployment bundle: everything the host driver needs to run a folded detector.
+
+A bundle is a ZIP archive (``*.bitdet``) with a JSON manifest and one ``.npy`` file per
+array (numpy's format, loaded with ``allow_pickle=False``). ZIP gives per-member CRC-32
+checks and lets anyone inspect a bundle with ``unzip -l``. docs/bundle.md documents the
+format; :data:`FORMAT_VERSION` is its version.
+
+What it holds:
+
+* the binary layers the accelerator runs, folded (:class:`bitdet.sw.golden.BinaryConvLayer`):
+  weights packed with :func:`bitdet.sw.packing.pack_weights` in 8-bit words (the driver
+  repacks them for the device's SIMD width), integer thresholds, geometry;
+* the host-side layers in fixed point (:class:`HostLayer`): the first conv on the image
+  and the real-valued head;
+* free-form model metadata (classes, input normalization, box decoding);
+* the accelerator requirements derived from the layers (:class:`Requirements`), checked
+  against the layers again on load.
+
+:func:`load` validates everything and raises :class:`BundleError` with a message that
+names the file, the layer and the field; it never returns a bundle that would give
+silently wrong results.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from zlib import error as zlib_error
+
+import numpy as np
+import torch
+
+from . import packing
+from .golden import BinaryConvLayer
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "HOST_LAYER_KINDS",
+    "Bundle",
+    "BundleError",
+    "HostLayer",
+    "Requirements",
+    "load",
+]
+
+FORMAT = "bitdet-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+#: Word width of the packed weights stored in a bundle (the byte is the common divisor of
+#: every SIMD width; the driver repacks for the device).
+STORAGE_WORD_BITS = 8
+
+#: Arrays each host layer kind must hold: name → (dtype, number of dimensions).
+HOST_LAYER_KINDS: dict[str, dict[str, tuple[str, int]]] = {
+    # out = count of thresholds reached by sign · Σ w·(x − zero_point)   (first layer)
+    "conv_threshold": {"weight": ("int8", 4), "thresholds": ("int32", 2), "sign": ("int8", 1)},
+    # out = (Σ w·x + bias) · scale   (the real-valued head)
+    "conv_affine": {"weight": ("int8", 4), "bias": ("int32", 1), "scale": ("float32", 1)},
+}
+
+
+class BundleError(ValueError):
+    """A bundle file is unreadable, corrupt, or describes an inconsistent model."""
+
+
+@dataclass
+class HostLayer:
+    """A layer that runs on the host in fixed point (first conv, head).
+
+    Members
+    -------
+    name : str
+    kind : "conv_threshold" or "conv_affine" (see :data:`HOST_LAYER_KINDS`)
+    arrays : dict of numpy arrays, as the kind requires
+    stride, padding : int
+    attrs : dict
+        Extra JSON-serializable attributes (e.g. ``zero_point`` of the input).
+    """
+
+    name: str
+    kind: str
+    arrays: dict[str, np.ndarray]
+    stride: int = 1
+    padding: int = 0
+    attrs: dict = field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        if self.kind not in HOST_LAYER_KINDS:
+            raise BundleError(f"{where}: unknown host layer kind {self.kind!r} "
+                              f"(known: {', '.join(HOST_LAYER_KINDS)})")
+        for name, (dtype, ndim) in HOST_LAYER_KINDS[self.kind].items():
+            if name not in self.arrays:
+                raise BundleError(f"{where}: missing array {name!r}")
+            a = self.arrays[name]
+            if a.dtype != np.dtype(dtype) or a.ndim != ndim:
+                raise BundleError(f"{where}: array {name!r} must be {ndim}-D {dtype}, "
+                                  f"not {a.ndim}-D {a.dtype}")
+        out_channels = self.arrays["weight"].shape[0]
+        for name, a in self.arrays.items():
+            if name != "weight" and a.shape[0] != out_channels:
+                raise BundleError(f"{where}: array {name!r} has {a.shape[0]} rows but the "
+                                  f"weight has {out_channels} output channels")
+        if self.kind == "conv_threshold":
+            if not np.isin(self.arrays["sign"], (-1, 1)).all():
+                raise BundleError(f"{where}: 'sign' must hold only -1 and +1")
+            t = self.arrays["thresholds"]
+            levels = t.shape[1] + 1
+            if levels < 2 or levels & (levels - 1) or (np.diff(t, axis=1) < 0).any():
+                raise BundleError(f"{where}: thresholds must be (O, 2**n - 1) with sorted rows")
+        if self.kind == "conv_affine" and not np.isfinite(self.arrays["scale"]).all():
+            raise BundleError(f"{where}: 'scale' must be finite")
+        if self.stride < 1 or self.padding < 0:
+            raise BundleError(f"{where}: stride must be ≥ 1 and padding ≥ 0")
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the layer in fixed point on integer input ``N×C×H×W``.
+
+        ``conv_threshold``: ``x`` is the raw integer input (e.g. uint8 pixels); the
+        accumulator is ``Σ w·(x − zero_point)`` with padding at the zero point, the output
+        is the number of thresholds that ``sign · acc`` reaches (0/1 bits for one).
+        ``conv_affine``: ``x`` is ±1 activations (or integers); returns float32
+        ``(acc + bias) · scale``.
+        """
+        from .golden import fixed_point_conv2d, threshold
+        self.validate(f"host layer {self.name!r}")
+        w = torch.from_numpy(self.arrays["weight"].astype(np.int64))
+        if self.kind == "conv_threshold":
+            zero_point = int(self.attrs.get("zero_point", 0))
+            acc = fixed_point_conv2d(x.to(torch.int64) - zero_point, w, stride=self.stride,
+                                     padding=self.padding, pad_value=0)
+            sign = torch.from_numpy(self.arrays["sign"].astype(np.int64)).reshape(1, -1, 1, 1)
+            return threshold(acc * sign, torch.from_numpy(self.arrays["thresholds"]))
+        acc = fixed_point_conv2d(x, w, stride=self.stride, padding=self.padding, pad_value=0)
+        acc = acc + torch.from_numpy(self.arrays["bias"].astype(np.int64)).reshape(1, -1, 1, 1)
+        scale = torch.from_numpy(self.arrays["scale"]).reshape(1, -1, 1, 1)
+        return acc.to(torch.float32) * scale
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What an accelerator must provide to run a bundle's binary layers resident on chip.
+
+    Counts are logical (unpadded); :meth:`weight_words` and :meth:`activation_words` give
+    the storage for a given SIMD width.
+    """
+
+    layers: int
+    max_in_channels: int
+    max_out_channels: int
+    max_k: int
+    max_kernel: int
+    max_stride: int
+    max_padding: int
+    max_pool_kernel: int
+    max_output_bits: int
+    raw_output: bool
+    max_pixels: int
+    layer_shapes: tuple = ()
+
+    def weight_words(self, word_bits: int) -> int:
+        """SIMD words of weights for all layers (channel padding included)."""
+        return sum(o * kh * kw * -(-c // word_bits)
+                   for (c, o, kh, kw, _hw, _ohw) in self.layer_shapes)
+
+    def threshold_entries(self) -> int:
+        """Thresholds for all layers (one per output channel and level)."""
+        return sum(o for (_c, o, *_rest) in self.layer_shapes)
+
+    def activation_words(self, word_bits: int) -> int:
+        """SIMD words of the largest input or output feature map (one ping-pong half)."""
+        return max(max(h * w * -(-c // word_bits), oh * ow * -(-o // word_bits))
+                   for (c, o, _kh, _kw, (h, w), (oh, ow)) in self.layer_shapes)
+
+
+def _bitdet_version() -> str:
+    try:
+        return version("bitdet")
+    except PackageNotFoundError:  # pragma: no cover - running from a plain checkout
+        return "unknown"
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+@dataclass
+class Bundle:
+    """A folded detector: host layers, device (binary) layers, metadata.
+
+    Members
+    -------
+    binary_layers : list of BinaryConvLayer
+        Consecutive device layers; all but the last output 1-bit activations.
+    input_shape : (C, H, W)
+        Shape of the first binary layer's input (the host's first layer output).
+    host_layers : list of HostLayer
+    layer_names : list of str, one per binary layer
+    model : dict
+        Free-form JSON metadata (classes, input normalization, decoding).
+    """
+
+    binary_layers: list[BinaryConvLayer]
+    input_shape: tuple[int, int, int]
+    host_layers: list[HostLayer] = field(default_factory=list)
+    layer_names: list[str] | None = None
+    model: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.input_shape = tuple(int(v) for v in self.input_shape)
+        if self.layer_names is None:
+            self.layer_names = [f"binary{i}" for i in range(len(self.binary_layers))]
+
+    # -- geometry -----------------------------------------------------------------------
+    def layer_shapes(self) -> list[tuple]:
+        """Per binary layer ``(C, O, kh, kw, (H, W) in, (H, W) out)``; validates the chain."""
+        shapes = []
+        if len(self.input_shape) != 3 or min(self.input_shape) < 1:
+            raise BundleError(f"input_shape must be (C, H, W) positive, not {self.input_shape}")
+        c, h, w = self.input_shape
+        for i, layer in enumerate(self.binary_layers):
+            where = f"binary layer {i} ({self.layer_names[i]!r})"
+            weights = layer.weights
+            if weights.dim() != 4:
+                raise BundleError(f"{where}: weights must be O×C×kh×kw")
+            o, wc, kh, kw = weights.shape
+            if wc != c:
+                raise BundleError(f"{where}: takes {wc} input channels but receives {c}")
+            if layer.stride < 1 or layer.padding < 0 or layer.pad_value not in (-1, 1):
+                raise BundleError(f"{where}: stride must be ≥ 1, padding ≥ 0, pad_value ±1; "
+                                  f"got {layer.stride}, {layer.padding}, {layer.pad_value}")
+            oh = _conv_out(h, kh, layer.stride, layer.padding)
+            ow = _conv_out(w, kw, layer.stride, layer.padding)
+            if oh < 1 or ow < 1:
+                raise BundleError(f"{where}: kernel {kh}×{kw} does not fit the {h}×{w} input")
+            k = wc * kh * kw
+            if layer.thresholds is None:
+                if i != len(self.binary_layers) - 1:
+                    raise BundleError(f"{where}: only the last layer may output raw P")
+                if layer.pool is not None:
+                    raise BundleError(f"{where}: a raw layer cannot be pooled")
+            else:
+                t = layer.thresholds
+                levels = t.shape[1] + 1 if t.dim() == 2 else 0
+                if t.dim() != 2 or t.shape[0] != o or levels < 2 or levels & (levels - 1):
+                    raise BundleError(f"{where}: thresholds must be (O, 2**n - 1) = ({o}, ...), "
+                                      f"not {tuple(t.shape)}")
+                if t.numel() and (int(t.min()) < 0 or int(t.max()) > k + 1):
+                    bad = int(t.max()) if int(t.max()) > k + 1 else int(t.min())
+                    raise BundleError(f"{where}: threshold {bad} out of range [0, K + 1 = {k + 1}]")
+                if bool((t[:, 1:] < t[:, :-1]).any()):
+                    raise BundleError(f"{where}: thresholds of a channel must be sorted")
+                if i != len(self.binary_layers) - 1 and levels != 2:
+                    raise BundleError(f"{where}: feeds another binary layer, so it must output "
+                                      f"1 bit, not {levels.bit_length() - 1}")
+            if layer.pool is not None:
+                pk, ps = layer.pool
+                if pk < 1 or ps < 1:
+                    raise BundleError(f"{where}: pool kernel and stride must be ≥ 1")
+                oh, ow = _conv_out(oh, pk, ps, 0), _conv_out(ow, pk, ps, 0)
+                if oh < 1 or ow < 1:
+                    raise BundleError(f"{where}: pool {pk}×{pk} does not fit the output")
+            shapes.append((c, o, kh, kw, (h, w), (oh, ow)))
+            c, h, w = o, oh, ow
+        return shapes
+
+    def output_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the last binary layer's output."""
+        _c, o, _kh, _kw, _hw, (oh, ow) = self.layer_shapes()[-1]
+        return (o, oh, ow)
+
+    def requirements(self) -> Requirements:
+        shapes = self.layer_shapes()
+        if not shapes:
+            raise BundleError("a bundle needs at least one binary layer")
+        layers = self.binary_layers
+        return Requirements(
+            layers=len(layers),
+            max_in_channels=max(s[0] for s in shapes),
+            max_out_channels=max(s[1] for s in shapes),
+            max_k=max(layer.k for layer in layers),
+            max_kernel=max(max(s[2], s[3]) for s in shapes),
+            max_stride=max(layer.stride for layer in layers),
+            max_padding=max(layer.padding for layer in layers),
+            max_pool_kernel=max((layer.pool[0] for layer in layers if layer.pool), default=0),
+            max_output_bits=max(layer.output_bits or 0 for layer in layers),
+            raw_output=layers[-1].thresholds is None,
+            max_pixels=max(max(h * w, oh * ow) for (*_, (h, w), (oh, ow)) in shapes),
+            layer_shapes=tuple(shapes),
+        )
+
+    def validate(self) -> Requirements:
+        """Check every layer and host layer; returns the requirements."""
+        requirements = self.requirements()
+        if len(self.layer_names) != len(self.binary_layers):
+            raise BundleError("layer_names must name every binary layer")
+        for i, layer in enumerate(self.host_layers):
+            layer.validate(f"host layer {i} ({layer.name!r})")
+        return requirements
+
+    # -- running ------------------------------------------------------------------------
+    def run_binary(self, x: torch.Tensor, *, method: str = "fast") -> list[torch.Tensor]:
+        """Run the binary layers on ±1 input with the golden model (every layer's output)."""
+        from .golden import run_network
+        if tuple(x.shape[1:]) != self.input_shape:
+            shape = "×".join(map(str, self.input_shape))
+            raise ValueError(f"the bundle's binary layers take N×{shape} input, "
+                             f"not {tuple(x.shape)}")
+        return run_network(x, self.binary_layers, method=method)
+
+    # -- files --------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the bundle (validated first); returns the path."""
+        requirements = self.validate()
+        path = Path(path)
+        arrays: dict[str, np.ndarray] = {}
+        binary = []
+        for i, layer in enumerate(self.binary_layers):
+            o, c, kh, kw = layer.weights.shape
+            prefix = f"binary/{i}"
+            packed = packing.pack_weights(layer.weights, word_bits=STORAGE_WORD_BITS)
+            arrays[f"{prefix}/weights.npy"] = packed.reshape(o, kh, kw, -1)
+            record = {
+                "name": self.layer_names[i], "in_channels": c, "out_channels": o,
+                "kernel": [kh, kw], "stride": layer.stride, "padding": layer.padding,
+                "pad_value": layer.pad_value,
+                "pool": list(layer.pool) if layer.pool is not None else None,
+                "output": "raw" if layer.thresholds is None else "bits",
+                "output_bits": layer.output_bits, "k": layer.k,
+                "weights": f"{prefix}/weights.npy", "thresholds": None,
+            }
+            if layer.thresholds is not None:
+                arrays[f"{prefix}/thresholds.npy"] = layer.thresholds.numpy().astype(np.int32)
+                record["thresholds"] = f"{prefix}/thresholds.npy"
+            binary.append(record)
+        host = []
+        for i, layer in enumerate(self.host_layers):
+            names = {}
+            for name, a in layer.arrays.items():
+                member = f"host/{i}/{name}.npy"
+                arrays[member] = a
+                names[name] = member
+            host.append({"name": layer.name, "kind": layer.kind, "stride": layer.stride,
+                         "padding": layer.padding, "attrs": layer.attrs, "arrays": names})
+        manifest = {
+            "format": FORMAT, "version": FORMAT_VERSION, "bitdet_version": _bitdet_version(),
+            "weight_word_bits": STORAGE_WORD_BITS,
+            "input_shape": list(self.input_shape), "binary_layers": binary,
+            "host_layers": host, "model": self.model,
+            "requirements": _requirements_json(requirements),
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr(MANIFEST, json.dumps(manifest, indent=1))
+            for member, a in arrays.items():
+                buffer = io.BytesIO()
+                np.save(buffer, np.ascontiguousarray(a), allow_pickle=False)
+                zf.writestr(member, buffer.getvalue())
+        os.replace(tmp, path)
+        return path
+
+
+def _requirements_json(requirements: Requirements) -> dict:
+    out = asdict(requirements)
+    out["layer_shapes"] = [[c, o, kh, kw, list(hw), list(ohw)]
+                           for (c, o, kh, kw, hw, ohw) in requirements.layer_shapes]
+    return out
+
+
+# -- loading ------------------------------------------------------------------------------
+
+def _get(record: dict, key: str, kind, where: str):
+    if key not in record:
+        raise BundleError(f"{where}: missing field {key!r}")
+    value = record[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ if k is not type(None) else "null" for k in kinds)
+        raise BundleError(f"{where}: field {key!r} must be {names}, not {value!r}")
+    return value
+
+
+class _Reader:
+    def __init__(self, zf: zipfile.ZipFile, source: str):
+        self.zf = zf
+        self.source = source
+
+    def read(self, member: str) -> bytes:
+        try:
+            return self.zf.read(member)
+        except KeyError:
+            raise BundleError(f"{self.source}: missing member {member!r}") from None
+        except zipfile.BadZipFile as e:
+            raise BundleError(f"{self.source}: member {member!r} is corrupt ({e})") from None
+        except (EOFError, OSError, zlib_error) as e:
+            raise BundleError(f"{self.source}: member {member!r} is truncated or corrupt "
+                              f"({e})") from None
+
+    def array(self, member, where: str, dtype: str | None = None) -> np.ndarray:
+        if not isinstance(member, str):
+            raise BundleError(f"{where}: array reference must be a member name, not {member!r}")
+        try:
+            a = np.load(io.BytesIO(self.read(member)), allow_pickle=False)
+        except (ValueError, EOFError, OSError) as e:
+            raise BundleError(f"{self.source}: {where}: {member!r} is not a valid .npy array "
+                              f"({e})") from None
+        if dtype is not None and a.dtype != np.dtype(dtype):
+            raise BundleError(f"{self.source}: {where}: {member!r} must be {dtype}, "
+                              f"not {a.dtype}")
+        return a
+
+
+def load(path: str | os.PathLike) -> Bundle:
+    """Read and validate a bundle file.
+
+    Raises
+    ------
+    BundleError
+        Missing, not a bundle (wrong magic), unsupported version, truncated, corrupt
+        (CRC), inconsistent shapes, thresholds out of range, requirements that disagree
+        with the layers.
+    """
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise BundleError(f"{source}: no such bundle file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":
+        raise BundleError(f"{source}: not a bitdet bundle (wrong magic: expected a ZIP archive "
+                          f"starting with b'PK\\x03\\x04', found {head!r})")
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as e:
+        raise BundleError(f"{source}: truncated or corrupt bundle ({e})") from None
+    with zf:
+        reader = _Reader(zf, source)
+        try:
+            manifest = json.loads(reader.read(MANIFEST))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BundleError(f"{source}: manifest is not valid JSON ({e})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else None
+            raise BundleError(f"{source}: not a bitdet bundle (format {found!r}, "
+                              f"expected {FORMAT!r})")
+        ver = manifest.get("version")
+        if not isinstance(ver, int) or isinstance(ver, bool):
+            raise BundleError(f"{source}: bundle version must be an integer, not {ver!r}")
+        if ver != FORMAT_VERSION:
+            hint = "upgrade bitdet" if ver > FORMAT_VERSION else "re-export the model"
+            raise BundleError(f"{source}: bundle format version {ver} is not supported "
+                              f"(this bitdet reads version {FORMAT_VERSION}); {hint}")
+        bundle = _from_manifest(manifest, reader)
+    try:
+        requirements = bundle.validate()
+    except BundleError as e:
+        raise BundleError(f"{source}: {e}") from None
+    stored = manifest.get("requirements")
+    if stored != _requirements_json(requirements):
+        raise BundleError(f"{source}: the manifest's requirements disagree with its layers "
+                          "(edited or corrupt manifest)")
+    return bundle
+
+
+def _from_manifest(manifest: dict, reader: _Reader) -> Bundle:
+    source = reader.source
+    where = f"{source}: manifest"
+    word_bits = _get(manifest, "weight_word_bits", int, where)
+    if word_bits != STORAGE_WORD_BITS:
+        raise BundleError(f"{where}: weight_word_bits must be {STORAGE_WORD_BITS}, not {word_bits}")
+    input_shape = _get(manifest, "input_shape", list, where)
+    if len(input_shape) != 3 or not all(isinstance(v, int) and v > 0 for v in input_shape):
+        raise BundleError(f"{where}: input_shape must be three positive integers (C, H, W), "
+                          f"not {input_shape!r}")
+    records = _get(manifest, "binary_layers", list, where)
+    if not records:
+        raise BundleError(f"{where}: no binary layers")
+    layers, names = [], []
+    for i, record in enumerate(records):
+        at = f"{source}: binary layer {i}"
+        if not isinstance(record, dict):
+            raise BundleError(f"{at}: must be a JSON object")
+        names.append(_get(record, "name", str, at))
+        at = f"{at} ({names[-1]!r})"
+        c = _get(record, "in_channels", int, at)
+        o = _get(record, "out_channels", int, at)
+        kernel = _get(record, "kernel", list, at)
+        if len(kernel) != 2 or not all(isinstance(v, int) and v > 0 for v in kernel):
+            raise BundleError(f"{at}: kernel must be [kh, kw] positive, not {kernel!r}")
+        if c < 1 or o < 1:
+            raise BundleError(f"{at}: channel counts must be positive, not {c} and {o}")
+        pool = _get(record, "pool", (list, type(None)), at)
+        if pool is not None and (len(pool) != 2 or not all(isinstance(v, int) for v in pool)):
+            raise BundleError(f"{at}: pool must be [kernel, stride] or null, not {pool!r}")
+        output = _get(record, "output", str, at)
+        if output not in ("bits", "raw"):
+            raise BundleError(f"{at}: output must be 'bits' or 'raw', not {output!r}")
+        kh, kw = kernel
+        packed = reader.array(_get(record, "weights", str, at), at, "uint8")
+        expected = (o, kh, kw, packing.packed_width(c, STORAGE_WORD_BITS))
+        if packed.shape != expected:
+            raise BundleError(f"{at}: weights array has shape {packed.shape}, but {o} output "
+                              f"channels, {c} input channels and a {kh}×{kw} kernel need "
+                              f"{expected}")
+        try:
+            weights = packing.unpack_weights(packed.reshape(o, kh * kw * expected[3], 1, 1),
+                                             (o, c, kh, kw), word_bits=STORAGE_WORD_BITS)
+        except ValueError as e:
+            raise BundleError(f"{at}: {e}") from None
+        thresholds = None
+        if output == "bits":
+            t = reader.array(_get(record, "thresholds", str, at), at, "int32")
+            thresholds = torch.from_numpy(t.astype(np.int64))
+        elif record.get("thresholds") is not None:
+            raise BundleError(f"{at}: a raw layer has no thresholds")
+        layers.append(BinaryConvLayer(
+            weights=weights, thresholds=thresholds,
+            stride=_get(record, "stride", int, at), padding=_get(record, "padding", int, at),
+            pad_value=_get(record, "pad_value", int, at),
+            pool=tuple(pool) if pool is not None else None))
+        stored_k = _get(record, "k", int, at)
+        if stored_k != c * kh * kw:
+            raise BundleError(f"{at}: k = {stored_k} but C·kh·kw = {c * kh * kw}")
+    host = []
+    for i, record in enumerate(_get(manifest, "host_layers", list, where)):
+        at = f"{source}: host layer {i}"
+        if not isinstance(record, dict):
+            raise BundleError(f"{at}: must be a JSON object")
+        refs = _get(record, "arrays", dict, at)
+        host.append(HostLayer(
+            name=_get(record, "name", str, at), kind=_get(record, "kind", str, at),
+            arrays={name: reader.array(member, at) for name, member in refs.items()},
+            stride=_get(record, "stride", int, at), padding=_get(record, "padding", int, at),
+            attrs=_get(record, "attrs", dict, at)))
+    model = _get(manifest, "model", dict, where)
+    return Bundle(binary_layers=layers, input_shape=tuple(input_shape), host_layers=host,
+                  layer_names=names, model=model)

@@ -1,0 +1,115 @@
+"""The ``bitdet`` command line. Each subcommand is a thin layer over the library.
+
+User mistakes (a missing file, a corrupt bundle, a bad argument) end with one line on
+stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["main"]
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+    return 0 if run_demo(args.out, seed=args.seed, images=args.images) else 1
+
+
+def _cmd_bundle_info(args) -> int:
+    from .bundle import load
+    bundle = load(args.bundle)
+    requirements = bundle.requirements()
+    if args.json:
+        from .bundle import _requirements_json
+        print(json.dumps({"model": bundle.model, "input_shape": list(bundle.input_shape),
+                          "layers": bundle.layer_names,
+                          "host_layers": [h.name for h in bundle.host_layers],
+                          "requirements": _requirements_json(requirements)}, indent=1))
+        return 0
+    print(f"{args.bundle}: model {bundle.model.get('name', '?')!r}, "
+          f"binary input {'×'.join(map(str, bundle.input_shape))}")
+    for host in bundle.host_layers:
+        print(f"  host   {host.name:10} {host.kind:15} weight "
+              f"{'×'.join(map(str, host.arrays['weight'].shape))}")
+    for name, layer, (c, o, kh, kw, (h, w), (oh, ow)) in zip(
+            bundle.layer_names, bundle.binary_layers, requirements.layer_shapes, strict=True):
+        out = "raw P" if layer.output_bits is None else f"{layer.output_bits}-bit"
+        pool = f" pool {layer.pool[0]}/{layer.pool[1]}" if layer.pool else ""
+        print(f"  binary {name:10} {c}×{h}×{w} → {o}×{oh}×{ow}  {kh}×{kw}/s{layer.stride} "
+              f"pad {layer.padding}({layer.pad_value:+d}) K={layer.k} {out}{pool}")
+    print(f"requirements: max K {requirements.max_k}, max in/out channels "
+          f"{requirements.max_in_channels}/{requirements.max_out_channels}, max kernel "
+          f"{requirements.max_kernel}, max stride {requirements.max_stride}, "
+          f"largest map {requirements.max_pixels} pixels")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bitdet", description="1-bit object detectors on an FPGA: golden model, "
+        "threshold folding, bundles (more subcommands arrive with the hardware and driver).")
+    from importlib.metadata import version
+    parser.add_argument("--version", action="version", version=f"bitdet {version('bitdet')}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = sub.add_parser("demo", help="fold a random binary network, bundle it, and check "
+                          "float = folded = bundle bit for bit",
+                          description="Draw a random float binary network, fold it into "
+                          "integer thresholds, write a bundle, reload it and check that every "
+                          "layer's bits agree. Exit status 1 on any mismatch.")
+    demo.add_argument("--out", default="demo.bitdet", help="bundle to write (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    demo.add_argument("--images", type=_positive, default=4,
+                      help="random input images to compare on (default: %(default)s)")
+    demo.set_defaults(func=_cmd_demo)
+
+    bundle = sub.add_parser("bundle", help="inspect deployment bundles")
+    bundle_sub = bundle.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
+    info = bundle_sub.add_parser("info", help="validate a bundle and print its layers and "
+                                 "accelerator requirements")
+    info.add_argument("bundle", help="a .bitdet bundle file")
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info.set_defaults(func=_cmd_bundle_info)
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .bundle import BundleError
+    try:
+        return args.func(args)
+    except (BundleError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        print(f"bitdet: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+def console_main() -> None:
+    """Entry point of the ``bitdet`` console script."""
+    try:
+        status = main()
+        sys.stdout.flush()
+    except BrokenPipeError:          # output piped into `head` and cut short
+        sys.stderr.close()
+        status = 0
+    except KeyboardInterrupt:
+        print("bitdet: interrupted", file=sys.stderr)
+        status = 130
+    sys.exit(status)
