@@ -47,6 +47,43 @@ def _cmd_bundle_info(args) -> int:
     return 0
 
 
+def _cmd_hw_info(args) -> int:
+    from bitdet.hw.config import load_config
+    config = load_config(args.config)
+    problems = None
+    if args.bundle:
+        from .bundle import load
+        problems = config.fit_problems(load(args.bundle).requirements())
+    if args.json:
+        out = config.host_constants()
+        if problems is not None:
+            out["bundle_fits"] = not problems
+            out["bundle_problems"] = problems
+        print(json.dumps(out, indent=1))
+        return 0 if not problems else 1
+    memory = config.memory_bits()
+    print(f"{config.name}: {config.rows}×{config.cols} PEs × {config.simd} bits "
+          f"(board {config.board or '-'}, config hash {config.config_hash()})")
+    print(f"  XNOR bits per cycle   {config.xnor_bits_per_cycle}")
+    print(f"  peak binary GOPS      {config.peak_gops:.2f} at {config.clock_hz / 1e6:g} MHz "
+          "(2 ops per XNOR-popcount bit)")
+    print(f"  accumulator           {config.acc_width} bits (largest K {config.max_k})")
+    print(f"  outputs               up to {config.output_bits} bit(s), "
+          f"{config.thresholds_per_channel} threshold(s) per channel")
+    for name, bits in memory.items():
+        print(f"  {name + ' memory':21} {bits:>9} bits ({bits / 8192:.1f} KiB)")
+    print(f"  total memory          {sum(memory.values()):>9} bits")
+    print(f"  link                  UART {config.baud} baud")
+    if problems is not None:
+        if problems:
+            print(f"{args.bundle} does NOT fit:")
+            for problem in problems:
+                print(f"  - {problem}")
+            return 1
+        print(f"{args.bundle} fits, every layer resident on chip")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bitdet", description="1-bit object detectors on an FPGA: golden model, "
@@ -73,6 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("bundle", help="a .bitdet bundle file")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(func=_cmd_bundle_info)
+
+    hw = sub.add_parser("hw", help="accelerator configurations")
+    hw_sub = hw.add_subparsers(dest="hw_command", metavar="ACTION", required=True)
+    hw_info = hw_sub.add_parser(
+        "info", help="print the resources a config implies (PEs, GOPS, memories)",
+        description="Validate an accelerator config and print what it implies. With "
+        "--bundle, also check that the bundle's network fits (exit status 1 if not).")
+    hw_info.add_argument("--config", required=True,
+                         help="YAML config file or preset name (icebreaker, ulx3s, tiny)")
+    hw_info.add_argument("--bundle", help="check that this bundle fits the config")
+    hw_info.add_argument("--json", action="store_true",
+                         help="print the host constants as JSON")
+    hw_info.set_defaults(func=_cmd_hw_info)
     return parser
 
 
@@ -89,10 +139,12 @@ def _positive(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from bitdet.hw.config import ConfigError
+
     from .bundle import BundleError
     try:
         return args.func(args)
-    except (BundleError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+    except (BundleError, ConfigError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
         print(f"bitdet: error: {e}", file=sys.stderr)
         return 2
 

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import golden
 from .bundle import Bundle, HostLayer
 from .bundle import load as load_bundle
 from .fold import BatchNormSign, bn_sign_preactivation, fold_binary_conv

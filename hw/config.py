@@ -1,0 +1,243 @@
+"""AcceleratorConfig: every parameter of the generated accelerator, validated at once.
+
+One frozen object sizes the hardware and generates the constants the host side needs
+(:meth:`AcceleratorConfig.host_constants`), so hardware and driver cannot disagree
+silently. Presets live in ``configs/*.yaml``; :func:`load_config` reads them.
+
+Memory organisation the sizes refer to (all words are ``simd`` bits wide):
+
+* weights: one memory per array column, ``weight_depth`` words each; column ``c`` holds
+  the K-words of output channels ``t·cols + c`` for every tile ``t`` of every resident
+  layer (the order of :func:`bitdet.sw.packing.pack_weights`);
+* thresholds: one memory per column, ``threshold_depth`` entries of
+  ``(2**output_bits − 1)`` thresholds, each ``acc_width`` bits;
+* activations: two ping-pong buffers of ``activation_depth`` words (pixels row-major,
+  channel words innermost, as :func:`bitdet.sw.packing.pack_activations`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+__all__ = ["PRESETS_DIR", "AcceleratorConfig", "ConfigError", "load_config"]
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """An accelerator configuration that cannot be built, with the field and the limit."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class AcceleratorConfig:
+    """Parameters of one accelerator build.
+
+    Parameters
+    ----------
+    name : str
+    rows : int
+        Array rows: output pixels computed in parallel (activations flow along rows).
+    cols : int
+        Array columns: output channels computed in parallel (weights flow along columns).
+    simd : int
+        XNOR-popcount bits per PE per cycle; a multiple of 8 (the packing word).
+    weight_depth, threshold_depth, activation_depth : int
+        Memory depths in words / entries (see the module docstring).
+    max_channels : int
+        Largest input or output channel count of a layer.
+    max_kernel, max_stride : int
+        Largest square kernel and stride the window generator supports.
+    output_bits : int
+        Widest thresholded output (1 for binary; n uses 2**n − 1 thresholds).
+    acc_width : int or None
+        Accumulator bits; ``None`` picks the smallest that holds the largest K.
+    clock_hz : int
+        Core clock the timing and throughput figures assume.
+    baud : int
+        UART rate of the host link.
+    board : str or None
+        Board this preset targets (informational; the build picks the platform).
+
+    Raises
+    ------
+    ConfigError
+        A field of the wrong type or out of range, or a combination that cannot work
+        (e.g. an accumulator too narrow for the largest K the weight memory admits).
+    """
+
+    name: str = "custom"
+    rows: int = 4
+    cols: int = 4
+    simd: int = 32
+    weight_depth: int = 1024
+    threshold_depth: int = 256
+    activation_depth: int = 4096
+    max_channels: int = 256
+    max_kernel: int = 3
+    max_stride: int = 2
+    output_bits: int = 1
+    acc_width: int | None = None
+    clock_hz: int = 25_000_000
+    baud: int = 115_200
+    board: str | None = None
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("name", "board"):
+                if not (isinstance(value, str) or (f.name == "board" and value is None)):
+                    raise ConfigError(f"{f.name} must be a string, not {value!r}")
+                continue
+            if f.name == "acc_width" and value is None:
+                continue
+            if not _is_int(value):
+                raise ConfigError(f"{f.name} must be an integer, not {value!r}")
+            if value < 1:
+                raise ConfigError(f"{f.name} must be at least 1, not {value}")
+        if self.simd % 8:
+            raise ConfigError(f"simd must be a multiple of 8 (the packing word), not {self.simd}")
+        if self.simd > 1024:
+            raise ConfigError(f"simd must be at most 1024, not {self.simd}")
+        if self.max_kernel > 7:
+            raise ConfigError(f"max_kernel must be at most 7, not {self.max_kernel}")
+        if self.max_stride > self.max_kernel:
+            raise ConfigError(f"max_stride ({self.max_stride}) must not exceed max_kernel "
+                              f"({self.max_kernel})")
+        if self.output_bits > 4:
+            raise ConfigError(f"output_bits must be at most 4, not {self.output_bits}")
+        if self.baud * 16 > self.clock_hz:
+            raise ConfigError(f"baud {self.baud} needs a clock of at least 16× ({self.baud * 16}"
+                              f" Hz); clock_hz is {self.clock_hz}")
+        needed = self.max_k.bit_length()
+        if self.acc_width is None:
+            object.__setattr__(self, "acc_width", needed)
+        elif self.acc_width < needed:
+            raise ConfigError(
+                f"acc_width {self.acc_width} cannot hold P up to the largest K the config "
+                f"admits (min(max_channels·max_kernel² = "
+                f"{self.max_channels * self.max_kernel ** 2}, weight_depth·simd = "
+                f"{self.weight_depth * self.simd}) = {self.max_k}, needs {needed} bits)")
+        if self.acc_width > 32:
+            raise ConfigError(f"acc_width must be at most 32, not {self.acc_width}")
+
+    # -- derived -----------------------------------------------------------------------------
+    @property
+    def max_k(self) -> int:
+        """Largest K of a layer: limited by the channels and kernel, and by a column's
+        weight memory (one output channel's weights must fit in it)."""
+        return min(self.max_channels * self.max_kernel ** 2, self.weight_depth * self.simd)
+
+    @property
+    def pes(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def xnor_bits_per_cycle(self) -> int:
+        return self.pes * self.simd
+
+    @property
+    def peak_gops(self) -> float:
+        """Peak binary operations per second / 1e9 (an XNOR and an add per bit: 2 ops)."""
+        return 2 * self.xnor_bits_per_cycle * self.clock_hz / 1e9
+
+    @property
+    def thresholds_per_channel(self) -> int:
+        return (1 << self.output_bits) - 1
+
+    def memory_bits(self) -> dict[str, int]:
+        """Bits of each on-chip memory (all columns / both ping-pong halves)."""
+        return {
+            "weights": self.cols * self.weight_depth * self.simd,
+            "thresholds": self.cols * self.threshold_depth * self.thresholds_per_channel
+            * self.acc_width,
+            "activations": 2 * self.activation_depth * self.simd,
+        }
+
+    def fit_problems(self, requirements) -> list[str]:
+        """Why a bundle's :class:`~bitdet.sw.bundle.Requirements` do not fit this build.
+
+        Empty when the network runs with every layer's weights and thresholds resident.
+        """
+        r = requirements
+        problems = []
+        for what, need, have, field in (
+                ("input/output channels", max(r.max_in_channels, r.max_out_channels),
+                 self.max_channels, "max_channels"),
+                ("K (C·kh·kw)", r.max_k, self.max_k, "max_k"),
+                ("kernel", r.max_kernel, self.max_kernel, "max_kernel"),
+                ("stride", r.max_stride, self.max_stride, "max_stride"),
+                ("output bits", r.max_output_bits, self.output_bits, "output_bits")):
+            if need > have:
+                problems.append(f"the network needs {what} up to {need}, the accelerator's "
+                                f"{field} is {have}")
+        weight_words = sum(-(-o // self.cols) * kh * kw * -(-c // self.simd)
+                           for (c, o, kh, kw, _hw, _ohw) in r.layer_shapes)
+        if weight_words > self.weight_depth:
+            problems.append(f"resident weights need {weight_words} words per column, "
+                            f"weight_depth is {self.weight_depth}")
+        threshold_entries = sum(-(-o // self.cols) for (_c, o, *_rest) in r.layer_shapes)
+        if threshold_entries > self.threshold_depth:
+            problems.append(f"resident thresholds need {threshold_entries} entries per column, "
+                            f"threshold_depth is {self.threshold_depth}")
+        activation_words = r.activation_words(self.simd)
+        if activation_words > self.activation_depth:
+            problems.append(f"the largest feature map needs {activation_words} words, "
+                            f"activation_depth is {self.activation_depth}")
+        return problems
+
+    def config_hash(self) -> str:
+        """Short hash of every parameter (the device reports it in `identify`)."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def host_constants(self) -> dict:
+        """Everything the host driver needs to know about this build."""
+        return {**self.to_dict(), "max_k": self.max_k, "pes": self.pes,
+                "thresholds_per_channel": self.thresholds_per_channel,
+                "memory_bits": self.memory_bits(), "config_hash": self.config_hash()}
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = "config") -> AcceleratorConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of fields, not {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)} "
+                              f"(known: {', '.join(sorted(known))})")
+        try:
+            return cls(**data)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(path_or_preset: str | Path) -> AcceleratorConfig:
+    """Load a YAML config file, or a preset by name (``configs/<name>.yaml``)."""
+    import yaml
+    path = Path(path_or_preset)
+    if not path.exists() and not path.suffix:
+        path = PRESETS_DIR / f"{path_or_preset}.yaml"
+    if not path.is_file():
+        presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise ConfigError(f"{path_or_preset}: no such config file or preset "
+                          f"(presets: {', '.join(presets) or 'none'})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        first = " ".join(str(e).split())
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    data = data or {}
+    if isinstance(data, dict):
+        data.setdefault("name", path.stem)
+    return AcceleratorConfig.from_dict(data, source=str(path))
