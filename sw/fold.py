@@ -82,6 +82,11 @@ class BatchNormSign:
                 raise ValueError(f"BatchNormSign.{name} has {value.numel()} values, "
                                  f"expected one per output channel ({o})")
             out[name] = value
+        for name, value in out.items():
+            if not bool(torch.isfinite(value).all()):
+                o = int(torch.nonzero(~torch.isfinite(value))[0])
+                raise ValueError(f"BatchNormSign.{name} is not finite (NaN or inf) at output "
+                                 f"channel {o}")
         if bool((out["var"] < 0).any()):
             raise ValueError("BatchNormSign.var must be non-negative")
         return out
@@ -182,6 +187,8 @@ def fold_elementwise(fn: Callable[[torch.Tensor], torch.Tensor], *, k: int, chan
     p = torch.arange(k + 1, dtype=torch.float32)
     dot = (2 * p - k).reshape(1, 1, k + 1, 1).expand(1, channels, k + 1, 1).contiguous()
     levels = torch.as_tensor(fn(dot))
+    if levels.dtype.is_floating_point and not bool(torch.isfinite(levels).all()):
+        raise ValueError("the epilogue produced non-finite (NaN or inf) outputs")
     if tuple(levels.shape) != tuple(dot.shape):
         raise ValueError(f"the epilogue returned shape {tuple(levels.shape)}, "
                          f"expected {tuple(dot.shape)}")
@@ -194,15 +201,23 @@ def fold_batchnorm(params: BatchNormSign, k: int, *, bits: int = 1,
 
     ``bits = 1`` folds ``sign(pre)``; ``bits = n > 1`` folds ``uniform_quantize(pre, step, n)``.
     """
+    def preactivation(dot):
+        pre = bn_sign_preactivation(dot, params)
+        if not bool(torch.isfinite(pre).all()):
+            o = int(torch.nonzero(~torch.isfinite(pre))[0][1])
+            raise ValueError(f"the epilogue of output channel {o} is not finite (NaN or inf): "
+                             "check its BatchNorm statistics (var + eps must be > 0)")
+        return pre
+
     if bits == 1:
         def epilogue(dot):
-            return (bn_sign_preactivation(dot, params) >= 0).to(torch.int32)
+            return (preactivation(dot) >= 0).to(torch.int32)
     else:
         if step is None:
             raise ValueError(f"an {bits}-bit output needs the quantizer step")
 
         def epilogue(dot):
-            return uniform_quantize(bn_sign_preactivation(dot, params), step, bits)
+            return uniform_quantize(preactivation(dot), step, bits)
     return fold_elementwise(epilogue, k=k, channels=params.channels, n_levels=(1 << bits) - 1)
 
 

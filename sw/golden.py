@@ -237,6 +237,12 @@ class BinaryConvLayer:
     pad_value: int = -1
     pool: tuple[int, int] | None = None
 
+    def __post_init__(self):
+        t = self.thresholds
+        if t is not None and (t.dim() != 2 or (t.shape[1] + 1) & t.shape[1] or t.shape[1] < 1):
+            raise ValueError("thresholds must be (O, 2**n - 1) for n-bit outputs, not shape "
+                             f"{tuple(t.shape)}")
+
     @property
     def k(self) -> int:
         """Number of binary products per output, ``C·kh·kw``."""

@@ -104,7 +104,8 @@ def pack_bits(bits, *, word_bits: int = 32, pad_bit: int = ACTIVATION_PAD_BIT) -
     if padded != channels:
         pad = np.full((*array.shape[:-1], padded - channels), pad_bit, dtype=np.uint8)
         array = np.concatenate([array, pad], axis=-1)
-    return np.packbits(array, axis=-1, bitorder="little")
+    # contiguous: callers write the buffer to files and links as it is
+    return np.ascontiguousarray(np.packbits(array, axis=-1, bitorder="little"))
 
 
 def unpack_bits(packed, channels: int, *, word_bits: int = 32,
