@@ -32,6 +32,7 @@ __all__ = [
     "bits_to_pm1",
     "pack_activations",
     "pack_bits",
+    "pack_thresholds",
     "pack_weights",
     "packed_width",
     "pm1_to_bits",
@@ -99,13 +100,19 @@ def pack_bits(bits, *, word_bits: int = 32, pad_bit: int = ACTIVATION_PAD_BIT) -
     array = _as_bit_array(bits)
     if array.ndim == 0:
         raise ValueError("bits must have at least one axis (the channel axis)")
+    return _pack(array, word_bits, pad_bit)
+
+
+def _pack(array: np.ndarray, word_bits: int, pad_bit: int) -> np.ndarray:
+    """pack_bits on a uint8 0/1 array that is known to be valid."""
     channels = array.shape[-1]
     padded = -(-channels // word_bits) * word_bits
     if padded != channels:
         pad = np.full((*array.shape[:-1], padded - channels), pad_bit, dtype=np.uint8)
         array = np.concatenate([array, pad], axis=-1)
-    # contiguous: callers write the buffer to files and links as it is
-    return np.ascontiguousarray(np.packbits(array, axis=-1, bitorder="little"))
+    # packbits is much faster on a contiguous last axis; the result is contiguous too, so
+    # callers can write it to files and links as it is
+    return np.packbits(np.ascontiguousarray(array), axis=-1, bitorder="little")
 
 
 def unpack_bits(packed, channels: int, *, word_bits: int = 32,
@@ -142,8 +149,15 @@ def pm1_to_bits(x) -> np.ndarray:
 
 def bits_to_pm1(bits, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """0/1 bits → a ±1 torch tensor."""
-    array = _as_bit_array(bits)
-    return torch.from_numpy(array.astype(np.int8) * 2 - 1).to(dtype)
+    return _to_pm1(_as_bit_array(bits), dtype)
+
+
+def _to_pm1(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """bits_to_pm1 on a uint8 0/1 array that is known to be valid."""
+    pm1 = array.astype(np.float32)
+    pm1 *= 2
+    pm1 -= 1
+    return torch.from_numpy(pm1).to(dtype)
 
 
 def pack_activations(x, *, word_bits: int = 32) -> np.ndarray:
@@ -155,8 +169,7 @@ def pack_activations(x, *, word_bits: int = 32) -> np.ndarray:
     bits = pm1_to_bits(x)
     if bits.ndim != 4:
         raise ValueError(f"activations must be N×C×H×W, got shape {tuple(bits.shape)}")
-    return pack_bits(np.moveaxis(bits, 1, -1), word_bits=word_bits,
-                     pad_bit=ACTIVATION_PAD_BIT)
+    return _pack(np.moveaxis(bits, 1, -1), _check_word_bits(word_bits), ACTIVATION_PAD_BIT)
 
 
 def unpack_activations(packed, channels: int, *, word_bits: int = 32,
@@ -167,7 +180,7 @@ def unpack_activations(packed, channels: int, *, word_bits: int = 32,
         raise ValueError(f"packed activations must be N×H×W×bytes, got shape {packed.shape}")
     bits = unpack_bits(packed, channels, word_bits=word_bits,
                        pad_bit=ACTIVATION_PAD_BIT if check_padding else None)
-    return bits_to_pm1(np.ascontiguousarray(np.moveaxis(bits, -1, 1)))
+    return _to_pm1(np.ascontiguousarray(np.moveaxis(bits, -1, 1)), torch.float32)
 
 
 def pack_weights(w, *, word_bits: int = 32, cols: int = 1) -> np.ndarray:
@@ -186,8 +199,7 @@ def pack_weights(w, *, word_bits: int = 32, cols: int = 1) -> np.ndarray:
     if bits.ndim != 4:
         raise ValueError(f"weights must be O×C×kh×kw, got shape {tuple(bits.shape)}")
     out_channels = bits.shape[0]
-    taps = pack_bits(np.transpose(bits, (0, 2, 3, 1)), word_bits=word_bits,
-                     pad_bit=WEIGHT_PAD_BIT)                       # O, kh, kw, bytes
+    taps = _pack(np.transpose(bits, (0, 2, 3, 1)), word_bits, WEIGHT_PAD_BIT)  # O,kh,kw,bytes
     word_bytes = word_bits // 8
     words = taps.reshape(out_channels, -1, word_bytes)            # O, K-words, word bytes
     tiles = -(-out_channels // cols)
@@ -218,4 +230,29 @@ def unpack_weights(packed, shape: tuple[int, int, int, int], *, word_bits: int =
         raise ValueError(f"weights of the padding output channels (≥ {out_channels}) must be 1s")
     bits = unpack_bits(words[:out_channels], channels, word_bits=word_bits,
                        pad_bit=WEIGHT_PAD_BIT if check_padding else None)
-    return bits_to_pm1(np.ascontiguousarray(np.transpose(bits, (0, 3, 1, 2))))
+    return _to_pm1(np.ascontiguousarray(np.transpose(bits, (0, 3, 1, 2))), torch.float32)
+
+
+def pack_thresholds(thresholds, k: int, *, cols: int = 1) -> np.ndarray:
+    """Lay out ``(O, L)`` thresholds per column as the array consumes them.
+
+    Returns int64 ``(tiles, cols, L)``; ``[t, c]`` holds the thresholds of output channel
+    ``t·cols + c``. The fill channels of the last tile get ``K + 1`` (never reached), so
+    they output 0 — valid activation padding for the next layer.
+    """
+    if isinstance(cols, bool) or not isinstance(cols, (int, np.integer)) or cols <= 0:
+        raise ValueError(f"cols must be a positive integer, not {cols!r}")
+    if isinstance(thresholds, torch.Tensor):
+        thresholds = thresholds.detach().cpu().numpy()
+    t = np.asarray(thresholds)
+    if t.ndim == 1:
+        t = t[:, None]
+    if t.ndim != 2 or not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(f"thresholds must be integer (O,) or (O, L), not {t.dtype} {t.shape}")
+    if t.size and (t.min() < 0 or t.max() > k + 1):
+        raise ValueError(f"thresholds must lie in [0, K + 1 = {k + 1}]")
+    out_channels, levels = t.shape
+    tiles = -(-out_channels // cols)
+    out = np.full((tiles * cols, levels), k + 1, dtype=np.int64)
+    out[:out_channels] = t
+    return out.reshape(tiles, cols, levels)

@@ -22,6 +22,7 @@ from bitdet.sw.packing import (
     bits_to_pm1,
     pack_activations,
     pack_bits,
+    pack_thresholds,
     pack_weights,
     packed_width,
     pm1_to_bits,
@@ -388,3 +389,16 @@ def test_bad_word_bits_raise(word_bits, error, message):
 def test_numpy_integer_word_bits_accepted():
     assert pack_bits([1, 0, 1], word_bits=np.int64(16)).tolist() == [0b101, 0]
     assert packing.packed_width(3, np.int32(8)) == 1
+
+
+def test_pack_thresholds_fills_the_last_tile_with_never():
+    t = np.array([[0], [5], [10]], dtype=np.int32)
+    packed = pack_thresholds(t, 9, cols=2)
+    assert packed.shape == (2, 2, 1)
+    assert packed[:, :, 0].tolist() == [[0, 5], [10, 10]]   # fill channel: K + 1 = 10
+    multi = pack_thresholds(torch.tensor([[1, 2, 3]]), 4, cols=3)
+    assert multi.tolist() == [[[1, 2, 3], [5, 5, 5], [5, 5, 5]]]
+    with pytest.raises(ValueError, match=r"\[0, K \+ 1 = 10\]"):
+        pack_thresholds(np.array([11]), 9)
+    with pytest.raises(ValueError, match="cols must be a positive integer"):
+        pack_thresholds(t, 9, cols=0)
