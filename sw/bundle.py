@@ -103,10 +103,17 @@ class HostLayer:
                                   f"not {a.ndim}-D {a.dtype}")
         out_channels = self.arrays["weight"].shape[0]
         for name, a in self.arrays.items():
+            if not isinstance(a, np.ndarray) or a.dtype.kind not in "biuf" or a.ndim < 1:
+                raise BundleError(f"{where}: array {name!r} must be a numeric numpy array "
+                                  "with at least one axis")
             if name != "weight" and a.shape[0] != out_channels:
                 raise BundleError(f"{where}: array {name!r} has {a.shape[0]} rows but the "
                                   f"weight has {out_channels} output channels")
         if self.kind == "conv_threshold":
+            zero_point = self.attrs.get("zero_point", 0)
+            if not isinstance(zero_point, int) or isinstance(zero_point, bool):
+                raise BundleError(f"{where}: attrs 'zero_point' must be an integer, "
+                                  f"not {zero_point!r}")
             if not np.isin(self.arrays["sign"], (-1, 1)).all():
                 raise BundleError(f"{where}: 'sign' must hold only -1 and +1")
             t = self.arrays["thresholds"]
@@ -117,6 +124,7 @@ class HostLayer:
             raise BundleError(f"{where}: 'scale' must be finite")
         if self.stride < 1 or self.padding < 0:
             raise BundleError(f"{where}: stride must be ≥ 1 and padding ≥ 0")
+        _check_json(self.attrs, f"{where}: attrs")
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """Run the layer in fixed point on integer input ``N×C×H×W``.
@@ -296,9 +304,11 @@ class Bundle:
 
     def validate(self) -> Requirements:
         """Check every layer and host layer; returns the requirements."""
+        if len(self.layer_names) != len(self.binary_layers) or not all(
+                isinstance(name, str) for name in self.layer_names):
+            raise BundleError("layer_names must name every binary layer with a string")
         requirements = self.requirements()
-        if len(self.layer_names) != len(self.binary_layers):
-            raise BundleError("layer_names must name every binary layer")
+        _check_json(self.model, "model")
         for i, layer in enumerate(self.host_layers):
             layer.validate(f"host layer {i} ({layer.name!r})")
         return requirements
@@ -355,14 +365,25 @@ class Bundle:
             "requirements": _requirements_json(requirements),
         }
         tmp = path.with_name(path.name + ".tmp")
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            zf.writestr(MANIFEST, json.dumps(manifest, indent=1))
-            for member, a in arrays.items():
-                buffer = io.BytesIO()
-                np.save(buffer, np.ascontiguousarray(a), allow_pickle=False)
-                zf.writestr(member, buffer.getvalue())
-        os.replace(tmp, path)
+        try:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+                zf.writestr(MANIFEST, json.dumps(manifest, indent=1))
+                for member, a in arrays.items():
+                    buffer = io.BytesIO()
+                    np.save(buffer, np.ascontiguousarray(a), allow_pickle=False)
+                    zf.writestr(member, buffer.getvalue())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
+
+
+def _check_json(value, where: str) -> None:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{where} must be plain JSON (str, int, float, bool, None, "
+                          f"lists, dicts): {e}") from None
 
 
 def _requirements_json(requirements: Requirements) -> dict:
@@ -397,7 +418,10 @@ class _Reader:
             raise BundleError(f"{self.source}: missing member {member!r}") from None
         except zipfile.BadZipFile as e:
             raise BundleError(f"{self.source}: member {member!r} is corrupt ({e})") from None
-        except (EOFError, OSError, zlib_error) as e:
+        except (EOFError, OSError, zlib_error, NotImplementedError, RuntimeError,
+                ValueError) as e:
+            # zipfile reports damaged headers in many ways (unsupported version or method,
+            # "encrypted" flags, bad offsets): all of them mean a corrupt bundle
             raise BundleError(f"{self.source}: member {member!r} is truncated or corrupt "
                               f"({e})") from None
 
@@ -409,6 +433,8 @@ class _Reader:
         except (ValueError, EOFError, OSError) as e:
             raise BundleError(f"{self.source}: {where}: {member!r} is not a valid .npy array "
                               f"({e})") from None
+        if not isinstance(a, np.ndarray):
+            raise BundleError(f"{self.source}: {where}: {member!r} is not a single .npy array")
         if dtype is not None and a.dtype != np.dtype(dtype):
             raise BundleError(f"{self.source}: {where}: {member!r} must be {dtype}, "
                               f"not {a.dtype}")
@@ -436,14 +462,15 @@ def load(path: str | os.PathLike) -> Bundle:
                           f"starting with b'PK\\x03\\x04', found {head!r})")
     try:
         zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as e:
+    except (zipfile.BadZipFile, NotImplementedError, ValueError, OSError, EOFError) as e:
         raise BundleError(f"{source}: truncated or corrupt bundle ({e})") from None
     with zf:
         reader = _Reader(zf, source)
         try:
             manifest = json.loads(reader.read(MANIFEST))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BundleError(f"{source}: manifest is not valid JSON ({e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise BundleError(f"{source}: manifest is not valid JSON "
+                              f"({type(e).__name__}: {str(e)[:200]})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             found = manifest.get("format") if isinstance(manifest, dict) else None
             raise BundleError(f"{source}: not a bitdet bundle (format {found!r}, "
@@ -464,6 +491,12 @@ def load(path: str | os.PathLike) -> Bundle:
     if stored != _requirements_json(requirements):
         raise BundleError(f"{source}: the manifest's requirements disagree with its layers "
                           "(edited or corrupt manifest)")
+    for i, (record, layer) in enumerate(zip(manifest["binary_layers"], bundle.binary_layers,
+                                            strict=True)):
+        if record["output_bits"] != layer.output_bits:
+            raise BundleError(f"{source}: binary layer {i} ({record['name']!r}): output_bits is "
+                              f"{record['output_bits']} but its thresholds give "
+                              f"{layer.output_bits}")
     return bundle
 
 
@@ -518,11 +551,16 @@ def _from_manifest(manifest: dict, reader: _Reader) -> Bundle:
             thresholds = torch.from_numpy(t.astype(np.int64))
         elif record.get("thresholds") is not None:
             raise BundleError(f"{at}: a raw layer has no thresholds")
-        layers.append(BinaryConvLayer(
-            weights=weights, thresholds=thresholds,
-            stride=_get(record, "stride", int, at), padding=_get(record, "padding", int, at),
-            pad_value=_get(record, "pad_value", int, at),
-            pool=tuple(pool) if pool is not None else None))
+        try:
+            layer = BinaryConvLayer(
+                weights=weights, thresholds=thresholds,
+                stride=_get(record, "stride", int, at), padding=_get(record, "padding", int, at),
+                pad_value=_get(record, "pad_value", int, at),
+                pool=tuple(pool) if pool is not None else None)
+        except ValueError as e:
+            raise BundleError(f"{at}: {e}") from None
+        _get(record, "output_bits", (int, type(None)), at)    # checked after validation
+        layers.append(layer)
         stored_k = _get(record, "k", int, at)
         if stored_k != c * kh * kw:
             raise BundleError(f"{at}: k = {stored_k} but C·kh·kw = {c * kh * kw}")
