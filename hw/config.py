@@ -10,7 +10,7 @@ Memory organisation the sizes refer to (all words are ``simd`` bits wide):
   the K-words of output channels ``t·cols + c`` for every tile ``t`` of every resident
   layer (the order of :func:`bitdet.sw.packing.pack_weights`);
 * thresholds: one memory per column, ``threshold_depth`` entries of
-  ``(2**output_bits − 1)`` thresholds, each ``acc_width`` bits;
+  ``(2**output_bits − 1)`` thresholds, each ``acc_width + 1`` bits (``T = K + 1``);
 * activations: two ping-pong buffers of ``activation_depth`` words (pixels row-major,
   channel words innermost, as :func:`bitdet.sw.packing.pack_activations`).
 """
@@ -149,6 +149,11 @@ class AcceleratorConfig:
         return 2 * self.xnor_bits_per_cycle * self.clock_hz / 1e9
 
     @property
+    def threshold_width(self) -> int:
+        """Bits of one threshold: ``acc_width + 1``, since ``T = K + 1`` means "never"."""
+        return self.acc_width + 1
+
+    @property
     def thresholds_per_channel(self) -> int:
         return (1 << self.output_bits) - 1
 
@@ -157,7 +162,7 @@ class AcceleratorConfig:
         return {
             "weights": self.cols * self.weight_depth * self.simd,
             "thresholds": self.cols * self.threshold_depth * self.thresholds_per_channel
-            * self.acc_width,
+            * self.threshold_width,
             "activations": 2 * self.activation_depth * self.simd,
         }
 

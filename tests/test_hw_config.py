@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+
 from bitdet.hw.config import PRESETS_DIR, AcceleratorConfig, ConfigError, load_config
 from bitdet.sw.bundle import Bundle
 from bitdet.sw.golden import BinaryConvLayer

@@ -1,0 +1,139 @@
+"""XNOR-popcount processing element of the systolic array.
+
+One PE multiplies one ``simd``-bit activation word with one ``simd``-bit weight word per
+cycle (``P += popcount(XNOR(a, w))``) and passes both words on to its neighbours through
+registers: activations (with their control bits) to the right, weights downwards. The
+padding convention of :mod:`bitdet.sw.packing` (activation pad bits 0, weight pad bits 1)
+makes the XNOR of padding 0, so no mask is needed.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Module, Mux, Signal
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from .popcount import popcount
+
+__all__ = ["XnorPopcountPE", "activation_layout", "valid_stream_signature"]
+
+
+def _check_positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, not {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, not {value!r}")
+    return value
+
+
+def valid_stream_signature(payload_shape) -> wiring.Signature:
+    """Signature of a stream without back-pressure: ``payload`` and ``valid``, both ``Out``.
+
+    The member names are those of :class:`amaranth.lib.stream.Signature`, so consumers
+    read ``.valid`` and ``.payload`` alike; it has no ``ready`` at all (rather than
+    ``always_ready=True``, whose constant ``ready`` member keeps a component from being
+    converted to Verilog on its own with amaranth 0.5).
+    """
+    return wiring.Signature({"payload": Out(payload_shape), "valid": Out(1)})
+
+
+def activation_layout(simd: int) -> data.StructLayout:
+    """Layout of what travels along a row: one activation word and its control bits.
+
+    ``word``
+        ``simd`` activation bits (one K-word of the receptive field).
+    ``valid``
+        The word is part of a job (otherwise it is an idle slot and is ignored).
+    ``first``
+        First K-word of a job: the accumulator restarts from 0.
+    ``last``
+        Last K-word of a job: the final ``P`` is captured into the result register.
+    """
+    _check_positive("simd", simd)
+    return data.StructLayout({"word": simd, "valid": 1, "first": 1, "last": 1})
+
+
+class XnorPopcountPE(wiring.Component):
+    """One output-stationary XNOR-popcount PE with a double-buffered result.
+
+    Every cycle, ``a_out`` ← ``a_in`` and ``w_out`` ← ``w_in`` (one register per hop). When
+    ``a_in.valid``::
+
+        acc ← (a_in.first ? 0 : acc) + popcount(~(a_in.word ^ w_in))
+
+    and when ``a_in.valid & a_in.last`` the same sum is also written to ``result``, so the
+    next job may start (``first``) in the very next cycle while ``result`` keeps the
+    finished ``P`` until the next job's ``last``. ``result_valid`` is 1 for the one cycle
+    after ``result`` was written. Timing: the word presented in cycle ``t`` is counted in
+    ``result`` from cycle ``t + 1``. ``acc`` wraps modulo ``2**acc_width``; the
+    configuration (:class:`~bitdet.hw.config.AcceleratorConfig`) sizes ``acc_width`` so
+    that it never does.
+
+    Parameters
+    ----------
+    simd : int
+        Bits per word (XNORs per cycle).
+    acc_width : int
+        Bits of the accumulator and of ``result``.
+
+    Members
+    -------
+    a_in : ``In(activation_layout(simd))``
+        Activation word and control bits from the left neighbour (or the row skew).
+    w_in : ``In(simd)``
+        Weight word from the top neighbour (or the column skew).
+    a_out : ``Out(activation_layout(simd))``
+        ``a_in`` delayed by one cycle, to the right neighbour.
+    w_out : ``Out(simd)``
+        ``w_in`` delayed by one cycle, to the bottom neighbour.
+    result : ``Out(acc_width)``
+        ``P`` of the last finished job.
+    result_valid : ``Out(1)``
+        ``result`` was written in the previous cycle.
+
+    Raises
+    ------
+    TypeError, ValueError
+        If ``simd`` or ``acc_width`` is not a positive integer.
+    """
+
+    def __init__(self, *, simd: int, acc_width: int):
+        self._simd = _check_positive("simd", simd)
+        self._acc_width = _check_positive("acc_width", acc_width)
+        layout = activation_layout(simd)
+        super().__init__({
+            "a_in": In(layout),
+            "w_in": In(simd),
+            "a_out": Out(layout),
+            "w_out": Out(simd),
+            "result": Out(acc_width),
+            "result_valid": Out(1),
+        })
+
+    @property
+    def simd(self) -> int:
+        return self._simd
+
+    @property
+    def acc_width(self) -> int:
+        return self._acc_width
+
+    def elaborate(self, platform):
+        m = Module()
+
+        acc = Signal(self._acc_width)
+        a = self.a_in
+        matches = popcount(~(a.word ^ self.w_in))
+        total = Signal(self._acc_width)
+        m.d.comb += total.eq(Mux(a.first, 0, acc) + matches)
+
+        with m.If(a.valid):
+            m.d.sync += acc.eq(total)
+            with m.If(a.last):
+                m.d.sync += self.result.eq(total)
+        m.d.sync += [
+            self.result_valid.eq(a.valid & a.last),
+            self.a_out.eq(a),
+            self.w_out.eq(self.w_in),
+        ]
+        return m
