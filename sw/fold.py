@@ -39,6 +39,7 @@ __all__ = [
     "fold_batchnorm",
     "fold_binary_conv",
     "fold_elementwise",
+    "fold_integer_epilogue",
     "thresholds_from_levels",
     "uniform_quantize",
 ]
@@ -236,3 +237,36 @@ def fold_binary_conv(weights: torch.Tensor, params: BatchNormSign, *, stride: in
     signs = torch.where(folded.flip[:, None, None, None], -signs, signs)
     return BinaryConvLayer(weights=signs, thresholds=folded.thresholds, stride=stride,
                            padding=padding, pad_value=pad_value, pool=pool)
+
+
+def fold_integer_epilogue(fn: Callable[[torch.Tensor], torch.Tensor], *, lo: int, hi: int,
+                          channels: int, n_levels: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold an epilogue of an integer accumulator ``acc ∈ [lo, hi]`` (host fixed-point layers).
+
+    Like :func:`fold_elementwise` but over any integer range: ``fn`` gets the float values
+    ``lo..hi`` as a ``1 × O × (hi − lo + 1) × 1`` tensor. Returns ``(thresholds, sign)``:
+    int64 ``(O, n_levels)`` thresholds and int64 ``(O,)`` signs (±1) such that the level is
+    the number of thresholds with ``sign · acc ≥ T``, exactly as ``fn`` computes it for
+    every ``acc`` in range. Ranges up to a few million values are practical.
+    """
+    if hi < lo:
+        raise ValueError(f"empty accumulator range [{lo}, {hi}]")
+    span = hi - lo
+    if span >= 1 << 24:
+        raise ValueError(f"accumulator range [{lo}, {hi}] too wide to enumerate exactly")
+    acc = torch.arange(lo, hi + 1, dtype=torch.float64).to(torch.float32)
+    values = acc.reshape(1, 1, -1, 1).expand(1, channels, span + 1, 1).contiguous()
+    levels = torch.as_tensor(fn(values))
+    if levels.dtype.is_floating_point and not bool(torch.isfinite(levels).all()):
+        raise ValueError("the epilogue produced non-finite (NaN or inf) outputs")
+    if tuple(levels.shape) != tuple(values.shape):
+        raise ValueError(f"the epilogue returned shape {tuple(levels.shape)}, "
+                         f"expected {tuple(values.shape)}")
+    # Index i of the table is acc = lo + i: thresholds_from_levels works on "P" = i.
+    folded = thresholds_from_levels(levels[0, :, :, 0], span, n_levels=n_levels)
+    flip = folded.flip
+    # Rising: level ≥ j ⇔ i ≥ T ⇔ acc ≥ lo + T.  Falling (flip): the table was reversed,
+    # i' = span − i = hi − acc, so level ≥ j ⇔ hi − acc ≥ T ⇔ −acc ≥ T − hi.
+    thresholds = torch.where(flip[:, None], folded.thresholds - hi, folded.thresholds + lo)
+    sign = torch.where(flip, -1, 1).to(torch.int64)
+    return thresholds, sign

@@ -555,3 +555,32 @@ def test_bad_statistics_and_quantizer_raise():
     for bits in (0, 9):
         with pytest.raises(ValueError, match="bits must be between 1 and 8"):
             fold.uniform_quantize(f32([0.0]), 1.0, bits)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fold_integer_epilogue_is_exact_over_the_range(seed):
+    gen = torch.Generator().manual_seed(seed)
+    channels, lo, hi = 6, -300, 257
+    a = torch.randn(channels, generator=gen) * 0.01
+    a[0] = 0.0                      # constant channel
+    b = torch.randn(channels, generator=gen)
+    a[1], b[1] = -0.02, 0.1         # falling channel, crosses 0 at acc = 5
+    a[2], b[2] = 0.0625, 0.25       # exact tie at acc = -4 (0.0625·-4 + 0.25 = 0)
+
+    def epilogue(acc):
+        return ((acc * a.reshape(1, -1, 1, 1) + b.reshape(1, -1, 1, 1)) >= 0).to(torch.int32)
+
+    thresholds, sign = fold.fold_integer_epilogue(epilogue, lo=lo, hi=hi, channels=channels)
+    assert sign[1] == -1 and sign[0] == 1
+    acc = torch.arange(lo, hi + 1).reshape(1, 1, -1, 1).expand(1, channels, -1, 1)
+    expected = epilogue(acc.to(torch.float32))
+    got = golden.threshold(acc * sign.reshape(1, -1, 1, 1), thresholds)
+    assert torch.equal(got, expected)
+    assert int(thresholds[2, 0]) == -4
+
+
+def test_fold_integer_epilogue_rejects_bad_ranges():
+    with pytest.raises(ValueError, match="empty accumulator range"):
+        fold.fold_integer_epilogue(lambda v: v, lo=3, hi=2, channels=1)
+    with pytest.raises(ValueError, match="too wide"):
+        fold.fold_integer_epilogue(lambda v: v, lo=0, hi=1 << 25, channels=1)
