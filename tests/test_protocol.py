@@ -1,0 +1,305 @@
+"""Host-link framing (bitdet.sw.protocol): CRC, round trips, parser resync, responses."""
+
+import struct
+
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from bitdet.hw.config import AcceleratorConfig
+from bitdet.sw.protocol import (
+    COMMAND_PAYLOAD_LIMITS,
+    CRC_CHECK,
+    CRC_INIT,
+    CRC_POLY,
+    ERROR_OPCODE,
+    MAGIC,
+    MAX_PAYLOAD,
+    PROTOCOL_VERSION,
+    RESPONSE_FLAG,
+    DeviceError,
+    ErrorCode,
+    Frame,
+    FrameError,
+    FrameParser,
+    IdentifyReply,
+    Opcode,
+    ProtocolError,
+    Response,
+    crc16,
+    crc16_update,
+    encode_error,
+    encode_frame,
+    encode_response,
+    parse_response,
+)
+
+
+def crc16_bitwise(data: bytes) -> int:
+    """CRC-16/IBM-3740 straight from its definition (MSB first, poly 0x1021)."""
+    crc = CRC_INIT
+    for byte in data:
+        for bit in range(7, -1, -1):
+            feedback = ((crc >> 15) & 1) ^ ((byte >> bit) & 1)
+            crc = (crc << 1) & 0xFFFF
+            if feedback:
+                crc ^= CRC_POLY
+    return crc
+
+
+@st.composite
+def commands(draw):
+    """A valid command: a known opcode with a payload length in its range (kept short)."""
+    opcode = draw(st.sampled_from(sorted(COMMAND_PAYLOAD_LIMITS)))
+    low, high = COMMAND_PAYLOAD_LIMITS[opcode]
+    payload = draw(st.binary(min_size=low, max_size=min(high, low + 40)))
+    return Frame(opcode, payload)
+
+
+no_magic = st.binary(max_size=20).map(lambda b: bytes(x for x in b if x != MAGIC))
+
+
+# -- CRC ---------------------------------------------------------------------------------------
+
+def test_crc_catalogue_check_value():
+    assert crc16(b"123456789") == CRC_CHECK == 0x29B1
+    assert crc16(b"") == CRC_INIT
+
+
+@given(st.binary(max_size=64))
+def test_crc_table_equals_definition_and_update(data):
+    assert crc16(data) == crc16_bitwise(data)
+    crc = CRC_INIT
+    for byte in data:
+        crc = crc16_update(crc, byte)
+    assert crc == crc16(data)
+
+
+@given(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.integers(0, 255), st.integers(0, 255))
+def test_crc_update_is_linear(crc_a, crc_b, byte_a, byte_b):
+    """The hardware builds its XOR network on this property."""
+    assert crc16_update(crc_a ^ crc_b, byte_a ^ byte_b) == \
+        crc16_update(crc_a, byte_a) ^ crc16_update(crc_b, byte_b)
+
+
+@given(commands())
+def test_residue_of_a_frame_is_zero(frame):
+    """CRC sent MSB first: the CRC over opcode … CRC is 0 (what the decoder checks)."""
+    data = encode_frame(frame.opcode, frame.payload)
+    assert crc16(data[1:]) == 0
+    assert int.from_bytes(data[-2:], "big") == crc16(data[1:-2])
+
+
+# -- encoding ----------------------------------------------------------------------------------
+
+def test_frame_layout():
+    data = encode_frame(Opcode.WRITE_ACTIVATIONS, b"\x10\x00\x00\x00\xAA")
+    assert data[0] == MAGIC
+    assert data[1] == Opcode.WRITE_ACTIVATIONS
+    assert struct.unpack_from("<H", data, 2)[0] == 5
+    assert data[4:9] == b"\x10\x00\x00\x00\xAA"
+    assert len(data) == 4 + 5 + 2
+
+def test_documented_examples():
+    """The byte-level examples of docs/protocol.md."""
+    assert encode_frame(Opcode.IDENTIFY).hex(" ") == "b1 01 00 00 fb ac"
+    assert encode_error(ErrorCode.BAD_CRC, Opcode.RUN_LAYER).hex(" ") == "b1 ff 02 00 01 21 a1 b9"
+    assert encode_error(ErrorCode.TIMEOUT).hex(" ") == "b1 ff 02 00 04 00 6a 0f"
+    write = encode_frame(Opcode.WRITE_ACTIVATIONS, bytes.fromhex("10000000deadbeef"))
+    assert write.hex(" ") == "b1 12 08 00 10 00 00 00 de ad be ef 92 29"
+    assert encode_response(Opcode.WRITE_ACTIVATIONS).hex(" ") == "b1 92 01 00 00 98 07"
+    reply = IdentifyReply(1, 4096, "b55849b0f3987e35").pack()
+    assert encode_response(Opcode.IDENTIFY, ErrorCode.OK, reply).hex(" ") == \
+        "b1 81 0c 00 00 01 00 10 b5 58 49 b0 f3 98 7e 35 37 e8"
+
+
+def test_encode_frame_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="opcode must be"):
+        encode_frame(256)
+    with pytest.raises(ValueError, match="opcode must be"):
+        encode_frame(True)
+    with pytest.raises(ValueError, match="exceeds MAX_PAYLOAD"):
+        encode_frame(Opcode.WRITE_WEIGHTS, bytes(MAX_PAYLOAD + 1))
+    assert len(encode_frame(Opcode.WRITE_WEIGHTS, bytes(MAX_PAYLOAD))) == MAX_PAYLOAD + 6
+    with pytest.raises(ValueError, match="command opcode"):
+        encode_response(0x80)
+    with pytest.raises(ValueError, match="max_payload"):
+        FrameParser(max_payload=70000)
+
+
+def test_opcodes_and_limits_are_consistent():
+    assert set(COMMAND_PAYLOAD_LIMITS) == set(Opcode)
+    for opcode, (low, high) in COMMAND_PAYLOAD_LIMITS.items():
+        assert 0 < opcode < RESPONSE_FLAG
+        assert 0 <= low <= high <= MAX_PAYLOAD
+    assert MAGIC not in set(Opcode)
+    assert len({int(code) for code in ErrorCode}) == len(ErrorCode)
+
+
+# -- parsing -----------------------------------------------------------------------------------
+
+@given(st.lists(commands(), max_size=6), st.data())
+def test_round_trip_in_any_chunking(frames, data):
+    stream = b"".join(encode_frame(f.opcode, f.payload) for f in frames)
+    parser = FrameParser()
+    events = []
+    position = 0
+    while position < len(stream):
+        size = data.draw(st.integers(1, 16))
+        events += parser.feed(stream[position:position + size])
+        position += size
+    assert events == frames
+    assert not parser.in_frame
+
+
+@given(st.lists(st.tuples(no_magic, commands()), max_size=6), no_magic)
+def test_garbage_without_magic_between_frames_is_skipped(pairs, tail):
+    stream = b"".join(junk + encode_frame(f.opcode, f.payload) for junk, f in pairs) + tail
+    assert FrameParser().feed(stream) == [f for _, f in pairs]
+
+
+@given(st.lists(st.tuples(st.binary(max_size=24), commands()), min_size=1, max_size=5))
+def test_any_garbage_then_timeout_then_frame_is_served(pairs):
+    """Arbitrary bytes (MAGIC included) can start a false frame; after the inter-byte
+    timeout the parser hunts again and the next frame is served."""
+    parser = FrameParser()
+    for junk, frame in pairs:
+        events = parser.feed(junk)
+        assert all(isinstance(e, (Frame, FrameError)) for e in events)
+        parser.expire()
+        assert parser.feed(encode_frame(frame.opcode, frame.payload)) == [frame]
+
+
+@given(commands(), st.data())
+def test_bit_flip_is_never_accepted(frame, data):
+    """One bit flipped anywhere but MAGIC and the length: the first error is BAD_CRC,
+    UNKNOWN_OPCODE or (the opcode became another known one) BAD_LENGTH; never a frame."""
+    encoded = bytearray(encode_frame(frame.opcode, frame.payload))
+    position = data.draw(st.sampled_from([1, *range(4, len(encoded))]))
+    encoded[position] ^= 1 << data.draw(st.integers(0, 7))
+    parser = FrameParser()
+    events = parser.feed(bytes(encoded))
+    # after BAD_LENGTH the rest of the frame is hunted and may hold a MAGIC: time it out
+    events += [e for e in [parser.expire()] if e is not None]
+    assert events and all(isinstance(e, FrameError) for e in events)
+    assert events[0].code in (ErrorCode.BAD_CRC, ErrorCode.UNKNOWN_OPCODE, ErrorCode.BAD_LENGTH)
+    if position >= 4:                       # the frame's extent was intact
+        assert events == [FrameError(ErrorCode.BAD_CRC, frame.opcode)]
+    assert parser.feed(encode_frame(Opcode.RESET)) == [Frame(Opcode.RESET, b"")]
+
+
+@given(commands(), st.data())
+def test_corrupt_length_recovers_after_timeout(frame, data):
+    encoded = bytearray(encode_frame(frame.opcode, frame.payload))
+    encoded[data.draw(st.sampled_from([2, 3]))] ^= 1 << data.draw(st.integers(0, 7))
+    parser = FrameParser()
+    events = parser.feed(bytes(encoded))
+    expired = parser.expire()
+    events += [expired] if expired else []
+    assert all(isinstance(e, FrameError) for e in events)
+    assert parser.feed(encode_frame(Opcode.IDENTIFY)) == [Frame(Opcode.IDENTIFY, b"")]
+
+
+@given(commands(), st.data())
+def test_truncated_frame_times_out_with_its_opcode(frame, data):
+    encoded = encode_frame(frame.opcode, frame.payload)
+    cut = data.draw(st.integers(1, len(encoded) - 1))
+    parser = FrameParser()
+    assert parser.feed(encoded[:cut]) == []
+    assert parser.in_frame
+    assert parser.expire() == FrameError(ErrorCode.TIMEOUT, frame.opcode if cut > 1 else 0)
+    assert parser.expire() is None
+    assert parser.feed(encoded) == [frame]
+
+
+def test_unknown_opcode_and_bad_length():
+    parser = FrameParser()
+    assert parser.feed(encode_frame(0x05, b"hello")) == \
+        [FrameError(ErrorCode.UNKNOWN_OPCODE, 0x05)]
+    # a corrupt unknown opcode is reported as BAD_CRC: the CRC is checked first
+    bad = bytearray(encode_frame(0x05, b"hello"))
+    bad[-1] ^= 1
+    assert parser.feed(bad) == [FrameError(ErrorCode.BAD_CRC, 0x05)]
+    # length checked at once, then the rest of the frame is hunted for MAGIC
+    assert parser.feed(encode_frame(Opcode.IDENTIFY, b"\x00\x00")) == \
+        [FrameError(ErrorCode.BAD_LENGTH, Opcode.IDENTIFY)]
+    assert not parser.in_frame
+    assert parser.feed(bytes([MAGIC, 0x05, 0x01, 0x10])) == \
+        [FrameError(ErrorCode.BAD_LENGTH, 0x05)]                   # 4097 > MAX_PAYLOAD
+    assert FrameParser(payload_limits=None).feed(encode_frame(0x05, b"hello")) == \
+        [Frame(0x05, b"hello")]
+
+
+def test_resync_does_not_re_read_consumed_bytes():
+    """Documented limitation (shared with the hardware): a MAGIC inside a dropped frame's
+    bytes starts the next hunt only from the byte after the error."""
+    identify = encode_frame(Opcode.IDENTIFY)
+    events = FrameParser().feed(bytes([MAGIC]) + identify + identify)
+    # MAGIC, MAGIC(opcode) 01 00 (length 1) 00 (payload) FB AC (CRC): BAD_CRC; the first
+    # IDENTIFY is gone, the second one is served.
+    assert events == [FrameError(ErrorCode.BAD_CRC, MAGIC), Frame(Opcode.IDENTIFY, b"")]
+
+
+# -- responses and host exceptions -------------------------------------------------------------
+
+@given(st.sampled_from(list(Opcode)), st.sampled_from(list(ErrorCode)),
+       st.binary(max_size=MAX_PAYLOAD - 1))
+def test_response_round_trip(opcode, status, data):
+    frames = FrameParser(payload_limits=None).feed(encode_response(opcode, status, data))
+    assert len(frames) == 1 and frames[0].opcode == RESPONSE_FLAG | opcode
+    response = parse_response(frames[0])
+    assert response == Response(opcode, status, data)
+    if status == ErrorCode.OK:
+        assert response.raise_for_status() is response
+    else:
+        with pytest.raises(DeviceError) as info:
+            response.raise_for_status()
+        assert info.value.code == status and info.value.opcode == opcode
+
+
+def test_error_response():
+    data = encode_error(ErrorCode.BAD_CRC, Opcode.RUN_LAYER)
+    assert data[1] == ERROR_OPCODE
+    (frame,) = FrameParser(payload_limits=None).feed(data)
+    response = parse_response(frame)
+    assert response == Response(Opcode.RUN_LAYER, ErrorCode.BAD_CRC, b"", framing=True)
+    with pytest.raises(DeviceError, match=r"BAD_CRC \(command RUN_LAYER\)"):
+        response.raise_for_status()
+    assert "unknown status 0x7E" in str(DeviceError(0x7E, 0x55))
+
+
+def test_malformed_responses_raise_protocol_error():
+    with pytest.raises(ProtocolError, match="not a response"):
+        parse_response(Frame(Opcode.IDENTIFY, b"\x00"))
+    with pytest.raises(ProtocolError, match="without a status"):
+        parse_response(Frame(RESPONSE_FLAG | Opcode.IDENTIFY, b""))
+    with pytest.raises(ProtocolError, match="expected 2"):
+        parse_response(Frame(ERROR_OPCODE, b"\x01"))
+    with pytest.raises(ProtocolError, match="expected 11"):
+        IdentifyReply.unpack(b"\x01\x00")
+
+
+def test_identify_reply_carries_version_and_config_hash():
+    config = AcceleratorConfig()
+    reply = IdentifyReply.for_config(config)
+    packed = reply.pack()
+    assert len(packed) == IdentifyReply.SIZE == 11
+    assert packed[0] == PROTOCOL_VERSION
+    assert packed[3:].hex() == config.config_hash()
+    assert IdentifyReply.unpack(packed) == reply
+    frame = encode_response(Opcode.IDENTIFY, ErrorCode.OK, packed)
+    (parsed,) = FrameParser(payload_limits=None).feed(frame)
+    assert IdentifyReply.unpack(parse_response(parsed).raise_for_status().data) == reply
+    with pytest.raises(ValueError, match="16 hex digits"):
+        IdentifyReply(1, MAX_PAYLOAD, "abcd").pack()
+
+
+@given(st.binary(max_size=200))
+def test_parser_never_raises_on_arbitrary_input(data):
+    assume(data)
+    for limits in (COMMAND_PAYLOAD_LIMITS, None):
+        parser = FrameParser(payload_limits=limits)
+        events = parser.feed(data)
+        assert all(isinstance(e, (Frame, FrameError)) for e in events)
+        parser.expire()
+        assert not parser.in_frame
