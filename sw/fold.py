@@ -186,14 +186,20 @@ def fold_elementwise(fn: Callable[[torch.Tensor], torch.Tensor], *, k: int, chan
     if k < 1 or channels < 1:
         raise ValueError(f"k and channels must be positive, not {k!r} and {channels!r}")
     p = torch.arange(k + 1, dtype=torch.float32)
-    dot = (2 * p - k).reshape(1, 1, k + 1, 1).expand(1, channels, k + 1, 1).contiguous()
-    levels = torch.as_tensor(fn(dot))
+    return thresholds_from_levels(_epilogue_table(fn, 2 * p - k, channels), k,
+                                  n_levels=n_levels)
+
+
+def _epilogue_table(fn, values: torch.Tensor, channels: int) -> torch.Tensor:
+    """``fn`` evaluated on every value for every channel: levels ``(O, len(values))``."""
+    grid = values.reshape(1, 1, -1, 1).expand(1, channels, values.numel(), 1).contiguous()
+    levels = torch.as_tensor(fn(grid))
     if levels.dtype.is_floating_point and not bool(torch.isfinite(levels).all()):
         raise ValueError("the epilogue produced non-finite (NaN or inf) outputs")
-    if tuple(levels.shape) != tuple(dot.shape):
+    if tuple(levels.shape) != tuple(grid.shape):
         raise ValueError(f"the epilogue returned shape {tuple(levels.shape)}, "
-                         f"expected {tuple(dot.shape)}")
-    return thresholds_from_levels(levels[0, :, :, 0], k, n_levels=n_levels)
+                         f"expected {tuple(grid.shape)}")
+    return levels[0, :, :, 0]
 
 
 def fold_batchnorm(params: BatchNormSign, k: int, *, bits: int = 1,
@@ -255,15 +261,8 @@ def fold_integer_epilogue(fn: Callable[[torch.Tensor], torch.Tensor], *, lo: int
     if span >= 1 << 24:
         raise ValueError(f"accumulator range [{lo}, {hi}] too wide to enumerate exactly")
     acc = torch.arange(lo, hi + 1, dtype=torch.float64).to(torch.float32)
-    values = acc.reshape(1, 1, -1, 1).expand(1, channels, span + 1, 1).contiguous()
-    levels = torch.as_tensor(fn(values))
-    if levels.dtype.is_floating_point and not bool(torch.isfinite(levels).all()):
-        raise ValueError("the epilogue produced non-finite (NaN or inf) outputs")
-    if tuple(levels.shape) != tuple(values.shape):
-        raise ValueError(f"the epilogue returned shape {tuple(levels.shape)}, "
-                         f"expected {tuple(values.shape)}")
     # Index i of the table is acc = lo + i: thresholds_from_levels works on "P" = i.
-    folded = thresholds_from_levels(levels[0, :, :, 0], span, n_levels=n_levels)
+    folded = thresholds_from_levels(_epilogue_table(fn, acc, channels), span, n_levels=n_levels)
     flip = folded.flip
     # Rising: level ≥ j ⇔ i ≥ T ⇔ acc ≥ lo + T.  Falling (flip): the table was reversed,
     # i' = span − i = hi − acc, so level ≥ j ⇔ hi − acc ≥ T ⇔ −acc ≥ T − hi.
