@@ -1,0 +1,474 @@
+"""Layer controller: runs one binary convolution layer on chip, from a descriptor to the
+packed output map in the other activation bank (or raw ``P`` values on a stream).
+
+The controller owns the compute path — :class:`~bitdet.hw.window.WindowGenerator`,
+:class:`~bitdet.hw.array.SystolicArray`, ``rows`` :class:`~bitdet.hw.threshold.
+ThresholdUnit` s and the output packer — and reaches the memories through their ports
+(the top level joins them with :func:`amaranth.lib.wiring.connect`):
+
+* ``act_read[r]``: row ``r``'s read port on the :class:`~bitdet.hw.memory.ActivationBuffer`
+  (bank ``select``, the layer's input);
+* ``act_write``: the buffer's write port (bank ``1 − select``, the layer's output);
+* ``weights`` / ``thresholds``: the read ports of the :func:`~bitdet.hw.memory.
+  weight_memory` and :func:`~bitdet.hw.memory.threshold_memory` column memories.
+
+**Loop order.** For each group of ``rows`` consecutive output pixels (row-major), for each
+tile of ``cols`` output channels: one window-generator job whose ``tag`` is the tile's
+weight address ``weight_base + t·K_words`` (:func:`~bitdet.sw.packing.pack_weights`
+layout). The array returns each job's ``cols`` result columns in job order, so a second
+set of counters (pixel group, tile) follows the results without any tag: it reads the
+tile's thresholds at ``threshold_base + t`` (:func:`~bitdet.sw.packing.pack_thresholds`)
+and places the bits.
+
+**Packing.** ``simd % cols == 0`` (checked by :class:`LayerController`; all presets have it),
+so tile ``t``'s channels ``t·cols … t·cols + cols − 1`` fall into one output word
+``t·cols // simd``, at bits ``(t·cols) % simd + c``. Each row keeps one word register;
+when a word is complete (its last slot, or the layer's last tile) the ``rows`` words go to
+a shadow register and are written one per cycle to
+``output_base + pixel·ceil(O/simd) + word`` — the layout of
+:func:`~bitdet.sw.packing.pack_activations` — skipping rows that are not real pixels. Fill
+channels beyond ``O`` get ``T = K + 1`` from the host and therefore 0 bits, the channel
+padding of ``pack_activations``.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal
+from amaranth.lib import data, wiring
+from amaranth.lib.memory import ReadPort, WritePort
+from amaranth.lib.wiring import In, Out
+
+from .array import SystolicArray
+from .config import AcceleratorConfig
+from .memory import threshold_layout
+from .pe import valid_stream_signature
+from .popcount import popcount
+from .threshold import ThresholdUnit
+from .window import WindowGenerator, WindowLayer
+
+__all__ = ["COUNTER_WIDTH", "LayerController"]
+
+COUNTER_WIDTH = 32
+"""Bits of the performance counters (``busy_cycles``, ``stall_cycles``)."""
+
+
+def _ceil_div(value, divisor: int, max_value: int):
+    """``ceil(value / divisor)`` for a constant ``divisor``: a shift for a power of two,
+    otherwise the number of multiples of ``divisor`` below ``value`` (constant compares)."""
+    if divisor & (divisor - 1) == 0:
+        return (value + divisor - 1) >> (divisor.bit_length() - 1)
+    n = -(-max_value // divisor)
+    return popcount(Cat(value > i * divisor for i in range(n)))
+
+
+class LayerController(wiring.Component):
+    """Runs one binary convolution layer described by ``layer`` after a ``start`` pulse.
+
+    **Descriptor** (``layer``, sampled in the cycle of ``start`` while idle; build it with
+    :meth:`descriptor`): ``in_h``, ``in_w``, ``channels`` (C), ``out_h``, ``out_w``,
+    ``out_channels`` (O), ``kernel``, ``stride``, ``padding``, ``pad_bit``,
+    ``input_base`` (word of input pixel 0 in the read bank), ``output_base`` (word of
+    output pixel 0 in the write bank), ``weight_base`` (weight address of tile 0, K-word 0),
+    ``threshold_base`` (threshold entry of tile 0) and ``raw``.
+
+    **Thresholded mode** (``raw = 0``): output channel ``o`` of output pixel ``n`` is
+    ``P ≥ T`` (threshold 0 of the entry), written as bit ``o % simd`` of word
+    ``output_base + n·ceil(O/simd) + o // simd`` of bank ``1 − select``; only the
+    ``ceil(O/simd)`` words of real pixels are written.
+
+    **Raw mode** (``raw = 1``): nothing is written; every result column of real output
+    channels appears on ``raw`` (no back-pressure): ``pixel`` (the output pixel of row 0),
+    ``channel``, ``p[r]`` (``P`` of output pixel ``pixel + r``) and ``row_valid`` (bit
+    ``r``: that pixel exists). At most one transfer per cycle.
+
+    **Status.** ``busy`` is high from the cycle after ``start`` until the last output is
+    written; ``done`` pulses in the first idle cycle after a run. ``busy_cycles`` counts
+    the busy cycles of the last (or running) layer and ``stall_cycles`` those in which the
+    array was not given a K-word; ``busy_cycles − stall_cycles`` is the number of K-words,
+    ``groups · tiles · K_words`` (:meth:`ideal_cycles`).
+
+    Parameters
+    ----------
+    config : AcceleratorConfig
+
+    Members
+    -------
+    layer : ``In(descriptor_layout)``
+    start : ``In(1)``
+    busy, done : ``Out(1)``
+    busy_cycles, stall_cycles : ``Out(COUNTER_WIDTH)``
+    act_read : ``In(ReadPort.Signature(addr_width=, shape=simd)).array(rows)``
+    act_write : ``In(WritePort.Signature(addr_width=, shape=simd))``
+    weights : ``In(ReadPort.Signature(addr_width=, shape=ArrayLayout(simd, cols)))``
+    thresholds : ``In(ReadPort.Signature(addr_width=, shape=ArrayLayout(threshold_layout,
+        cols)))``
+    raw : ``Out(valid_stream_signature(raw_layout))``
+
+    Raises
+    ------
+    TypeError
+        If ``config`` is not an :class:`AcceleratorConfig`.
+    ValueError
+        If ``simd`` is not a multiple of ``cols`` (output packing, see the module docs).
+    """
+
+    def __init__(self, *, config: AcceleratorConfig, src_loc_at: int = 0):
+        if not isinstance(config, AcceleratorConfig):
+            raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+        if config.simd % config.cols:
+            raise ValueError(f"the layer controller needs simd ({config.simd}) to be a multiple "
+                             f"of cols ({config.cols}): one tile of cols output channels is "
+                             f"packed into one simd-bit output word")
+        self._config = c = config
+        # built here so that `descriptor` can use its checks; the caller's file decides
+        # about unused-elaboratable warnings, as for the controller itself
+        self._gen = WindowGenerator(
+            rows=c.rows, simd=c.simd, depth=c.activation_depth, max_channels=c.max_channels,
+            max_kernel=c.max_kernel, max_stride=c.max_stride,
+            tag_width=max(1, (c.weight_depth - 1).bit_length()), src_loc_at=1 + src_loc_at)
+        self._act_addr_width = max(1, (c.activation_depth - 1).bit_length())
+        self._weight_addr_width = max(1, (c.weight_depth - 1).bit_length())
+        self._threshold_addr_width = max(1, (c.threshold_depth - 1).bit_length())
+        dim = range(c.activation_depth + 1)
+        self._descriptor_layout = data.StructLayout({
+            "in_h": dim,
+            "in_w": dim,
+            "channels": range(c.max_channels + 1),
+            "out_h": dim,
+            "out_w": dim,
+            "out_channels": range(c.max_channels + 1),
+            "kernel": range(c.max_kernel + 1),
+            "stride": range(c.max_stride + 1),
+            "padding": range(c.max_kernel),
+            "pad_bit": 1,
+            "input_base": self._act_addr_width,
+            "output_base": self._act_addr_width,
+            "weight_base": self._weight_addr_width,
+            "threshold_base": self._threshold_addr_width,
+            "raw": 1,
+        })
+        self._raw_layout = data.StructLayout({
+            "pixel": range(c.activation_depth * c.activation_depth + c.rows),
+            "channel": range(c.max_channels + c.cols),
+            "p": data.ArrayLayout(c.acc_width, c.rows),
+            "row_valid": c.rows,
+        })
+        super().__init__({
+            "layer": In(self._descriptor_layout),
+            "start": In(1),
+            "busy": Out(1),
+            "done": Out(1),
+            "busy_cycles": Out(COUNTER_WIDTH),
+            "stall_cycles": Out(COUNTER_WIDTH),
+            "act_read": In(ReadPort.Signature(addr_width=self._act_addr_width, shape=c.simd)
+                           ).array(c.rows),
+            "act_write": In(WritePort.Signature(addr_width=self._act_addr_width,
+                                                shape=c.simd)),
+            "weights": In(ReadPort.Signature(addr_width=self._weight_addr_width,
+                                             shape=data.ArrayLayout(c.simd, c.cols))),
+            "thresholds": In(ReadPort.Signature(
+                addr_width=self._threshold_addr_width,
+                shape=data.ArrayLayout(threshold_layout(c), c.cols))),
+            "raw": Out(valid_stream_signature(self._raw_layout)),
+        }, src_loc_at=1 + src_loc_at)
+
+    # -- parameters and host-side helpers ------------------------------------------------------
+    @property
+    def config(self) -> AcceleratorConfig:
+        return self._config
+
+    @property
+    def descriptor_layout(self) -> data.StructLayout:
+        return self._descriptor_layout
+
+    @property
+    def raw_layout(self) -> data.StructLayout:
+        return self._raw_layout
+
+    def ideal_cycles(self, layer: WindowLayer, out_channels: int) -> int:
+        """K-words the array consumes for the layer: ``groups · tiles · K_words``, the
+        cycles of a perfectly fed array."""
+        c = self._config
+        return layer.groups(c.rows) * -(-out_channels // c.cols) * layer.k_words(c.simd)
+
+    def descriptor(self, layer: WindowLayer, out_channels: int, *, input_base: int = 0,
+                   output_base: int = 0, weight_base: int = 0, threshold_base: int = 0,
+                   raw: bool = False) -> dict:
+        """The ``layer`` descriptor of a convolution with ``out_channels`` outputs.
+
+        Raises
+        ------
+        ValueError
+            If the layer does not fit the accelerator: the window generator's limits and
+            the input map (see :meth:`~bitdet.hw.window.WindowGenerator.command_payload`),
+            the output map in its bank, the weights, the thresholds or ``K``.
+        """
+        c = self._config
+        self._gen.command_payload(layer, 0, base=input_base)       # input side checks
+        problems = []
+        if isinstance(out_channels, bool) or not isinstance(out_channels, int) \
+                or not 1 <= out_channels <= c.max_channels:
+            problems.append(f"out_channels must be in 1 … {c.max_channels}, "
+                            f"not {out_channels!r}")
+            out_channels = 1
+        tiles = -(-out_channels // c.cols)
+        k_words = layer.k_words(c.simd)
+        out_words = layer.out_h * layer.out_w * -(-out_channels // c.simd)
+        for what, base, size, depth, field in (
+                ("output map", output_base, out_words, c.activation_depth, "activation_depth"),
+                ("weights", weight_base, tiles * k_words, c.weight_depth, "weight_depth"),
+                ("thresholds", threshold_base, tiles, c.threshold_depth, "threshold_depth")):
+            if base < 0 or base + size > depth:
+                problems.append(f"the {what} need entries {base} … {base + size - 1}, "
+                                f"{field} is {depth}")
+        k = layer.channels * layer.kernel ** 2
+        if k > c.max_k:
+            problems.append(f"K = {k} exceeds the accelerator's max_k {c.max_k}")
+        if problems:
+            raise ValueError(f"layer {layer} with {out_channels} outputs does not fit: "
+                             + "; ".join(problems))
+        return {
+            "in_h": layer.in_h, "in_w": layer.in_w, "channels": layer.channels,
+            "out_h": layer.out_h, "out_w": layer.out_w, "out_channels": out_channels,
+            "kernel": layer.kernel, "stride": layer.stride, "padding": layer.padding,
+            "pad_bit": layer.pad_bit, "input_base": input_base, "output_base": output_base,
+            "weight_base": weight_base, "threshold_base": threshold_base, "raw": int(raw),
+        }
+
+    # -- hardware ---------------------------------------------------------------------------
+    def elaborate(self, platform):
+        m = Module()
+        c = self._config
+        rows, cols, simd = c.rows, c.cols, c.simd
+        slots = simd // cols                         # tiles per output word
+        max_words = -(-c.max_channels // simd)
+        dim_bits = c.activation_depth.bit_length()
+        pixel_shape = range((1 << 2 * dim_bits) + rows)
+
+        gen = m.submodules.window = self._gen
+        array = m.submodules.array = SystolicArray(rows=rows, cols=cols, simd=simd,
+                                                   acc_width=c.acc_width)
+        units = [ThresholdUnit(acc_width=c.acc_width, output_bits=1) for _ in range(rows)]
+        for r, unit in enumerate(units):
+            m.submodules[f"threshold{r}"] = unit
+
+        # -- operand path: generator words + weight words side by side (window.py) -----------
+        for r in range(rows):
+            wiring.connect(m, wiring.flipped(self.act_read[r]), gen.read[r])
+        operands = array.operands
+        m.d.comb += [
+            self.weights.addr.eq(gen.fetch.tag + gen.fetch.index),
+            self.weights.en.eq(gen.fetch.en),
+            operands.valid.eq(gen.words.valid),
+            operands.payload.activations.eq(gen.words.payload.activations),
+            operands.payload.weights.eq(self.weights.data),
+            operands.payload.first.eq(gen.words.payload.first),
+            operands.payload.last.eq(gen.words.payload.last),
+            gen.words.ready.eq(operands.ready),
+        ]
+
+        # -- the layer and its derived sizes ------------------------------------------------
+        desc = Signal(self._descriptor_layout)
+        words = Signal(range(max_words + 1))              # ceil(C / simd)
+        out_words = Signal(range(max_words + 1))          # ceil(O / simd)
+        k_words = Signal(range(c.max_kernel ** 2 * max_words + 1))
+        pixels = Signal(pixel_shape)                      # out_h · out_w
+        group_step = Signal(self._act_addr_width)         # rows · ceil(O / simd)
+
+        # -- issue side: (group, tile) loop of window-generator commands -------------------
+        iss_n = Signal(pixel_shape)                       # first output pixel of the group
+        iss_oy = Signal(range(c.activation_depth))
+        iss_ox = Signal(range(c.activation_depth))
+        iss_o = Signal(range(c.max_channels + cols))      # first channel of the tile
+        iss_tag = Signal(self._weight_addr_width)         # weight address of the tile
+        step = Signal(range(rows))
+        left = Signal(pixel_shape)
+        m.d.comb += left.eq(pixels - iss_n)
+        cmd = gen.command.payload
+        m.d.comb += [
+            cmd.in_h.eq(desc.in_h), cmd.in_w.eq(desc.in_w), cmd.out_w.eq(desc.out_w),
+            cmd.channels.eq(desc.channels), cmd.words.eq(words), cmd.kernel.eq(desc.kernel),
+            cmd.stride.eq(desc.stride), cmd.padding.eq(desc.padding),
+            cmd.pad_bit.eq(desc.pad_bit), cmd.base.eq(desc.input_base),
+            cmd.oy.eq(iss_oy), cmd.ox.eq(iss_ox),
+            cmd.count.eq(Mux(left < rows, left, rows)),
+            cmd.tag.eq(iss_tag),
+        ]
+
+        # -- result side: follows the array's results in job order -------------------------
+        res_n = Signal(pixel_shape)
+        res_o = Signal(range(c.max_channels + cols))
+        slot = Signal(range(slots))                       # tile's place in its output word
+        word_index = Signal(range(max_words + 1))
+        group_addr = Signal(self._act_addr_width)         # output_base + res_n · out_words
+        thr_addr = Signal(self._threshold_addr_width)
+        finishing = Signal()                              # the last result has been packed
+
+        results = array.results
+        col = results.payload.column
+        res_last_tile = Signal()
+        res_last_group = Signal()
+        job_end = Signal()
+        m.d.comb += [
+            res_last_tile.eq(res_o + cols >= desc.out_channels),
+            res_last_group.eq(res_n + rows >= pixels),
+            job_end.eq(results.valid & results.payload.last),
+        ]
+        # thresholds: the address of the job whose results are on `results` next cycle
+        thr_next = Mux(res_last_tile, desc.threshold_base, thr_addr + 1)
+        m.d.comb += [
+            self.thresholds.addr.eq(Mux(job_end, thr_next, thr_addr)),
+            self.thresholds.en.eq(1),
+        ]
+        for r, unit in enumerate(units):
+            m.d.comb += [
+                unit.i.valid.eq(results.valid),
+                unit.i.payload.p.eq(results.payload.p[r]),
+                unit.i.payload.thresholds[0].eq(self.thresholds.data[col][0]),
+                unit.i.payload.raw.eq(desc.raw),
+            ]
+        with m.If(job_end):
+            m.d.sync += thr_addr.eq(thr_next)
+            with m.If(res_last_tile):
+                m.d.sync += [res_o.eq(0), slot.eq(0), word_index.eq(0),
+                             res_n.eq(res_n + rows), group_addr.eq(group_addr + group_step)]
+            with m.Else():
+                m.d.sync += res_o.eq(res_o + cols)
+                with m.If(slot == slots - 1):
+                    m.d.sync += [slot.eq(0), word_index.eq(word_index + 1)]
+                with m.Else():
+                    m.d.sync += slot.eq(slot + 1)
+
+        # stage 2 control, aligned with the threshold units' registered outputs
+        s_valid = Signal()
+        s_column = Signal(range(cols))
+        s_slot = Signal(range(slots))
+        s_word_done = Signal()
+        s_final = Signal()
+        s_addr = Signal(self._act_addr_width)
+        s_row_valid = Signal(rows)
+        s_channel = Signal(range(c.max_channels + cols))
+        s_pixel = Signal(pixel_shape)
+        m.d.sync += [
+            s_valid.eq(results.valid),
+            s_column.eq(col),
+            s_slot.eq(slot),
+            s_word_done.eq(job_end & ((slot == slots - 1) | res_last_tile)),
+            s_final.eq(job_end & res_last_tile & res_last_group),
+            s_addr.eq(group_addr + word_index),
+            s_row_valid.eq(Cat(res_n + r < pixels for r in range(rows))),
+            s_channel.eq(res_o + col),
+            s_pixel.eq(res_n),
+        ]
+
+        # -- packing: bit slot·cols + column of each row's word ------------------------------
+        word = [Signal(simd, name=f"word{r}") for r in range(rows)]
+        shadow = [Signal(simd, name=f"shadow{r}") for r in range(rows)]
+        wr_count = Signal(range(rows + 1))
+        wr_mask = Signal(rows)
+        wr_addr = Signal(self._act_addr_width)
+        slot_hot = Signal(slots)
+        col_hot = Signal(cols)
+        m.d.comb += [slot_hot.eq(Cat(s_slot == i for i in range(slots))),
+                     col_hot.eq(Cat(s_column == j for j in range(cols)))]
+        pack = Signal()
+        m.d.comb += pack.eq(s_valid & ~desc.raw)
+        for r, unit in enumerate(units):
+            bit = unit.o.payload.value[0]
+            word_next = Cat(Mux(slot_hot[i // cols] & col_hot[i % cols], bit, word[r][i])
+                            for i in range(simd))
+            with m.If(pack):
+                with m.If(s_word_done):
+                    m.d.sync += [shadow[r].eq(word_next), word[r].eq(0)]
+                with m.Else():
+                    m.d.sync += word[r].eq(word_next)
+
+        # -- writer: the shadow words of the rows that are real pixels, one per cycle --------
+        wr_active = Signal()
+        m.d.comb += [
+            wr_active.eq(wr_count != 0),
+            self.act_write.en.eq(wr_active & wr_mask[0]),
+            self.act_write.addr.eq(wr_addr),
+            self.act_write.data.eq(shadow[0]),
+        ]
+        with m.If(wr_active):
+            m.d.sync += [wr_count.eq(wr_count - 1), wr_mask.eq(wr_mask >> 1),
+                         wr_addr.eq(wr_addr + out_words)]
+            for r in range(rows - 1):
+                m.d.sync += shadow[r].eq(shadow[r + 1])
+        # a word completes at most once per job, and jobs' last words are ≥ rows + 4 cycles
+        # apart (the generator's job_cycles; the array only spaces them further), so the
+        # writer has finished the previous word here
+        with m.If(pack & s_word_done):
+            m.d.sync += [wr_count.eq(rows), wr_mask.eq(s_row_valid), wr_addr.eq(s_addr)]
+        with m.If(s_valid & s_final):
+            m.d.sync += finishing.eq(1)
+
+        # -- raw output: P of the real channels and pixels ----------------------------------
+        m.d.comb += [
+            self.raw.valid.eq(s_valid & desc.raw & (s_channel < desc.out_channels)),
+            self.raw.payload.pixel.eq(s_pixel),
+            self.raw.payload.channel.eq(s_channel),
+            self.raw.payload.row_valid.eq(s_row_valid),
+        ]
+        for r, unit in enumerate(units):
+            m.d.comb += self.raw.payload.p[r].eq(unit.o.payload.value)
+
+        # -- sequencer --------------------------------------------------------------------------
+        m.d.sync += self.done.eq(0)
+        with m.FSM(name="control"):
+            with m.State("IDLE"):
+                with m.If(self.start):
+                    m.d.sync += [desc.eq(self.layer), self.busy.eq(1),
+                                 self.busy_cycles.eq(0), self.stall_cycles.eq(0)]
+                    m.next = "SETUP"
+            with m.State("SETUP"):
+                m.d.sync += [
+                    words.eq(_ceil_div(desc.channels, simd, c.max_channels)),
+                    out_words.eq(_ceil_div(desc.out_channels, simd, c.max_channels)),
+                    pixels.eq(desc.out_h * desc.out_w),
+                ]
+                m.next = "START"
+            with m.State("START"):
+                m.d.sync += [
+                    k_words.eq(desc.kernel * desc.kernel * words),
+                    group_step.eq(out_words * Const(rows)),
+                    iss_n.eq(0), iss_oy.eq(0), iss_ox.eq(0), iss_o.eq(0),
+                    iss_tag.eq(desc.weight_base),
+                    res_n.eq(0), res_o.eq(0), slot.eq(0), word_index.eq(0),
+                    group_addr.eq(desc.output_base), thr_addr.eq(desc.threshold_base),
+                    finishing.eq(0),
+                ]
+                m.next = "ISSUE"
+            with m.State("ISSUE"):
+                m.d.comb += gen.command.valid.eq(1)
+                with m.If(gen.command.ready):
+                    with m.If(iss_o + cols >= desc.out_channels):
+                        m.d.sync += [iss_o.eq(0), iss_tag.eq(desc.weight_base)]
+                        with m.If(left <= rows):
+                            m.next = "DRAIN"
+                        with m.Else():
+                            m.d.sync += [iss_n.eq(iss_n + rows), step.eq(0)]
+                            m.next = "ADVANCE"
+                    with m.Else():
+                        m.d.sync += [iss_o.eq(iss_o + cols), iss_tag.eq(iss_tag + k_words)]
+            with m.State("ADVANCE"):
+                # step the group's first pixel by `rows` pixels, one per cycle; the generator
+                # takes its next command only rows + 4 cycles after this one anyway
+                with m.If(iss_ox == desc.out_w - 1):
+                    m.d.sync += [iss_ox.eq(0), iss_oy.eq(iss_oy + 1)]
+                with m.Else():
+                    m.d.sync += iss_ox.eq(iss_ox + 1)
+                m.d.sync += step.eq(step + 1)
+                with m.If(step == rows - 1):
+                    m.next = "ISSUE"
+            with m.State("DRAIN"):
+                with m.If(finishing & ~wr_active):
+                    m.d.sync += [self.busy.eq(0), self.done.eq(1)]
+                    m.next = "IDLE"
+
+        with m.If(self.busy):
+            m.d.sync += self.busy_cycles.eq(self.busy_cycles + 1)
+            with m.If(~(operands.valid & operands.ready)):
+                m.d.sync += self.stall_cycles.eq(self.stall_cycles + 1)
+        return m
