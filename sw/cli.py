@@ -84,10 +84,83 @@ def _cmd_hw_info(args) -> int:
     return 0
 
 
+def _user_errors(func):
+    """Run a training/evaluation subcommand; its user errors end as one stderr line, exit 2."""
+    def wrapper(args) -> int:
+        from .train import TrainingError
+        try:
+            return func(args)
+        except (TrainingError, ValueError) as e:
+            print(f"bitdet: error: {e}", file=sys.stderr)
+            return 2
+    return wrapper
+
+
+@_user_errors
+def _cmd_train(args) -> int:
+    from .train import train
+    if args.method is None and args.resume is None:
+        raise ValueError("--method is required (plain or fp) unless --resume is given")
+    result = train(args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                   seed=args.seed, train_count=args.train_images, val_count=args.val_images,
+                   out_dir=args.out, device=args.device, resume=args.resume,
+                   threads=args.threads, log=lambda line: print(line, flush=True))
+    last = result.history[-1] if result.history else {}
+    print(f"checkpoint: {result.checkpoint}")
+    if "val_mAP50" in last:
+        print(f"val mAP@0.5 {last['val_mAP50']:.4f}  mAP@[.5:.95] {last['val_mAP']:.4f}")
+    return 0
+
+
+@_user_errors
+def _cmd_export(args) -> int:
+    from .bundle import load
+    from .train import export_checkpoint
+    path = export_checkpoint(args.checkpoint, args.out)
+    bundle = load(path)
+    print(f"{path}: {len(bundle.binary_layers)} binary layers "
+          f"({', '.join(bundle.layer_names)}), host layers "
+          f"{', '.join(h.name for h in bundle.host_layers)}")
+    return 0
+
+
+@_user_errors
+def _cmd_eval(args) -> int:
+    from .data import make_digitscenes
+    from .evaluate import evaluate_predictions, predict_bundle, predict_model
+    if args.bundle is not None:
+        from .bundle import load
+        bundle = load(args.bundle)
+        size = (bundle.model.get("input") or [1, 64, 64])[1:]
+        dataset = make_digitscenes(args.split, count=args.images, image_size=tuple(size),
+                                   seed=args.seed)
+        scores = evaluate_predictions(predict_bundle(bundle, dataset), dataset)
+        source = {"bundle": str(args.bundle)}
+    else:
+        from .train import load_checkpoint
+        model, ckpt = load_checkpoint(args.checkpoint)
+        dataset = make_digitscenes(args.split, count=args.images, image_size=model.image_size,
+                                   seed=args.seed)
+        prior = ckpt["config"].get("prior")
+        scores = evaluate_predictions(
+            predict_model(model, dataset, **({"prior": prior} if prior else {})), dataset)
+        source = {"checkpoint": str(args.checkpoint), "method": ckpt["method"],
+                  "epoch": ckpt["epoch"]}
+    result = {**source, "split": args.split, "seed": args.seed, **scores}
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        what = args.bundle if args.bundle is not None else args.checkpoint
+        print(f"{what}: DigitScenes {args.split} ({scores['images']} images, seed {args.seed}): "
+              f"mAP@0.5 {scores['mAP50']:.4f}  mAP@[.5:.95] {scores['mAP']:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="bitdet", description="1-bit object detectors on an FPGA: golden model, "
-        "threshold folding, bundles (more subcommands arrive with the hardware and driver).")
+        prog="bitdet", description="1-bit object detectors on an FPGA: fold and bundle "
+        "binary networks, inspect accelerator configs, train, export and evaluate detectors "
+        "(detection on the device arrives with the host driver).")
     from importlib.metadata import version
     parser.add_argument("--version", action="version", version=f"bitdet {version('bitdet')}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -123,6 +196,56 @@ def build_parser() -> argparse.ArgumentParser:
     hw_info.add_argument("--json", action="store_true",
                          help="print the host constants as JSON")
     hw_info.set_defaults(func=_cmd_hw_info)
+
+    from .train import METHODS
+    trn = sub.add_parser(
+        "train", help="train a detector on generated DigitScenes (checkpoint every epoch)",
+        description="Train a detector on generated DigitScenes with AdamW and a cosine "
+        "schedule; writes OUT/epoch_NNN.pt and OUT/last.pt after every epoch. Methods: "
+        + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + ".")
+    trn.add_argument("--method", choices=list(METHODS),
+                     help="training method (required unless --resume)")
+    trn.add_argument("--epochs", type=_positive,
+                     help="total epochs (default: 10, or the checkpoint's with --resume)")
+    trn.add_argument("--out", default="runs/train",
+                     help="checkpoint folder (default: %(default)s)")
+    trn.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    trn.add_argument("--resume", metavar="CKPT", help="continue from this checkpoint")
+    trn.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    trn.add_argument("--train-images", type=_positive, default=2048,
+                     help="generated training images (default: %(default)s)")
+    trn.add_argument("--val-images", type=_non_negative, default=256,
+                     help="generated validation images, 0 for none (default: %(default)s)")
+    trn.add_argument("--batch-size", type=_positive, default=32,
+                     help="batch size (default: %(default)s)")
+    trn.add_argument("--lr", type=float, default=2e-3,
+                     help="peak learning rate (default: %(default)s)")
+    trn.add_argument("--threads", type=_positive,
+                     help="torch CPU threads (default: torch's choice; 1 is often fastest on "
+                     "a busy machine)")
+    trn.set_defaults(func=_cmd_train)
+
+    export = sub.add_parser("export", help="fold a binary training checkpoint into a bundle")
+    export.add_argument("checkpoint", help="a checkpoint written by `bitdet train`")
+    export.add_argument("--out", required=True, help="bundle file to write (.bitdet)")
+    export.set_defaults(func=_cmd_export)
+
+    ev = sub.add_parser(
+        "eval", help="COCO mAP of a bundle or checkpoint on generated DigitScenes",
+        description="Print mAP@0.5 and mAP@[.5:.95] (pycocotools) on a generated "
+        "DigitScenes split. A bundle runs as the driver runs it (fixed-point host layers, "
+        "golden-model binary layers).")
+    what = ev.add_mutually_exclusive_group(required=True)
+    what.add_argument("--bundle", help="a .bitdet bundle")
+    what.add_argument("--checkpoint", help="a training checkpoint")
+    ev.add_argument("--split", choices=["train", "val", "test"], default="test",
+                    help="DigitScenes split (default: %(default)s)")
+    ev.add_argument("--images", type=_positive, default=500,
+                    help="generated images (default: %(default)s)")
+    ev.add_argument("--seed", type=int, default=0,
+                    help="scene seed of the split (default: %(default)s)")
+    ev.add_argument("--json", action="store_true", help="print JSON")
+    ev.set_defaults(func=_cmd_eval)
     return parser
 
 
@@ -133,6 +256,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, not {text!r}")
     return value
 
 

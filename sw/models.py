@@ -32,6 +32,7 @@ __all__ = [
     "BinaryDetector",
     "QuantHead",
     "QuantStem",
+    "RealDetector",
     "binarize",
 ]
 
@@ -270,3 +271,50 @@ class BinaryDetector(nn.Module):
                    "input": [self.in_channels, self.image_size, self.image_size],
                    "grid_stride": self.stride, "head": "yolo-lite: objectness, tx, ty, tw, "
                    "th, class logits per cell"})
+
+
+class RealDetector(nn.Module):
+    """Real-valued teacher with :class:`BinaryDetector`'s topology (same constructor).
+
+    Float stem (3×3, stride 2) → float 3×3 blocks (optional 2×2 max-pool) → 1×1 head with a
+    bias; every conv but the head is followed by BatchNorm and ReLU, padding is zeros and
+    the input is ``pixels / 255``. Same grid, ``stride`` and head channels as the binary
+    model, so its head map decodes the same way; it is not exportable to a bundle.
+    """
+
+    def __init__(self, *, num_classes: int = 10, in_channels: int = 1,
+                 widths: tuple[int, ...] = (16, 32, 64, 128, 128),
+                 pools: tuple[bool, ...] = (True, True, False, False), image_size: int = 64,
+                 class_names: tuple[str, ...] | None = None):
+        super().__init__()
+        if len(pools) != len(widths) - 1:
+            raise ValueError(f"pools needs one entry per block ({len(widths) - 1}), "
+                             f"got {len(pools)}")
+        self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
+        self.class_names = tuple(class_names or (str(i) for i in range(num_classes)))
+
+        def block(cin: int, cout: int, stride: int, pool: bool) -> nn.Sequential:
+            layers = [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+                      nn.BatchNorm2d(cout), nn.ReLU()]
+            if pool:
+                layers.append(nn.MaxPool2d(2, 2))
+            return nn.Sequential(*layers)
+
+        self.stem = block(in_channels, widths[0], 2, False)
+        self.blocks = nn.ModuleList(block(cin, cout, 1, pool) for cin, cout, pool
+                                    in zip(widths[:-1], widths[1:], pools, strict=True))
+        self.head = nn.Conv2d(widths[-1], 5 + num_classes, 1)
+        self.stride = 2 * 2 ** sum(pools)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.intermediates(pixels)[-1]
+
+    def intermediates(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """Stem output, every block's output, and the head map."""
+        x = self.stem(pixels / PIXEL_MAX)
+        outputs = [x]
+        for blk in self.blocks:
+            x = blk(x)
+            outputs.append(x)
+        outputs.append(self.head(x))
+        return outputs

@@ -1,0 +1,194 @@
+"""Training (bitdet.sw.train), bundle evaluation and the train/export/eval CLI, on tiny runs."""
+
+import json
+
+import pytest
+import torch
+
+from bitdet.sw.bundle import load
+from bitdet.sw.cli import main
+from bitdet.sw.data import make_digitscenes
+from bitdet.sw.evaluate import evaluate_predictions, predict_bundle, predict_model, run_bundle
+from bitdet.sw.models import BinaryDetector, RealDetector
+from bitdet.sw.train import (
+    METHODS,
+    CheckpointError,
+    TrainingError,
+    export_checkpoint,
+    load_checkpoint,
+    train,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: much faster than two oversubscribed ones on a shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+TINY = {"batch_size": 16, "train_count": 32, "val_count": 0, "progress": False, "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 2-epoch run, and the same run resumed from its epoch-1 checkpoint (an interrupted
+    run), plus a 1-epoch run."""
+    root = tmp_path_factory.mktemp("train")
+    straight = train("plain", epochs=2, seed=5, out_dir=root / "straight", **TINY)
+    resumed = train(resume=root / "straight" / "epoch_001.pt", out_dir=root / "resumed", **TINY)
+    first = train("plain", epochs=1, seed=5, out_dir=root / "first", **TINY)
+    return root, straight, first, resumed
+
+
+@pytest.fixture(scope="module")
+def test_images():
+    return make_digitscenes("test", count=6, seed=0)
+
+
+def test_checkpoints_every_epoch(runs):
+    root, straight, first, _ = runs
+    assert sorted(p.name for p in (root / "straight").iterdir()) == [
+        "epoch_001.pt", "epoch_002.pt", "last.pt"]
+    ckpt = torch.load(straight.checkpoint, weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["method"] == "plain"
+    assert ckpt["config"]["seed"] == 5 and ckpt["config"]["train_count"] == 32
+    assert set(ckpt) >= {"model", "optimizer", "epoch", "step", "config", "history"}
+    assert [h["epoch"] for h in ckpt["history"]] == [1, 2]
+    assert len(first.history) == 1 and first.history[0]["train_loss"] > 0
+    assert sorted(p.name for p in (root / "resumed").iterdir()) == ["epoch_002.pt", "last.pt"]
+
+
+def test_resume_reproduces_the_uninterrupted_run(runs):
+    _, straight, _, resumed = runs
+    losses = [{k: v for k, v in h.items() if k.startswith("train_")} for h in straight.history]
+    assert [{k: v for k, v in h.items() if k.startswith("train_")}
+            for h in resumed.history] == losses
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_exported_bundle_predicts_exactly_like_the_float_model(runs, test_images, tmp_path):
+    _, straight, _, _ = runs
+    path = export_checkpoint(straight.checkpoint, tmp_path / "m.bitdet")
+    bundle = load(path)
+    assert bundle.model["training"]["method"] == "plain"
+    assert bundle.model["decode"]["prior"] == 16.0
+    model, _ = load_checkpoint(straight.checkpoint)
+    pixels = torch.from_numpy(test_images.images).to(torch.float32)[:, None]
+    with torch.no_grad():
+        assert torch.equal(model(pixels), run_bundle(bundle, pixels))
+    # every cell passes a zero threshold, so all predictions are compared
+    floats = predict_model(model, test_images, score_threshold=0.0)
+    folded = predict_bundle(bundle, test_images, score_threshold=0.0)
+    assert sum(len(p["boxes"]) for p in floats) > 0
+    for f, g in zip(floats, folded, strict=True):
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(f[key], g[key]), key
+    assert (evaluate_predictions(predict_model(model, test_images), test_images)
+            == evaluate_predictions(predict_bundle(bundle, test_images), test_images))
+
+
+def test_fp_method_trains_but_does_not_export(tmp_path):
+    result = train("fp", epochs=1, batch_size=8, train_count=8, val_count=4,
+                   out_dir=tmp_path, progress=False, threads=1)
+    assert isinstance(result.model, RealDetector)
+    assert 0.0 <= result.history[0]["val_mAP50"] <= 1.0
+    with pytest.raises(CheckpointError, match="cannot be exported"):
+        export_checkpoint(result.checkpoint, tmp_path / "x.bitdet")
+    assert not (tmp_path / "x.bitdet").exists()
+    with pytest.raises(CheckpointError, match="'fp' checkpoint, not 'plain'"):
+        train("plain", resume=result.checkpoint, out_dir=tmp_path, progress=False)
+
+
+def test_real_detector_matches_the_binary_topology():
+    real, binary = RealDetector(), BinaryDetector()
+    pixels = torch.rand(2, 1, 64, 64) * 255
+    assert real(pixels).shape == binary(pixels).shape == (2, 15, 8, 8)
+    assert real.stride == binary.stride == 8
+    assert len(real.intermediates(pixels)) == len(binary.intermediates(pixels))
+
+
+def test_methods_registry_and_user_errors(tmp_path):
+    assert set(METHODS) == {"plain", "fp"}
+    assert METHODS["plain"].exportable and not METHODS["fp"].exportable
+    with pytest.raises(TrainingError, match="unknown method"):
+        train("xnor++", epochs=1, out_dir=tmp_path, **TINY)
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainingError, match="cuda"):
+            train("plain", epochs=1, device="cuda", out_dir=tmp_path, **TINY)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(bad)
+    torch.save({"hello": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a bitdet training checkpoint"):
+        export_checkpoint(tmp_path / "other.pt", tmp_path / "o.bitdet")
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        train(resume=tmp_path / "missing.pt", out_dir=tmp_path)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _cli(capsys, *argv):
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def _one_line_error(status, out, err, fragment):
+    assert status == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bitdet: error: "), err
+    assert fragment in lines[0], err
+
+
+def test_cli_train_export_eval(capsys, tmp_path):
+    status, out, err = _cli(capsys, "train", "--method", "plain", "--epochs", "1",
+                            "--train-images", "16", "--val-images", "4", "--batch-size", "8",
+                            "--threads", "1", "--out", tmp_path / "run")
+    assert status == 0, err
+    assert "epoch 1/1" in out and "val mAP@0.5" in out and "last.pt" in out
+    ckpt = tmp_path / "run" / "last.pt"
+    status, out, err = _cli(capsys, "export", ckpt, "--out", tmp_path / "m.bitdet")
+    assert status == 0, err
+    assert "bconv1" in out and (tmp_path / "m.bitdet").is_file()
+    status, out, err = _cli(capsys, "eval", "--bundle", tmp_path / "m.bitdet", "--images", "4",
+                            "--json")
+    assert status == 0, err
+    from_bundle = json.loads(out)
+    assert from_bundle["images"] == 4 and from_bundle["split"] == "test"
+    status, out, err = _cli(capsys, "eval", "--checkpoint", ckpt, "--images", "4", "--json")
+    assert status == 0, err
+    from_ckpt = json.loads(out)
+    assert (from_ckpt["mAP50"], from_ckpt["mAP"]) == (from_bundle["mAP50"], from_bundle["mAP"])
+    status, out, err = _cli(capsys, "eval", "--checkpoint", ckpt, "--images", "2")
+    assert status == 0 and "mAP@0.5" in out and "mAP@[.5:.95]" in out
+    # resume to a longer run
+    status, out, err = _cli(capsys, "train", "--resume", ckpt, "--epochs", "2",
+                            "--threads", "1", "--out", tmp_path / "run")
+    assert status == 0, err
+    assert "epoch 2/2" in out and (tmp_path / "run" / "epoch_002.pt").is_file()
+
+
+def test_cli_user_errors(capsys, tmp_path):
+    status, _out, err = _cli(capsys, "train", "--method", "fp", "--epochs", "1",
+                            "--train-images", "4", "--val-images", "0", "--threads", "1",
+                            "--out", tmp_path)
+    assert status == 0, err
+    _one_line_error(*_cli(capsys, "export", tmp_path / "last.pt", "--out", tmp_path / "f.bitdet"),
+                    "cannot be exported")
+    _one_line_error(*_cli(capsys, "export", tmp_path / "nope.pt", "--out", tmp_path / "f.bitdet"),
+                    "no such checkpoint")
+    _one_line_error(*_cli(capsys, "eval", "--bundle", tmp_path / "nope.bitdet"),
+                    "no such bundle")
+    _one_line_error(*_cli(capsys, "train", "--epochs", "1"), "--method is required")
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--bundle", "a", "--checkpoint", "b"])
+    assert exc.value.code == 2
+    capsys.readouterr()
