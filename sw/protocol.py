@@ -31,10 +31,14 @@ from dataclasses import dataclass
 
 __all__ = [
     "COMMAND_PAYLOAD_LIMITS",
+    "COUNTERS_SIZE",
     "CRC_CHECK",
     "CRC_INIT",
     "CRC_POLY",
     "ERROR_OPCODE",
+    "LAYER_DESCRIPTOR_SIZE",
+    "LAYER_FLAG_PAD_BIT",
+    "LAYER_FLAG_RAW",
     "MAGIC",
     "MAX_PAYLOAD",
     "PROTOCOL_VERSION",
@@ -51,10 +55,19 @@ __all__ = [
     "Response",
     "crc16",
     "crc16_update",
+    "decode_counters",
+    "decode_layer",
     "encode_error",
     "encode_frame",
+    "encode_layer",
+    "encode_read",
     "encode_response",
+    "encode_thresholds",
+    "encode_weights",
+    "encode_write",
     "parse_response",
+    "threshold_entry_bytes",
+    "weight_entry_bytes",
 ]
 
 MAGIC = 0xB1
@@ -411,3 +424,146 @@ class IdentifyReply:
             raise ProtocolError(f"IDENTIFY reply of {len(data)} bytes, expected {cls.SIZE}")
         version, max_payload = struct.unpack_from("<BH", data)
         return cls(version, max_payload, bytes(data[3:]).hex())
+
+
+# -- command payloads (layouts in docs/protocol.md, executed by bitdet.hw.top) ---------------
+
+LAYER_DESCRIPTOR_SIZE = 32
+"""Bytes of the CONFIGURE_LAYER payload (:func:`encode_layer`)."""
+
+_LAYER_FORMAT = "<6H4B4I"
+_LAYER_FIELDS = ("in_h", "in_w", "channels", "out_h", "out_w", "out_channels",
+                 "kernel", "stride", "padding")
+_LAYER_BASES = ("input_base", "output_base", "weight_base", "threshold_base")
+LAYER_FLAG_PAD_BIT = 0x01
+LAYER_FLAG_RAW = 0x02
+
+COUNTERS_SIZE = 8
+"""Bytes of the RUN_LAYER and READ_COUNTERS response data: busy u32 LE, stall u32 LE."""
+
+
+def encode_write(address: int, data: bytes) -> bytes:
+    """Payload of a WRITE_* command: ``address`` (u32 LE, in entries of that memory) then
+    the entries' bytes (at most ``MAX_PAYLOAD − 4``)."""
+    if isinstance(address, bool) or not isinstance(address, int) \
+            or not 0 <= address <= 0xFFFFFFFF:
+        raise ValueError(f"address must be an integer in 0 … 2**32 − 1, not {address!r}")
+    data = bytes(data)
+    if not 1 <= len(data) <= MAX_PAYLOAD - 4:
+        raise ValueError(f"a write carries 1 … {MAX_PAYLOAD - 4} data bytes, not {len(data)}")
+    return struct.pack("<I", address) + data
+
+
+def encode_read(address: int, count: int) -> bytes:
+    """Payload of READ_ACTIVATIONS / READ_RESULTS: address u32 LE, count u16 LE (words)."""
+    if isinstance(address, bool) or not isinstance(address, int) \
+            or not 0 <= address <= 0xFFFFFFFF:
+        raise ValueError(f"address must be an integer in 0 … 2**32 − 1, not {address!r}")
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 0xFFFF:
+        raise ValueError(f"count must be an integer in 0 … 65535, not {count!r}")
+    return struct.pack("<IH", address, count)
+
+
+def weight_entry_bytes(simd: int, cols: int) -> int:
+    """Bytes of one weight-memory entry on the link: ``cols`` words of ``simd / 8`` bytes."""
+    return cols * (simd // 8)
+
+
+def threshold_entry_bytes(threshold_width: int, thresholds_per_channel: int, cols: int) -> int:
+    """Bytes of one threshold-memory entry on the link: per column,
+    ``ceil(thresholds_per_channel · threshold_width / 8)`` bytes."""
+    return cols * -(-(thresholds_per_channel * threshold_width) // 8)
+
+
+def encode_weights(packed) -> bytes:
+    """WRITE_WEIGHTS data of :func:`bitdet.sw.packing.pack_weights` output (uint8
+    ``tiles × K-words × cols × word bytes``): entry ``t·K_words + j`` relative to the
+    address is ``[t, j]``, column 0's word first, each word little-endian. This is just
+    the array's bytes in C order."""
+    import numpy as np
+    array = np.asarray(packed)
+    if array.dtype != np.uint8 or array.ndim != 4:
+        raise ValueError(f"packed weights must be a 4-D uint8 array, not {array.dtype} "
+                         f"{array.shape}")
+    return np.ascontiguousarray(array).tobytes()
+
+
+def encode_thresholds(packed, *, threshold_width: int, thresholds_per_channel: int) -> bytes:
+    """WRITE_THRESHOLDS data of :func:`bitdet.sw.packing.pack_thresholds` output (integers
+    ``tiles × cols × L``): per entry (tile), per column, the ``L ≤ thresholds_per_channel``
+    thresholds as one little-endian bit field (threshold ``l`` at bits
+    ``l·threshold_width``), in ``ceil(thresholds_per_channel · threshold_width / 8)``
+    bytes. Thresholds a layer does not use (``l ≥ L``) are all ones ("never")."""
+    import numpy as np
+    array = np.asarray(packed)
+    if array.ndim != 3 or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"packed thresholds must be a 3-D integer array, not {array.dtype} "
+                         f"{array.shape}")
+    if array.shape[2] > thresholds_per_channel:
+        raise ValueError(f"{array.shape[2]} thresholds per channel, the device holds "
+                         f"{thresholds_per_channel}")
+    top = (1 << threshold_width) - 1
+    if array.size and (array.min() < 0 or array.max() > top):
+        raise ValueError(f"thresholds must be in 0 … {top} ({threshold_width} bits)")
+    size = -(-(thresholds_per_channel * threshold_width) // 8)
+    out = bytearray()
+    for entry in array.reshape(-1, array.shape[2]):
+        values = [int(v) for v in entry] + [top] * (thresholds_per_channel - len(entry))
+        field = 0
+        for i, value in enumerate(values):
+            field |= value << (i * threshold_width)
+        out += field.to_bytes(size, "little")
+    return bytes(out)
+
+
+def encode_layer(*, in_h: int, in_w: int, channels: int, out_h: int, out_w: int,
+                 out_channels: int, kernel: int, stride: int, padding: int, pad_bit: int,
+                 input_base: int, output_base: int, weight_base: int, threshold_base: int,
+                 raw: int | bool = False) -> bytes:
+    """CONFIGURE_LAYER payload (32 bytes) of a layer descriptor: takes exactly the dict of
+    :meth:`bitdet.hw.controller.LayerController.descriptor` (which checks the layer
+    against a build), ``encode_layer(**descriptor)``.
+
+    Layout: ``in_h, in_w, channels, out_h, out_w, out_channels`` (u16 LE each),
+    ``kernel, stride, padding, flags`` (u8; flags bit 0 = pad_bit, bit 1 = raw),
+    ``input_base, output_base, weight_base, threshold_base`` (u32 LE each).
+    """
+    values = dict(in_h=in_h, in_w=in_w, channels=channels, out_h=out_h, out_w=out_w,
+                  out_channels=out_channels, kernel=kernel, stride=stride, padding=padding)
+    for name, value in values.items():
+        top = 0xFF if name in ("kernel", "stride", "padding") else 0xFFFF
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+            raise ValueError(f"{name} must be an integer in 0 … {top}, not {value!r}")
+    bases = dict(input_base=input_base, output_base=output_base, weight_base=weight_base,
+                 threshold_base=threshold_base)
+    for name, value in bases.items():
+        if isinstance(value, bool) or not isinstance(value, int) \
+                or not 0 <= value <= 0xFFFFFFFF:
+            raise ValueError(f"{name} must be an integer in 0 … 2**32 − 1, not {value!r}")
+    if pad_bit not in (0, 1):
+        raise ValueError(f"pad_bit must be 0 or 1, not {pad_bit!r}")
+    flags = (LAYER_FLAG_PAD_BIT if pad_bit else 0) | (LAYER_FLAG_RAW if raw else 0)
+    return struct.pack(_LAYER_FORMAT, *(values[n] for n in _LAYER_FIELDS), flags,
+                       *(bases[n] for n in _LAYER_BASES))
+
+
+def decode_layer(payload: bytes) -> dict:
+    """Inverse of :func:`encode_layer` (for the emulator)."""
+    if len(payload) != LAYER_DESCRIPTOR_SIZE:
+        raise ProtocolError(f"layer descriptor of {len(payload)} bytes, expected "
+                            f"{LAYER_DESCRIPTOR_SIZE}")
+    fields = struct.unpack(_LAYER_FORMAT, bytes(payload))
+    out = dict(zip(_LAYER_FIELDS, fields[:9], strict=True))
+    flags = fields[9]
+    out["pad_bit"] = flags & LAYER_FLAG_PAD_BIT
+    out["raw"] = int(bool(flags & LAYER_FLAG_RAW))
+    out.update(zip(_LAYER_BASES, fields[10:], strict=True))
+    return out
+
+
+def decode_counters(data: bytes) -> tuple[int, int]:
+    """``(busy_cycles, stall_cycles)`` of a RUN_LAYER or READ_COUNTERS response."""
+    if len(data) != COUNTERS_SIZE:
+        raise ProtocolError(f"counters of {len(data)} bytes, expected {COUNTERS_SIZE}")
+    busy, stall = struct.unpack("<II", bytes(data))
+    return busy, stall

@@ -1,0 +1,384 @@
+# amaranth: UnusedElaboratable=no
+"""Top level without the UART (amaranth.sim): command frames of sw/protocol.py go in as
+bytes on ``CommandExecutor.i``, responses come back on ``o`` and are parsed with
+:class:`~bitdet.sw.protocol.FrameParser` / :func:`~bitdet.sw.protocol.parse_response`.
+
+Two binary conv layers are loaded with WRITE_WEIGHTS / WRITE_THRESHOLDS /
+WRITE_ACTIVATIONS (the packing helpers' bytes), configured and run; the first layer's
+output is read back and compared with ``pack_activations(golden.run_layer(...))``, the
+second consumes the first one's map on chip and is compared with ``golden.run_network``.
+"""
+
+import time
+
+import pytest
+
+pytest.importorskip("amaranth", reason="the hw tests need the `hw` extra (amaranth)")
+
+import numpy as np
+import torch
+from amaranth.back import verilog
+from amaranth.sim import Simulator
+
+from bitdet.hw.config import AcceleratorConfig, load_config
+from bitdet.hw.controller import LayerController
+from bitdet.hw.top import CommandExecutor
+from bitdet.hw.window import WindowLayer
+from bitdet.sw import golden
+from bitdet.sw.packing import pack_activations, pack_thresholds, pack_weights
+from bitdet.sw.protocol import (
+    MAGIC,
+    ErrorCode,
+    Frame,
+    FrameParser,
+    IdentifyReply,
+    Opcode,
+    decode_counters,
+    decode_layer,
+    encode_frame,
+    encode_layer,
+    encode_read,
+    encode_thresholds,
+    encode_weights,
+    encode_write,
+    parse_response,
+)
+
+
+class Driver:
+    """Host side at the stream level: pushes a frame's bytes into ``i`` (honouring
+    ``ready``) while collecting ``o``, until one response frame has come back."""
+
+    def __init__(self, ctx, dut, *, ready_probability=1.0, valid_probability=1.0, seed=0):
+        self.ctx, self.dut = ctx, dut
+        self.parser = FrameParser(payload_limits=None)
+        self.cycles = 0
+        self.rng = np.random.default_rng(seed)
+        self.ready_probability = ready_probability          # host takes a byte of `o`
+        self.valid_probability = valid_probability          # host offers a byte on `i`
+
+    async def transact(self, data: bytes, *, limit: int = 20000):
+        ctx, dut = self.ctx, self.dut
+        pending = list(data)
+        frames = []
+        for _ in range(limit):
+            offer = bool(pending) and self.rng.random() < self.valid_probability
+            ctx.set(dut.i.valid, offer)
+            if offer:
+                ctx.set(dut.i.payload, pending[0])
+            ready = self.rng.random() < self.ready_probability
+            ctx.set(dut.o.ready, ready)
+            took = offer and ctx.get(dut.i.ready)
+            out = ctx.get(dut.o.payload) if ready and ctx.get(dut.o.valid) else None
+            await ctx.tick()
+            self.cycles += 1
+            if took:
+                pending.pop(0)
+            if out is not None:
+                frames += self.parser.feed([out])
+                if frames and not pending:
+                    ctx.set(dut.i.valid, 0)
+                    assert len(frames) == 1, frames
+                    assert isinstance(frames[0], Frame), frames[0]
+                    return parse_response(frames[0])
+        raise AssertionError(f"no response in {limit} cycles")
+
+    async def command(self, opcode, payload=b"", *, expect=ErrorCode.OK, **kwargs):
+        response = await self.transact(encode_frame(opcode, payload), **kwargs)
+        assert not response.framing, response
+        assert response.opcode == opcode, response
+        assert response.status == expect, (Opcode(opcode).name, ErrorCode(response.status))
+        return response.data
+
+
+def run_sim(dut, body, **driver_args):
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+
+    async def testbench(ctx):
+        await body(Driver(ctx, dut, **driver_args))
+
+    sim.add_testbench(testbench)
+    sim.run()
+
+
+def random_layer(rng, c_in, c_out, k):
+    w = torch.from_numpy(rng.choice([-1.0, 1.0], size=(c_out, c_in, 3, 3)))
+    t = torch.from_numpy(rng.integers(k // 2 - 6, k // 2 + 7, size=(c_out, 1)))
+    return w, t
+
+
+def test_two_layers_over_the_link():
+    """IDENTIFY; error cases; load and run two layers (3×3 stride 1, then 3×3 stride 2
+    with pad bit 1; channel counts not multiples of simd or cols); the first map is read
+    back and the second computed from it on chip."""
+    config = load_config("tiny")                    # rows 2, cols 2, simd 8, 2-bit entries
+    dut = CommandExecutor(config)
+    ctrl = LayerController(config=config)           # host-side descriptor checks
+    simd, cols = config.simd, config.cols
+    rng = np.random.default_rng(5)
+    la = WindowLayer(6, 5, 11, 3, 1, 1, 0)
+    lb = WindowLayer(6, 5, 13, 3, 2, 1, 1)
+    x = torch.from_numpy(rng.choice([-1.0, 1.0], size=(1, 11, 6, 5)))
+    wa, ta = random_layer(rng, 11, 13, 99)
+    wb, tb = random_layer(rng, 13, 7, 117)
+    wa_p, wb_p = pack_weights(wa, word_bits=simd, cols=cols), pack_weights(wb, word_bits=simd,
+                                                                           cols=cols)
+    ta_p, tb_p = pack_thresholds(ta, 99, cols=cols), pack_thresholds(tb, 117, cols=cols)
+    wa_entries = wa_p.shape[0] * wa_p.shape[1]
+    desc_a = ctrl.descriptor(la, 13, input_base=3, output_base=7, weight_base=0,
+                             threshold_base=0)
+    desc_b = ctrl.descriptor(lb, 7, input_base=7, output_base=100, weight_base=wa_entries,
+                             threshold_base=wa_p.shape[0])
+    assert decode_layer(encode_layer(**desc_a)) == desc_a
+    thr = {"threshold_width": config.threshold_width,
+           "thresholds_per_channel": config.thresholds_per_channel}
+    image = pack_activations(x, word_bits=simd)[0].tobytes()
+    outputs = golden.run_network(x, [
+        golden.BinaryConvLayer(wa, ta, stride=1, padding=1, pad_value=-1),
+        golden.BinaryConvLayer(wb, tb, stride=2, padding=1, pad_value=1)])
+    assert 0 < int(outputs[0].sum()) < outputs[0].numel()
+    bits_a = golden.run_layer(x, golden.BinaryConvLayer(wa, ta, stride=1, padding=1,
+                                                        pad_value=-1))
+    assert torch.equal(bits_a, outputs[0])
+    expected_a = pack_activations(bits_a.to(torch.float32) * 2 - 1, word_bits=simd)[0]
+    expected_b = pack_activations(outputs[1].to(torch.float32) * 2 - 1, word_bits=simd)[0]
+    words_a, words_b = la.out_h * la.out_w * 2, lb.out_h * lb.out_w
+    measured = {}
+
+    async def body(host):
+        reply = await host.command(Opcode.IDENTIFY)
+        assert IdentifyReply.unpack(reply) == IdentifyReply.for_config(config)
+        # errors that leave the device usable
+        await host.command(Opcode.RUN_LAYER, expect=ErrorCode.NOT_CONFIGURED)
+        await host.command(Opcode.WRITE_WEIGHTS, encode_write(config.weight_depth - 1,
+                                                              bytes(4)),
+                           expect=ErrorCode.BAD_ADDRESS)              # 2 entries, 1 fits
+        await host.command(Opcode.WRITE_THRESHOLDS, encode_write(0, bytes(3)),
+                           expect=ErrorCode.BAD_ADDRESS)              # not whole entries
+        await host.command(Opcode.READ_ACTIVATIONS, encode_read(config.activation_depth - 1, 2),
+                           expect=ErrorCode.BAD_ADDRESS)
+        await host.command(Opcode.CONFIGURE_LAYER, encode_layer(**{**desc_a, "kernel": 5}),
+                           expect=ErrorCode.LAYER_DOES_NOT_FIT)
+        await host.command(Opcode.CONFIGURE_LAYER, encode_layer(**{**desc_a, "raw": 1}),
+                           expect=ErrorCode.BAD_ARGUMENT)
+        await host.command(Opcode.CONFIGURE_LAYER, encode_layer(**{**desc_a, "out_h": 5}),
+                           expect=ErrorCode.BAD_ARGUMENT)             # not the conv's size
+        await host.command(Opcode.CONFIGURE_LAYER, encode_layer(
+            **{**desc_a, "in_h": 200, "out_h": 200}), expect=ErrorCode.LAYER_DOES_NOT_FIT)
+        await host.command(Opcode.CONFIGURE_LAYER, encode_layer(**desc_a)[:-1],
+                           expect=ErrorCode.BAD_LENGTH)
+        await host.command(Opcode.RUN_LAYER, expect=ErrorCode.NOT_CONFIGURED)
+        await host.command(Opcode.RUN_NETWORK, expect=ErrorCode.UNKNOWN_OPCODE)
+        await host.command(Opcode.READ_RESULTS, encode_read(0, 1),
+                           expect=ErrorCode.UNKNOWN_OPCODE)
+        # load both layers
+        await host.command(Opcode.WRITE_ACTIVATIONS, encode_write(3, image))
+        await host.command(Opcode.WRITE_WEIGHTS, encode_write(0, encode_weights(wa_p)))
+        await host.command(Opcode.WRITE_WEIGHTS, encode_write(wa_entries,
+                                                              encode_weights(wb_p)))
+        await host.command(Opcode.WRITE_THRESHOLDS, encode_write(0, encode_thresholds(ta_p,
+                                                                                      **thr)))
+        # a garbage and a bad-CRC frame in between: error response, then service as usual
+        bad = bytearray(encode_frame(Opcode.WRITE_THRESHOLDS,
+                                     encode_write(wa_p.shape[0], encode_thresholds(tb_p,
+                                                                                   **thr))))
+        bad[-1] ^= 0x5A
+        response = await host.transact(bytes([0x00, 0x13, 0x77]) + bytes(bad))
+        assert response.framing and response.status == ErrorCode.BAD_CRC
+        assert response.opcode == Opcode.WRITE_THRESHOLDS
+        await host.command(Opcode.WRITE_THRESHOLDS,
+                           encode_write(wa_p.shape[0], encode_thresholds(tb_p, **thr)))
+        readback = await host.command(Opcode.READ_ACTIVATIONS,
+                                      encode_read(3, la.in_h * la.in_w * 2))
+        assert readback == image
+        # layer A
+        await host.command(Opcode.CONFIGURE_LAYER, encode_layer(**desc_a))
+        counters = decode_counters(await host.command(Opcode.RUN_LAYER))
+        assert decode_counters(await host.command(Opcode.READ_COUNTERS)) == counters
+        measured["a"] = (*counters, ctrl.ideal_cycles(la, 13))
+        got_a = await host.command(Opcode.READ_ACTIVATIONS, encode_read(7, words_a))
+        assert got_a == expected_a.tobytes()
+        # layer B on A's output, which stayed on chip
+        await host.command(Opcode.CONFIGURE_LAYER, encode_layer(**desc_b))
+        counters = decode_counters(await host.command(Opcode.RUN_LAYER, b"\x00"))
+        measured["b"] = (*counters, ctrl.ideal_cycles(lb, 7))
+        got_b = await host.command(Opcode.READ_ACTIVATIONS, encode_read(100, words_b))
+        assert got_b == expected_b.tobytes()
+        # RESET: counters cleared, bank 0 selected again (layer B wrote into bank 0)
+        await host.command(Opcode.RESET)
+        assert decode_counters(await host.command(Opcode.READ_COUNTERS)) == (0, 0)
+        await host.command(Opcode.RUN_LAYER, expect=ErrorCode.NOT_CONFIGURED)
+        assert await host.command(Opcode.READ_ACTIVATIONS, encode_read(100, words_b)) == \
+            expected_b.tobytes()
+        measured["link_cycles"] = host.cycles
+
+    start = time.perf_counter()
+    run_sim(dut, body)
+    measured["seconds"] = time.perf_counter() - start
+    rows = config.rows
+    for name in ("a", "b"):
+        busy, stall, ideal = measured[name]
+        assert busy - stall == ideal
+        assert busy == ideal + 3 * rows + 2 * cols + 8          # K_words 18 ≥ rows + 4
+    print("measured (busy, stall, ideal):", measured)
+
+
+@pytest.mark.parametrize(("preset", "geometry", "out_channels"), [
+    ("icebreaker", (5, 7, 21, 3, 2, 1, 1), 10),       # 2×4×16: 2-byte words, 8-byte entries
+    ({"rows": 3, "cols": 4, "simd": 16, "weight_depth": 256, "threshold_depth": 16,
+      "activation_depth": 128, "max_channels": 48}, (4, 5, 19, 3, 1, 1, 0), 6),
+])
+def test_one_layer_over_the_link(preset, geometry, out_channels):
+    """One layer on other array shapes (multi-byte activation words on the link), with
+    random idle cycles on ``i`` and back-pressure on ``o``: load at nonzero bases, run,
+    read back, compare with golden.run_layer."""
+    config = load_config(preset) if isinstance(preset, str) else AcceleratorConfig(**preset)
+    dut = CommandExecutor(config)
+    ctrl = LayerController(config=config)
+    simd, cols = config.simd, config.cols
+    layer = WindowLayer(*geometry)
+    rng = np.random.default_rng(out_channels)
+    x = torch.from_numpy(rng.choice([-1.0, 1.0], size=(1, layer.channels, layer.in_h,
+                                                       layer.in_w)))
+    k = layer.channels * 9
+    w, t = random_layer(rng, layer.channels, out_channels, k)
+    w_p = pack_weights(w, word_bits=simd, cols=cols)
+    t_p = pack_thresholds(t, k, cols=cols)
+    desc = ctrl.descriptor(layer, out_channels, input_base=2, output_base=5, weight_base=9,
+                           threshold_base=1)
+    bits = golden.run_layer(x, golden.BinaryConvLayer(w, t, stride=layer.stride,
+                                                      padding=layer.padding,
+                                                      pad_value=1 if layer.pad_bit else -1))
+    expected = pack_activations(bits.to(torch.float32) * 2 - 1, word_bits=simd)[0].tobytes()
+    out_words = layer.out_h * layer.out_w * -(-out_channels // simd)
+    assert len(expected) == out_words * simd // 8
+
+    async def body(host):
+        await host.command(Opcode.WRITE_ACTIVATIONS,
+                           encode_write(2, pack_activations(x, word_bits=simd)[0].tobytes()))
+        await host.command(Opcode.WRITE_WEIGHTS, encode_write(9, encode_weights(w_p)))
+        await host.command(Opcode.WRITE_THRESHOLDS, encode_write(1, encode_thresholds(
+            t_p, threshold_width=config.threshold_width,
+            thresholds_per_channel=config.thresholds_per_channel)))
+        await host.command(Opcode.CONFIGURE_LAYER, encode_layer(**desc))
+        busy, stall = decode_counters(await host.command(Opcode.RUN_LAYER))
+        assert busy - stall == ctrl.ideal_cycles(layer, out_channels)
+        got = await host.command(Opcode.READ_ACTIVATIONS, encode_read(5, out_words))
+        assert got == expected
+        print(f"{config.rows}x{config.cols}x{simd} {geometry} O={out_channels}: busy {busy}, "
+              f"stall {stall}, ideal {ctrl.ideal_cycles(layer, out_channels)}")
+
+    # the host idles on both streams at random: writes and reads must not lose bytes
+    run_sim(dut, body, ready_probability=0.6, valid_probability=0.7, seed=out_channels)
+
+
+def test_abort_and_garbage_keep_serving():
+    """A truncated WRITE (timeout → ABORT), pure garbage and a bad length: each gets its
+    error response (or none, for bytes outside frames), and IDENTIFY still works."""
+    config = load_config("tiny")
+    dut = CommandExecutor(config, timeout_cycles=64)
+
+    async def body(host):
+        ctx = host.ctx
+        frame = encode_frame(Opcode.WRITE_ACTIVATIONS, encode_write(0, bytes(range(10))))
+        for byte in frame[:9]:                       # header + address + one data byte
+            ctx.set(dut.i.valid, 1)
+            ctx.set(dut.i.payload, byte)
+            await ctx.tick().until(dut.i.ready)
+        response = await host.transact(b"", limit=400)
+        assert response.framing and response.status == ErrorCode.TIMEOUT
+        response = await host.transact(bytes([MAGIC, Opcode.IDENTIFY, 5, 0]))
+        assert response.framing and response.status == ErrorCode.BAD_LENGTH
+        reply = await host.command(Opcode.IDENTIFY)
+        assert IdentifyReply.unpack(reply).config_hash == config.config_hash()
+
+    run_sim(dut, body)
+
+
+def test_random_commands_get_one_response_each():
+    """Random frames of every opcode with random payloads (random addresses, sizes and
+    descriptor bytes): each gets exactly one response to its opcode, WRITE_* and
+    READ_ACTIVATIONS with the status their bounds call for."""
+    config = load_config("tiny")
+    dut = CommandExecutor(config)
+    rng = np.random.default_rng(1)
+    sizes = {Opcode.WRITE_WEIGHTS: (dut.weight_entry_bytes, config.weight_depth),
+             Opcode.WRITE_THRESHOLDS: (dut.threshold_entry_bytes, config.threshold_depth),
+             Opcode.WRITE_ACTIVATIONS: (dut.activation_word_bytes, config.activation_depth)}
+
+    def address(depth):
+        return int(rng.choice([rng.integers(0, depth + 4), rng.integers(0, 2 ** 32)]))
+
+    async def body(host):
+        for _ in range(60):
+            opcode = Opcode(int(rng.choice([int(op) for op in Opcode])))
+            expect = None
+            if opcode in sizes:
+                entry, depth = sizes[opcode]
+                addr, n = address(depth), int(rng.integers(1, 40))
+                payload = encode_write(addr, rng.bytes(n))
+                fits = n % entry == 0 and addr + n // entry <= depth
+                expect = ErrorCode.OK if fits else ErrorCode.BAD_ADDRESS
+            elif opcode == Opcode.READ_ACTIVATIONS:
+                addr, n = address(config.activation_depth), int(rng.integers(0, 20))
+                payload = encode_read(addr, n)
+                fits = addr + n <= config.activation_depth
+                expect = ErrorCode.OK if fits else ErrorCode.BAD_ADDRESS
+            elif opcode == Opcode.CONFIGURE_LAYER:
+                payload = rng.bytes(int(rng.choice([32, int(rng.integers(1, 65))])))
+            elif opcode == Opcode.READ_RESULTS:
+                payload = rng.bytes(6)
+            elif opcode == Opcode.RUN_LAYER:
+                payload = rng.bytes(int(rng.integers(0, 2)))
+            else:
+                payload = b""
+            response = await host.transact(encode_frame(opcode, payload))
+            assert not response.framing and response.opcode == opcode, response
+            if expect is not None:
+                assert response.status == expect, (opcode.name, response)
+            if opcode == Opcode.READ_ACTIVATIONS and response.ok:
+                assert len(response.data) == n * dut.activation_word_bytes
+
+    run_sim(dut, body)
+
+
+def test_verilog_tiny():
+    text = verilog.convert(CommandExecutor(load_config("tiny")), name="bitdet_top")
+    assert "module bitdet_top" in text
+    for port in ("i__valid", "i__payload", "i__ready", "o__valid", "o__payload", "o__ready"):
+        assert port in text, port
+
+
+def test_verilog_icebreaker():
+    start = time.perf_counter()
+    text = verilog.convert(CommandExecutor(load_config("icebreaker")), name="bitdet_top")
+    assert "module bitdet_top" in text
+    assert time.perf_counter() - start < 60
+
+
+def test_payload_encoders():
+    """Host-side payload helpers: layouts of docs/protocol.md, and their range checks."""
+    assert encode_write(0x01020304, b"\xaa") == bytes([4, 3, 2, 1, 0xAA])
+    assert encode_read(16, 3) == bytes([16, 0, 0, 0, 3, 0])
+    with pytest.raises(ValueError):
+        encode_write(-1, b"\x00")
+    with pytest.raises(ValueError):
+        encode_write(0, b"")
+    # two columns, 3 thresholds of 5 bits → 2 bytes per column; unused thresholds all ones
+    packed = np.array([[[3, 17], [0, 31]]])
+    data = encode_thresholds(packed, threshold_width=5, thresholds_per_channel=3)
+    fields = [int.from_bytes(data[i:i + 2], "little") for i in (0, 2)]
+    assert fields == [3 | 17 << 5 | 31 << 10, 0 | 31 << 5 | 31 << 10]
+    with pytest.raises(ValueError):
+        encode_thresholds(np.array([[[32]]]), threshold_width=5, thresholds_per_channel=1)
+    desc = {"in_h": 7, "in_w": 300, "channels": 5, "out_h": 4, "out_w": 150,
+            "out_channels": 9, "kernel": 3, "stride": 2, "padding": 1, "pad_bit": 1,
+            "input_base": 1, "output_base": 70000, "weight_base": 3, "threshold_base": 2,
+            "raw": 0}
+    payload = encode_layer(**desc)
+    assert len(payload) == 32 and payload[15] == 1 and payload[20:24] == (70000).to_bytes(4,
+                                                                                           "little")
+    assert decode_layer(payload) == desc
+    with pytest.raises(ValueError):
+        encode_layer(**{**desc, "pad_bit": 2})
