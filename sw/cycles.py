@@ -1,0 +1,131 @@
+"""Exact cycle model of the layer controller (``bitdet.hw.controller.LayerController``).
+
+``layer_cycles(config, descriptor)`` returns the ``(busy_cycles, stall_cycles)`` that the
+RTL counts for one layer and RUN_LAYER reports, without simulating it (pure Python, no
+amaranth): the emulator reports the same counts as the hardware. docs/hardware.md,
+*Cycle model*, derives the formula from the RTL; ``tests/test_cycles.py`` compares it with
+``amaranth.sim`` of the controller on random shapes and configs.
+
+For a convolution with ``N = groups · tiles`` window-generator jobs of ``K = kernel² ·
+ceil(C / simd)`` K-words each (``groups = ceil(out_h · out_w / rows)``, ``tiles =
+ceil(O / cols)``)::
+
+    busy  = K + (N − 1) · max(K, rows + 4, cols) + 3·rows + 2·cols + 8     (thresholded)
+    busy  = K + (N − 1) · max(K, rows + 4, cols) + 2·rows + 2·cols + 8     (raw: no writes)
+    stall = busy − N · K                                                    (= busy − ideal)
+
+``rows + 4`` is the window generator's setup time per job (the next job is set up while
+one is read), ``cols`` the array's minimum distance between two jobs' last words (its
+drain), ``K`` the job's own length; the constant is the fixed cost of the layer (start-up,
+the array's latency, the threshold stage and the final output word writes). Both counters
+are ``COUNTER_WIDTH`` (32) bits wide and wrap like the hardware's.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+
+__all__ = ["COUNTER_WIDTH", "ideal_cycles", "layer_cycles", "pool_cycles"]
+
+COUNTER_WIDTH = 32
+"""Bits of the controller's ``busy_cycles`` / ``stall_cycles`` counters (as
+``bitdet.hw.controller.COUNTER_WIDTH``, which cannot be imported without amaranth)."""
+
+_CONV_FIELDS = ("out_h", "out_w", "channels", "out_channels", "kernel")
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_config(config) -> tuple[int, int, int]:
+    """``(rows, cols, simd)`` of an ``AcceleratorConfig`` (duck-typed: any object with
+    positive integer ``rows``, ``cols``, ``simd``)."""
+    try:
+        rows, cols, simd = config.rows, config.cols, config.simd
+    except AttributeError:
+        raise TypeError(f"config must be an AcceleratorConfig, not {config!r}") from None
+    for name, value in (("rows", rows), ("cols", cols), ("simd", simd)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"config.{name} must be a positive integer, not {value!r}")
+    if simd % cols:
+        raise ValueError(f"the layer controller needs simd ({simd}) to be a multiple of "
+                         f"cols ({cols})")
+    return rows, cols, simd
+
+
+def _conv_sizes(config, descriptor: Mapping) -> tuple[int, int, int, int, int, int]:
+    """``(rows, cols, groups, tiles, k_words, raw)`` of a conv descriptor."""
+    rows, cols, simd = _check_config(config)
+    if not isinstance(descriptor, Mapping):
+        raise TypeError(f"descriptor must be a dict (decode_layer / LayerController."
+                        f"descriptor), not {type(descriptor).__name__}")
+    missing = [name for name in _CONV_FIELDS if name not in descriptor]
+    if missing:
+        raise ValueError(f"the layer descriptor lacks {', '.join(missing)}")
+    values = {}
+    for name in _CONV_FIELDS:
+        value = descriptor[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"descriptor {name} must be a positive integer, not {value!r}")
+        values[name] = int(value)
+    groups = _ceil_div(values["out_h"] * values["out_w"], rows)
+    tiles = _ceil_div(values["out_channels"], cols)
+    k_words = values["kernel"] ** 2 * _ceil_div(values["channels"], simd)
+    return rows, cols, groups, tiles, k_words, int(bool(descriptor.get("raw", 0)))
+
+
+def ideal_cycles(config, descriptor: Mapping) -> int:
+    """K-words the array consumes for a conv layer, the cycles of a perfectly fed array:
+    ``ceil(out_h·out_w / rows) · ceil(O / cols) · kernel²·ceil(C / simd)`` — the same
+    number as ``LayerController.ideal_cycles`` and ``busy − stall`` of the counters.
+
+    ``K`` counts packed words per tap (``ceil(C / simd)`` per kernel position, the layout
+    of :func:`bitdet.sw.packing.pack_weights`), so with ``C`` not a multiple of ``simd``
+    it is more than ``ceil(kernel²·C / simd)``: the channel padding of every tap word is
+    fed to the array like real channels.
+
+    Raises
+    ------
+    TypeError, ValueError
+        A malformed config or descriptor, or a pool descriptor (a pool pass gives the
+        array no K-words; its cycles come from :func:`pool_cycles`).
+    """
+    if isinstance(descriptor, Mapping) and descriptor.get("pool"):
+        raise ValueError("ideal_cycles counts the K-words of a conv layer; a pool pass has "
+                         "none (see pool_cycles)")
+    _, _, groups, tiles, k_words, _ = _conv_sizes(config, descriptor)
+    return groups * tiles * k_words
+
+
+def layer_cycles(config, descriptor: Mapping) -> tuple[int, int]:
+    """``(busy_cycles, stall_cycles)`` of one layer exactly as the controller counts them
+    (and RUN_LAYER reports them), for a descriptor of
+    :func:`bitdet.sw.protocol.decode_layer` / ``LayerController.descriptor``.
+
+    Only ``out_h``, ``out_w``, ``channels``, ``out_channels``, ``kernel`` and ``raw``
+    matter: the controller's timing does not depend on the data, the bases, the stride,
+    the padding or the pad bit. A descriptor with a true ``pool`` entry is a pool pass
+    and goes to :func:`pool_cycles`.
+
+    Raises
+    ------
+    TypeError, ValueError
+        A malformed config or descriptor.
+    """
+    if isinstance(descriptor, Mapping) and descriptor.get("pool"):
+        return pool_cycles(config, descriptor)
+    rows, cols, groups, tiles, k_words, raw = _conv_sizes(config, descriptor)
+    jobs = groups * tiles
+    job_period = max(k_words, rows + 4, cols)
+    writes = 0 if raw else rows
+    busy = k_words + (jobs - 1) * job_period + 2 * rows + 2 * cols + 8 + writes
+    stall = busy - jobs * k_words
+    mask = (1 << COUNTER_WIDTH) - 1
+    return busy & mask, stall & mask
+
+
+def pool_cycles(config, descriptor: Mapping) -> tuple[int, int]:
+    """``(busy_cycles, stall_cycles)`` of a max-pool pass (not modelled yet)."""
+    raise NotImplementedError("pool cycle model: see docs/hardware.md")
