@@ -57,29 +57,29 @@ class Shape:
 
 
 SHAPES = [
-    # tiny 2×2×8: rows + 4 = 6, so jobs of K ≥ 6 words are gapless
+    # tiny 2×2×8: jobs of K ≥ 2 words are gapless when a group's tiles·K ≥ rows + 4 = 6
     Shape("conv3x3", "tiny", WindowLayer(8, 8, 16, 3, 1, 1, 0), 16, quick=True),
     Shape("conv3x3-s2", "tiny", WindowLayer(10, 10, 16, 3, 2, 1, 1), 32),
     Shape("conv3x3-deep", "tiny", WindowLayer(6, 6, 64, 3, 1, 1, 0), 8),
     Shape("conv3x3-c3", "tiny", WindowLayer(9, 9, 3, 3, 1, 1, 1), 10),      # first-layer-like
-    Shape("conv1x1", "tiny", WindowLayer(8, 8, 32, 1), 32, quick=True),      # K 4 < 6
-    # icebreaker 2×4×16: rows + 4 = 6
+    Shape("conv1x1", "tiny", WindowLayer(8, 8, 32, 1), 32, quick=True),      # K 4, 16 tiles
+    # icebreaker 2×4×16: jobs of K < cols = 4 words are drain-bound
     Shape("conv3x3", "icebreaker", WindowLayer(16, 16, 32, 3, 1, 1, 0), 32),
     Shape("conv3x3-s2", "icebreaker", WindowLayer(16, 16, 32, 3, 2, 1, 0), 64),
     Shape("conv3x3-deep", "icebreaker", WindowLayer(4, 4, 64, 3, 1, 1, 0), 16, quick=True),
     Shape("conv3x3-odd", "icebreaker", WindowLayer(7, 9, 13, 3, 1, 1, 1), 10),
     Shape("conv3x3-nopad", "icebreaker", WindowLayer(12, 12, 16, 3, 1, 0, 0), 16),
     Shape("conv1x1-k8", "icebreaker", WindowLayer(8, 8, 128, 1), 32),         # K 8 = 8·simd
-    Shape("conv1x1", "icebreaker", WindowLayer(8, 8, 64, 1), 64, quick=True),  # K 4
-    Shape("conv1x1-c16", "icebreaker", WindowLayer(8, 8, 16, 1), 64),          # K 1
+    Shape("conv1x1", "icebreaker", WindowLayer(8, 8, 64, 1), 64, quick=True),  # K 4 = cols
+    Shape("conv1x1-c16", "icebreaker", WindowLayer(8, 8, 16, 1), 64),          # K 1 < cols
     # mid 4×8×32: rows + 4 = 8 = cols
     Shape("conv3x3", "mid", WindowLayer(16, 16, 64, 3, 1, 1, 0), 64),
     Shape("conv3x3-s2", "mid", WindowLayer(16, 16, 64, 3, 2, 1, 0), 128),
     Shape("conv1x1-k8", "mid", WindowLayer(8, 8, 256, 1), 64, quick=True),     # K 8
     Shape("conv1x1", "mid", WindowLayer(8, 8, 64, 1), 128),                    # K 2
-    # ulx3s 8×8×64: rows + 4 = 12 > 8 words
+    # ulx3s 8×8×64: rows + 4 = 12 > 8 words, but 8 tiles of 8 words per group
     Shape("conv3x3", "ulx3s", WindowLayer(8, 8, 128, 3, 1, 1, 0), 64),
-    Shape("conv1x1-k8", "ulx3s", WindowLayer(8, 8, 512, 1), 64),               # K 8 < 12
+    Shape("conv1x1-k8", "ulx3s", WindowLayer(8, 8, 512, 1), 64),               # K 8 = cols
 ]
 
 
@@ -146,8 +146,8 @@ def main(argv=None) -> int:
           f"  python {platform.python_version()}, amaranth {amaranth.__version__}")
     print("busy/stall: the controller's counters in amaranth.sim; ideal: K-words fed to the "
           "array; util = ideal / busy; model: bitdet.sw.cycles.layer_cycles")
-    header = ("config", "array", "layer", "input", "C->O", "k/s/p", "K_words", "jobs",
-              "busy", "stall", "ideal", "util", "model busy", "model stall", "match",
+    header = ("config", "array", "layer", "input", "C->O", "k/s/p", "K_words", "tiles",
+              "jobs", "busy", "stall", "ideal", "util", "model busy", "model stall", "match",
               "compute-bound", "sim s")
     rows = []
     start = time.perf_counter()
@@ -160,7 +160,8 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - t0
         model = layer_cycles(config, desc)
         ideal = ideal_cycles(config, desc)
-        jobs = layer.groups(config.rows) * -(-shape.out_channels // config.cols)
+        tiles = -(-shape.out_channels // config.cols)
+        jobs = layer.groups(config.rows) * tiles
         bound = compute_bound(config, shape)
         rows.append({
             "config": shape.config,
@@ -171,6 +172,7 @@ def main(argv=None) -> int:
             "k/s/p": f"{layer.kernel}/{layer.stride}/{layer.padding}",
             "K_words": layer.k_words(config.simd),
             "jobs": jobs,
+            "tiles": tiles,
             "busy": busy,
             "stall": stall,
             "ideal": ideal,
@@ -198,11 +200,15 @@ def main(argv=None) -> int:
           f"{len(bound)}")
     for r in below:
         config = arrays[r["config"]]
-        if r["K_words"] < config.rows + 4:
-            why = (f"K_words {r['K_words']} < rows + 4 = {config.rows + 4}, the window "
-                   f"generator's setup per job")
-        elif r["K_words"] < config.cols:
-            why = f"K_words {r['K_words']} < cols = {config.cols}, the array's drain per job"
+        k_words, tiles = r["K_words"], r["tiles"]
+        job = max(k_words, config.cols, config.rows)          # thresholded: writer guard
+        if tiles * job < config.rows + 4:
+            why = (f"{tiles} tile(s) × {job} cycles < rows + 4 = {config.rows + 4}, the "
+                   f"window generator's setup per group")
+        elif k_words < config.cols and config.cols >= config.rows:
+            why = f"K_words {k_words} < cols = {config.cols}, the array's drain per job"
+        elif k_words < config.rows:
+            why = f"K_words {k_words} < rows = {config.rows}, the output writer per job"
         else:
             why = (f"gapless, but the fixed {r['busy'] - r['ideal']} cycles weigh on "
                    f"{r['ideal']} ideal ones")

@@ -15,10 +15,13 @@ ThresholdUnit` s and the output packer — and reaches the memories through thei
 **Loop order.** For each group of ``rows`` consecutive output pixels (row-major), for each
 tile of ``cols`` output channels: one window-generator job whose ``tag`` is the tile's
 weight address ``weight_base + t·K_words`` (:func:`~bitdet.sw.packing.pack_weights`
-layout). The array returns each job's ``cols`` result columns in job order, so a second
-set of counters (pixel group, tile) follows the results without any tag: it reads the
-tile's thresholds at ``threshold_base + t`` (:func:`~bitdet.sw.packing.pack_thresholds`)
-and places the bits.
+layout). All tiles of a group are **one** generator command (``tiles = ceil(O/cols)``,
+``tag = weight_base``, ``tag_step = K_words``): the window is set up once per group and
+its jobs follow each other directly, while the next group's window is set up. The array
+returns each job's ``cols`` result columns in job order, so a second set of counters
+(pixel group, tile) follows the results without any tag: it reads the tile's thresholds
+at ``threshold_base + t`` (:func:`~bitdet.sw.packing.pack_thresholds`) and places the
+bits.
 
 **Packing.** ``simd % cols == 0`` (checked by :class:`LayerController`; all presets have it),
 so tile ``t``'s channels ``t·cols … t·cols + cols − 1`` fall into one output word
@@ -28,7 +31,10 @@ a shadow register and are written one per cycle to
 ``output_base + pixel·ceil(O/simd) + word`` — the layout of
 :func:`~bitdet.sw.packing.pack_activations` — skipping rows that are not real pixels. Fill
 channels beyond ``O`` get ``T = K + 1`` from the host and therefore 0 bits, the channel
-padding of ``pack_activations``.
+padding of ``pack_activations``. The writer needs ``rows`` cycles per completed word, so
+in thresholded mode the controller passes a job's ``last`` K-word to the array only
+``≥ rows`` cycles after the previous job's (the array itself keeps them ``≥ cols``
+apart); raw mode has no such guard.
 """
 
 from __future__ import annotations
@@ -125,7 +131,8 @@ class LayerController(wiring.Component):
         self._gen = WindowGenerator(
             rows=c.rows, simd=c.simd, depth=c.activation_depth, max_channels=c.max_channels,
             max_kernel=c.max_kernel, max_stride=c.max_stride,
-            tag_width=max(1, (c.weight_depth - 1).bit_length()), src_loc_at=1 + src_loc_at)
+            tag_width=max(1, (c.weight_depth - 1).bit_length()),
+            max_tiles=-(-c.max_channels // c.cols), src_loc_at=1 + src_loc_at)
         self._act_addr_width = max(1, (c.activation_depth - 1).bit_length())
         self._weight_addr_width = max(1, (c.weight_depth - 1).bit_length())
         self._threshold_addr_width = max(1, (c.threshold_depth - 1).bit_length())
@@ -252,35 +259,50 @@ class LayerController(wiring.Component):
         for r, unit in enumerate(units):
             m.submodules[f"threshold{r}"] = unit
 
+        desc = Signal(self._descriptor_layout)              # the running layer
+
         # -- operand path: generator words + weight words side by side (window.py) -----------
         for r in range(rows):
             wiring.connect(m, wiring.flipped(self.act_read[r]), gen.read[r])
         operands = array.operands
+        # the writer stores a completed output word in `rows` cycles, and a job completes
+        # at most one word: in thresholded mode a job's `last` word is passed to the array
+        # only ≥ rows cycles after the previous one (the array itself keeps them ≥ cols
+        # apart), so that the writer is free when the next word completes
+        may_pass = Signal()
+        if rows > 1:
+            since_last = Signal(range(rows), init=rows - 1)
+            m.d.comb += may_pass.eq(~gen.words.payload.last | (since_last == rows - 1)
+                                    | desc.raw)
+            with m.If(operands.valid & operands.ready & operands.payload.last):
+                m.d.sync += since_last.eq(0)
+            with m.Elif(since_last != rows - 1):
+                m.d.sync += since_last.eq(since_last + 1)
+        else:
+            m.d.comb += may_pass.eq(1)
         m.d.comb += [
             self.weights.addr.eq(gen.fetch.tag + gen.fetch.index),
             self.weights.en.eq(gen.fetch.en),
-            operands.valid.eq(gen.words.valid),
+            operands.valid.eq(gen.words.valid & may_pass),
             operands.payload.activations.eq(gen.words.payload.activations),
             operands.payload.weights.eq(self.weights.data),
             operands.payload.first.eq(gen.words.payload.first),
             operands.payload.last.eq(gen.words.payload.last),
-            gen.words.ready.eq(operands.ready),
+            gen.words.ready.eq(operands.ready & may_pass),
         ]
 
-        # -- the layer and its derived sizes ------------------------------------------------
-        desc = Signal(self._descriptor_layout)
+        # -- derived sizes of the layer ------------------------------------------------------
         words = Signal(range(max_words + 1))              # ceil(C / simd)
         out_words = Signal(range(max_words + 1))          # ceil(O / simd)
         k_words = Signal(range(c.max_kernel ** 2 * max_words + 1))
+        tiles = Signal(range(-(-c.max_channels // cols) + 1))   # ceil(O / cols)
         pixels = Signal(pixel_shape)                      # out_h · out_w
         group_step = Signal(self._act_addr_width)         # rows · ceil(O / simd)
 
-        # -- issue side: (group, tile) loop of window-generator commands -------------------
+        # -- issue side: one window-generator command per group, running all its tiles ------
         iss_n = Signal(pixel_shape)                       # first output pixel of the group
         iss_oy = Signal(range(c.activation_depth))
         iss_ox = Signal(range(c.activation_depth))
-        iss_o = Signal(range(c.max_channels + cols))      # first channel of the tile
-        iss_tag = Signal(self._weight_addr_width)         # weight address of the tile
         step = Signal(range(rows))
         left = Signal(pixel_shape)
         m.d.comb += left.eq(pixels - iss_n)
@@ -292,7 +314,8 @@ class LayerController(wiring.Component):
             cmd.pad_bit.eq(desc.pad_bit), cmd.base.eq(desc.input_base),
             cmd.oy.eq(iss_oy), cmd.ox.eq(iss_ox),
             cmd.count.eq(Mux(left < rows, left, rows)),
-            cmd.tag.eq(iss_tag),
+            # tile t's weights at weight_base + t·K_words (pack_weights layout)
+            cmd.tag.eq(desc.weight_base), cmd.tag_step.eq(k_words), cmd.tiles.eq(tiles),
         ]
 
         # -- result side: follows the array's results in job order -------------------------
@@ -373,20 +396,23 @@ class LayerController(wiring.Component):
                      col_hot.eq(Cat(s_column == j for j in range(cols)))]
         pack = Signal()
         m.d.comb += pack.eq(s_valid & ~desc.raw)
+        wr_active = Signal()
+        m.d.comb += wr_active.eq(wr_count != 0)
+        with m.If(wr_active):                             # the writer's shift (below) …
+            for r in range(rows - 1):
+                m.d.sync += shadow[r].eq(shadow[r + 1])
         for r, unit in enumerate(units):
             bit = unit.o.payload.value[0]
             word_next = Cat(Mux(slot_hot[i // cols] & col_hot[i % cols], bit, word[r][i])
                             for i in range(simd))
             with m.If(pack):
-                with m.If(s_word_done):
+                with m.If(s_word_done):                   # … yields to a new word
                     m.d.sync += [shadow[r].eq(word_next), word[r].eq(0)]
                 with m.Else():
                     m.d.sync += word[r].eq(word_next)
 
         # -- writer: the shadow words of the rows that are real pixels, one per cycle --------
-        wr_active = Signal()
         m.d.comb += [
-            wr_active.eq(wr_count != 0),
             self.act_write.en.eq(wr_active & wr_mask[0]),
             self.act_write.addr.eq(wr_addr),
             self.act_write.data.eq(shadow[0]),
@@ -394,11 +420,8 @@ class LayerController(wiring.Component):
         with m.If(wr_active):
             m.d.sync += [wr_count.eq(wr_count - 1), wr_mask.eq(wr_mask >> 1),
                          wr_addr.eq(wr_addr + out_words)]
-            for r in range(rows - 1):
-                m.d.sync += shadow[r].eq(shadow[r + 1])
-        # a word completes at most once per job, and jobs' last words are ≥ rows + 4 cycles
-        # apart (the generator's job_cycles; the array only spaces them further), so the
-        # writer has finished the previous word here
+        # a word completes at most once per job, and jobs' last words are ≥ rows cycles
+        # apart (`may_pass` above), so the writer is at its last word (or done) here
         with m.If(pack & s_word_done):
             m.d.sync += [wr_count.eq(rows), wr_mask.eq(s_row_valid), wr_addr.eq(s_addr)]
         with m.If(s_valid & s_final):
@@ -427,14 +450,14 @@ class LayerController(wiring.Component):
                     words.eq(_ceil_div(desc.channels, simd, c.max_channels)),
                     out_words.eq(_ceil_div(desc.out_channels, simd, c.max_channels)),
                     pixels.eq(desc.out_h * desc.out_w),
+                    tiles.eq(_ceil_div(desc.out_channels, cols, c.max_channels)),
                 ]
                 m.next = "START"
             with m.State("START"):
                 m.d.sync += [
                     k_words.eq(desc.kernel * desc.kernel * words),
                     group_step.eq(out_words * Const(rows)),
-                    iss_n.eq(0), iss_oy.eq(0), iss_ox.eq(0), iss_o.eq(0),
-                    iss_tag.eq(desc.weight_base),
+                    iss_n.eq(0), iss_oy.eq(0), iss_ox.eq(0),
                     res_n.eq(0), res_o.eq(0), slot.eq(0), word_index.eq(0),
                     group_addr.eq(desc.output_base), thr_addr.eq(desc.threshold_base),
                     finishing.eq(0),
@@ -443,15 +466,11 @@ class LayerController(wiring.Component):
             with m.State("ISSUE"):
                 m.d.comb += gen.command.valid.eq(1)
                 with m.If(gen.command.ready):
-                    with m.If(iss_o + cols >= desc.out_channels):
-                        m.d.sync += [iss_o.eq(0), iss_tag.eq(desc.weight_base)]
-                        with m.If(left <= rows):
-                            m.next = "DRAIN"
-                        with m.Else():
-                            m.d.sync += [iss_n.eq(iss_n + rows), step.eq(0)]
-                            m.next = "ADVANCE"
+                    with m.If(left <= rows):
+                        m.next = "DRAIN"
                     with m.Else():
-                        m.d.sync += [iss_o.eq(iss_o + cols), iss_tag.eq(iss_tag + k_words)]
+                        m.d.sync += [iss_n.eq(iss_n + rows), step.eq(0)]
+                        m.next = "ADVANCE"
             with m.State("ADVANCE"):
                 # step the group's first pixel by `rows` pixels, one per cycle; the generator
                 # takes its next command only rows + 4 cycles after this one anyway

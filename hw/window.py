@@ -2,7 +2,9 @@
 buffer as the K-words the systolic array consumes.
 
 One **job** is one group of up to ``rows`` consecutive output pixels (row-major over the
-output map) of one layer. The generator emits the job's ``K = kernel²·words`` K-words in
+output map) of one layer; one **command** runs ``tiles`` jobs over the same group (one per
+tile of output channels, each with its own tag), so the group's window is set up once.
+The generator emits each job's ``K = kernel²·words`` K-words in
 exactly the order of :func:`bitdet.sw.packing.pack_weights`: taps ``(ky, kx)`` row-major,
 then channel word ``m`` of the tap; K-word ``j = (ky·kernel + kx)·words + m`` carries, for
 every array row ``r``, word ``m`` of the input pixel
@@ -24,10 +26,12 @@ top-left tap of pixel ``r``'s window, computed once per job, and ``offset_j =
 (ky·in_w + kx)·words + m`` is shared by all rows and advanced by additions only.
 
 **Throughput.** One K-word (of all ``rows`` pixels) per cycle while ``words.ready`` is
-high. A job's setup (accept, two cycles of base arithmetic, one cycle per row to walk the
-group's pixels, one to hand over) takes ``rows + 4`` cycles and runs while the previous
-job is read, so consecutive jobs of ``K ≥ rows + 4`` words follow each other with no idle
-cycle; shorter jobs start every ``rows + 4`` cycles (:meth:`WindowGenerator.job_cycles`).
+high. The jobs of one command follow each other with no idle cycle: the window stays in
+the row registers, only the tag and the K-word counters change. A command's setup (accept,
+two cycles of base arithmetic, one cycle per row to walk the group's pixels, one to hand
+over) takes ``rows + 4`` cycles and runs while the previous command's jobs are read, so
+consecutive commands of ``tiles · K ≥ rows + 4`` words follow each other with no idle
+cycle; shorter ones start every ``rows + 4`` cycles (:meth:`WindowGenerator.job_cycles`).
 """
 
 from __future__ import annotations
@@ -110,16 +114,19 @@ class WindowLayer:
 class WindowGenerator(wiring.Component):
     """Feeds the receptive fields of ``rows`` output pixels, one K-word per cycle.
 
-    **Command.** A ``command`` transfer starts a job: the layer's geometry (``in_h``,
-    ``in_w``, ``out_w``, ``channels``, ``words``, ``kernel``, ``stride``, ``padding``,
-    ``pad_bit``, and ``base``, the address of input pixel ``(0, 0)`` in the read bank)
-    and the group: its first output pixel ``(oy, ox)`` and ``count`` (how many of the
-    ``rows`` pixels exist, 1 … ``rows``). :meth:`command_payload` builds the payload
-    from a :class:`WindowLayer` and a group number. ``command.ready`` is high while no
-    command is being set up: a command is taken while the previous job is still being
-    read, set up in ``rows + 3`` cycles, and started as soon as that job's last K-word is
-    read (:attr:`setup_cycles`, :meth:`job_cycles`). Commands run in order; each may
-    describe a different layer.
+    **Command.** A ``command`` transfer starts ``tiles`` jobs over one window: the layer's
+    geometry (``in_h``, ``in_w``, ``out_w``, ``channels``, ``words``, ``kernel``,
+    ``stride``, ``padding``, ``pad_bit``, and ``base``, the address of input pixel
+    ``(0, 0)`` in the read bank), the group: its first output pixel ``(oy, ox)`` and
+    ``count`` (how many of the ``rows`` pixels exist, 1 … ``rows``), and ``tiles`` (1 …
+    ``max_tiles``; 0 runs one job) jobs tagged ``tag``, ``tag + tag_step``, …
+    (modulo ``2**tag_width``). :meth:`command_payload` builds the payload from a
+    :class:`WindowLayer` and a group number. ``command.ready`` is high while no command
+    is being set up: a command is taken while the previous command's jobs are still
+    being read, set up in ``rows + 3`` cycles, and started as soon as the last K-word of
+    its last job is read (:attr:`setup_cycles`, :meth:`job_cycles`); the jobs of one
+    command follow each other directly. Commands run in order; each may describe a
+    different layer.
 
     **Reads.** ``read[r]`` is row ``r``'s read port on the activation buffer (connect with
     :func:`amaranth.lib.wiring.connect` to :class:`~bitdet.hw.memory.ActivationBuffer`'s
@@ -133,9 +140,10 @@ class WindowGenerator(wiring.Component):
     multiplexer (its other input, the padding word or 0, comes from registers), so it is
     nearly as early as a register output; the array takes it into PE ``(0, 0)`` unregistered.
 
-    **Tag.** The command's ``tag`` (``tag_width`` bits, opaque to the generator) comes
-    back on ``fetch.tag`` and ``words.tag`` with every K-word of that job: the controller
-    can put the job's weight base address, output tile or pixel group there.
+    **Tag.** The command's ``tag`` (``tag_width`` bits, opaque to the generator; plus
+    ``t · tag_step`` for its job ``t``) comes back on ``fetch.tag`` and ``words.tag``
+    with every K-word of that job: the controller can put the job's weight base address,
+    output tile or pixel group there.
 
     **Weights.** ``fetch.en`` is high in the cycle the generator reads K-word
     ``fetch.index`` of the job tagged ``fetch.tag``; a controller that reads its weight
@@ -156,6 +164,8 @@ class WindowGenerator(wiring.Component):
         Largest layer the command fields must describe.
     tag_width : int
         Bits of the controller's tag carried from ``command`` to ``fetch`` and ``words``.
+    max_tiles : int
+        Most jobs per command (default 1).
 
     Members
     -------
@@ -172,7 +182,8 @@ class WindowGenerator(wiring.Component):
     """
 
     def __init__(self, *, rows: int, simd: int, depth: int, max_channels: int,
-                 max_kernel: int, max_stride: int, tag_width: int = 1, src_loc_at: int = 0):
+                 max_kernel: int, max_stride: int, tag_width: int = 1, max_tiles: int = 1,
+                 src_loc_at: int = 0):
         self._rows = _check_positive("rows", rows)
         self._simd = _check_positive("simd", simd)
         self._depth = _check_positive("depth", depth)
@@ -180,6 +191,7 @@ class WindowGenerator(wiring.Component):
         self._max_kernel = _check_positive("max_kernel", max_kernel)
         self._max_stride = _check_positive("max_stride", max_stride)
         self._tag_width = _check_positive("tag_width", tag_width)
+        self._max_tiles = _check_positive("max_tiles", max_tiles)
         self._addr_width = max(1, (depth - 1).bit_length())
         self._max_words = -(-max_channels // simd)
         self._max_k_words = max_kernel ** 2 * self._max_words
@@ -199,6 +211,8 @@ class WindowGenerator(wiring.Component):
             "count": range(rows + 1),
             "base": range(depth),
             "tag": tag_width,
+            "tiles": range(max_tiles + 1),
+            "tag_step": tag_width,
         })
         self._word_layout = data.StructLayout({
             "activations": data.ArrayLayout(simd, rows),
@@ -240,6 +254,10 @@ class WindowGenerator(wiring.Component):
         return self._max_k_words
 
     @property
+    def max_tiles(self) -> int:
+        return self._max_tiles
+
+    @property
     def command_layout(self) -> data.StructLayout:
         return self._command_layout
 
@@ -249,28 +267,37 @@ class WindowGenerator(wiring.Component):
 
     @property
     def setup_cycles(self) -> int:
-        """Cycles from a command's acceptance to its first K-word read when no job is
+        """Cycles from a command's acceptance to its first K-word read when no command is
         running: ``rows + 4`` (the word is on ``words`` one cycle later)."""
         return self._rows + 4
 
-    def job_cycles(self, k_words: int) -> int:
-        """Cycles between the first K-words of consecutive jobs when commands are always
-        waiting and ``words`` is always ready: ``max(K, rows + 4)`` (the next job is set
-        up while the running one is read, so jobs of ``K ≥ rows + 4`` words follow each
-        other with no idle cycle)."""
-        return max(k_words, self._rows + 4)
+    def job_cycles(self, k_words: int, tiles: int = 1) -> int:
+        """Cycles between the first K-words of consecutive commands of ``tiles`` jobs each
+        when commands are always waiting and ``words`` is always ready:
+        ``max(tiles · K, rows + 4)``. The jobs of one command follow each other with no
+        idle cycle (``K`` cycles apart: the window is set up once), and the next command
+        is set up while they are read, so commands of ``tiles · K ≥ rows + 4`` words
+        follow each other with no idle cycle either."""
+        return max(tiles * k_words, self._rows + 4)
 
     def command_payload(self, layer: WindowLayer, group: int, *, base: int = 0,
-                        tag: int = 0) -> dict:
-        """Payload of the ``command`` that runs job ``group`` of ``layer``, whose input map
-        starts at word ``base`` of the read bank, with the controller's ``tag``.
+                        tag: int = 0, tiles: int = 1, tag_step: int | None = None) -> dict:
+        """Payload of the ``command`` that runs group ``group`` of ``layer``, whose input
+        map starts at word ``base`` of the read bank: ``tiles`` jobs over the same window,
+        job ``t`` tagged ``tag + t · tag_step`` (``tag_step`` defaults to the layer's
+        ``K``, so that with the weight base as ``tag`` job ``t`` reads tile ``t``'s
+        weights in the :func:`~bitdet.sw.packing.pack_weights` layout; the payload of a
+        single job has ``tag_step = 0``).
 
         Raises
         ------
         ValueError
-            If the layer exceeds the generator's limits or the group does not exist.
+            If the layer exceeds the generator's limits, the group does not exist or the
+            tiles or their tags do not fit.
         """
         words = layer.words(self._simd)
+        if tag_step is None:
+            tag_step = layer.k_words(self._simd)
         problems = []
         if base < 0 or base + layer.in_h * layer.in_w * words > self._depth:
             problems.append(f"the input map needs words {base} … "
@@ -285,8 +312,17 @@ class WindowGenerator(wiring.Component):
         if layer.padding >= self._max_kernel:
             problems.append(f"padding {layer.padding} must be below max_kernel "
                             f"{self._max_kernel}")
-        if not 0 <= tag < 1 << self._tag_width:
-            problems.append(f"tag {tag} does not fit in {self._tag_width} bits")
+        if isinstance(tiles, bool) or not isinstance(tiles, int) \
+                or not 1 <= tiles <= self._max_tiles:
+            problems.append(f"tiles must be in 1 … {self._max_tiles}, not {tiles!r}")
+        elif tiles > 1 and (isinstance(tag_step, bool) or not isinstance(tag_step, int)
+                            or tag_step < 0):
+            problems.append(f"tag_step must be a non-negative integer, not {tag_step!r}")
+        else:
+            last = tag + (tiles - 1) * tag_step if tiles > 1 else tag
+            if not 0 <= tag or last >= 1 << self._tag_width:
+                problems.append(f"tag {tag}" + (f" … {last}" if tiles > 1 else "")
+                                + f" does not fit in {self._tag_width} bits")
         if problems:
             raise ValueError(f"layer {layer} does not fit the window generator: "
                              + "; ".join(problems))
@@ -304,6 +340,8 @@ class WindowGenerator(wiring.Component):
             "count": min(self._rows, pixels - first),
             "base": base,
             "tag": tag,
+            "tiles": tiles,
+            "tag_step": tag_step if tiles > 1 else 0,
         }
 
     # -- hardware ---------------------------------------------------------------------------
@@ -314,8 +352,10 @@ class WindowGenerator(wiring.Component):
         ones = Const((1 << simd) - 1, simd)
 
         # Two engines: *setup* turns a command into per-row window origins (in shadow
-        # registers) while *issue* reads the running job's K-words; at the end of a job the
-        # shadow registers become the running ones, so setup hides behind the running job.
+        # registers) while *issue* reads the running command's K-words; after the last
+        # K-word of its last job the shadow registers become the running ones, so setup
+        # hides behind the running command. A command's later jobs (tiles) reuse the
+        # running window: only the tag and the K-word counters restart.
 
         # -- setup engine state --------------------------------------------------------------
         cmd = Signal(self._command_layout)              # the command being set up
@@ -339,7 +379,7 @@ class WindowGenerator(wiring.Component):
         next_valid = Signal(rows)
         setup_done = Signal()                           # the shadow registers hold a job
 
-        # -- issue engine state (the running job) ----------------------------------------------
+        # -- issue engine state (the running command and its current job) ----------------------
         run = Signal(self._command_layout)
         run_row_words = Signal(aw)
         run_pad_mask = Signal(simd)
@@ -348,6 +388,8 @@ class WindowGenerator(wiring.Component):
         row_base = [Signal(aw, name=f"row{r}_base") for r in range(rows)]
         row_valid = Signal(rows)
         running = Signal()
+        tile = Signal(range(self._max_tiles + 1))      # job of the running command
+        tag = Signal(self._tag_width)                   # its tag, run.tag + tile·tag_step
         ky = Signal(range(self._max_kernel))
         kx = Signal(range(self._max_kernel))
         word = Signal(range(max(1, self._max_words)))
@@ -366,13 +408,15 @@ class WindowGenerator(wiring.Component):
 
         issue = Signal()
         last_word = Signal()
+        last_tile = Signal()
         handoff = Signal()
         m.d.comb += [
             # a word is read when the output stage is empty or being taken
             issue.eq(running & (~out_valid | self.words.ready)),
             last_word.eq((word == run.words - 1) & (kx == run.kernel - 1)
                          & (ky == run.kernel - 1)),
-            handoff.eq(setup_done & (~running | (issue & last_word))),
+            last_tile.eq(tile + 1 >= run.tiles),        # (tiles = 0 runs one job)
+            handoff.eq(setup_done & (~running | (issue & last_word & last_tile))),
         ]
 
         # window origin of the group's first pixel; signed first, so that the padding
@@ -458,11 +502,22 @@ class WindowGenerator(wiring.Component):
             with m.Else():
                 m.d.sync += word.eq(word + 1)
             with m.If(last_word):
-                m.d.sync += running.eq(0)
+                with m.If(last_tile):
+                    m.d.sync += running.eq(0)
+                with m.Else():
+                    # the command's next job: same window (row registers), next tag
+                    m.d.sync += [
+                        tile.eq(tile + 1),
+                        tag.eq(tag + run.tag_step),
+                        ky.eq(0), kx.eq(0), word.eq(0), index.eq(0), offset.eq(0),
+                        offset_row.eq(0),
+                    ]
         with m.If(handoff):                             # overrides the counting above
             m.d.sync += [
                 running.eq(1),
                 run.eq(cmd),
+                tile.eq(0),
+                tag.eq(cmd.tag),
                 run_row_words.eq(row_words),
                 run_pad_mask.eq(pad_mask),
                 row_valid.eq(next_valid),
@@ -487,7 +542,7 @@ class WindowGenerator(wiring.Component):
             ]
         pad_word = Mux(run.pad_bit, Mux(word == run.words - 1, run_pad_mask, ones), 0)
         m.d.comb += [self.fetch.en.eq(issue), self.fetch.index.eq(index),
-                     self.fetch.tag.eq(run.tag)]
+                     self.fetch.tag.eq(tag)]
 
         with m.If(issue):
             m.d.sync += [
@@ -499,7 +554,7 @@ class WindowGenerator(wiring.Component):
                 out_meta.first.eq(index == 0),
                 out_meta.last.eq(last_word),
                 out_meta.index.eq(index),
-                out_meta.tag.eq(run.tag),
+                out_meta.tag.eq(tag),
             ]
         with m.Elif(self.words.ready):
             m.d.sync += out_valid.eq(0)
@@ -520,15 +575,20 @@ class WindowGenerator(wiring.Component):
         return m
 
 
-def window_generator(config: AcceleratorConfig, *, tag_width: int | None = None
-                     ) -> WindowGenerator:
+def window_generator(config: AcceleratorConfig, *, tag_width: int | None = None,
+                     max_tiles: int | None = None) -> WindowGenerator:
     """The window generator of ``config`` (reads ``config.rows`` ports of the buffer).
 
     ``tag_width`` defaults to the weight memory's address width, so that the tag can be
-    the job's weight base address (``fetch.tag + fetch.index`` addresses the weights).
+    the job's weight base address (``fetch.tag + fetch.index`` addresses the weights);
+    ``max_tiles`` to ``ceil(max_channels / cols)``, the tiles of the widest layer, so that
+    one command can run all tiles of a pixel group (as the layer controller does).
     """
     if tag_width is None:
         tag_width = max(1, (config.weight_depth - 1).bit_length())
+    if max_tiles is None:
+        max_tiles = -(-config.max_channels // config.cols)
     return WindowGenerator(rows=config.rows, simd=config.simd, depth=config.activation_depth,
                            max_channels=config.max_channels, max_kernel=config.max_kernel,
-                           max_stride=config.max_stride, tag_width=tag_width, src_loc_at=1)
+                           max_stride=config.max_stride, tag_width=tag_width,
+                           max_tiles=max_tiles, src_loc_at=1)

@@ -6,19 +6,24 @@ amaranth): the emulator reports the same counts as the hardware. docs/hardware.m
 *Cycle model*, derives the formula from the RTL; ``tests/test_cycles.py`` compares it with
 ``amaranth.sim`` of the controller on random shapes and configs.
 
-For a convolution with ``N = groups · tiles`` window-generator jobs of ``K = kernel² ·
-ceil(C / simd)`` K-words each (``groups = ceil(out_h · out_w / rows)``, ``tiles =
-ceil(O / cols)``)::
+For a convolution of ``groups = ceil(out_h · out_w / rows)`` pixel groups, ``tiles =
+ceil(O / cols)`` tiles and ``K = kernel² · ceil(C / simd)`` K-words per job (one job per
+group and tile, all tiles of a group in one window-generator command)::
 
-    busy  = K + (N − 1) · max(K, rows + 4, cols) + 3·rows + 2·cols + 8     (thresholded)
-    busy  = K + (N − 1) · max(K, rows + 4, cols) + 2·rows + 2·cols + 8     (raw: no writes)
-    stall = busy − N · K                                                    (= busy − ideal)
+    J     = max(K, cols, rows)      (thresholded)    J = max(K, cols)    (raw)
+    G     = max(tiles · J, rows + 4)
+    busy  = K + (groups − 1) · G + (tiles − 1) · J + 3·rows + 2·cols + 8   (thresholded)
+    busy  = K + (groups − 1) · G + (tiles − 1) · J + 2·rows + 2·cols + 8   (raw: no writes)
+    stall = busy − groups · tiles · K                                       (= busy − ideal)
 
-``rows + 4`` is the window generator's setup time per job (the next job is set up while
-one is read), ``cols`` the array's minimum distance between two jobs' last words (its
-drain), ``K`` the job's own length; the constant is the fixed cost of the layer (start-up,
-the array's latency, the threshold stage and the final output word writes). Both counters
-are ``COUNTER_WIDTH`` (32) bits wide and wrap like the hardware's.
+``J`` is the cycles per job within a group: ``K`` the job's own length, ``cols`` the
+array's minimum distance between two jobs' last words (its drain), ``rows`` the
+controller's guard for the output writer (``rows`` cycles per completed word; raw mode
+writes nothing). ``G`` is the cycles per group: ``rows + 4`` is the window generator's
+setup per command (the next group's window is set up while the current group's jobs are
+read). The constant is the fixed cost of the layer (start-up, the array's latency, the
+threshold stage and the final output word writes). Both counters are ``COUNTER_WIDTH``
+(32) bits wide and wrap like the hardware's.
 """
 
 from __future__ import annotations
@@ -117,11 +122,12 @@ def layer_cycles(config, descriptor: Mapping) -> tuple[int, int]:
     if isinstance(descriptor, Mapping) and descriptor.get("pool"):
         return pool_cycles(config, descriptor)
     rows, cols, groups, tiles, k_words, raw = _conv_sizes(config, descriptor)
-    jobs = groups * tiles
-    job_period = max(k_words, rows + 4, cols)
+    job_period = max(k_words, cols if raw else max(cols, rows))
+    group_period = max(tiles * job_period, rows + 4)
     writes = 0 if raw else rows
-    busy = k_words + (jobs - 1) * job_period + 2 * rows + 2 * cols + 8 + writes
-    stall = busy - jobs * k_words
+    busy = (k_words + (groups - 1) * group_period + (tiles - 1) * job_period
+            + 2 * rows + 2 * cols + 8 + writes)
+    stall = busy - groups * tiles * k_words
     mask = (1 << COUNTER_WIDTH) - 1
     return busy & mask, stall & mask
 

@@ -112,15 +112,35 @@ def check_against_rtl(config, geometry, out_channels, *, raw=False, seed=0):
     return busy, stall
 
 
+def regime(config, k_words, out_channels, raw) -> str:
+    """What bounds the layer's jobs (docs/hardware.md, *Cycle model*, *Regimes*)."""
+    rows, cols = config.rows, config.cols
+    tiles = -(-out_channels // cols)
+    job = max(k_words, cols if raw else max(cols, rows))
+    if tiles * job < rows + 4:
+        return "setup"
+    return "K" if job == k_words else "drain" if job == cols else "writer"
+
+
 # config (rows, cols, simd), layer (in_h, in_w, C, kernel, stride, padding, pad_bit), O, raw
 FAST_CASES = {
-    "1x1_setup_bound": ((2, 2, 8), (5, 3, 20, 1, 1, 0, 0), 18, False),     # K 3 < rows + 4
+    "1x1_tiles_gapless": ((2, 2, 8), (5, 3, 20, 1, 1, 0, 0), 18, False),   # K 3, 9 tiles
     "1x1_odd_array": ((3, 4, 16), (3, 5, 13, 1, 1, 0, 0), 9, False),       # K 1, 5 groups
     "3x3_s2_partial_group": ((3, 2, 8), (7, 6, 11, 3, 2, 1, 1), 5, False),  # 12 px, 3 rows
     "3x3_raw": ((2, 4, 16), (4, 5, 21, 3, 1, 1, 0), 6, True),
-    "drain_bound": ((1, 8, 8), (3, 4, 5, 1, 1, 0, 0), 17, False),          # cols 8 > rows + 4
+    "drain_bound": ((1, 8, 8), (3, 4, 5, 1, 1, 0, 0), 17, False),          # cols 8 > K
+    "setup_bound": ((4, 2, 8), (4, 4, 8, 1, 1, 0, 0), 2, False),           # 1 tile, K 1
+    "writer_bound": ((5, 1, 8), (3, 4, 5, 1, 1, 0, 0), 9, False),          # rows 5 > cols
+    "writer_raw": ((5, 1, 8), (3, 4, 5, 1, 1, 0, 0), 9, True),             # no writer
     "compute_bound": ((2, 2, 8), (4, 4, 32, 3, 1, 1, 0), 4, False),        # K 36
 }
+
+
+def test_fast_cases_cover_every_regime():
+    seen = {regime(small_config(*shape), geometry[3] ** 2 * -(-geometry[2] // shape[2]),
+                   out_channels, raw)
+            for shape, geometry, out_channels, raw in FAST_CASES.values()}
+    assert seen == {"K", "setup", "drain", "writer"}, seen
 
 
 @pytest.mark.parametrize("case", list(FAST_CASES))
@@ -156,17 +176,17 @@ def random_case(rng):
 
 @pytest.mark.slow
 def test_model_matches_rtl_random():
-    """36 random shapes (1×1 and 3×3, stride 1 and 2, padding 0/1, channels not multiples
-    of simd or cols, raw and thresholded) on nine array shapes."""
+    """40 random shapes (1×1 and 3×3, stride 1 and 2, padding 0/1, channels not multiples
+    of simd or cols, 1 … 20 tiles per group, raw and thresholded) on nine array shapes."""
     pytest.importorskip("amaranth")
     rng = np.random.default_rng(2026)
     seen = set()
-    for i in range(36):
+    for i in range(40):
         config, geometry, out_channels, raw = random_case(rng)
         check_against_rtl(config, geometry, out_channels, raw=raw, seed=i)
         k_words = geometry[3] ** 2 * -(-geometry[2] // config.simd)
-        seen.add(max((k_words, "K"), (config.rows + 4, "setup"), (config.cols, "drain"))[1])
-    assert seen == {"K", "setup", "drain"}, seen          # every regime was exercised
+        seen.add(regime(config, k_words, out_channels, raw))
+    assert seen == {"K", "setup", "drain", "writer"}, seen    # every regime was exercised
 
 
 def run_layer_over_the_link(config, desc) -> tuple[int, int]:
@@ -218,7 +238,7 @@ def run_layer_over_the_link(config, desc) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize(("preset", "geometry", "out_channels"), [
-    ("tiny", (5, 4, 20, 1, 1, 0, 0), 13),             # K 3: one job per rows + 4 cycles
+    ("tiny", (5, 4, 20, 1, 1, 0, 0), 13),             # K 3, 7 tiles per command
     ("icebreaker", (5, 7, 21, 3, 2, 1, 1), 10),
 ])
 def test_model_matches_run_layer(preset, geometry, out_channels):
@@ -236,36 +256,42 @@ def test_model_matches_run_layer(preset, geometry, out_channels):
 def event_model(rows, cols, k_words, groups, tiles, raw):
     """Busy cycles from the RTL's handshakes, job by job (cycle 0: ``start``):
 
-    * controller: ISSUE offers the first command in cycle 3, the next tile's the cycle
-      after an acceptance, the next group's ``rows`` ADVANCE cycles later;
+    * controller: ISSUE offers the first command (group 0, all ``tiles`` jobs) in cycle
+      3, the next group's ``rows`` ADVANCE cycles after an acceptance;
     * window generator: accepts a command while idle (``a``), is READY ``rows + 3`` cycles
-      later (``r``), hands over at ``h = max(r, e_prev)`` (``e``: cycle the running job's
-      last K-word is read), is idle again at ``h + 1``; reads the first K-word when the
+      later (``r``), hands over at ``h = max(r, e_prev)`` (``e``: cycle the running
+      command's last K-word is read), is idle again at ``h + 1``; the command's next job
+      starts at ``e_prev`` as if handed over then; a job reads its first K-word when the
       output register is free (``s = max(h + 1, X_prev)``) and one word per cycle after;
-    * array: a word with ``last`` is taken ≥ ``cols`` cycles after the previous one
-      (``X = max(e + 1, X_prev + cols)``); the last column leaves ``rows + 2·cols − 1``
+    * controller / array: a word with ``last`` is taken ≥ ``cols`` cycles (the array) and,
+      thresholded, ≥ ``rows`` cycles (the writer's guard) after the previous one
+      (``X = max(e + 1, X_prev + D)``); the last column leaves ``rows + 2·cols − 1``
       cycles after ``X``;
     * controller: the threshold stage, then ``rows`` writes (not in raw mode), then DRAIN
       sees the end.
     """
+    spacing = cols if raw else max(cols, rows)
     offered, gen_idle = 3, 0
     e_prev = x_prev = -10 ** 9
-    for _group, tile in itertools.product(range(groups), range(tiles)):
+    for _group in range(groups):
         accept = max(offered, gen_idle)
         h = max(accept + rows + 3, e_prev)
-        s = max(h + 1, x_prev)
-        e = s + k_words - 1
-        x = max(e + 1, x_prev + cols)
         gen_idle = h + 1
-        offered = accept + 1 + (rows if tile == tiles - 1 else 0)
-        e_prev, x_prev = e, x
+        offered = accept + 1 + rows
+        for tile in range(tiles):
+            if tile:
+                h = e_prev                       # same window, next tag: no setup
+            s = max(h + 1, x_prev)
+            e = s + k_words - 1
+            x = max(e + 1, x_prev + spacing)
+            e_prev, x_prev = e, x
     return x_prev + rows + 2 * cols + 1 + (0 if raw else rows)
 
 
 def test_closed_form_matches_event_model():
     for rows, cols, k_words, groups, tiles in itertools.product(
             (1, 2, 3, 5, 8), (1, 2, 4, 8, 16), (1, 2, 3, 5, 7, 8, 9, 12, 13, 18, 20),
-            (1, 2, 3, 7), (1, 2, 5)):
+            (1, 2, 3, 7), (1, 2, 3, 5, 9)):
         simd = 16 * cols
         config = AcceleratorConfig(rows=rows, cols=cols, simd=simd, max_channels=256)
         desc = {"out_h": 1, "out_w": groups * rows, "channels": simd * k_words,
@@ -300,7 +326,12 @@ def test_counter_width_is_the_controllers():
 def test_known_counts():
     """Hand-derived: tiny (2×2×8), 4×4 map 32→4, 3×3 (K 36, 8 groups, 2 tiles): gapless,
     so busy = 16·36 + 3·2 + 2·2 + 8; icebreaker (2×4×16), 1×1 of 16 channels on a 2×3 map,
-    8 outputs (3 groups × 2 tiles of K 1): one job per rows + 4 = 6 cycles."""
+    8 outputs (3 groups × 2 tiles of K 1): the two jobs of a group cols = 4 cycles apart
+    (the array's drain), a group every max(2·4, rows + 4) = 8 cycles; tiny, the same map
+    with 8 channels (K 1) and 2 outputs (1 tile): a group every rows + 4 = 6 cycles
+    (setup-bound); that map on a 5×1×8 array, 9 outputs (9 tiles of K 1): thresholded,
+    jobs rows = 5 cycles apart (the writer), raw 1 cycle apart and a group every
+    max(9·1, rows + 4) = 9 cycles."""
     tiny, ice = load_config("tiny"), load_config("icebreaker")
     conv = {"out_h": 4, "out_w": 4, "channels": 32, "out_channels": 4, "kernel": 3,
             "raw": 0}
@@ -309,7 +340,16 @@ def test_known_counts():
     assert layer_cycles(tiny, {k: np.int64(v) for k, v in conv.items()}) == (576 + 18, 18)
     one = {"out_h": 2, "out_w": 3, "channels": 16, "out_channels": 8, "kernel": 1, "raw": 0}
     assert ideal_cycles(ice, one) == 6
-    assert layer_cycles(ice, one) == (1 + 5 * 6 + 3 * 2 + 2 * 4 + 8, 1 + 30 + 22 - 6)
+    assert layer_cycles(ice, one) == (1 + 2 * 8 + 4 + 3 * 2 + 2 * 4 + 8, 1 + 20 + 22 - 6)
+    one8 = one | {"channels": 8}                          # K 1 on simd 8
+    assert layer_cycles(tiny, one8 | {"out_channels": 2}) == (1 + 2 * 6 + 3 * 2 + 2 * 2 + 8,
+                                                              1 + 12 + 18 - 3)
+    narrow = small_config(5, 1, 8)
+    one9 = one8 | {"out_channels": 9}                     # 2 groups (6 px, 5 rows)
+    assert layer_cycles(narrow, one9) == (1 + 45 + 8 * 5 + 3 * 5 + 2 + 8,
+                                          1 + 45 + 40 + 25 - 18)
+    assert layer_cycles(narrow, one9 | {"raw": 1}) == (1 + 9 + 8 * 1 + 2 * 5 + 2 + 8,
+                                                       1 + 9 + 8 + 20 - 18)
 
 
 def test_counters_wrap_like_the_hardware():

@@ -28,6 +28,7 @@ from bitdet.hw.controller import LayerController
 from bitdet.hw.memory import activation_buffer, threshold_memory, weight_memory
 from bitdet.hw.window import WindowLayer
 from bitdet.sw import golden
+from bitdet.sw.cycles import layer_cycles
 from bitdet.sw.packing import pack_activations, pack_thresholds, pack_weights
 
 
@@ -195,6 +196,7 @@ def run_layer(config, layer, out_channels, *, raw=False, seed=0, bases=(0, 0, 0,
     sim.add_testbench(testbench)
     sim.run()
     stats["ideal"] = ctrl.ideal_cycles(layer, out_channels)
+    stats["model"] = layer_cycles(config, desc)
     stats["utilization"] = stats["ideal"] / stats["cycles"]
     if raw:
         p = golden.popcount_conv2d(x, w, stride=layer.stride, padding=layer.padding,
@@ -221,10 +223,11 @@ def run_layer(config, layer, out_channels, *, raw=False, seed=0, bases=(0, 0, 0,
 
 def check_stats(stats, *, rows, cols, k_words, raw=False):
     """Counters: every busy cycle either fed the array a K-word or is counted as a stall;
-    with jobs long enough for gapless feeding only the fixed cost remains
-    (docs/hardware.md, *Layer controller / Cycles*)."""
+    they are the cycle model's; with jobs long enough for gapless feeding only the fixed
+    cost remains (docs/hardware.md, *Layer controller / Cycles*)."""
     assert stats["busy_cycles"] == stats["cycles"] - 1      # busy from the cycle after start
     assert stats["busy_cycles"] - stats["stall_cycles"] == stats["ideal"]
+    assert (stats["busy_cycles"], stats["stall_cycles"]) == stats["model"]
     if k_words >= max(rows + 4, cols):
         writes = 0 if raw else rows
         assert stats["busy_cycles"] == stats["ideal"] + 2 * rows + 2 * cols + 8 + writes
@@ -240,6 +243,11 @@ CASES = {
     "3x3_no_pad": ((2, 2, 8), (5, 4, 7, 3, 1, 0, 0), 10),
     "simd_24": ((2, 4, 24), (4, 3, 30, 3, 1, 1, 1), 26),         # ceil(C/simd) by compares
     "compute_bound": ((2, 2, 8), (4, 4, 32, 3, 1, 1, 0), 4),     # K = 36 K-words ≥ 8
+    # K 1, 9 tiles per group, 8 per output word: the words of tiles 7 and 8 complete one
+    # job apart, faster than the writer's `rows` cycles without the controller's guard
+    "writer_guard": ((5, 1, 8), (3, 4, 5, 1, 1, 0, 0), 9),
+    "writer_guard_word_per_job": ((9, 8, 8), (3, 6, 5, 1, 1, 0, 0), 20),  # simd = cols
+    "1x1_many_tiles": ((3, 2, 16), (4, 3, 40, 1, 1, 0, 1), 23),  # 12 tiles, 2 words/px
 }
 
 

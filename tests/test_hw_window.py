@@ -78,24 +78,32 @@ class Harness(Elaboratable):
 def run_maps(maps, schedule, *, rows: int, simd: int, depth: int, rng,
              ready_rate: float = 1.0, command_gap: int = 0, max_kernel: int = 3):
     """Load every ``(layer, x, base)`` of ``maps`` into bank 1 at word ``base`` (bank 0 holds
-    junk), then run the jobs ``schedule`` = ``[(map number, group), ...]`` in that order.
+    junk), then run the commands ``schedule`` = ``[(map number, group[, tiles]), ...]`` in
+    that order (command ``k`` tagged ``k mod 16``, its jobs' tags stepping by
+    ``1 + k mod 5``).
 
-    Returns the generator and per job: the accepted words ``[(activations, row_valid,
-    first, last, index)]``, the command's accept cycle and the cycles its words were taken.
+    Returns the generator and per job (``tiles`` per command): the accepted words
+    ``[(activations, row_valid, first, last, index)]``, the command's number and accept
+    cycle and the cycles its words were taken.
     """
     gen = WindowGenerator(rows=rows, simd=simd, depth=depth, max_channels=64,
-                          max_kernel=max_kernel, max_stride=2, tag_width=5)
+                          max_kernel=max_kernel, max_stride=2, tag_width=5, max_tiles=4)
     buf = ActivationBuffer(simd=simd, depth=depth, read_ports=rows)
     image = {}
     for _layer, x, base in maps:
         for a, v in enumerate(to_ints(pack_activations(x, word_bits=simd)[0], simd)):
             image[base + a] = v
     junk = {a: int(rng.integers(0, 1 << simd)) for a in range(max(image) + 1)}
-    commands = [gen.command_payload(maps[n][0], g, base=maps[n][2], tag=k % 32)
-                for k, (n, g) in enumerate(schedule)]
-    jobs = [{"words": [], "cycles": [], "accept": None} for _ in commands]
-    max_cycles = 200 + sum(maps[n][0].k_words(simd) + rows + 5 + command_gap
-                           for n, _ in schedule) * int(4 / ready_rate)
+    schedule = [(n, g, rest[0] if rest else 1) for n, g, *rest in schedule]
+    commands, jobs = [], []
+    for k, (n, g, tiles) in enumerate(schedule):
+        step = 1 + k % 5 if tiles > 1 else 0
+        commands.append(gen.command_payload(maps[n][0], g, base=maps[n][2], tag=k % 16,
+                                            tiles=tiles, tag_step=step))
+        jobs += [{"words": [], "cycles": [], "command": k, "accept": None,
+                  "tag": k % 16 + t * step} for t in range(tiles)]
+    max_cycles = 200 + sum(tiles * maps[n][0].k_words(simd) + rows + 5 + command_gap
+                           for n, _, tiles in schedule) * int(4 / ready_rate)
 
     async def testbench(ctx):
         for select, words in ((1, junk), (0, image)):       # write bank 1 − select
@@ -119,7 +127,9 @@ def run_maps(maps, schedule, *, rows: int, simd: int, depth: int, rng,
             ready = bool(rng.random() < ready_rate)
             ctx.set(gen.words.ready, ready)
             if offer and ctx.get(gen.command.ready):
-                jobs[sent]["accept"] = cycle
+                for job_ in jobs:
+                    if job_["command"] == sent:
+                        job_["accept"] = cycle
                 sent += 1
                 gap = command_gap
             elif gap:
@@ -131,12 +141,12 @@ def run_maps(maps, schedule, *, rows: int, simd: int, depth: int, rng,
                 if ready:
                     if out.first:
                         job += 1
-                        assert out.tag == job % 32
+                    assert out.tag == jobs[job]["tag"]
                     jobs[job]["words"].append(
                         ([out.activations[r] for r in range(rows)], out.row_valid,
                          out.first, out.last, out.index))
                     jobs[job]["cycles"].append(cycle)
-                    if out.last and job == len(commands) - 1:
+                    if out.last and job == len(jobs) - 1:
                         return
             if ctx.get(gen.fetch.en):
                 weight_addr = (ctx.get(gen.fetch.tag), ctx.get(gen.fetch.index))
@@ -156,12 +166,16 @@ def run_layer(layer: WindowLayer, x: torch.Tensor, **kwargs):
                     **kwargs)
 
 
-def check_words(layer, x, jobs, *, rows, simd):
-    """Every word equals the model's, with first/last/index/row_valid."""
+def check_words(layer, x, jobs, *, rows, simd, groups=None):
+    """Every word equals the model's, with first/last/index/row_valid; job ``n`` is of
+    group ``groups[n]`` (default: one job per group, in order)."""
     model = expected_jobs(x, layer, simd=simd, rows=rows)
-    assert len(jobs) == len(model)
+    if groups is None:
+        groups = range(len(model))
+    assert len(jobs) == len(groups)
     k = layer.k_words(simd)
-    for g, (job, (words, row_valid)) in enumerate(zip(jobs, model, strict=True)):
+    for g, job in zip(groups, jobs, strict=True):
+        words, row_valid = model[g]
         assert len(job["words"]) == k, g
         for j, (acts, valid, first, last, index) in enumerate(job["words"]):
             assert acts == words[j], (g, j)
@@ -281,6 +295,51 @@ def test_window_interleaved_layers():
         check_popcounts(layer, x, mine, rows=rows, simd=simd)
 
 
+@pytest.mark.parametrize(("rows", "channels", "kernel", "tiles"),
+                         [(3, 11, 3, 2), (2, 8, 1, 4), (4, 17, 1, 3), (1, 8, 3, 2)])
+def test_window_tiles_throughput(rows, channels, kernel, tiles):
+    """Commands of several jobs (one window, tags stepping by ``tag_step``): every job
+    carries its group's words; the jobs of a command follow each other with no idle cycle
+    (the window is set up once), and the commands' first words are ``job_cycles(K,
+    tiles) = max(tiles · K, rows + 4)`` apart."""
+    rng = np.random.default_rng(rows + 10 * tiles)
+    layer = WindowLayer(5, 6, channels, kernel, 1, kernel // 2, 0)
+    x = random_input(rng, channels, 5, 6)
+    schedule = [(0, g, tiles) for g in range(layer.groups(rows))]
+    gen, jobs = run_maps([(layer, x, 0)], schedule, rows=rows, simd=8, depth=128, rng=rng)
+    for t in range(tiles):
+        check_words(layer, x, jobs[t::tiles], rows=rows, simd=8)
+    k = layer.k_words(8)
+    assert gen.job_cycles(k, tiles) == max(tiles * k, rows + 4)
+    assert jobs[0]["cycles"][0] == jobs[0]["accept"] + gen.setup_cycles + 1
+    for n in range(0, len(jobs), tiles):
+        command = [c for job in jobs[n:n + tiles] for c in job["cycles"]]
+        assert command == list(range(command[0], command[0] + tiles * k))
+        if n:
+            assert command[0] - jobs[n - tiles]["cycles"][0] == gen.job_cycles(k, tiles)
+
+
+def test_window_tiles_interleaved():
+    """Commands of 1 … 4 jobs of two maps, interleaved, with back-pressure and gaps: the
+    words of every job are its group's, also when the next command (another window) is
+    set up while a command's later jobs are read."""
+    rng = np.random.default_rng(12)
+    rows, simd = 2, 8
+    a = WindowLayer(4, 5, 11, 3, 1, 1, 1)
+    b = WindowLayer(5, 5, 19, 1, 2, 0, 0)
+    xa, xb = random_input(rng, 11, 4, 5), random_input(rng, 19, 5, 5)
+    base_b = a.in_h * a.in_w * a.words(simd) + 3
+    schedule = [(0, 0, 2), (1, 0, 4), (0, 1, 1), (0, 2, 3), (1, 1, 2), (1, 2, 4), (0, 3, 4),
+                (0, 4, 1), (1, 4, 3), (0, 9, 2)]
+    _, jobs = run_maps([(a, xa, 0), (b, xb, base_b)], schedule, rows=rows, simd=simd,
+                       depth=128, rng=rng, ready_rate=0.7, command_gap=1)
+    for n, (layer, x) in enumerate(((a, xa), (b, xb))):
+        mine = [(job, schedule[job["command"]][1]) for job in jobs
+                if schedule[job["command"]][0] == n]
+        check_words(layer, x, [job for job, _ in mine], rows=rows, simd=simd,
+                    groups=[g for _, g in mine])
+
+
 class ConvCore(Elaboratable):
     """Buffer → window generator → (+ weight memory) → systolic array, joined as the
     generator's docstring describes: weights read at ``fetch.tag + fetch.index``."""
@@ -288,7 +347,7 @@ class ConvCore(Elaboratable):
     def __init__(self, *, rows, cols, simd, depth, weight_depth):
         self.gen = WindowGenerator(rows=rows, simd=simd, depth=depth, max_channels=64,
                                    max_kernel=3, max_stride=2,
-                                   tag_width=(weight_depth - 1).bit_length())
+                                   tag_width=(weight_depth - 1).bit_length(), max_tiles=8)
         self.buf = ActivationBuffer(simd=simd, depth=depth, read_ports=rows)
         self.weights = ColumnMemory(shape=simd, depth=weight_depth, columns=cols)
         self.array = SystolicArray(rows=rows, cols=cols, simd=simd, acc_width=10)
@@ -314,12 +373,17 @@ class ConvCore(Elaboratable):
         return m
 
 
-@pytest.mark.parametrize(("layer", "out_channels", "cols"), [
-    (WindowLayer(5, 6, 11, 3, 1, 1, 1), 5, 3),    # K = 18 words, two tiles
-    (WindowLayer(6, 5, 7, 1, 2, 0, 0), 12, 8),    # K = 1 word; jobs every rows + 4 = 6
-])                                                # cycles < cols: the array stalls `last`
-def test_window_feeds_the_array(layer, out_channels, cols):
-    """Every (tile, group) job through the real array: P equals the golden convolution."""
+@pytest.mark.parametrize(("layer", "out_channels", "cols", "per_command"), [
+    (WindowLayer(5, 6, 11, 3, 1, 1, 1), 5, 3, False),    # K = 18 words, two tiles
+    (WindowLayer(6, 5, 7, 1, 2, 0, 0), 12, 8, False),    # K = 1 word; jobs every rows + 4
+    # = 6 cycles < cols: the array stalls `last`; then all tiles of a group in one
+    # command: jobs K = 1 cycle apart, the array's `ready` spaces them by cols
+    (WindowLayer(6, 5, 7, 1, 2, 0, 0), 12, 8, True),
+    (WindowLayer(5, 6, 11, 3, 1, 1, 1), 8, 2, True),     # K = 18 words, four tiles
+])
+def test_window_feeds_the_array(layer, out_channels, cols, per_command):
+    """Every (tile, group) job through the real array — one command per job, or one per
+    group running all its tiles (tags ``t·K``): P equals the golden convolution."""
     rows, simd = 2, 8
     rng = np.random.default_rng(out_channels)
     x = random_input(rng, layer.channels, layer.in_h, layer.in_w)
@@ -329,10 +393,14 @@ def test_window_feeds_the_array(layer, out_channels, cols):
                                pad_value=1 if layer.pad_bit else -1)[0].numpy()
     w_packed = pack_weights(w, word_bits=simd, cols=cols)           # tiles, K, cols, bytes
     tiles, k = w_packed.shape[:2]
-    dut = ConvCore(rows=rows, cols=cols, simd=simd, depth=128, weight_depth=64)
+    dut = ConvCore(rows=rows, cols=cols, simd=simd, depth=128, weight_depth=128)
     gen = dut.gen
     jobs = [(t, g) for g in range(layer.groups(rows)) for t in range(tiles)]
-    commands = [gen.command_payload(layer, g, tag=t * k) for t, g in jobs]
+    if per_command:
+        commands = [gen.command_payload(layer, g, tiles=tiles)
+                    for g in range(layer.groups(rows))]
+    else:
+        commands = [gen.command_payload(layer, g, tag=t * k) for t, g in jobs]
     image = to_ints(pack_activations(x, word_bits=simd)[0], simd)
     results = []
 
@@ -411,11 +479,25 @@ def test_command_payload_and_layer_checks():
     assert gen.command_payload(layer, 2) == {
         "in_h": 5, "in_w": 5, "out_w": 3, "channels": 10, "words": 2, "kernel": 3,
         "stride": 2, "padding": 1, "pad_bit": 1, "oy": 2, "ox": 2, "count": 1, "base": 0,
-        "tag": 0}
+        "tag": 0, "tiles": 1, "tag_step": 0}
     assert gen.command_payload(layer, 0, base=14)["base"] == 14
     assert gen.command_payload(layer, 0, tag=511)["tag"] == 511     # weight_depth 512
     with pytest.raises(ValueError, match="tag 512 does not fit in 9 bits"):
         gen.command_payload(layer, 0, tag=512)
+    # tiles: max_channels / cols = 8 jobs per command; tag_step defaults to K = 18
+    assert gen.max_tiles == 8
+    assert {k: v for k, v in gen.command_payload(layer, 1, tag=5, tiles=8).items()
+            if k in ("tag", "tiles", "tag_step")} == {"tag": 5, "tiles": 8, "tag_step": 18}
+    assert gen.command_payload(layer, 1, tag=7, tiles=2, tag_step=3)["tag_step"] == 3
+    assert gen.command_payload(layer, 0, tag=511 - 7 * 18, tiles=8)["tag"] == 385
+    with pytest.raises(ValueError, match=r"tag 386 … 512 does not fit in 9 bits"):
+        gen.command_payload(layer, 0, tag=386, tiles=8)
+    with pytest.raises(ValueError, match="tiles must be in 1 … 8, not 9"):
+        gen.command_payload(layer, 0, tiles=9)
+    with pytest.raises(ValueError, match="tiles must be in 1 … 8, not 0"):
+        gen.command_payload(layer, 0, tiles=0)
+    with pytest.raises(ValueError, match="tag_step must be a non-negative integer, not -1"):
+        gen.command_payload(layer, 0, tiles=2, tag_step=-1)
     with pytest.raises(ValueError, match="group must be in 0 … 2"):
         gen.command_payload(layer, 3)
     with pytest.raises(ValueError, match="needs words 0 … 71, a bank holds 64"):
@@ -430,6 +512,9 @@ def test_command_payload_and_layer_checks():
         WindowLayer(3, 3, 3, 3, pad_bit=2)
     with pytest.raises(ValueError, match="rows must be at least 1"):
         WindowGenerator(rows=0, simd=8, depth=8, max_channels=8, max_kernel=3, max_stride=1)
+    with pytest.raises(ValueError, match="max_tiles must be at least 1"):
+        WindowGenerator(rows=1, simd=8, depth=8, max_channels=8, max_kernel=3, max_stride=1,
+                        max_tiles=0)
 
 
 def test_window_generator_converts_to_verilog():
