@@ -2,22 +2,28 @@
 
 :class:`CommandExecutor` joins :class:`~bitdet.hw.decoder.CommandDecoder`,
 :class:`~bitdet.hw.decoder.ResponseEncoder`, the weight and threshold column memories,
-the ping-pong :class:`~bitdet.hw.memory.ActivationBuffer` and the
-:class:`~bitdet.hw.controller.LayerController`, and executes the commands of
-``docs/protocol.md`` (payload layouts there and in :mod:`bitdet.sw.protocol`):
+the ping-pong :class:`~bitdet.hw.memory.ActivationBuffer`, the
+:class:`~bitdet.hw.controller.LayerController` (binary convolutions), the
+:class:`~bitdet.hw.pool.PoolEngine` (binary max-pool passes) and a layer table, and
+executes the commands of ``docs/protocol.md`` (payload layouts there and in
+:mod:`bitdet.sw.protocol`):
 
 * ``IDENTIFY`` → :class:`~bitdet.sw.protocol.IdentifyReply` of the config (constant bytes);
 * ``WRITE_WEIGHTS`` / ``WRITE_THRESHOLDS`` / ``WRITE_ACTIVATIONS``: address u32 LE, then
   whole entries, written to memory as the bytes arrive (provisionally: a frame that ends
   in ABORT has written what it carried, the host resends it);
 * ``CONFIGURE_LAYER``: a 32-byte descriptor (:func:`~bitdet.sw.protocol.encode_layer`),
-  checked against the build's limits;
-* ``RUN_LAYER``: runs the configured layer, flips the ping-pong select, answers the
-  busy / stall cycle counts;
+  a convolution or (flag ``LAYER_FLAG_POOL``) a pool pass, checked against the build's
+  limits and stored in entry 0 of the layer table; 33 bytes ``[index] + descriptor``
+  store it in entry ``index`` (``LAYER_TABLE_ENTRIES`` entries);
+* ``RUN_LAYER [index]``: runs table entry ``index`` (default 0) on the controller or the
+  pool engine, flips the ping-pong select, answers the busy / stall cycle counts;
+* ``RUN_NETWORK n``: runs entries ``0 … n − 1`` back to back (each flips the select),
+  answers the summed counts;
 * ``READ_ACTIVATIONS``: words of the bank the next layer reads, streamed from memory into
   the response;
-* ``READ_COUNTERS``, ``RESET``; ``RUN_NETWORK`` and ``READ_RESULTS`` are not implemented
-  and answer ``UNKNOWN_OPCODE``.
+* ``READ_COUNTERS``, ``RESET``; ``READ_RESULTS`` is not implemented and answers
+  ``UNKNOWN_OPCODE``.
 
 Commands are executed one at a time: while a command executes (a layer runs, a response
 goes out) the executor takes no decoder event, so the decoder stalls its input (the host
@@ -28,12 +34,15 @@ from __future__ import annotations
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import stream, wiring
+from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from bitdet.sw.protocol import (
     COUNTERS_SIZE,
     LAYER_DESCRIPTOR_SIZE,
     LAYER_FLAG_PAD_BIT,
+    LAYER_FLAG_POOL,
+    LAYER_TABLE_ENTRIES,
     MAX_PAYLOAD,
     ErrorCode,
     IdentifyReply,
@@ -46,6 +55,7 @@ from .config import AcceleratorConfig
 from .controller import LayerController
 from .decoder import CommandDecoder, DecoderEvent, ResponseEncoder, timeout_cycles
 from .memory import activation_buffer, threshold_memory, weight_memory
+from .pool import PoolEngine, pool_max_kernel
 
 __all__ = ["CommandExecutor"]
 
@@ -105,6 +115,11 @@ class CommandExecutor(wiring.Component):
     def activation_word_bytes(self) -> int:
         return self._config.simd // 8
 
+    @property
+    def layer_table_entries(self) -> int:
+        """Entries of the layer table (:data:`~bitdet.sw.protocol.LAYER_TABLE_ENTRIES`)."""
+        return LAYER_TABLE_ENTRIES
+
     def elaborate(self, platform):
         m = Module()
         c = self._config
@@ -115,6 +130,7 @@ class CommandExecutor(wiring.Component):
         dec = m.submodules.decoder = CommandDecoder(timeout_cycles=timeout)
         enc = m.submodules.encoder = ResponseEncoder()
         ctrl = m.submodules.controller = LayerController(config=c)
+        pool = m.submodules.pool = PoolEngine(config=c)
         wmem = m.submodules.weights = weight_memory(c)
         tmem = m.submodules.thresholds = threshold_memory(c)
         buf = m.submodules.activations = activation_buffer(c)
@@ -126,7 +142,6 @@ class CommandExecutor(wiring.Component):
         wiring.connect(m, ctrl.thresholds, tmem.read)
         for r in range(1, c.rows):
             wiring.connect(m, ctrl.act_read[r], buf.read[r])
-        wiring.connect(m, ctrl.act_write, buf.write)
 
         ev = dec.o.payload
         resp = enc.response
@@ -141,11 +156,26 @@ class CommandExecutor(wiring.Component):
         column = Signal(range(max(c.cols, 2)))
         bad = Signal()                                     # a write left its memory
         sel = Signal()                                     # bank the next layer reads
-        configured = Signal()
         running = Signal()
         last_busy = Signal(32)
         last_stall = Signal(32)
-        desc = Signal(ctrl.descriptor_layout)
+        # the layer table: LAYER_TABLE_ENTRIES descriptors of 32 bytes, stored as received
+        # (after the checks) in one byte-wide memory, loaded back into `args` to run
+        entries = LAYER_TABLE_ENTRIES
+        valid = Signal(entries)                            # entry i holds a checked layer
+        entry = Signal(range(entries))                     # entry being stored / run
+        table_index = Signal(8)                            # CONFIGURE_LAYER's index byte
+        layers_left = Signal(range(entries + 1))
+        step = Signal(range(LAYER_DESCRIPTOR_SIZE + 1))    # byte of the entry
+        sum_busy = Signal(32)
+        sum_stall = Signal(32)
+        table = m.submodules.layer_table = Memory(
+            shape=8, depth=entries * LAYER_DESCRIPTOR_SIZE, init=[])
+        table_w = table.write_port()
+        table_r = table.read_port()
+        table_addr = entry * LAYER_DESCRIPTOR_SIZE + step[:(LAYER_DESCRIPTOR_SIZE - 1)
+                                                         .bit_length()]
+        m.d.comb += [table_w.addr.eq(table_addr), table_r.addr.eq(table_addr)]
 
         status = Signal(8)
         resp_len = Signal(16)
@@ -204,21 +234,33 @@ class CommandExecutor(wiring.Component):
         ]
         # WRITE_ACTIVATIONS writes the bank the next layer reads: the buffer's write port
         # writes bank 1 − select, so select is flipped while such a frame streams in (the
-        # controller is idle then). Otherwise the controller owns the write port.
+        # controller and the pool engine are idle then). Otherwise the engine that runs
+        # (only one at a time) owns the write port.
         act_frame = Signal()
+        run_pool = Signal()                                # the running layer is a pool
         m.d.comb += act_frame.eq(~running & (opcode == Opcode.WRITE_ACTIVATIONS))
         with m.If(act_frame):
             m.d.comb += [buf.select.eq(~sel), buf.write.en.eq(amem_en),
                          buf.write.addr.eq(waddr), buf.write.data.eq(full_word)]
+        with m.Elif(run_pool):
+            m.d.comb += [buf.select.eq(sel), buf.write.en.eq(pool.act_write.en),
+                         buf.write.addr.eq(pool.act_write.addr),
+                         buf.write.data.eq(pool.act_write.data)]
         with m.Else():
-            m.d.comb += buf.select.eq(sel)
+            m.d.comb += [buf.select.eq(sel), buf.write.en.eq(ctrl.act_write.en),
+                         buf.write.addr.eq(ctrl.act_write.addr),
+                         buf.write.data.eq(ctrl.act_write.data)]
 
-        # row 0's read port: the controller's while a layer runs, READ_ACTIVATIONS' otherwise
+        # row 0's read port: the controller's or the pool engine's while a layer runs,
+        # READ_ACTIVATIONS' otherwise
         read_en = Signal()
         m.d.comb += [
-            buf.read[0].addr.eq(Mux(running, ctrl.act_read[0].addr, raddr)),
-            buf.read[0].en.eq(Mux(running, ctrl.act_read[0].en, read_en)),
+            buf.read[0].addr.eq(Mux(running, Mux(run_pool, pool.act_read.addr,
+                                                 ctrl.act_read[0].addr), raddr)),
+            buf.read[0].en.eq(Mux(running, Mux(run_pool, pool.act_read.en,
+                                               ctrl.act_read[0].en), read_en)),
             ctrl.act_read[0].data.eq(buf.read[0].data),
+            pool.act_read.data.eq(buf.read[0].data),
         ]
 
         # -- argument fields ----------------------------------------------------------------
@@ -230,7 +272,35 @@ class CommandExecutor(wiring.Component):
             m.next = "RESPOND"
 
         identify = int.from_bytes(IdentifyReply.for_config(c).pack(), "little")
-        m.d.comb += ctrl.layer.eq(desc)
+        # the engines sample their descriptor in the cycle of `start`: a plain decoding of
+        # the entry loaded into `args`
+        f = self._fields(arg)
+        desc = Signal(ctrl.descriptor_layout)
+        pdesc = Signal(pool.descriptor_layout)
+        is_pool = f["flags"][2]
+        m.d.comb += [
+            desc.in_h.eq(f["in_h"]), desc.in_w.eq(f["in_w"]),
+            desc.channels.eq(f["channels"]), desc.out_h.eq(f["out_h"]),
+            desc.out_w.eq(f["out_w"]), desc.out_channels.eq(f["out_channels"]),
+            desc.kernel.eq(f["kernel"]), desc.stride.eq(f["stride"]),
+            desc.padding.eq(f["padding"]), desc.pad_bit.eq(f["flags"][0]),
+            desc.input_base.eq(f["input_base"]), desc.output_base.eq(f["output_base"]),
+            desc.weight_base.eq(f["weight_base"]),
+            desc.threshold_base.eq(f["threshold_base"]), desc.raw.eq(0),
+            pdesc.in_h.eq(f["in_h"]), pdesc.in_w.eq(f["in_w"]),
+            pdesc.channels.eq(f["channels"]), pdesc.out_h.eq(f["out_h"]),
+            pdesc.out_w.eq(f["out_w"]), pdesc.kernel.eq(f["kernel"]),
+            pdesc.stride.eq(f["stride"]), pdesc.input_base.eq(f["input_base"]),
+            pdesc.output_base.eq(f["output_base"]),
+            ctrl.layer.eq(desc), pool.layer.eq(pdesc),
+        ]
+        # CONFIGURE_LAYER of 33 bytes: [index] + descriptor, the descriptor lands in `args`
+        # at the offsets of a 32-byte one
+        shift = Signal()
+        pos = Signal(17)
+        m.d.comb += [shift.eq((opcode == Opcode.CONFIGURE_LAYER)
+                              & (length == LAYER_DESCRIPTOR_SIZE + 1)),
+                     pos.eq(index - shift)]
 
         with m.FSM(name="executor"):
             with m.State("RECEIVE"):
@@ -243,8 +313,10 @@ class CommandExecutor(wiring.Component):
                                          bad.eq(0), args.eq(0)]
                         with m.Case(DecoderEvent.DATA):
                             m.d.sync += index.eq(index + 1)
+                            with m.If(shift & (index == 0)):
+                                m.d.sync += table_index.eq(ev.data)
                             for k in range(LAYER_DESCRIPTOR_SIZE):
-                                with m.If(index == k):
+                                with m.If(pos == k):
                                     m.d.sync += args[8 * k:8 * k + 8].eq(ev.data)
                             with m.If(index == _ADDRESS_BYTES - 1):
                                 m.d.sync += waddr.eq(Cat(args[:24], ev.data))
@@ -258,7 +330,7 @@ class CommandExecutor(wiring.Component):
                         m.d.sync += small.eq(identify)
                         respond(ErrorCode.OK, IdentifyReply.SIZE)
                     with m.Case(Opcode.RESET):
-                        m.d.sync += [sel.eq(0), configured.eq(0), last_busy.eq(0),
+                        m.d.sync += [sel.eq(0), valid.eq(0), last_busy.eq(0),
                                      last_stall.eq(0)]
                         respond(ErrorCode.OK)
                     with m.Case(Opcode.WRITE_WEIGHTS, Opcode.WRITE_THRESHOLDS,
@@ -266,16 +338,29 @@ class CommandExecutor(wiring.Component):
                         incomplete = (byte_idx != 0) | (column != 0)
                         respond(Mux(bad | incomplete, ErrorCode.BAD_ADDRESS, ErrorCode.OK))
                     with m.Case(Opcode.CONFIGURE_LAYER):
-                        self._configure(m, c, ctrl, arg, length, desc, configured, respond)
+                        self._configure(m, c, f, length, table_index, valid, entry, step,
+                                        respond)
                     with m.Case(Opcode.RUN_LAYER):
-                        with m.If((length != 0) & (arg(0, 1) != 0)):
+                        which = arg(0, 1)                  # 0 without a payload (args cleared)
+                        with m.If(which >= entries):
                             respond(ErrorCode.BAD_ARGUMENT)
-                        with m.Elif(~configured):
+                        with m.Elif(~valid.bit_select(which[:(entries - 1).bit_length()], 1)):
                             respond(ErrorCode.NOT_CONFIGURED)
                         with m.Else():
-                            m.d.comb += ctrl.start.eq(1)
-                            m.d.sync += running.eq(1)
-                            m.next = "RUN"
+                            m.d.sync += [entry.eq(which), layers_left.eq(1), step.eq(0),
+                                         sum_busy.eq(0), sum_stall.eq(0)]
+                            m.next = "LOAD"
+                    with m.Case(Opcode.RUN_NETWORK):
+                        n = arg(0, 1)
+                        needed = Cat(n > i for i in range(entries))
+                        with m.If((n == 0) | (n > entries)):
+                            respond(ErrorCode.BAD_ARGUMENT)
+                        with m.Elif((valid & needed) != needed):
+                            respond(ErrorCode.NOT_CONFIGURED)
+                        with m.Else():
+                            m.d.sync += [entry.eq(0), layers_left.eq(n), step.eq(0),
+                                         sum_busy.eq(0), sum_stall.eq(0)]
+                            m.next = "LOAD"
                     with m.Case(Opcode.READ_ACTIVATIONS):
                         address = arg(0, 4)
                         words = arg(4, 2)
@@ -290,16 +375,49 @@ class CommandExecutor(wiring.Component):
                     with m.Case(Opcode.READ_COUNTERS):
                         m.d.sync += small.eq(Cat(last_busy, last_stall))
                         respond(ErrorCode.OK, COUNTERS_SIZE)
-                    with m.Default():                       # RUN_NETWORK, READ_RESULTS
+                    with m.Default():                       # READ_RESULTS
                         respond(ErrorCode.UNKNOWN_OPCODE)
 
+            with m.State("STORE"):
+                # a checked CONFIGURE_LAYER: its 32 bytes into the entry, one per cycle
+                m.d.comb += [table_w.en.eq(1), table_w.data.eq(args.word_select(
+                    step[:(LAYER_DESCRIPTOR_SIZE - 1).bit_length()], 8))]
+                m.d.sync += step.eq(step + 1)
+                with m.If(step == LAYER_DESCRIPTOR_SIZE - 1):
+                    m.d.sync += valid.bit_select(entry, 1).eq(1)
+                    respond(ErrorCode.OK)
+
+            with m.State("LOAD"):
+                # the entry back into `args`: read byte `step`, take byte `step − 1`
+                m.d.comb += table_r.en.eq(step != LAYER_DESCRIPTOR_SIZE)
+                m.d.sync += step.eq(step + 1)
+                for k in range(LAYER_DESCRIPTOR_SIZE):
+                    with m.If(step == k + 1):
+                        m.d.sync += args[8 * k:8 * k + 8].eq(table_r.data)
+                with m.If(step == LAYER_DESCRIPTOR_SIZE):
+                    m.next = "START"
+
+            with m.State("START"):
+                m.d.comb += [ctrl.start.eq(~is_pool), pool.start.eq(is_pool)]
+                m.d.sync += [running.eq(1), run_pool.eq(is_pool)]
+                m.next = "RUN"
+
             with m.State("RUN"):
-                with m.If(ctrl.done):
-                    m.d.sync += [running.eq(0), sel.eq(~sel),
-                                 last_busy.eq(ctrl.busy_cycles),
-                                 last_stall.eq(ctrl.stall_cycles),
-                                 small.eq(Cat(ctrl.busy_cycles, ctrl.stall_cycles))]
-                    respond(ErrorCode.OK, COUNTERS_SIZE)
+                # counters summed over the layers of the command (u32, wrapping)
+                busy_sum = (sum_busy + Mux(run_pool, pool.busy_cycles, ctrl.busy_cycles))[:32]
+                stall_sum = (sum_stall + Mux(run_pool, pool.stall_cycles,
+                                             ctrl.stall_cycles))[:32]
+                with m.If(Mux(run_pool, pool.done, ctrl.done)):
+                    m.d.sync += [running.eq(0), run_pool.eq(0), sel.eq(~sel),
+                                 sum_busy.eq(busy_sum), sum_stall.eq(stall_sum),
+                                 layers_left.eq(layers_left - 1), entry.eq(entry + 1),
+                                 step.eq(0)]
+                    with m.If(layers_left == 1):
+                        m.d.sync += [last_busy.eq(busy_sum), last_stall.eq(stall_sum),
+                                     small.eq(Cat(busy_sum, stall_sum))]
+                        respond(ErrorCode.OK, COUNTERS_SIZE)
+                    with m.Else():
+                        m.next = "LOAD"
 
             with m.State("RESPOND"):
                 m.d.comb += resp.valid.eq(1)
@@ -340,57 +458,73 @@ class CommandExecutor(wiring.Component):
         return m
 
     @staticmethod
-    def _configure(m, c, ctrl, arg, length, desc, configured, respond):
-        """CONFIGURE_LAYER: check what is cheap to check, then latch the descriptor."""
-        in_h, in_w, channels = arg(0, 2), arg(2, 2), arg(4, 2)
-        out_h, out_w, out_channels = arg(6, 2), arg(8, 2), arg(10, 2)
-        kernel, stride, padding, flags = arg(12, 1), arg(13, 1), arg(14, 1), arg(15, 1)
-        input_base, output_base = arg(16, 4), arg(20, 4)
-        weight_base, threshold_base = arg(24, 4), arg(28, 4)
+    def _fields(arg) -> dict:
+        """The fields of a 32-byte layer descriptor in ``args`` (protocol.md)."""
+        return {
+            "in_h": arg(0, 2), "in_w": arg(2, 2), "channels": arg(4, 2),
+            "out_h": arg(6, 2), "out_w": arg(8, 2), "out_channels": arg(10, 2),
+            "kernel": arg(12, 1), "stride": arg(13, 1), "padding": arg(14, 1),
+            "flags": arg(15, 1), "input_base": arg(16, 4), "output_base": arg(20, 4),
+            "weight_base": arg(24, 4), "threshold_base": arg(28, 4),
+        }
+
+    @staticmethod
+    def _configure(m, c, f, length, table_index, valid, entry, step, respond):
+        """CONFIGURE_LAYER: check what is cheap to check; a good descriptor is stored in
+        its table entry (state STORE), a refused one leaves that entry unconfigured."""
+        in_h, in_w, channels = f["in_h"], f["in_w"], f["channels"]
+        out_h, out_w, out_channels = f["out_h"], f["out_w"], f["out_channels"]
+        kernel, stride, padding, flags = f["kernel"], f["stride"], f["padding"], f["flags"]
+        input_base, output_base = f["input_base"], f["output_base"]
+        weight_base, threshold_base = f["weight_base"], f["threshold_base"]
+        pool = flags[2]
+        pool_kernel = pool_max_kernel(c)
         zero = ((in_h == 0) | (in_w == 0) | (channels == 0) | (out_h == 0) | (out_w == 0)
                 | (out_channels == 0) | (kernel == 0) | (stride == 0))
-        # only the pad bit is supported: raw mode needs READ_RESULTS
-        bad_flags = (flags & ~Const(LAYER_FLAG_PAD_BIT, 8)) != 0
-        too_big = ((kernel > c.max_kernel) | (stride > c.max_stride)
-                   | (padding > c.max_kernel - 1)
-                   | (channels > c.max_channels) | (out_channels > c.max_channels)
+        # a conv may set only the pad bit (raw mode needs READ_RESULTS); a pool only its
+        # flag, reads no weights or thresholds and keeps the channels
+        bad_flags = Mux(pool, (flags != LAYER_FLAG_POOL) | (weight_base != 0)
+                        | (threshold_base != 0) | (out_channels != channels),
+                        (flags & ~Const(LAYER_FLAG_PAD_BIT, 8)) != 0)
+        conv_too_big = ((kernel > c.max_kernel) | (stride > c.max_stride)
+                        | (padding > c.max_kernel - 1) | (out_channels > c.max_channels)
+                        | (weight_base >= c.weight_depth)
+                        | (threshold_base >= c.threshold_depth))
+        pool_too_big = (kernel > pool_kernel) | (stride > pool_kernel) | (padding != 0)
+        too_big = (Mux(pool, pool_too_big, conv_too_big)
+                   | (channels > c.max_channels)
                    | (in_h > c.activation_depth) | (in_w > c.activation_depth)
                    | (out_h > c.activation_depth) | (out_w > c.activation_depth)
-                   | (input_base >= c.activation_depth) | (output_base >= c.activation_depth)
-                   | (weight_base >= c.weight_depth)
-                   | (threshold_base >= c.threshold_depth))
+                   | (input_base >= c.activation_depth) | (output_base >= c.activation_depth))
         # geometry: out = floor((in + 2·padding − kernel) / stride) + 1, i.e.
-        # (out − 1)·stride + kernel ≤ in + 2·padding < out·stride + kernel (small products)
+        # (out − 1)·stride + kernel ≤ in + 2·padding < out·stride + kernel (small products);
+        # a pool gets here only with padding 0
         dim = c.activation_depth.bit_length()
+        stride_bits = max(c.max_stride, pool_kernel).bit_length()
         geometry = Const(1, 1)
         for size, out in ((in_h, out_h), (in_w, out_w)):
             span = size[:dim] + 2 * padding[:3]
-            reach = out[:dim] * stride[:3]
+            reach = out[:dim] * stride[:stride_bits]
             geometry = geometry & (reach - stride + kernel <= span) & (span < reach + kernel)
         # the maps fit a bank (this also bounds a layer's run time)
         area = ((in_h[:dim] * in_w[:dim] > c.activation_depth)
                 | (out_h[:dim] * out_w[:dim] > c.activation_depth))
-        with m.If(length != LAYER_DESCRIPTOR_SIZE):
-            m.d.sync += configured.eq(0)
+        indexed = length == LAYER_DESCRIPTOR_SIZE + 1
+        which = Mux(indexed, table_index, 0)
+        target = valid.bit_select(which[:(LAYER_TABLE_ENTRIES - 1).bit_length()], 1)
+        with m.If((length != LAYER_DESCRIPTOR_SIZE) & ~indexed):
             respond(ErrorCode.BAD_LENGTH)
+        with m.Elif(which >= LAYER_TABLE_ENTRIES):
+            respond(ErrorCode.BAD_ARGUMENT)
         with m.Elif(zero | bad_flags):
-            m.d.sync += configured.eq(0)
+            m.d.sync += target.eq(0)
             respond(ErrorCode.BAD_ARGUMENT)
         with m.Elif(too_big | area):
-            m.d.sync += configured.eq(0)
+            m.d.sync += target.eq(0)
             respond(ErrorCode.LAYER_DOES_NOT_FIT)
         with m.Elif(~geometry):
-            m.d.sync += configured.eq(0)
+            m.d.sync += target.eq(0)
             respond(ErrorCode.BAD_ARGUMENT)
         with m.Else():
-            m.d.sync += [
-                configured.eq(1),
-                desc.in_h.eq(in_h), desc.in_w.eq(in_w), desc.channels.eq(channels),
-                desc.out_h.eq(out_h), desc.out_w.eq(out_w),
-                desc.out_channels.eq(out_channels), desc.kernel.eq(kernel),
-                desc.stride.eq(stride), desc.padding.eq(padding), desc.pad_bit.eq(flags[0]),
-                desc.input_base.eq(input_base), desc.output_base.eq(output_base),
-                desc.weight_base.eq(weight_base), desc.threshold_base.eq(threshold_base),
-                desc.raw.eq(0),
-            ]
-            respond(ErrorCode.OK)
+            m.d.sync += [target.eq(0), entry.eq(which), step.eq(0)]
+            m.next = "STORE"

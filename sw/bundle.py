@@ -170,6 +170,10 @@ class Requirements:
     raw_output: bool
     max_pixels: int
     layer_shapes: tuple = ()
+    #: ``(H, W)`` of each layer's conv output *before* its pool: the device writes that map
+    #: into an activation bank before the pool pass reads it. Derived, not stored in the
+    #: manifest (``layer_shapes`` and the layers determine it).
+    conv_shapes: tuple = ()
 
     def weight_words(self, word_bits: int) -> int:
         """SIMD words of weights for all layers (channel padding included)."""
@@ -181,9 +185,13 @@ class Requirements:
         return sum(o for (_c, o, *_rest) in self.layer_shapes)
 
     def activation_words(self, word_bits: int) -> int:
-        """SIMD words of the largest input or output feature map (one ping-pong half)."""
-        return max(max(h * w * -(-c // word_bits), oh * ow * -(-o // word_bits))
-                   for (c, o, _kh, _kw, (h, w), (oh, ow)) in self.layer_shapes)
+        """SIMD words of the largest feature map a ping-pong half must hold: every layer's
+        input, its conv output before a pool, and its (pooled) output."""
+        conv = self.conv_shapes or tuple(ohw for (*_, ohw) in self.layer_shapes)
+        return max(max(h * w * -(-c // word_bits), ch * cw * -(-o // word_bits),
+                       oh * ow * -(-o // word_bits))
+                   for (c, o, _kh, _kw, (h, w), (oh, ow)), (ch, cw)
+                   in zip(self.layer_shapes, conv, strict=True))
 
 
 def _bitdet_version() -> str:
@@ -300,6 +308,10 @@ class Bundle:
             raw_output=layers[-1].thresholds is None,
             max_pixels=max(max(h * w, oh * ow) for (*_, (h, w), (oh, ow)) in shapes),
             layer_shapes=tuple(shapes),
+            conv_shapes=tuple((_conv_out(h, kh, layer.stride, layer.padding),
+                               _conv_out(w, kw, layer.stride, layer.padding))
+                              for layer, (_c, _o, kh, kw, (h, w), _ohw)
+                              in zip(layers, shapes, strict=True)),
         )
 
     def validate(self) -> Requirements:
@@ -388,6 +400,7 @@ def _check_json(value, where: str) -> None:
 
 def _requirements_json(requirements: Requirements) -> dict:
     out = asdict(requirements)
+    out.pop("conv_shapes")      # derived from the layers; manifests of format 1 lack it
     out["layer_shapes"] = [[c, o, kh, kw, list(hw), list(ohw)]
                            for (c, o, kh, kw, hw, ohw) in requirements.layer_shapes]
     return out

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Mapping
 
-__all__ = ["COUNTER_WIDTH", "ideal_cycles", "layer_cycles", "pool_cycles"]
+__all__ = ["COUNTER_WIDTH", "POOL_OVERHEAD_CYCLES", "ideal_cycles", "layer_cycles", "pool_cycles"]
 
 COUNTER_WIDTH = 32
 """Bits of the controller's ``busy_cycles`` / ``stall_cycles`` counters (as
@@ -132,6 +132,26 @@ def layer_cycles(config, descriptor: Mapping) -> tuple[int, int]:
     return busy & mask, stall & mask
 
 
+POOL_OVERHEAD_CYCLES = 4
+"""Cycles of a pool pass without a read: three setup cycles and the last write."""
+
+
 def pool_cycles(config, descriptor: Mapping) -> tuple[int, int]:
-    """``(busy_cycles, stall_cycles)`` of a max-pool pass (not modelled yet)."""
-    raise NotImplementedError("pool cycle model: see docs/hardware.md")
+    """``(busy_cycles, stall_cycles)`` of a max-pool pass of :class:`bitdet.hw.pool.
+    PoolEngine`: one activation read per cycle without pauses,
+    ``busy = out_h·out_w·ceil(C/simd)·kernel² + 4`` and ``stall = 4`` (three setup cycles
+    and the last write; docs/hardware.md, "Pool engine"). Wraps at 32 bits like the
+    counters."""
+    _rows, _cols, simd = _check_config(config)
+    if not isinstance(descriptor, Mapping):
+        raise TypeError(f"descriptor must be a dict, not {type(descriptor).__name__}")
+    values = {}
+    for name in ("out_h", "out_w", "channels", "kernel"):
+        value = descriptor.get(name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"pool descriptor {name} must be a positive integer, "
+                             f"not {value!r}")
+        values[name] = int(value)
+    reads = (values["out_h"] * values["out_w"] * _ceil_div(values["channels"], simd)
+             * values["kernel"] ** 2)
+    return (reads + POOL_OVERHEAD_CYCLES) % 2 ** COUNTER_WIDTH, POOL_OVERHEAD_CYCLES

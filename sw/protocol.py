@@ -38,7 +38,9 @@ __all__ = [
     "ERROR_OPCODE",
     "LAYER_DESCRIPTOR_SIZE",
     "LAYER_FLAG_PAD_BIT",
+    "LAYER_FLAG_POOL",
     "LAYER_FLAG_RAW",
+    "LAYER_TABLE_ENTRIES",
     "MAGIC",
     "MAX_PAYLOAD",
     "PROTOCOL_VERSION",
@@ -57,6 +59,7 @@ __all__ = [
     "crc16_update",
     "decode_counters",
     "decode_layer",
+    "decode_layer_entry",
     "encode_error",
     "encode_frame",
     "encode_layer",
@@ -141,7 +144,7 @@ COMMAND_PAYLOAD_LIMITS: dict[int, tuple[int, int]] = {
     Opcode.WRITE_ACTIVATIONS: (5, MAX_PAYLOAD),
     Opcode.CONFIGURE_LAYER: (1, 64),
     Opcode.RUN_LAYER: (0, 1),
-    Opcode.RUN_NETWORK: (0, 0),
+    Opcode.RUN_NETWORK: (1, 1),
     Opcode.READ_ACTIVATIONS: (6, 6),
     Opcode.READ_RESULTS: (6, 6),
     Opcode.READ_COUNTERS: (0, 0),
@@ -437,9 +440,18 @@ _LAYER_FIELDS = ("in_h", "in_w", "channels", "out_h", "out_w", "out_channels",
 _LAYER_BASES = ("input_base", "output_base", "weight_base", "threshold_base")
 LAYER_FLAG_PAD_BIT = 0x01
 LAYER_FLAG_RAW = 0x02
+LAYER_FLAG_POOL = 0x04
+"""CONFIGURE_LAYER flags bit 2: the descriptor is a binary max-pool pass (the OR of each
+``kernel × kernel`` window, docs/protocol.md), not a convolution."""
+
+LAYER_TABLE_ENTRIES = 16
+"""Entries of the device's layer table (CONFIGURE_LAYER with a leading index, RUN_LAYER's
+index, RUN_NETWORK's count). A constant of the protocol until the accelerator config has
+a field for it."""
 
 COUNTERS_SIZE = 8
-"""Bytes of the RUN_LAYER and READ_COUNTERS response data: busy u32 LE, stall u32 LE."""
+"""Bytes of the RUN_LAYER, RUN_NETWORK and READ_COUNTERS response data: busy u32 LE, stall
+u32 LE."""
 
 
 def encode_write(address: int, data: bytes) -> bytes:
@@ -519,15 +531,29 @@ def encode_thresholds(packed, *, threshold_width: int, thresholds_per_channel: i
 def encode_layer(*, in_h: int, in_w: int, channels: int, out_h: int, out_w: int,
                  out_channels: int, kernel: int, stride: int, padding: int, pad_bit: int,
                  input_base: int, output_base: int, weight_base: int, threshold_base: int,
-                 raw: int | bool = False) -> bytes:
+                 raw: int | bool = False, pool: int | bool = False,
+                 index: int | None = None) -> bytes:
     """CONFIGURE_LAYER payload (32 bytes) of a layer descriptor: takes exactly the dict of
-    :meth:`bitdet.hw.controller.LayerController.descriptor` (which checks the layer
-    against a build), ``encode_layer(**descriptor)``.
+    :meth:`bitdet.hw.controller.LayerController.descriptor` or
+    :meth:`bitdet.hw.pool.PoolEngine.descriptor` (which check the layer against a build),
+    ``encode_layer(**descriptor)``.
 
     Layout: ``in_h, in_w, channels, out_h, out_w, out_channels`` (u16 LE each),
-    ``kernel, stride, padding, flags`` (u8; flags bit 0 = pad_bit, bit 1 = raw),
-    ``input_base, output_base, weight_base, threshold_base`` (u32 LE each).
+    ``kernel, stride, padding, flags`` (u8; flags bit 0 = pad_bit, bit 1 = raw, bit 2 =
+    pool), ``input_base, output_base, weight_base, threshold_base`` (u32 LE each).
+
+    A pool descriptor (``pool=True``) has ``out_channels = channels``, ``out = (in −
+    kernel) // stride + 1``, ``padding = pad_bit = raw = 0`` and ``weight_base =
+    threshold_base = 0`` (the device checks them; this function only checks ranges).
+
+    With ``index`` (``0 … LAYER_TABLE_ENTRIES − 1``) the payload is 33 bytes, ``[index] +
+    descriptor``: it configures that entry of the layer table (RUN_LAYER ``[index]``,
+    RUN_NETWORK); the 32-byte payload configures entry 0.
     """
+    if index is not None and (isinstance(index, bool) or not isinstance(index, int)
+                              or not 0 <= index < LAYER_TABLE_ENTRIES):
+        raise ValueError(f"index must be an integer in 0 … {LAYER_TABLE_ENTRIES - 1}, "
+                         f"not {index!r}")
     values = dict(in_h=in_h, in_w=in_w, channels=channels, out_h=out_h, out_w=out_w,
                   out_channels=out_channels, kernel=kernel, stride=stride, padding=padding)
     for name, value in values.items():
@@ -542,13 +568,17 @@ def encode_layer(*, in_h: int, in_w: int, channels: int, out_h: int, out_w: int,
             raise ValueError(f"{name} must be an integer in 0 … 2**32 − 1, not {value!r}")
     if pad_bit not in (0, 1):
         raise ValueError(f"pad_bit must be 0 or 1, not {pad_bit!r}")
-    flags = (LAYER_FLAG_PAD_BIT if pad_bit else 0) | (LAYER_FLAG_RAW if raw else 0)
-    return struct.pack(_LAYER_FORMAT, *(values[n] for n in _LAYER_FIELDS), flags,
-                       *(bases[n] for n in _LAYER_BASES))
+    flags = ((LAYER_FLAG_PAD_BIT if pad_bit else 0) | (LAYER_FLAG_RAW if raw else 0)
+             | (LAYER_FLAG_POOL if pool else 0))
+    payload = struct.pack(_LAYER_FORMAT, *(values[n] for n in _LAYER_FIELDS), flags,
+                          *(bases[n] for n in _LAYER_BASES))
+    return payload if index is None else bytes([index]) + payload
 
 
 def decode_layer(payload: bytes) -> dict:
-    """Inverse of :func:`encode_layer` (for the emulator)."""
+    """Inverse of :func:`encode_layer` (for the emulator); ``raw`` and ``pool`` are 0/1.
+    Flag bits other than pad_bit, raw and pool are ignored here (the device refuses
+    them)."""
     if len(payload) != LAYER_DESCRIPTOR_SIZE:
         raise ProtocolError(f"layer descriptor of {len(payload)} bytes, expected "
                             f"{LAYER_DESCRIPTOR_SIZE}")
@@ -557,8 +587,19 @@ def decode_layer(payload: bytes) -> dict:
     flags = fields[9]
     out["pad_bit"] = flags & LAYER_FLAG_PAD_BIT
     out["raw"] = int(bool(flags & LAYER_FLAG_RAW))
+    out["pool"] = int(bool(flags & LAYER_FLAG_POOL))
     out.update(zip(_LAYER_BASES, fields[10:], strict=True))
     return out
+
+
+def decode_layer_entry(payload: bytes) -> tuple[int, dict]:
+    """``(table index, descriptor)`` of a CONFIGURE_LAYER payload of 32 bytes (entry 0) or
+    33 bytes (``[index] + descriptor``); the index is not range-checked (the device
+    answers BAD_ARGUMENT for ``index ≥ LAYER_TABLE_ENTRIES``)."""
+    payload = bytes(payload)
+    if len(payload) == LAYER_DESCRIPTOR_SIZE + 1:
+        return payload[0], decode_layer(payload[1:])
+    return 0, decode_layer(payload)
 
 
 def decode_counters(data: bytes) -> tuple[int, int]:

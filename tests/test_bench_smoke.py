@@ -34,3 +34,25 @@ def test_cycles_bench_quick(tmp_path):
     for row in rows:
         assert row["match"] == "yes", row
         assert int(row["busy"]) - int(row["stall"]) == int(row["ideal"]), row
+
+
+def test_detect_bench_quick(tmp_path):
+    """The detection bench runs its quick set: every preset gets model cycles and an
+    estimated frame rate; where the bundle fits, the emulator's reported cycles equal the
+    model's (exit status 0) and link bytes are measured."""
+    if not (ROOT / "sw" / "assets" / "default.bitdet").exists():
+        pytest.skip("sw/assets/default.bitdet is not shipped yet")
+    out = tmp_path / "detect.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_detect.py"), "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["config"] for r in rows] == ["tiny", "icebreaker", "ulx3s"]
+    assert all(r["busy_cycles"] > 0 and r["estimated_fps"] > 0 for r in rows)
+    fitting = [r for r in rows if r["fits"]]
+    assert fitting, "the default bundle fits no preset"
+    for r in fitting:
+        assert r["bytes_out"] > 0 and r["bytes_in"] > 0 and r["emulator_fps"] > 0
+        assert r["link_limited_fps"] == pytest.approx(r["baud"] / 10 / (r["bytes_out"]
+                                                                        + r["bytes_in"]))

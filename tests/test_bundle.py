@@ -323,7 +323,9 @@ def test_requirements_of_the_demo(demo_loaded):
     assert r.weight_words(32) == 24 * 9 * 1 + 33 * 9 * 1 + 40 * 9 * 2 + 70 * 1 * 2
     assert r.weight_words(8) == 24 * 9 * 2 + 33 * 9 * 3 + 40 * 9 * 5 + 70 * 1 * 5
     assert r.activation_words(32) == 32 * 32 * 1
-    assert r.activation_words(8) == max(32 * 32 * 2, 16 * 16 * 3, 16 * 16 * 5, 8 * 8 * 9)
+    # layer 1 pools: its 32×32×24 conv map lands in a bank before the pool pass
+    assert r.conv_shapes == ((32, 32), (16, 16), (8, 8), (8, 8))
+    assert r.activation_words(8) == max(32 * 32 * 2, 32 * 32 * 3, 16 * 16 * 5, 8 * 8 * 9)
     assert demo_loaded.output_shape() == (70, 8, 8)
 
 
@@ -1173,3 +1175,19 @@ def test_host_layer_run_validates_first():
 def test_run_binary_checks_input_shape(demo):
     with pytest.raises(ValueError, match=r"take N×13×32×32 input"):
         demo[2].run_binary(torch.ones(1, 13, 16, 32))
+
+
+def test_activation_words_count_the_map_before_its_pool():
+    """The device writes a conv's full map into a bank before the pool pass reads it, so a
+    pooled layer needs the pre-pool map's words, not the pooled map's."""
+    gen = torch.Generator().manual_seed(5)
+    weights = torch.where(torch.rand(32, 16, 3, 3, generator=gen) < 0.5, -1, 1)
+    layer = BinaryConvLayer(weights=weights.to(torch.int8), thresholds=torch.full(
+        (32, 1), 72, dtype=torch.int32), stride=1, padding=1, pool=(2, 2))
+    bundle = Bundle(binary_layers=[layer], input_shape=(16, 32, 32), host_layers=[],
+                    layer_names=["b"], model={})
+    req = bundle.requirements()
+    assert req.conv_shapes == ((32, 32),)
+    assert req.layer_shapes[0][5] == (16, 16)
+    # 32×32 pixels × 2 words of 16 bits before the pool; the input is 1 word per pixel
+    assert req.activation_words(16) == 32 * 32 * 2

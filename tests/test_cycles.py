@@ -364,10 +364,11 @@ def test_counters_wrap_like_the_hardware():
 def test_errors():
     config = load_config("tiny")
     conv = {"out_h": 4, "out_w": 4, "channels": 8, "out_channels": 4, "kernel": 3}
-    with pytest.raises(NotImplementedError, match="pool cycle model"):
-        layer_cycles(config, conv | {"pool": 2})
-    with pytest.raises(NotImplementedError, match="pool cycle model"):
-        pool_cycles(config, conv | {"pool": 2})
+    # a pool pass: one read per output pixel, word and tap, plus 4 (hw/pool.py)
+    assert layer_cycles(config, conv | {"pool": 1}) == pool_cycles(config, conv | {"pool": 1})
+    assert pool_cycles(config, conv | {"pool": 1}) == (4 * 4 * 1 * 9 + 4, 4)
+    with pytest.raises(ValueError, match="pool descriptor kernel"):
+        pool_cycles(config, {"out_h": 4, "out_w": 4, "channels": 8, "pool": 1})
     with pytest.raises(ValueError, match="a pool pass has none"):
         ideal_cycles(config, conv | {"pool": 2})
     with pytest.raises(ValueError, match="lacks out_channels, kernel"):

@@ -10,6 +10,7 @@ second consumes the first one's map on chip and is compared with ``golden.run_ne
 """
 
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -22,11 +23,14 @@ from amaranth.sim import Simulator
 
 from bitdet.hw.config import AcceleratorConfig, load_config
 from bitdet.hw.controller import LayerController
+from bitdet.hw.pool import PoolEngine
 from bitdet.hw.top import CommandExecutor
 from bitdet.hw.window import WindowLayer
 from bitdet.sw import golden
 from bitdet.sw.packing import pack_activations, pack_thresholds, pack_weights
 from bitdet.sw.protocol import (
+    LAYER_FLAG_POOL,
+    LAYER_TABLE_ENTRIES,
     MAGIC,
     ErrorCode,
     Frame,
@@ -35,6 +39,7 @@ from bitdet.sw.protocol import (
     Opcode,
     decode_counters,
     decode_layer,
+    decode_layer_entry,
     encode_frame,
     encode_layer,
     encode_read,
@@ -130,7 +135,7 @@ def test_two_layers_over_the_link():
                              threshold_base=0)
     desc_b = ctrl.descriptor(lb, 7, input_base=7, output_base=100, weight_base=wa_entries,
                              threshold_base=wa_p.shape[0])
-    assert decode_layer(encode_layer(**desc_a)) == desc_a
+    assert decode_layer(encode_layer(**desc_a)) == {**desc_a, "pool": 0}
     thr = {"threshold_width": config.threshold_width,
            "thresholds_per_channel": config.thresholds_per_channel}
     image = pack_activations(x, word_bits=simd)[0].tobytes()
@@ -169,7 +174,7 @@ def test_two_layers_over_the_link():
         await host.command(Opcode.CONFIGURE_LAYER, encode_layer(**desc_a)[:-1],
                            expect=ErrorCode.BAD_LENGTH)
         await host.command(Opcode.RUN_LAYER, expect=ErrorCode.NOT_CONFIGURED)
-        await host.command(Opcode.RUN_NETWORK, expect=ErrorCode.UNKNOWN_OPCODE)
+        await host.command(Opcode.RUN_NETWORK, b"\x01", expect=ErrorCode.NOT_CONFIGURED)
         await host.command(Opcode.READ_RESULTS, encode_read(0, 1),
                            expect=ErrorCode.UNKNOWN_OPCODE)
         # load both layers
@@ -273,6 +278,199 @@ def test_one_layer_over_the_link(preset, geometry, out_channels):
     run_sim(dut, body, ready_probability=0.6, valid_probability=0.7, seed=out_channels)
 
 
+def sparse_layer(rng, c_in, c_out, k):
+    """Random ±1 weights and thresholds above K/2, so that few output bits are 1 and the
+    OR of a pool window is not almost always 1."""
+    w = torch.from_numpy(rng.choice([-1.0, 1.0], size=(c_out, c_in, 3, 3)))
+    t = torch.from_numpy(rng.integers(k // 2 + 2, k // 2 + 7, size=(c_out, 1)))
+    return w, t
+
+
+def conv_pool_conv(pool_kernel, pool_stride):
+    """conv 3×3 (9×7, 5 → 11 channels, sparse bits) → pool → conv 3×3 (pad bit 1, 11 → 6)
+    on ``tiny``: descriptors, the load commands and golden.run_network's packed maps."""
+    config = load_config("tiny")                    # rows 2, cols 2, simd 8
+    ctrl = LayerController(config=config)
+    engine = PoolEngine(config=config)
+    simd, cols = config.simd, config.cols
+    rng = np.random.default_rng(10 * pool_kernel + pool_stride)
+    la = WindowLayer(9, 7, 5, 3, 1, 1, 0)           # 9×7, 5 → 11 channels (2 words)
+    c_mid = 11
+    x = torch.from_numpy(rng.choice([-1.0, 1.0], size=(1, 5, 9, 7)))
+    wa, ta = sparse_layer(rng, 5, c_mid, 45)
+    pool = engine.descriptor(in_h=9, in_w=7, channels=c_mid, kernel=pool_kernel,
+                             stride=pool_stride, input_base=200, output_base=11)
+    ph, pw = pool["out_h"], pool["out_w"]
+    lb = WindowLayer(ph, pw, c_mid, 3, 1, 1, 1)     # pad bit 1
+    wb, tb = random_layer(rng, c_mid, 6, 99)
+    wa_p, wb_p = pack_weights(wa, word_bits=simd, cols=cols), pack_weights(wb, word_bits=simd,
+                                                                           cols=cols)
+    ta_p, tb_p = pack_thresholds(ta, 45, cols=cols), pack_thresholds(tb, 99, cols=cols)
+    wa_entries = wa_p.shape[0] * wa_p.shape[1]
+    desc_a = ctrl.descriptor(la, c_mid, input_base=0, output_base=200)
+    desc_b = ctrl.descriptor(lb, 6, input_base=11, output_base=300, weight_base=wa_entries,
+                             threshold_base=ta_p.shape[0])
+    thr = {"threshold_width": config.threshold_width,
+           "thresholds_per_channel": config.thresholds_per_channel}
+    layer_a = golden.BinaryConvLayer(wa, ta, stride=1, padding=1, pad_value=-1)
+    conv_bits = golden.run_layer(x, layer_a)
+    outputs = golden.run_network(x, [
+        golden.BinaryConvLayer(wa, ta, stride=1, padding=1, pad_value=-1,
+                               pool=(pool_kernel, pool_stride)),
+        golden.BinaryConvLayer(wb, tb, stride=1, padding=1, pad_value=1)])
+    assert 0 < int(outputs[0].sum()) < outputs[0].numel()     # the pool is not trivial
+    assert not torch.equal(outputs[0], conv_bits[:, :, :ph, :pw])
+
+    def packed(bits):
+        return pack_activations(bits.to(torch.float32) * 2 - 1, word_bits=simd)[0].tobytes()
+
+    image = (Opcode.WRITE_ACTIVATIONS, encode_write(0, packed((x > 0).to(torch.int32))))
+    parameters = [
+        (Opcode.WRITE_WEIGHTS, encode_write(0, encode_weights(wa_p))),
+        (Opcode.WRITE_WEIGHTS, encode_write(wa_entries, encode_weights(wb_p))),
+        (Opcode.WRITE_THRESHOLDS, encode_write(0, encode_thresholds(ta_p, **thr))),
+        (Opcode.WRITE_THRESHOLDS, encode_write(ta_p.shape[0], encode_thresholds(tb_p, **thr))),
+    ]
+    return SimpleNamespace(
+        config=config, c_mid=c_mid, words=-(-c_mid // simd), ph=ph, pw=pw, pool=pool,
+        desc_a=desc_a, desc_b=desc_b, image=image, parameters=parameters,
+        conv=packed(conv_bits), pooled=packed(outputs[0]), out=packed(outputs[1]))
+
+
+@pytest.mark.parametrize(("pool_kernel", "pool_stride"), [(3, 2), (2, 2), (2, 1)])
+def test_conv_pool_conv_on_chip(pool_kernel, pool_stride):
+    """conv → pool → conv with the maps on chip: only the image goes in; the conv map, the
+    pooled map and the last output are read back and compared with golden.run_network
+    (pool attached to the first layer); the pool's busy count is the closed form; invalid
+    pool descriptors get the documented status and leave the device unconfigured."""
+    net = conv_pool_conv(pool_kernel, pool_stride)
+    config, pool, c_mid, ph, pw, words = (net.config, net.pool, net.c_mid, net.ph, net.pw,
+                                          net.words)
+    desc_a, desc_b = net.desc_a, net.desc_b
+    dut = CommandExecutor(config)
+    measured = {}
+
+    async def body(host):
+        bad = {                                     # field changes → expected status
+            "padding": ({"padding": 1}, ErrorCode.LAYER_DOES_NOT_FIT),
+            "kernel": ({"kernel": 4, "stride": 4, "out_h": 2, "out_w": 1},
+                       ErrorCode.LAYER_DOES_NOT_FIT),
+            "area": ({"in_h": 200, "out_h": (200 - pool_kernel) // pool_stride + 1},
+                     ErrorCode.LAYER_DOES_NOT_FIT),
+            "base": ({"output_base": config.activation_depth}, ErrorCode.LAYER_DOES_NOT_FIT),
+            "raw": ({"raw": 1}, ErrorCode.BAD_ARGUMENT),
+            "pad_bit": ({"pad_bit": 1}, ErrorCode.BAD_ARGUMENT),
+            "weight_base": ({"weight_base": 1}, ErrorCode.BAD_ARGUMENT),
+            "threshold_base": ({"threshold_base": 1}, ErrorCode.BAD_ARGUMENT),
+            "out_channels": ({"out_channels": c_mid - 1}, ErrorCode.BAD_ARGUMENT),
+            "out_h": ({"out_h": ph + 1}, ErrorCode.BAD_ARGUMENT),
+            "out_w": ({"out_w": pw - 1}, ErrorCode.BAD_ARGUMENT),
+        }
+        for change, expect in bad.values():
+            await host.command(Opcode.CONFIGURE_LAYER, encode_layer(**{**pool, **change}),
+                               expect=expect)
+            await host.command(Opcode.RUN_LAYER, expect=ErrorCode.NOT_CONFIGURED)
+        await host.command(Opcode.CONFIGURE_LAYER, encode_layer(**pool)[:-1],
+                           expect=ErrorCode.BAD_LENGTH)
+        # load: the image and both convs' parameters, nothing else crosses the link
+        for opcode, payload in [net.image, *net.parameters]:
+            await host.command(opcode, payload)
+        await host.command(Opcode.CONFIGURE_LAYER, encode_layer(**desc_a))
+        await host.command(Opcode.RUN_LAYER)
+        assert await host.command(Opcode.READ_ACTIVATIONS,
+                                  encode_read(200, 9 * 7 * words)) == net.conv
+        await host.command(Opcode.CONFIGURE_LAYER, encode_layer(**pool))
+        counters = decode_counters(await host.command(Opcode.RUN_LAYER))
+        assert decode_counters(await host.command(Opcode.READ_COUNTERS)) == counters
+        measured["pool"] = counters
+        assert await host.command(Opcode.READ_ACTIVATIONS,
+                                  encode_read(11, ph * pw * words)) == net.pooled
+        await host.command(Opcode.CONFIGURE_LAYER, encode_layer(**desc_b))
+        await host.command(Opcode.RUN_LAYER)
+        assert await host.command(Opcode.READ_ACTIVATIONS,
+                                  encode_read(300, ph * pw)) == net.out
+
+    run_sim(dut, body)
+    # docs/hardware.md, Pool engine: out_h·out_w·ceil(C/simd)·kernel² + 4, stall 4
+    assert measured["pool"] == (ph * pw * words * pool_kernel ** 2 + 4, 4)
+    print(f"pool {pool_kernel}/{pool_stride} on 9×7×{c_mid}: busy, stall = {measured['pool']}")
+
+
+def test_run_network_from_the_layer_table():
+    """conv → pool → conv as table entries 0, 1, 2 (33-byte CONFIGURE_LAYER): one
+    RUN_NETWORK gives golden.run_network's output and the summed counters of the three
+    RUN_LAYER [i] runs of the same entries; table errors get their statuses, and a refused
+    entry stays unconfigured while the others keep running."""
+    net = conv_pool_conv(2, 2)
+    config = net.config
+    dut = CommandExecutor(config)
+    entries = [net.desc_a, net.pool, net.desc_b]
+    out_words = net.ph * net.pw
+    measured = {}
+
+    async def body(host):
+        await host.command(Opcode.RUN_NETWORK, b"\x00", expect=ErrorCode.BAD_ARGUMENT)
+        await host.command(Opcode.RUN_NETWORK, bytes([LAYER_TABLE_ENTRIES + 1]),
+                           expect=ErrorCode.BAD_ARGUMENT)
+        await host.command(Opcode.RUN_LAYER, bytes([LAYER_TABLE_ENTRIES]),
+                           expect=ErrorCode.BAD_ARGUMENT)
+        await host.command(Opcode.CONFIGURE_LAYER, bytes([LAYER_TABLE_ENTRIES])
+                           + encode_layer(**net.pool), expect=ErrorCode.BAD_ARGUMENT)
+        for opcode, payload in [net.image, *net.parameters]:
+            await host.command(opcode, payload)
+        for i, desc in enumerate(entries):
+            payload = encode_layer(**desc, index=i)
+            assert len(payload) == 33 and decode_layer_entry(payload) == (
+                i, {**desc, "pool": desc.get("pool", 0)})
+            await host.command(Opcode.CONFIGURE_LAYER, payload)
+        # entry 3 refused: RUN_NETWORK 4 is NOT_CONFIGURED (nothing runs), 3 runs
+        await host.command(Opcode.CONFIGURE_LAYER,
+                           encode_layer(**{**net.pool, "padding": 1}, index=3),
+                           expect=ErrorCode.LAYER_DOES_NOT_FIT)
+        await host.command(Opcode.RUN_NETWORK, b"\x04", expect=ErrorCode.NOT_CONFIGURED)
+        await host.command(Opcode.RUN_LAYER, b"\x03", expect=ErrorCode.NOT_CONFIGURED)
+        assert ctx_select(host) == 0
+        network = decode_counters(await host.command(Opcode.RUN_NETWORK, b"\x03"))
+        assert decode_counters(await host.command(Opcode.READ_COUNTERS)) == network
+        assert ctx_select(host) == 1                      # three flips
+        assert await host.command(Opcode.READ_ACTIVATIONS, encode_read(300, out_words)) \
+            == net.out
+        # the same entries one by one (the image again: the banks have moved on)
+        await host.command(Opcode.RESET)
+        await host.command(Opcode.RUN_LAYER, expect=ErrorCode.NOT_CONFIGURED)  # table cleared
+        for i, desc in enumerate(entries):
+            await host.command(Opcode.CONFIGURE_LAYER, encode_layer(**desc, index=i))
+        await host.command(*net.image)
+        single = []
+        for i, expected in ((0, None), (1, net.pooled), (2, net.out)):
+            single.append(decode_counters(await host.command(Opcode.RUN_LAYER, bytes([i]))))
+            if expected is not None:
+                address, size = (11, net.ph * net.pw * net.words) if i == 1 else (300,
+                                                                                   out_words)
+                assert await host.command(Opcode.READ_ACTIVATIONS,
+                                          encode_read(address, size)) == expected
+        measured["network"], measured["single"] = network, single
+        # a 32-byte CONFIGURE_LAYER replaces entry 0 only; a refused one empties entry 0
+        await host.command(Opcode.CONFIGURE_LAYER, encode_layer(**{**net.desc_a, "kernel": 5}),
+                           expect=ErrorCode.LAYER_DOES_NOT_FIT)
+        await host.command(Opcode.RUN_LAYER, expect=ErrorCode.NOT_CONFIGURED)
+        await host.command(Opcode.RUN_NETWORK, b"\x01", expect=ErrorCode.NOT_CONFIGURED)
+        await host.command(*net.image)
+        await host.command(Opcode.CONFIGURE_LAYER, encode_layer(**net.desc_a))
+        assert decode_counters(await host.command(Opcode.RUN_NETWORK, b"\x01")) == single[0]
+        assert await host.command(Opcode.READ_ACTIVATIONS,
+                                  encode_read(200, 9 * 7 * net.words)) == net.conv
+
+    def ctx_select(host):
+        return host.ctx.get(dut.select)
+
+    run_sim(dut, body)
+    single = measured["single"]
+    assert single[1] == (net.ph * net.pw * net.words * 4 + 4, 4)      # the pool's closed form
+    assert measured["network"] == (sum(b for b, _ in single), sum(st for _, st in single))
+    print("RUN_NETWORK counters", measured["network"], "= sum of", single)
+
+
 def test_abort_and_garbage_keep_serving():
     """A truncated WRITE (timeout → ABORT), pure garbage and a bad length: each gets its
     error response (or none, for bytes outside frames), and IDENTIFY still works."""
@@ -331,6 +529,8 @@ def test_random_commands_get_one_response_each():
                 payload = rng.bytes(6)
             elif opcode == Opcode.RUN_LAYER:
                 payload = rng.bytes(int(rng.integers(0, 2)))
+            elif opcode == Opcode.RUN_NETWORK:
+                payload = rng.bytes(1)
             else:
                 payload = b""
             response = await host.transact(encode_frame(opcode, payload))
@@ -379,6 +579,11 @@ def test_payload_encoders():
     payload = encode_layer(**desc)
     assert len(payload) == 32 and payload[15] == 1 and payload[20:24] == (70000).to_bytes(4,
                                                                                            "little")
-    assert decode_layer(payload) == desc
+    assert decode_layer(payload) == {**desc, "pool": 0}
     with pytest.raises(ValueError):
         encode_layer(**{**desc, "pad_bit": 2})
+    pool = {**desc, "pad_bit": 0, "pool": 1}
+    payload = encode_layer(**pool)
+    assert payload[15] == LAYER_FLAG_POOL == 0x04
+    assert decode_layer(payload) == pool
+    assert decode_layer(encode_layer(**{**pool, "pool": True}))["pool"] == 1

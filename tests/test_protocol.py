@@ -13,6 +13,11 @@ from bitdet.sw.protocol import (
     CRC_INIT,
     CRC_POLY,
     ERROR_OPCODE,
+    LAYER_DESCRIPTOR_SIZE,
+    LAYER_FLAG_PAD_BIT,
+    LAYER_FLAG_POOL,
+    LAYER_FLAG_RAW,
+    LAYER_TABLE_ENTRIES,
     MAGIC,
     MAX_PAYLOAD,
     PROTOCOL_VERSION,
@@ -28,8 +33,11 @@ from bitdet.sw.protocol import (
     Response,
     crc16,
     crc16_update,
+    decode_layer,
+    decode_layer_entry,
     encode_error,
     encode_frame,
+    encode_layer,
     encode_response,
     parse_response,
 )
@@ -303,3 +311,48 @@ def test_parser_never_raises_on_arbitrary_input(data):
         assert all(isinstance(e, (Frame, FrameError)) for e in events)
         parser.expire()
         assert not parser.in_frame
+
+
+POOL_DESCRIPTOR = {"in_h": 9, "in_w": 7, "channels": 11, "out_h": 4, "out_w": 3,
+                   "out_channels": 11, "kernel": 3, "stride": 2, "padding": 0, "pad_bit": 0,
+                   "input_base": 200, "output_base": 11, "weight_base": 0,
+                   "threshold_base": 0, "raw": 0, "pool": 1}
+
+
+def test_layer_flags_and_pool_descriptor():
+    """Flag bits are distinct; a pool descriptor sets flags bit 2 (byte 15) and nothing
+    else, round-trips with ``pool`` 1; a conv decodes with ``pool`` 0."""
+    assert (LAYER_FLAG_PAD_BIT, LAYER_FLAG_RAW, LAYER_FLAG_POOL) == (0x01, 0x02, 0x04)
+    payload = encode_layer(**POOL_DESCRIPTOR)
+    assert len(payload) == LAYER_DESCRIPTOR_SIZE
+    assert payload[15] == 0x04
+    assert struct.unpack_from("<6H3B", payload) == (9, 7, 11, 4, 3, 11, 3, 2, 0)
+    assert decode_layer(payload) == POOL_DESCRIPTOR
+    conv = {**POOL_DESCRIPTOR, "pool": 0, "pad_bit": 1}
+    assert encode_layer(**conv)[15] == 0x01
+    assert decode_layer(encode_layer(**conv)) == conv
+    without = dict(conv)
+    del without["pool"]                             # pool defaults to False
+    assert encode_layer(**without) == encode_layer(**conv)
+    # raw and pool together are representable (the device refuses them)
+    assert decode_layer(encode_layer(**{**POOL_DESCRIPTOR, "raw": 1}))["raw"] == 1
+
+
+def test_layer_table_payloads():
+    """33-byte CONFIGURE_LAYER ``[index] + descriptor``; RUN_NETWORK takes one count byte."""
+    for index in (0, 5, LAYER_TABLE_ENTRIES - 1):
+        payload = encode_layer(**POOL_DESCRIPTOR, index=index)
+        assert payload == bytes([index]) + encode_layer(**POOL_DESCRIPTOR)
+        assert decode_layer_entry(payload) == (index, POOL_DESCRIPTOR)
+    assert decode_layer_entry(encode_layer(**POOL_DESCRIPTOR)) == (0, POOL_DESCRIPTOR)
+    for index in (-1, LAYER_TABLE_ENTRIES, True):
+        with pytest.raises(ValueError, match="index"):
+            encode_layer(**POOL_DESCRIPTOR, index=index)
+    with pytest.raises(ProtocolError):
+        decode_layer_entry(bytes(34))
+    with pytest.raises(ProtocolError):
+        decode_layer(encode_layer(**POOL_DESCRIPTOR, index=1))
+    low, high = COMMAND_PAYLOAD_LIMITS[Opcode.CONFIGURE_LAYER]
+    assert low <= LAYER_DESCRIPTOR_SIZE < LAYER_DESCRIPTOR_SIZE + 1 <= high
+    assert COMMAND_PAYLOAD_LIMITS[Opcode.RUN_NETWORK] == (1, 1)
+    assert COMMAND_PAYLOAD_LIMITS[Opcode.RUN_LAYER] == (0, 1)

@@ -1,0 +1,299 @@
+# amaranth: UnusedElaboratable=no
+"""One binary layer through the top-level RTL, over the byte protocol, against the golden model.
+
+What ``bitdet sim layer`` runs. A :class:`LayerCase` is a ±1 input map and a folded
+:class:`~bitdet.sw.golden.BinaryConvLayer` (random, or a bundle's layer). :func:`run_case`
+loads it into a device through any link with ``write`` / ``read`` (an
+:class:`~bitdet.sim.link.RtlLink` here) using the protocol's frames only —
+WRITE_ACTIVATIONS, WRITE_WEIGHTS, WRITE_THRESHOLDS (packed by :mod:`bitdet.sw.packing`),
+CONFIGURE_LAYER, RUN_LAYER, READ_ACTIVATIONS — and compares the map it reads back with
+:func:`bitdet.sw.golden.run_layer`, bit for bit (channel padding bits included).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bitdet.sw import golden
+from bitdet.sw.packing import pack_activations, pack_thresholds, pack_weights
+from bitdet.sw.protocol import (
+    MAX_PAYLOAD,
+    DeviceError,
+    ErrorCode,
+    Frame,
+    FrameParser,
+    Opcode,
+    ProtocolError,
+    Response,
+    decode_counters,
+    encode_frame,
+    encode_layer,
+    encode_read,
+    encode_thresholds,
+    encode_weights,
+    encode_write,
+    parse_response,
+)
+
+__all__ = ["LayerCase", "LinkHost", "bundle_case", "compare_maps", "load_case", "random_case",
+           "run_case", "simulate_layer"]
+
+
+class LinkHost:
+    """Commands over a byte link (``write(data)``, ``read(n, timeout)``): one frame out,
+    one response back, as docs/protocol.md asks of a host."""
+
+    def __init__(self, link, *, timeout: float = 60.0):
+        self.link = link
+        self.timeout = timeout
+
+    def transact(self, frame: bytes, *, timeout: float | None = None) -> Response:
+        """Send ``frame`` (any bytes) and return the next response frame from the device."""
+        timeout = self.timeout if timeout is None else timeout
+        self.link.write(frame)
+        header = self.link.read(4, timeout)
+        length = header[2] | header[3] << 8
+        rest = self.link.read(length + 2, timeout)
+        frames = FrameParser(payload_limits=None).feed(header + rest)
+        if len(frames) != 1 or not isinstance(frames[0], Frame):
+            raise ProtocolError(f"not one response frame: {(header + rest).hex()} → {frames}")
+        return parse_response(frames[0])
+
+    def command(self, opcode: int, payload: bytes = b"", *, timeout: float | None = None,
+                check: bool = True) -> bytes:
+        """One command; returns the response data (raises ``DeviceError`` unless OK)."""
+        response = self.transact(encode_frame(opcode, payload), timeout=timeout)
+        if response.framing or response.opcode != opcode:
+            raise ProtocolError(f"{Opcode(opcode).name}: unexpected reply {response}")
+        if check and response.status != ErrorCode.OK:
+            raise DeviceError(response.status, opcode)
+        return response.data
+
+    def write_memory(self, opcode: int, address: int, data: bytes, entry_bytes: int) -> None:
+        """WRITE_* of ``data`` from entry ``address``, split into frames of whole entries."""
+        per_frame = (MAX_PAYLOAD - 4) // entry_bytes * entry_bytes
+        for start in range(0, len(data), per_frame):
+            self.command(opcode, encode_write(address + start // entry_bytes,
+                                              data[start:start + per_frame]))
+
+    def read_activations(self, address: int, words: int, word_bytes: int) -> bytes:
+        per_frame = (MAX_PAYLOAD - 1) // word_bytes
+        out = bytearray()
+        for start in range(0, words, per_frame):
+            count = min(per_frame, words - start)
+            out += self.command(Opcode.READ_ACTIVATIONS, encode_read(address + start, count))
+        return bytes(out)
+
+
+@dataclass
+class LayerCase:
+    """A ±1 input map ``1×C×H×W`` and the folded layer that runs on it."""
+
+    x: torch.Tensor
+    layer: golden.BinaryConvLayer
+    name: str = "layer"
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.layer.weights.shape[0])
+
+    @property
+    def kernel(self) -> int:
+        return int(self.layer.weights.shape[2])
+
+    def window(self):
+        from bitdet.hw.window import WindowLayer
+        _, c, h, w = self.x.shape
+        return WindowLayer(int(h), int(w), int(c), self.kernel, self.layer.stride,
+                           self.layer.padding, 1 if self.layer.pad_value == 1 else 0)
+
+    def shape(self) -> str:
+        _, c, h, w = self.x.shape
+        pool = f" pool{self.layer.pool[0]}/{self.layer.pool[1]}" if self.layer.pool else ""
+        return (f"{c}x{h}x{w}->{self.out_channels} k{self.kernel}s{self.layer.stride}"
+                f"p{self.layer.padding}{pool}")
+
+
+def random_case(*, cin: int, cout: int, hw: tuple[int, int], kernel: int, stride: int = 1,
+                padding: int | None = None, pad_bit: int = 0, seed: int = 0,
+                pool: tuple[int, int] | None = None) -> LayerCase:
+    """A random input, random ±1 weights, thresholds spread around ``K/2`` (so outputs
+    are mixed 0/1); ``padding`` defaults to ``kernel // 2``; ``pool`` = (kernel, stride)
+    of a binary max-pool after the layer."""
+    for name, value in (("cin", cin), ("cout", cout), ("kernel", kernel), ("stride", stride),
+                        ("height", hw[0]), ("width", hw[1])):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, not {value!r}")
+    padding = kernel // 2 if padding is None else padding
+    if padding < 0:
+        raise ValueError(f"padding must be ≥ 0, not {padding}")
+    if pad_bit not in (0, 1):
+        raise ValueError(f"pad_bit must be 0 or 1, not {pad_bit!r}")
+    if kernel > min(hw) + 2 * padding:
+        raise ValueError(f"kernel {kernel} is larger than the padded {hw[0]}×{hw[1]} input")
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.choice([-1.0, 1.0], size=(1, cin, *hw)))
+    w = torch.from_numpy(rng.choice([-1.0, 1.0], size=(cout, cin, kernel, kernel)))
+    k = cin * kernel * kernel
+    spread = max(2, int(np.sqrt(k)))
+    t = torch.from_numpy(np.clip(rng.integers(k // 2 - spread, k // 2 + spread + 1,
+                                              size=(cout, 1)), 0, k + 1))
+    layer = golden.BinaryConvLayer(w, t, stride=stride, padding=padding,
+                                   pad_value=1 if pad_bit else -1, pool=pool)
+    return LayerCase(x, layer, name=f"random seed {seed}")
+
+
+def bundle_case(path, index: int, *, seed: int = 0) -> LayerCase:
+    """Binary layer ``index`` of a bundle (with its max-pool, if any), on a random ±1
+    input of its input shape."""
+    from bitdet.sw.bundle import BundleError, load
+    bundle = load(path)
+    layers = bundle.binary_layers
+    if not 0 <= index < len(layers):
+        raise BundleError(f"{path}: --layer must be in 0 … {len(layers) - 1}, not {index}")
+    layer = layers[index]
+    if layer.thresholds is None or layer.output_bits != 1:
+        what = "raw P" if layer.thresholds is None else f"{layer.output_bits}-bit outputs"
+        raise BundleError(f"{path}: binary layer {index} has {what}; the device's layer "
+                          "runs 1-bit layers (READ_RESULTS is not implemented)")
+    c, _, kh, kw, (h, w), _ = bundle.layer_shapes()[index]
+    if kh != kw:
+        raise BundleError(f"{path}: binary layer {index} has a {kh}×{kw} kernel; the device "
+                          "runs square kernels")
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.choice([-1.0, 1.0], size=(1, c, h, w)))
+    return LayerCase(x, layer, name=f"{path} layer {index} ({bundle.layer_names[index]})")
+
+
+def load_case(host: LinkHost, config, case: LayerCase, *, input_base: int = 0,
+              output_base: int = 0, weight_base: int = 0, threshold_base: int = 0,
+              load_input: bool = True) -> dict:
+    """Write the case's weights, thresholds (and input) and configure the layer.
+
+    Returns the descriptor. Raises ``ValueError`` (from the controller's host-side check)
+    if the layer does not fit the config.
+    """
+    from bitdet.hw.controller import LayerController
+    from bitdet.sw.protocol import threshold_entry_bytes, weight_entry_bytes
+    simd, cols = config.simd, config.cols
+    layer = case.layer
+    k = layer.k
+    desc = LayerController(config=config).descriptor(
+        case.window(), case.out_channels, input_base=input_base, output_base=output_base,
+        weight_base=weight_base, threshold_base=threshold_base)
+    if load_input:
+        host.write_memory(Opcode.WRITE_ACTIVATIONS, input_base,
+                          pack_activations(case.x, word_bits=simd)[0].tobytes(), simd // 8)
+    host.write_memory(Opcode.WRITE_WEIGHTS, weight_base,
+                      encode_weights(pack_weights(layer.weights, word_bits=simd, cols=cols)),
+                      weight_entry_bytes(simd, cols))
+    host.write_memory(Opcode.WRITE_THRESHOLDS, threshold_base, encode_thresholds(
+        pack_thresholds(layer.thresholds, k, cols=cols),
+        threshold_width=config.threshold_width,
+        thresholds_per_channel=config.thresholds_per_channel),
+        threshold_entry_bytes(config.threshold_width, config.thresholds_per_channel, cols))
+    host.command(Opcode.CONFIGURE_LAYER, encode_layer(**desc))
+    return desc
+
+
+def expected_map(case: LayerCase, word_bits: int, x: torch.Tensor | None = None) -> np.ndarray:
+    """Packed golden output ``H×W×bytes`` of the case (on ``x`` if given)."""
+    bits = golden.run_layer(case.x if x is None else x, case.layer)
+    return pack_activations(bits.to(torch.float32) * 2 - 1, word_bits=word_bits)[0]
+
+
+def compare_maps(got: bytes, expected: np.ndarray) -> dict:
+    """Bitwise comparison of a read-back map with the packed golden one (``H×W×bytes``)."""
+    h, w, nbytes = expected.shape
+    got_arr = np.frombuffer(got, dtype=np.uint8)
+    if got_arr.size != expected.size:
+        return {"match": False, "mismatches": None,
+                "first_mismatch": f"read {got_arr.size} bytes, expected {expected.size}"}
+    diff = np.unpackbits(got_arr.reshape(h, w, nbytes) ^ expected, axis=-1, bitorder="little")
+    where = np.argwhere(diff)
+    result = {"match": not where.size, "mismatches": int(where.shape[0])}
+    if where.size:
+        y, x, channel = (int(v) for v in where[0])
+        result["first_mismatch"] = {"y": y, "x": x, "channel": channel}
+    return result
+
+
+def run_case(link, config, case: LayerCase, *, input_base: int = 0, output_base: int = 0,
+             weight_base: int = 0, threshold_base: int = 0, timeout: float | None = None
+             ) -> dict:
+    """Load, configure, run and read back ``case`` through ``link``; compare with golden.
+
+    Returns ``match``, ``mismatches``, ``first_mismatch`` (when not matching),
+    ``cycles`` (busy, from RUN_LAYER), ``stall_cycles``, ``ideal_cycles``,
+    ``utilization`` (ideal / busy), and the link bytes each way. A layer with a max-pool
+    runs a pool pass after the convolution (its counters: ``pool_cycles``,
+    ``pool_stall_cycles``) and the pooled map is compared.
+    """
+    from bitdet.hw.controller import LayerController
+    ctrl = LayerController(config=config)
+    window = case.window()
+    ideal = ctrl.ideal_cycles(window, case.out_channels)
+    # the RTL simulation runs at ≳ 20 k cycles/s even with a Python step per cycle
+    run_timeout = timeout if timeout is not None else 60 + 4 * ideal / 20000
+    host = LinkHost(link, timeout=run_timeout)
+    written, read = getattr(link, "bytes_written", 0), getattr(link, "bytes_read", 0)
+    load_case(host, config, case, input_base=input_base, output_base=output_base,
+              weight_base=weight_base, threshold_base=threshold_base)
+    busy, stall = decode_counters(host.command(Opcode.RUN_LAYER))
+    out_h, out_w, read_base = window.out_h, window.out_w, output_base
+    pool_counters = None
+    if case.layer.pool is not None:
+        # a pool pass reads the conv's output (now in the bank the next layer reads) and
+        # writes the other bank, at the conv's input base
+        from bitdet.hw.pool import PoolEngine
+        kernel, stride = case.layer.pool
+        pool_desc = PoolEngine(config=config).descriptor(
+            in_h=out_h, in_w=out_w, channels=case.out_channels, kernel=kernel, stride=stride,
+            input_base=output_base, output_base=input_base)
+        host.command(Opcode.CONFIGURE_LAYER, encode_layer(**pool_desc))
+        pool_counters = decode_counters(host.command(Opcode.RUN_LAYER))
+        out_h, out_w, read_base = pool_desc["out_h"], pool_desc["out_w"], input_base
+    expected = expected_map(case, config.simd)
+    words = out_h * out_w * -(-case.out_channels // config.simd)
+    got = host.read_activations(read_base, words, config.simd // 8)
+    result = compare_maps(got, expected)
+    result.update({"cycles": busy, "stall_cycles": stall, "ideal_cycles": ideal,
+                   "utilization": round(ideal / busy, 4) if busy else None})
+    if pool_counters is not None:
+        result["pool_cycles"], result["pool_stall_cycles"] = pool_counters
+    result.update({"link_bytes_in": getattr(link, "bytes_written", 0) - written,
+                   "link_bytes_out": getattr(link, "bytes_read", 0) - read})
+    return result
+
+
+def simulate_layer(config, case: LayerCase, *, simulator: str = "verilator", seed: int = 0,
+                   waves: bool = False, work_dir=None, idle: float = 0.0,
+                   backpressure: float = 0.0) -> dict:
+    """:func:`run_case` on a fresh :class:`~bitdet.sim.link.RtlLink`; adds the shape,
+    ``sim_seconds`` (wall time from starting the simulator to its end; Verilog
+    generation and a first build excluded),
+    ``link_cycles`` (clock cycles simulated) and ``waves`` (the trace, when asked)."""
+    from bitdet.hw.controller import LayerController
+
+    from .link import RtlLink
+    # the host-side fit check first: a layer that cannot run needs no simulator
+    LayerController(config=config).descriptor(case.window(), case.out_channels)
+    link = RtlLink(config, simulator, waves, seed=seed, idle=idle, backpressure=backpressure,
+                   work_dir=work_dir)
+    try:
+        result = run_case(link, config, case)
+    finally:
+        try:
+            cycles = link.close()
+        except Exception:
+            cycles = None
+    result = {"shape": case.shape(), "case": case.name, "simulator": simulator, **result,
+              "link_cycles": cycles,
+              "sim_seconds": round(time.perf_counter() - link.started, 3)}
+    if waves:
+        result["waves"] = str(link.waves_path) if link.waves_path else None
+    return result
