@@ -48,7 +48,8 @@ class AcceleratorConfig:
     cols : int
         Array columns: output channels computed in parallel (weights flow along columns).
     simd : int
-        XNOR-popcount bits per PE per cycle; a multiple of 8 (the packing word).
+        XNOR-popcount bits per PE per cycle; a multiple of 8 (the packing word) and of
+        ``cols`` (the layer controller packs a tile of ``cols`` outputs into one word).
     weight_depth, threshold_depth, activation_depth : int
         Memory depths in words / entries (see the module docstring).
     max_channels : int
@@ -64,7 +65,8 @@ class AcceleratorConfig:
     baud : int
         UART rate of the host link.
     board : str or None
-        Board this preset targets (informational; the build picks the platform).
+        Board this preset targets (``bitdet hw build --board`` names the platform; a
+        build for another board prints a warning).
 
     Raises
     ------
@@ -106,6 +108,10 @@ class AcceleratorConfig:
             raise ConfigError(f"simd must be a multiple of 8 (the packing word), not {self.simd}")
         if self.simd > 1024:
             raise ConfigError(f"simd must be at most 1024, not {self.simd}")
+        if self.simd % self.cols:
+            raise ConfigError(f"the layer controller needs simd ({self.simd}) to be a multiple "
+                              f"of cols ({self.cols}): one tile of cols output channels is "
+                              f"packed into one simd-bit output word")
         if self.max_kernel > 7:
             raise ConfigError(f"max_kernel must be at most 7, not {self.max_kernel}")
         if self.max_stride > self.max_kernel:

