@@ -136,10 +136,16 @@ class BinaryBlock(nn.Module):
         self.pool = pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = binarize(_epilogue_forward(self, self.conv.dot(x), self.conv.alpha()))
+        return self.forward_with_accumulator(x)[0]
+
+    def forward_with_accumulator(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's ±1 output and its integer dot products (before α, BN and sign), for
+        layer-wise distillation losses."""
+        acc = self.conv.dot(x)
+        out = binarize(_epilogue_forward(self, acc, self.conv.alpha()))
         if self.pool:
             out = F.max_pool2d(out, self.pool, self.pool)
-        return out
+        return out, acc
 
     def export(self) -> BinaryConvLayer:
         """The folded device layer (exact: same epilogue arithmetic as eval mode)."""

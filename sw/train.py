@@ -6,9 +6,17 @@ Methods (:data:`METHODS`):
   activations, RSign biases, int8 stem and head); exportable to a deployment bundle.
 * ``fp`` — :class:`bitdet.sw.models.RealDetector`, the real-valued teacher with the same
   topology; not exportable.
+* ``lws`` — LWS-Det (:mod:`bitdet.sw.distill`): a DBS-searched binary detector distilled
+  from an ``fp`` checkpoint (``teacher=``); exportable like ``plain``.
+* ``ida`` — IDa-Det (:mod:`bitdet.sw.distill`): the ``plain`` detector distilled from an
+  ``fp`` checkpoint on the proposal pairs of largest information discrepancy.
+* ``bidet`` — BiDet (:mod:`bitdet.sw.distill`): the ``plain`` detector with an information
+  bottleneck and a sparse object prior; no teacher.
+* ``rbcn`` — RBCN (:mod:`bitdet.sw.distill`): the ``plain`` detector with a learnable kernel
+  approximation and a discriminator on its features against an ``fp`` teacher.
 
-More methods (distillation from ``fp``, other binarization schemes) plug in by adding a
-:class:`Method` to :data:`METHODS`. docs/training.md describes the head, loss and commands.
+More methods plug in by adding a :class:`Method` to :data:`METHODS`. docs/training.md
+describes the head, loss and commands, docs/methods.md the distillation methods.
 
 Training is deterministic on the CPU for a given seed (same torch build and thread count):
 the model is initialised under ``torch.manual_seed(seed)`` (the caller's RNG state is left
@@ -34,12 +42,28 @@ from tqdm import tqdm
 from .bundle import Bundle
 from .data import DIGIT_CLASSES, make_digitscenes
 from .detection import BOX_PRIOR, LossWeights, detection_loss, encode_targets
+from .distill import (
+    BIDET_DEFAULTS,
+    IDA_DEFAULTS,
+    LWS_DEFAULTS,
+    RBCN_DEFAULTS,
+    BiDetDetector,
+    IDaDetector,
+    LWSDetector,
+    RBCNDetector,
+    bidet_losses,
+    ida_losses,
+    lws_losses,
+    lws_prepare,
+    rbcn_losses,
+)
 from .models import BinaryDetector, RealDetector
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "METHODS",
     "CheckpointError",
+    "DistillLosses",
     "Method",
     "TrainConfig",
     "TrainResult",
@@ -47,6 +71,7 @@ __all__ = [
     "build_model",
     "export_checkpoint",
     "load_checkpoint",
+    "load_teacher",
     "train",
 ]
 
@@ -62,14 +87,26 @@ class CheckpointError(TrainingError):
     """A checkpoint that cannot be read, resumed from or exported."""
 
 
+#: ``losses(student, teacher, pixels, targets, options) -> (head map, {name: weighted
+#: loss term})`` of a distillation method; the trainer adds the detection loss.
+DistillLosses = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
 @dataclass(frozen=True)
 class Method:
-    """A training method: how to build its model and whether it exports to a bundle."""
+    """A training method: how to build its model, whether it exports to a bundle, its extra
+    losses (a distillation method's against an ``fp`` teacher) and their default options."""
 
     name: str
     description: str
     model_class: type[nn.Module]
     exportable: bool
+    losses: DistillLosses | None = None
+    defaults: dict = field(default_factory=dict)
+    #: ``prepare(model, options)``: adjusts a freshly initialised model (new runs only)
+    prepare: Callable[[nn.Module, dict], None] | None = None
+    #: whether ``losses`` needs the ``fp`` teacher (``teacher=`` / ``--teacher``)
+    needs_teacher: bool = False
 
 
 #: Training methods by name. Add an entry to make a new method available to
@@ -79,6 +116,20 @@ METHODS: dict[str, Method] = {
                     BinaryDetector, exportable=True),
     "fp": Method("fp", "real-valued teacher (float conv + BN + ReLU), same topology",
                  RealDetector, exportable=False),
+    "lws": Method("lws", "LWS-Det: DBS-searched weights, learned α, angular + amplitude "
+                  "losses against an fp teacher (--teacher)", LWSDetector, exportable=True,
+                  losses=lws_losses, defaults=LWS_DEFAULTS, prepare=lws_prepare,
+                  needs_teacher=True),
+    "ida": Method("ida", "IDa-Det: max-discrepancy proposal pairs, entropy distillation "
+                  "from an fp teacher (--teacher)", IDaDetector, exportable=True,
+                  losses=ida_losses, defaults=IDA_DEFAULTS, needs_teacher=True),
+    "bidet": Method("bidet", "BiDet: information bottleneck (sampled boxes, L2 on the "
+                    "pre-activations) + sparse object prior; no teacher", BiDetDetector,
+                    exportable=True, losses=bidet_losses, defaults=BIDET_DEFAULTS),
+    "rbcn": Method("rbcn", "RBCN: kernel approximation with a learnable matrix + adversarial "
+                   "feature matching against an fp teacher (--teacher)", RBCNDetector,
+                   exportable=True, losses=rbcn_losses, defaults=RBCN_DEFAULTS,
+                   needs_teacher=True),
 }
 
 
@@ -97,6 +148,10 @@ class TrainConfig:
     val_count: int
     prior: float = BOX_PRIOR
     model: dict = field(default_factory=dict)
+    #: the fp checkpoint a distillation method learns from (None for plain / fp)
+    teacher: str | None = None
+    #: the distillation method's options (its defaults, updated by ``options``)
+    options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -213,6 +268,26 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     return bundle.save(out)
 
 
+def load_teacher(path: str | os.PathLike, model_kwargs: dict) -> RealDetector:
+    """The frozen ``fp`` teacher of a distillation run (eval mode, no gradients).
+
+    Raises :class:`CheckpointError` unless ``path`` is an ``fp`` checkpoint of the student's
+    topology (widths, pools, image size, classes).
+    """
+    teacher, ckpt = load_checkpoint(path)
+    if ckpt["method"] != "fp":
+        raise CheckpointError(f"{path}: the teacher must be an 'fp' checkpoint, not "
+                              f"{ckpt['method']!r}")
+    theirs = ckpt["config"]["model"]
+    for key in ("widths", "pools", "image_size", "num_classes", "in_channels"):
+        if list(np.atleast_1d(theirs.get(key))) != list(np.atleast_1d(model_kwargs.get(key))):
+            raise CheckpointError(f"{path}: the teacher's {key} {theirs.get(key)!r} does not "
+                                  f"match the student's {model_kwargs.get(key)!r}")
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    return teacher
+
+
 #: Initial objectness probability of every cell (RetinaNet-style prior on the head bias), so
 #: that the first steps are not spent pushing the ~60 empty cells per image down.
 OBJECTNESS_PRIOR = 0.04
@@ -238,6 +313,7 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
           device: str | torch.device = "cpu", resume: str | os.PathLike | None = None, *,
           weight_decay: float = 1e-4, progress: bool | None = None,
           log: Callable[[str], None] | None = None, threads: int | None = None,
+          teacher: str | os.PathLike | None = None, options: dict | None = None,
           ) -> TrainResult:
     """Train ``method`` on generated DigitScenes and write a checkpoint after every epoch.
 
@@ -257,6 +333,14 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
     ``threads``: torch CPU threads for the run (restored afterwards); on a shared machine
     ``1`` is often much faster than oversubscribed cores. Bit-exact reproduction (e.g. of
     a resumed run) needs the same thread count.
+
+    ``teacher``: the ``fp`` checkpoint a distillation method (``lws``, ``ida``, ``rbcn``)
+    learns from (required for those, refused for the others; a resumed run reloads the
+    stored path).
+    ``options``: the method's options (loss weights, …), overriding its defaults
+    (``Method.defaults``; unknown names raise :class:`TrainingError`).
+    The history entries of a distillation run gain the mean weighted terms
+    (``train_ang``, …) and ``train_loss`` is then the total.
     """
     if threads is not None:
         if threads < 1:
@@ -279,13 +363,27 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
         config = TrainConfig(**ckpt["config"])
         if epochs is not None:
             config.epochs = epochs
+        if teacher is not None:          # the teacher file moved since the run started
+            config.teacher = str(teacher)
     else:
+        chosen = _method(method or "plain")
+        if chosen.needs_teacher and teacher is None:
+            raise TrainingError(f"method {chosen.name!r} distils from a real-valued teacher: "
+                                "give teacher= (an 'fp' checkpoint)")
+        if not chosen.needs_teacher and teacher is not None:
+            raise TrainingError(f"method {chosen.name!r} takes no teacher")
+        unknown = sorted(set(options or {}) - set(chosen.defaults))
+        if unknown:
+            raise TrainingError(f"unknown option(s) {', '.join(unknown)} for method "
+                                f"{chosen.name!r} (has: {', '.join(chosen.defaults) or 'none'})")
         config = TrainConfig(
-            method=method or "plain", epochs=10 if epochs is None else epochs,
+            method=chosen.name, epochs=10 if epochs is None else epochs,
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
             image_size=image_size, train_count=train_count, val_count=val_count,
-            model=_default_model_kwargs(image_size))
-    _method(config.method)
+            model=_default_model_kwargs(image_size),
+            teacher=None if teacher is None else str(teacher),
+            options={**chosen.defaults, **(options or {})})
+    spec = _method(config.method)
     for name in ("epochs", "batch_size", "train_count", "image_size"):
         if getattr(config, name) < 1:
             raise TrainingError(f"{name} must be positive, not {getattr(config, name)}")
@@ -296,7 +394,12 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
         torch.manual_seed(config.seed)
         model = build_model(config.method, config.model)
         _init_objectness(model)
+        if spec.prepare is not None and ckpt is None:
+            spec.prepare(model, config.options)
     model.to(dev)
+    teacher_model = None
+    if spec.needs_teacher:
+        teacher_model = load_teacher(config.teacher, config.model).to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
     start_epoch, step, history = 0, 0, []
@@ -340,17 +443,26 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
             optimizer.zero_grad(set_to_none=True)
-            head = model(pixels[idx].to(dev))
+            extra = {}
+            if spec.losses is None:
+                head = model(pixels[idx].to(dev))
+            else:
+                head, extra = spec.losses(model, teacher_model, pixels[idx].to(dev),
+                                          [targets[i] for i in idx.tolist()], config.options)
             loss, parts = detection_loss(head, encoded, stride, prior=config.prior,
                                          weights=LossWeights())
+            for name, term in extra.items():
+                loss = loss + term
+                parts[name] = float(term.detach())
+            parts["loss"] = float(loss.detach())
             if not torch.isfinite(loss):
                 raise TrainingError(f"epoch {epoch + 1}, step {step}: loss is "
                                     f"{float(loss.detach())}; try a lower learning rate")
             loss.backward()
             optimizer.step()
             step += 1
-            for key in sums:
-                sums[key] += parts[key]
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value
             bar.set_postfix(loss=f"{parts['loss']:.3f}", lr=f"{lr_now:.2e}")
         bar.close()
         entry = {"epoch": epoch + 1, "lr": _cosine_lr(config.lr, step, total_steps),
@@ -371,7 +483,8 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
         if log is not None:
             text = (f"epoch {epoch + 1}/{config.epochs}: loss {entry['train_loss']:.4f} (obj "
                     f"{entry['train_obj']:.3f} box {entry['train_box']:.3f} cls "
-                    f"{entry['train_cls']:.3f})")
+                    f"{entry['train_cls']:.3f}"
+                    + "".join(f" {k} {entry[f'train_{k}']:.3f}" for k in extra) + ")")
             if "val_mAP50" in entry:
                 text += (f", val mAP@0.5 {entry['val_mAP50']:.4f} mAP@[.5:.95] "
                          f"{entry['val_mAP']:.4f}")

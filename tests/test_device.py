@@ -202,10 +202,16 @@ def test_bundle_that_does_not_fit_streams_nothing():
             device.load(DEFAULT_BUNDLE)
         assert device.bytes_out == sent
         assert any("max_channels" in p for p in info.value.problems)
-    # the pre-pool map of the default detector's first layer overflows icebreaker's banks
-    with Device.open("emu", "icebreaker") as device, pytest.raises(BundleDoesNotFit,
-                                                                   match="before its pool"):
-        device.load(DEFAULT_BUNDLE)
+    # a detector whose first binary layer writes 32×32×64 bits before its pool: 4096 words
+    # of 16 bits, twice icebreaker's bank (its pooled 16×16 map would fit)
+    wide = BinaryDetector(widths=(16, 64, 64, 128, 128)).eval().export_bundle()
+    with Device.open("emu", "icebreaker") as device:
+        sent = device.bytes_out
+        with pytest.raises(BundleDoesNotFit, match="4096 words"):
+            device.load(wide)
+        assert device.bytes_out == sent
+    with Device.open("emu", "icebreaker") as device:
+        device.load(DEFAULT_BUNDLE)                       # the shipped detector fits
 
 
 def test_device_errors_are_typed():

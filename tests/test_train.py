@@ -1,5 +1,6 @@
 """Training (bitdet.sw.train), bundle evaluation and the train/export/eval CLI, on tiny runs."""
 
+import hashlib
 import json
 
 import pytest
@@ -114,7 +115,7 @@ def test_real_detector_matches_the_binary_topology():
 
 
 def test_methods_registry_and_user_errors(tmp_path):
-    assert set(METHODS) == {"plain", "fp"}
+    assert {"plain", "fp", "lws"} <= set(METHODS)
     assert METHODS["plain"].exportable and not METHODS["fp"].exportable
     with pytest.raises(TrainingError, match="unknown method"):
         train("xnor++", epochs=1, out_dir=tmp_path, **TINY)
@@ -192,3 +193,52 @@ def test_cli_user_errors(capsys, tmp_path):
         main(["eval", "--bundle", "a", "--checkpoint", "b"])
     assert exc.value.code == 2
     capsys.readouterr()
+
+
+# ------------------------------------------------------------------ shipped default detector
+
+
+def _default_asset():
+    from importlib.resources import files
+    folder = files("bitdet.sw") / "assets"
+    return folder / "default.bitdet", json.loads((folder / "default.json").read_text())
+
+
+def _eval_default(images):
+    path, record = _default_asset()
+    bundle = load(path)
+    dataset = make_digitscenes(record["test"]["split"], count=images, seed=record["test"]["seed"])
+    return record, evaluate_predictions(predict_bundle(bundle, dataset), dataset)
+
+
+def test_default_bundle_loads_fits_icebreaker_and_is_described():
+    from bitdet.hw.config import load_config
+    path, record = _default_asset()
+    bundle = load(path)
+    assert path.stat().st_size == record["bundle_bytes"] < 64 * 1024
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == record["bundle_sha256"]
+    assert bundle.model["classes"] == [str(i) for i in range(10)]
+    assert bundle.model["input"] == [1, 64, 64]
+    assert bundle.model["training"] == {"method": record["method"], "seed": record["seed"],
+                                        "epoch": record["recipe"]["epochs"]}
+    assert load_config("icebreaker").fit_problems(bundle.requirements()) == []
+    for key in ("commands", "train_wall_seconds", "versions"):
+        assert record[key]
+    assert record["versions"]["torch"]
+    # the float checkpoint and its bundle were measured equal (exact export)
+    assert record["test"]["checkpoint"]["mAP50"] == record["test"]["bundle"]["mAP50"]
+
+
+def test_default_bundle_reproduces_its_recorded_subset_map():
+    images = _default_asset()[1]["test_subset"]["images"]
+    record, scores = _eval_default(images)
+    assert scores["images"] == images
+    assert scores["mAP50"] == pytest.approx(record["test_subset"]["bundle"]["mAP50"], abs=1e-9)
+    assert scores["mAP"] == pytest.approx(record["test_subset"]["bundle"]["mAP"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_default_bundle_reproduces_its_recorded_test_map():
+    record, scores = _eval_default(_default_asset()[1]["test"]["images"])
+    assert scores["mAP50"] == pytest.approx(record["test"]["bundle"]["mAP50"], abs=1e-9)
+    assert scores["mAP"] == pytest.approx(record["test"]["bundle"]["mAP"], abs=1e-9)

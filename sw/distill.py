@@ -1,0 +1,516 @@
+"""Training methods that add losses to the 1-bit detector, most of them distilling it from
+the real-valued ``fp`` teacher (registered in :data:`bitdet.sw.train.METHODS`).
+
+* ``lws`` — LWS-Det (Xu et al., "Layer-Wise Searching for 1-Bit Detectors", CVPR 2021):
+  per binary layer an angular loss and an amplitude loss against the teacher's
+  corresponding convolution, a differentiable binarization search (DBS) of the weights, a
+  learned per-channel scale factor α, the weight loss ``‖w̃ − α∘w*‖²`` and the fine-grained
+  feature imitation (FGFI, Wang et al. CVPR 2019) that the paper adds as ``L_Lim``.
+* ``ida`` — IDa-Det (Xu et al., "IDa-Det: An Information Discrepancy-aware Distillation for
+  1-bit Detectors", ECCV 2022): proposal pairs from teacher and student detections, the
+  pairs with the largest (Mahalanobis) information discrepancy selected, an entropy
+  (Gaussian negative log-likelihood) distillation loss on their features.
+* ``bidet`` — BiDet (Wang et al., CVPR 2020): information bottleneck (sampled box outputs,
+  L2 on the binary pre-activations) and a sparse object prior; no teacher.
+* ``rbcn`` — RBCN (Liu et al., IJCAI 2019): kernel approximation through a learnable
+  matrix and a discriminator matching the student's features to the teacher's.
+
+The students (:class:`LWSDetector`, :class:`IDaDetector`, :class:`BiDetDetector`,
+:class:`RBCNDetector`) are :class:`~bitdet.sw.models.BinaryDetector` subclasses whose extra
+modules serve the losses only; in eval mode they compute exactly what their bundles compute
+(same epilogue; for ``lws`` ``weight`` is the arg-max choice), so they export like
+``plain``. docs/methods.md gives the equations and every choice made where a paper is
+ambiguous.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .detection import BOX_PRIOR, box_iou, decode, head_boxes, nms
+from .models import PIXEL_MAX, BinaryDetector, RealDetector
+
+__all__ = [
+    "BIDET_DEFAULTS",
+    "IDA_DEFAULTS",
+    "LWS_DEFAULTS",
+    "RBCN_DEFAULTS",
+    "BiDetDetector",
+    "IDaDetector",
+    "LWSDetector",
+    "RBCNDetector",
+    "SearchedBinaryConv2d",
+    "bidet_losses",
+    "fgfi_mask",
+    "ida_losses",
+    "ida_selection",
+    "lws_losses",
+    "lws_prepare",
+    "rbcn_losses",
+]
+
+
+class _SearchedSign(torch.autograd.Function):
+    """``δ = β⁺ − β⁻`` → the arg-max weight (+1 on ties, as sign(0) = +1).
+
+    Backward: the gradient of the relaxed weight ``p⁺·(+1) + p⁻·(−1) = tanh(δ/2)`` (the DARTS
+    softmax mixture of the two candidates), i.e. a straight-through estimator whose forward
+    is the discrete choice the device runs.
+    """
+
+    @staticmethod
+    def forward(ctx, delta):
+        ctx.save_for_backward(delta)
+        return torch.where(delta >= 0, 1.0, -1.0).to(delta.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (delta,) = ctx.saved_tensors
+        t = torch.tanh(delta / 2)
+        return grad * 0.5 * (1 - t * t)
+
+
+class SearchedBinaryConv2d(nn.Module):
+    """Binary convolution whose ±1 weights come from a differentiable binarization search.
+
+    Every weight has two architecture logits ``beta[0]`` (candidate −1) and ``beta[1]``
+    (candidate +1), ``p = softmax(beta)`` over the pair; the weight used is the arg-max
+    candidate (forward) with the gradient of the relaxed ``p⁺ − p⁻`` (backward). ``scale``
+    is the learned per-output-channel factor α (not ``mean |W|``).
+
+    Same interface as :class:`bitdet.sw.models.BinaryConv2d` (``weight``, ``alpha()``,
+    ``dot(x)``, ``stride``, ``padding``, ``pad_value``), so :class:`BinaryBlock` and its
+    export work unchanged: ``weight`` is ``β⁺ − β⁻``, whose sign is the arg-max choice.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, *, stride: int = 1,
+                 padding: int = 0, pad_value: int = -1):
+        super().__init__()
+        if pad_value not in (-1, 1):
+            raise ValueError(f"pad_value must be -1 or +1, not {pad_value!r}")
+        self.stride, self.padding, self.pad_value = stride, padding, pad_value
+        # The paper's training algorithm: β and α drawn from N(0, 1). α is divided by K:
+        # α·(â⊙w*) with |â⊙w*| ~ √K would otherwise start ~√K times larger than the
+        # teacher's outputs and the amplitude loss (~10³) would swamp every other term.
+        k = in_channels * kernel * kernel
+        self.beta = nn.Parameter(torch.randn(2, out_channels, in_channels, kernel, kernel))
+        self.scale = nn.Parameter(torch.randn(out_channels) / k)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``β⁺ − β⁻``: its sign (≥ 0 → +1) is the searched binary weight."""
+        return self.beta[1] - self.beta[0]
+
+    def probabilities(self) -> torch.Tensor:
+        """``p`` of Eq. (6.73): ``(2, O, C, kh, kw)``, candidates (−1, +1)."""
+        return torch.softmax(self.beta, dim=0)
+
+    def binary_weight(self) -> torch.Tensor:
+        """The searched ±1 weights ``w*`` (differentiable through the relaxation)."""
+        return _SearchedSign.apply(self.weight)
+
+    def alpha(self) -> torch.Tensor:
+        return self.scale
+
+    def dot(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (self.padding,) * 4, value=float(self.pad_value))
+        return F.conv2d(x, self.binary_weight(), stride=self.stride)
+
+
+class LWSDetector(BinaryDetector):
+    """:class:`BinaryDetector` with DBS binary convolutions (``lws`` method).
+
+    ``imitation`` is FGFI's 1×1 adaptation layer from the last binary features to the
+    teacher's; it is used only by the training loss and is not part of the bundle.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        for block in self.blocks:
+            old = block.conv
+            o, c, k, _ = old.weight.shape
+            block.conv = SearchedBinaryConv2d(c, o, k, stride=old.stride, padding=old.padding,
+                                              pad_value=old.pad_value)
+        width = self.blocks[-1].conv.beta.shape[1]
+        self.imitation = nn.Conv2d(width, width, 1)
+
+
+#: Default options of ``lws``: the loss weights (``L = L_GT + Σ_i (ang·L_Ang_i + amp·L_Amp_i
+#: + w·L_W_i) + lim·L_Lim``), FGFI's mask factor ``psi`` and ``init_std``, the standard
+#: deviation of the initial β (the paper's N(0, 1)); docs/methods.md explains the choices.
+LWS_DEFAULTS = {"ang": 10.0, "amp": 0.1, "w": 1.0, "lim": 0.01, "psi": 0.5, "init_std": 1.0}
+
+
+def lws_prepare(student: LWSDetector, options: dict) -> None:
+    """Scale the freshly drawn N(0, 1) logits β to N(0, ``init_std``²) (no RNG use)."""
+    std = float({**LWS_DEFAULTS, **options}["init_std"])
+    if not std > 0:
+        raise ValueError(f"init_std must be positive, not {std!r}")
+    with torch.no_grad():
+        for block in student.blocks:
+            block.conv.beta.mul_(std)
+
+
+def fgfi_mask(targets: list[dict[str, torch.Tensor]], grid: tuple[int, int], stride: int, *,
+              prior: float = BOX_PRIOR, psi: float = 0.5) -> torch.Tensor:
+    """FGFI's imitation region: ``N×S_h×S_w`` bool.
+
+    Each cell has one prior box (``prior × prior`` px centred on the cell). For every ground
+    truth box the cells whose prior's IoU with it exceeds ``psi ×`` that box's largest IoU
+    over all cells are marked; the mask is the union over the image's boxes.
+    """
+    gh, gw = grid
+    ys, xs = torch.meshgrid(torch.arange(gh, dtype=torch.float32),
+                            torch.arange(gw, dtype=torch.float32), indexing="ij")
+    cx, cy = (xs.reshape(-1) + 0.5) * stride, (ys.reshape(-1) + 0.5) * stride
+    priors = torch.stack([cx - prior / 2, cy - prior / 2, cx + prior / 2, cy + prior / 2], 1)
+    mask = torch.zeros(len(targets), gh * gw, dtype=torch.bool)
+    for i, target in enumerate(targets):
+        boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
+        if len(boxes) == 0:
+            continue
+        iou = box_iou(priors, boxes)                       # cells × boxes
+        best = iou.max(dim=0).values
+        mask[i] = ((iou > psi * best) & (iou > 0)).any(dim=1)
+    return mask.reshape(len(targets), gh, gw)
+
+
+def _patch_norm(x: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
+    """‖receptive-field patch of x‖₂ at every output position (zero padding): N×1×H×W."""
+    ones = torch.ones(1, x.shape[1], kernel, kernel, dtype=x.dtype, device=x.device)
+    return F.conv2d(x * x, ones, stride=stride, padding=padding).clamp(min=0).sqrt()
+
+
+def _teacher_blocks(teacher: RealDetector, pixels: torch.Tensor):
+    """Teacher stem output, then per block (input, conv output, block output)."""
+    x = teacher.stem(pixels / PIXEL_MAX)
+    records = []
+    for blk in teacher.blocks:
+        conv_out = blk[0](x)
+        out = conv_out
+        for layer in list(blk)[1:]:
+            out = layer(out)
+        records.append((x, conv_out, out))
+        x = out
+    return records
+
+
+def lws_losses(student: LWSDetector, teacher: RealDetector, pixels: torch.Tensor,
+               targets: list[dict[str, torch.Tensor]], options: dict,
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Student head map and the weighted LWS-Det loss terms for one batch.
+
+    Per binary layer ``i`` with teacher input ``a``, teacher weights ``w̃`` (its 3×3 conv),
+    student ±1 input ``â`` and searched weights ``w*`` (``K = C·k·k`` elements per patch):
+
+    * ``L_Ang = mean((a⊗w̃ / (‖a_patch‖‖w̃‖) − â⊙w* / (‖â_patch‖‖w*‖))²)``, the second norm
+      product being ``K`` exactly (±1 patches, padding bits included);
+    * ``L_Amp = mean((a⊗w̃ − α∘(â⊙w*))²)``;
+    * ``L_W = mean((w̃ − α∘w*)²)``;
+
+    and ``L_Lim`` = FGFI: ``Σ mask·‖adapt(f_s) − f_t‖² / (2·N_p)`` on the last block's
+    features. Returns ``(head, {"ang": …, "amp": …, "w": …, "lim": …})`` already weighted.
+    """
+    weights = {**LWS_DEFAULTS, **options}
+    with torch.no_grad():
+        records = _teacher_blocks(teacher, pixels)
+    x = student.stem(pixels)
+    ang = amp = wl = pixels.new_zeros(())
+    for block, t_block, (a, t_out, _) in zip(student.blocks, teacher.blocks, records,
+                                              strict=True):
+        conv = block.conv
+        x_next, acc = block.forward_with_accumulator(x)
+        w_t = t_block[0].weight.detach()
+        k = float(w_t[0].numel())
+        with torch.no_grad():
+            t_conv = t_block[0]
+            norm_t = (_patch_norm(a, w_t.shape[-1], t_conv.stride, t_conv.padding)
+                      * w_t.flatten(1).norm(dim=1).reshape(1, -1, 1, 1))
+            cos_t = t_out / norm_t.clamp(min=1e-6)
+        alpha = conv.alpha()
+        ang = ang + ((cos_t - acc / k) ** 2).mean()
+        amp = amp + ((t_out - alpha.reshape(1, -1, 1, 1) * acc) ** 2).mean()
+        wl = wl + ((w_t - alpha.reshape(-1, 1, 1, 1) * conv.binary_weight()) ** 2).mean()
+        x = x_next
+    head = student.head(x)
+    t_feat = records[-1][2]
+    grid = tuple(t_feat.shape[2:])
+    mask = fgfi_mask(targets, grid, student.stride, psi=weights["psi"]).to(pixels.device)
+    diff = ((student.imitation(x) - t_feat) ** 2).sum(dim=1)        # N×S×S
+    lim = (diff * mask).sum() / (2 * mask.sum().clamp(min=1))
+    return head, {"ang": weights["ang"] * ang, "amp": weights["amp"] * amp,
+                  "w": weights["w"] * wl, "lim": weights["lim"] * lim}
+
+
+
+# --------------------------------------------------------------------------------- IDa-Det
+
+
+class IDaDetector(BinaryDetector):
+    """:class:`BinaryDetector` (XNOR-Net binary convs, as ``plain``) with IDa-Det's training
+    parts: ``adapt`` (3×3 conv from the last binary features to the teacher's, the neck
+    adaptation of the authors' code) and ``log_var`` (log σ²_c of the per-channel Gaussian
+    of the entropy loss). Neither is part of the bundle."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        width = self.blocks[-1].conv.weight.shape[0]
+        self.adapt = nn.Conv2d(width, width, 3, padding=1)
+        self.log_var = nn.Parameter(torch.zeros(width))
+
+
+#: Default options of ``ida``: ``L = L_GT + p·L_P + r·L_R``; ``gamma`` the fraction of
+#: proposal pairs distilled, ``score`` the detection score a proposal needs, ``top`` the most
+#: proposals per model and image. docs/methods.md explains the choices.
+IDA_DEFAULTS = {"p": 1.0, "r": 1e-4, "gamma": 0.4, "score": 0.5, "top": 20.0}
+
+
+def _proposal_cells(boxes: torch.Tensor, grid: tuple[int, int], stride: int) -> list[tuple]:
+    """Grid cells (row and column slices) that each xyxy pixel box overlaps (≥ 1 cell)."""
+    gh, gw = grid
+    cells = []
+    for x1, y1, x2, y2 in boxes.tolist():
+        c0 = min(max(int(x1 // stride), 0), gw - 1)
+        r0 = min(max(int(y1 // stride), 0), gh - 1)
+        c1 = min(max(-int(-x2 // stride), c0 + 1), gw)
+        r1 = min(max(-int(-y2 // stride), r0 + 1), gh)
+        cells.append((slice(r0, r1), slice(c0, c1)))
+    return cells
+
+
+def ida_selection(teacher_head: torch.Tensor, student_head: torch.Tensor,
+                  teacher_feat: torch.Tensor, student_feat: torch.Tensor,
+                  log_var: torch.Tensor, stride: int, options: dict,
+                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Inner level of IDa-Det: the distillation mask (``N×S_h×S_w`` bool) and, per image,
+    the discrepancy ``ε_n`` of every proposal pair (for inspection and tests).
+
+    Proposals are each model's detections (score ≥ ``score``, NMS 0.3, at most ``top``),
+    pooled and de-duplicated by class-agnostic NMS at IoU 0.6; each one cuts a region (the
+    cells it overlaps) out of both feature maps, which is the pair ``(R_t, R_s)``. Its
+    discrepancy is the Mahalanobis distance under the per-channel Gaussian
+    ``Σ = diag(σ²_c)``: ``ε_n = Σ_c Σ_cells (R_t − R_s)² / σ²_c`` over the region's cell
+    count. The ``ceil(gamma · n)`` pairs with the largest ``ε_n`` are selected
+    (``m_n = 1``) by sorting, and the mask is the union of their regions.
+    """
+    gamma, score, top = options["gamma"], options["score"], int(options["top"])
+    grid = tuple(teacher_feat.shape[2:])
+    size = (grid[0] * stride, grid[1] * stride)
+    settings = {"stride": stride, "score_threshold": score, "iou_threshold": 0.3,
+                "max_detections": top, "image_size": size}
+    teacher_dets = decode(teacher_head, **settings)
+    student_dets = decode(student_head, **settings)
+    inv_var = torch.exp(-log_var.detach()).reshape(-1, 1, 1)
+    mask = torch.zeros(teacher_feat.shape[0], *grid, dtype=torch.bool)
+    discrepancies = []
+    for i, (t, s) in enumerate(zip(teacher_dets, student_dets, strict=True)):
+        boxes = torch.cat([t["boxes"], s["boxes"]])
+        scores = torch.cat([t["scores"], s["scores"]])
+        boxes = boxes[nms(boxes, scores, None, 0.6)]
+        if len(boxes) == 0:
+            discrepancies.append(torch.zeros(0))
+            continue
+        diff2 = ((teacher_feat[i] - student_feat[i]) ** 2 * inv_var).detach().cpu()
+        cells = _proposal_cells(boxes, grid, stride)
+        eps = torch.stack([diff2[:, rows, cols].sum() / ((rows.stop - rows.start)
+                                                         * (cols.stop - cols.start))
+                           for rows, cols in cells])
+        discrepancies.append(eps)
+        keep = torch.sort(-eps, stable=True).indices[:max(1, math.ceil(gamma * len(eps)))]
+        for k in keep.tolist():
+            rows, cols = cells[k]
+            mask[i, rows, cols] = True
+    return mask, discrepancies
+
+
+def ida_losses(student: IDaDetector, teacher: RealDetector, pixels: torch.Tensor,
+               targets: list[dict[str, torch.Tensor]], options: dict,
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Student head map and the weighted IDa-Det terms ``{"p": λ·L_P, "r": μ·L_R}``.
+
+    ``L_P`` (entropy distillation) is the Gaussian negative log-likelihood of the teacher's
+    features given the adapted student's on the selected cells, per channel ``c`` with the
+    learned variance σ²_c: ``mean over selected (n, c, cell) of (f_t − adapt(f_s))² / σ²_c
+    + log σ²_c`` (0 when nothing is selected). ``L_R = Σ_i mean (W_i − α_i ∘ sign W_i)²``
+    over the binary layers' latent weights (XNOR-Net's weight reconstruction).
+    """
+    weights = {**IDA_DEFAULTS, **options}
+    with torch.no_grad():
+        t_maps = teacher.intermediates(pixels)
+    s_maps = student.intermediates(pixels)
+    head, adapted, t_feat = s_maps[-1], student.adapt(s_maps[-2]), t_maps[-2]
+    mask, _ = ida_selection(t_maps[-1], head.detach(), t_feat, adapted.detach(),
+                            student.log_var, student.stride, weights)
+    mask = mask.to(pixels.device)
+    log_var = student.log_var.reshape(1, -1, 1, 1)
+    nll = (t_feat - adapted) ** 2 * torch.exp(-log_var) + log_var        # N×C×S×S
+    selected = mask[:, None].expand_as(nll)
+    loss_p = nll[selected].mean() if bool(selected.any()) else nll.sum() * 0
+    loss_r = pixels.new_zeros(())
+    for block in student.blocks:
+        w = block.conv.weight
+        alpha = block.conv.alpha().reshape(-1, 1, 1, 1)
+        loss_r = loss_r + ((w - alpha * torch.where(w >= 0, 1.0, -1.0)) ** 2).mean()
+    return head, {"p": weights["p"] * loss_p, "r": weights["r"] * loss_r}
+
+
+# ----------------------------------------------------------------------------------- BiDet
+
+
+class BiDetDetector(BinaryDetector):
+    """:class:`BinaryDetector` (as ``plain``) with BiDet's training-only ``log_var``: a 1×1
+    conv from the last binary features to the log-variances of the four box outputs, from
+    which training samples the box (information bottleneck). Not part of the bundle."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        width = self.blocks[-1].conv.weight.shape[0]
+        self.log_var = nn.Conv2d(width, 4, 1)
+
+
+#: Default options of ``bidet``: ``L = L_GT + reg·L_IB + prior·L_SP``; ``sigma`` scales the
+#: sampled box noise, ``score`` is the NMS confidence threshold of the sparse-prior term
+#: (values of the authors' SSD code; docs/methods.md).
+BIDET_DEFAULTS = {"reg": 0.1, "prior": 0.2, "sigma": 0.001, "score": 0.03}
+
+
+def _class_detections(head: torch.Tensor, stride: int, score: float) -> list[tuple]:
+    """Per image, the cells that :func:`decode` keeps (score ``≥ score``, boxes clipped to
+    the image, class-aware NMS at IoU 0.5) with their differentiable scores:
+    ``[(labels, scores)]``."""
+    n, _, gh, gw = head.shape
+    probs = torch.softmax(head[:, 5:], dim=1)
+    scores = (torch.sigmoid(head[:, 0]) * probs.amax(dim=1)).reshape(n, -1)
+    labels = probs.argmax(dim=1).reshape(n, -1)
+    limits = torch.tensor([gw * stride, gh * stride] * 2, dtype=head.dtype, device=head.device)
+    boxes = torch.minimum(head_boxes(head.detach(), stride).reshape(n, -1, 4).clamp(min=0),
+                          limits)
+    out = []
+    for i in range(n):
+        sel = torch.nonzero(scores[i].detach() >= score).reshape(-1)
+        keep = sel[nms(boxes[i][sel], scores[i][sel].detach(), labels[i][sel], 0.5)]
+        out.append((labels[i][keep], scores[i][keep]))
+    return out
+
+
+def bidet_losses(student: BiDetDetector, teacher, pixels: torch.Tensor,
+                 targets: list[dict[str, torch.Tensor]], options: dict,
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Student head map (box outputs sampled) and the weighted BiDet terms.
+
+    * Information bottleneck: the box outputs ``t = (tx, ty, tw, th)`` are sampled,
+      ``t = μ + sigma · exp(log σ²/2) · ε`` with ``ε ~ N(0, 1)`` (drawn from a generator
+      seeded by the batch, so runs and resumes are reproducible), and ``L_IB`` is the mean
+      square of every binary block's pre-activation (BN output minus sign bias), averaged
+      over the blocks — the authors' L2 "regularization loss on feature maps".
+    * Sparse object prior: for every image and every class in its ground truth with more
+      kept detections (NMS at ``score``) than objects, the scores are normalised by their
+      (constant) sum, ``p_k = s_k / Σ s``, and ``L_SP`` is the mean over those (image, class)
+      pairs of ``−Σ_k p_k log p_k / (objects of that class)``.
+
+    ``teacher`` is unused (BiDet needs none).
+    """
+    del teacher
+    weights = {**BIDET_DEFAULTS, **options}
+    pre = []
+    hooks = [block.bn.register_forward_hook(
+        lambda mod, inp, out, block=block: pre.append(out - block.sign_bias.reshape(1, -1, 1, 1)))
+        for block in student.blocks]
+    try:
+        maps = student.intermediates(pixels)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    head, feat = maps[-1], maps[-2]
+    seed = int(pixels.detach().double().sum().item()) % (2 ** 62)
+    gen = torch.Generator(device=pixels.device).manual_seed(seed)
+    noise = torch.randn(head[:, 1:5].shape, generator=gen, device=pixels.device)
+    sampled = head[:, 1:5] + weights["sigma"] * torch.exp(student.log_var(feat) / 2) * noise
+    head = torch.cat([head[:, :1], sampled, head[:, 5:]], dim=1)
+    loss_ib = sum((p ** 2).mean() for p in pre) / max(len(pre), 1)
+    terms, count = pixels.new_zeros(()), 0
+    for (labels, scores), target in zip(_class_detections(head, student.stride,
+                                                          weights["score"]), targets,
+                                        strict=True):
+        gt = torch.as_tensor(target["labels"]).reshape(-1).to(labels.device)
+        for cls in torch.unique(gt).tolist():
+            mine = scores[labels == cls]
+            objects = int((gt == cls).sum())
+            if len(mine) <= objects:
+                continue
+            p = mine / mine.detach().sum()
+            terms = terms - (p * torch.log(p.clamp(min=1e-12))).sum() / objects
+            count += 1
+    loss_sp = terms / max(count, 1)
+    return head, {"reg": weights["reg"] * loss_ib, "prior": weights["prior"] * loss_sp}
+
+
+# ------------------------------------------------------------------------------------ RBCN
+
+
+class RBCNDetector(BinaryDetector):
+    """:class:`BinaryDetector` (as ``plain``) with RBCN's training parts: ``modulation``, one
+    learnable matrix ``C^l`` per binary layer (the shape of one filter, shared by the
+    layer's filters), ``adapt`` (1×1 conv from the last binary features to the teacher's
+    width) and ``discriminator`` (linear + LeakyReLU blocks on per-cell feature vectors).
+    None of them is part of the bundle."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.modulation = nn.ParameterList(
+            nn.Parameter(block.conv.weight.detach().abs().mean(dim=0).clone())
+            for block in self.blocks)
+        width = self.blocks[-1].conv.weight.shape[0]
+        self.adapt = nn.Conv2d(width, width, 1)
+        self.discriminator = nn.Sequential(
+            nn.Linear(width, 64), nn.LeakyReLU(0.2), nn.Linear(64, 64), nn.LeakyReLU(0.2),
+            nn.Linear(64, 1))
+
+
+#: Default options of ``rbcn``: ``L = L_GT + kernel·L_Kernel + adv·(L_D + L_G)``
+#: (docs/methods.md).
+RBCN_DEFAULTS = {"kernel": 1e-4, "adv": 0.1}
+
+
+def rbcn_losses(student: RBCNDetector, teacher: RealDetector, pixels: torch.Tensor,
+                targets: list[dict[str, torch.Tensor]], options: dict,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Student head map and the weighted RBCN terms ``{"kernel", "disc", "gen"}``.
+
+    * ``L_Kernel = ½ Σ_l ‖W_l − C_l ∘ sign(W_l)‖²`` (mean over the elements of each layer):
+      the latent weights against the modulated binary weights.
+    * Adversarial (``min_{W, C} max_Y log D(R) + log(1 − D(T))``): the discriminator ``D``
+      (logits) sees per-cell feature vectors of the teacher's last block (``R``, "real")
+      and of the adapted student's (``T = adapt(f_s)``, "fake"). ``disc`` is D's binary
+      cross-entropy on both (student features detached: it only trains D), ``gen`` the
+      generator's non-saturating ``−log D(T)`` through a copy of D whose parameters are
+      detached (it only trains the student and ``adapt``), so one optimizer step performs
+      both sides of the min-max.
+    """
+    weights = {**RBCN_DEFAULTS, **options}
+    with torch.no_grad():
+        real = teacher.intermediates(pixels)[-2]
+    maps = student.intermediates(pixels)
+    head = maps[-1]
+    fake = student.adapt(maps[-2])
+    kernel = pixels.new_zeros(())
+    for block, c in zip(student.blocks, student.modulation, strict=True):
+        w = block.conv.weight
+        kernel = kernel + 0.5 * ((w - c[None] * torch.where(w >= 0, 1.0, -1.0)) ** 2).mean()
+
+    def cells(x):                                        # N×C×H×W → (N·H·W)×C
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+    disc = student.discriminator
+    logit_real, logit_fake = disc(cells(real)), disc(cells(fake.detach()))
+    loss_d = (F.binary_cross_entropy_with_logits(logit_real, torch.ones_like(logit_real))
+              + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake)))
+    frozen = {name: p.detach() for name, p in disc.named_parameters()}
+    logit_gen = torch.func.functional_call(disc, frozen, (cells(fake),))
+    loss_g = F.binary_cross_entropy_with_logits(logit_gen, torch.ones_like(logit_gen))
+    return head, {"kernel": weights["kernel"] * kernel, "disc": weights["adv"] * loss_d,
+                  "gen": weights["adv"] * loss_g}
