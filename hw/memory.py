@@ -64,11 +64,14 @@ class ColumnMemory(wiring.Component):
     ``addr`` of every column on ``read.data[c]`` in cycle ``t + 1``. While ``read.en`` is
     low the data of the previous read is held, so a reader that stalls keeps its word.
     **Write.** ``write.data`` goes to entry ``write.addr`` of column ``write.column`` when
-    ``write.en`` is high. A read of the entry being written returns the old value
-    (no transparency; the controller never reads what it is loading).
+    ``write.en`` is high. **A write wins**: in a cycle with ``write.en`` high the read is
+    not performed (``read.data`` keeps the previous word); the memories are loaded only
+    while no layer runs, so the controller never reads and writes at once.
 
     Each column is its own :class:`~amaranth.lib.memory.Memory` of ``depth`` entries of
-    ``shape``, so every column maps to its own block RAM of that width.
+    ``shape`` with **one address** shared by its read and write port, so every column maps
+    to its own single-port RAM: an iCE40UP5K SPRAM (yosys ``synth_ice40 -spram``) as well
+    as a block RAM elsewhere.
 
     Parameters
     ----------
@@ -127,11 +130,12 @@ class ColumnMemory(wiring.Component):
             m.submodules[f"column{c}"] = mem
             rd = mem.read_port()
             wr = mem.write_port()
+            addr = Mux(self.write.en, self.write.addr, self.read.addr)
             m.d.comb += [
-                rd.addr.eq(self.read.addr),
-                rd.en.eq(self.read.en),
+                rd.addr.eq(addr),
+                rd.en.eq(self.read.en & ~self.write.en),
                 self.read.data[c].eq(rd.data),
-                wr.addr.eq(self.write.addr),
+                wr.addr.eq(addr),
                 wr.data.eq(self.write.data),
                 wr.en.eq(self.write.en & (self.write.column == c)),
             ]
