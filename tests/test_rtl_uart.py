@@ -20,7 +20,7 @@ ICARUS = pytest.mark.skipif(shutil.which("iverilog") is None,
 
 @pytest.mark.parametrize(("preset", "simulator"), [
     ("tiny", "verilator"),                                  # 50 cycles per bit
-    pytest.param("ulx3s", "icarus", marks=ICARUS),          # 100/3 cycles per bit
+    pytest.param("ulx3s", "icarus", marks=ICARUS),          # 20 cycles per bit (30 MHz, 1.5 Mbaud)
     pytest.param("icebreaker", "icarus", marks=ICARUS),     # 24 cycles per bit
 ])
 def test_uart_loopback_bit_level(preset, simulator, tmp_path):
