@@ -71,18 +71,24 @@ def list_images(paths) -> list[Path]:
 
 def pick_config(bundle, config=None):
     """The accelerator config to use: ``config`` if given, else the first of
-    :data:`AUTO_PRESETS` that ``bundle`` fits (raises :class:`BundleDoesNotFit` naming
+    :data:`AUTO_PRESETS` that holds ``bundle`` resident, else the first that runs it with
+    weights streamed per layer (raises :class:`BundleDoesNotFit` naming
     each preset's problems if none does)."""
     from bitdet.hw.config import load_config
     if config is not None:
         return load_config(config) if isinstance(config, (str, Path)) else config
-    problems = []
+    problems, streamed = [], None
     for name in AUTO_PRESETS:
         candidate = load_config(name)
         found = Device.fit_problems_for(candidate, bundle)
+        if not found and not Device.fit_problems_for(candidate, bundle, mode="resident"):
+            return candidate                   # the first preset that holds it resident
         if not found:
-            return candidate
-        problems.append(f"{name}: {found[0]}")
+            streamed = streamed or candidate   # else the first that runs it streamed
+        else:
+            problems.append(f"{name}: {found[0]}")
+    if streamed is not None:
+        return streamed
     raise BundleDoesNotFit(problems, " or ".join(AUTO_PRESETS))
 
 
@@ -185,6 +191,11 @@ def format_report(report: dict) -> str:
     lines.append(f"  {'total':<20}{dev['busy_cycles']:>10}")
     lines.append(f"link bytes per frame: {dev['bytes_out']} out, {dev['bytes_in']} in "
                  f"(bundle load: {report['load_bytes']})")
+    if dev.get("mode") == "streamed":
+        streamed = [layer["name"] for layer in dev["layers"] if layer.get("weight_bytes")]
+        lines.append(f"weights streamed per layer (they do not fit resident): "
+                     f"{dev['weight_bytes']} of the {dev['bytes_out']} bytes out per frame, for "
+                     f"{', '.join(streamed) or 'no layer after the first frame'}")
     lines.append(f"estimated {dev['estimated_fps']:.1f} frames/s at {dev['clock_hz'] / 1e6:g} "
                  f"MHz; link-limited {dev['link_limited_fps']:.1f} frames/s at "
                  f"{dev['baud']} Bd")

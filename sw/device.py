@@ -12,9 +12,12 @@ object with ``write(data)``, ``read(n, timeout)`` (raises :class:`LinkTimeout`) 
 
 The host code above the link is the same for all three. ``Device.open`` checks the
 device's IDENTIFY config hash against the expected config; :meth:`Device.load` checks that
-a bundle fits (before streaming anything) and writes every layer's weights and thresholds
-resident; :meth:`Device.run_binary` streams the first binary input, runs the layers from
-the device's layer table and reads the last map back; :meth:`Device.detect` is the whole
+a bundle fits (before sending anything) and plans residency: every layer's weights and
+thresholds resident (written once) when they fit together, else the fewest bytes streamed
+per frame — some layers resident, the others written into one slot before each of their
+passes (:func:`plan_bundle`); :meth:`Device.run_binary` streams the first binary input,
+runs the layers from the device's layer table (the maps stay on chip) and reads the last
+map back; :meth:`Device.detect` is the whole
 pipeline image → detections with per-layer statistics.
 """
 
@@ -46,11 +49,14 @@ from .protocol import (
     encode_weights,
     encode_write,
     parse_response,
+    threshold_entry_bytes,
+    weight_entry_bytes,
 )
 from .protocol import DeviceError as _ProtocolDeviceError
 
 __all__ = [
     "BACKENDS",
+    "MODES",
     "BackendUnavailable",
     "BadAddressError",
     "BadArgumentError",
@@ -65,6 +71,7 @@ __all__ = [
     "LayerPlan",
     "LinkTimeout",
     "NotConfiguredError",
+    "RunStats",
     "SerialLink",
     "device_error",
     "fit_image",
@@ -342,7 +349,15 @@ def fit_image(pixels: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, fl
 
 @dataclass
 class LayerPlan:
-    """One pass on the device: a conv layer of the bundle or the pool pass after it."""
+    """One pass on the device: a conv layer of the bundle or the pool pass after it.
+
+    ``residency`` is ``"resident"`` (a conv whose weights and thresholds are written once by
+    :meth:`Device.load`), ``"streamed"`` (a conv whose weights and thresholds are written
+    into the streaming slot before each run of it) or ``""`` (a pool pass, no weights).
+    ``weight_words`` (per column) and ``threshold_entries`` are the conv's memory use;
+    ``stream_bytes`` the host → device bytes of its WRITE_WEIGHTS / WRITE_THRESHOLDS
+    frames (framing included), sent once at load when resident, per frame when streamed.
+    """
 
     name: str
     kind: str                                  # "conv" or "pool"
@@ -350,16 +365,26 @@ class LayerPlan:
     in_shape: tuple[int, int, int]             # C, H, W
     out_shape: tuple[int, int, int]
     layer: object = None                       # the BinaryConvLayer of a conv pass
+    residency: str = ""
+    weight_words: int = 0
+    threshold_entries: int = 0
+    stream_bytes: int = 0
 
 
 @dataclass
 class RunStats:
-    """Statistics of one :meth:`Device.run_binary` / :meth:`Device.detect`."""
+    """Statistics of one :meth:`Device.run_binary` / :meth:`Device.detect`.
 
-    layers: list[dict] = field(default_factory=list)   # name, kind, busy, stall cycles
+    ``bytes_out`` includes ``weight_bytes``, the WRITE_WEIGHTS / WRITE_THRESHOLDS frames
+    sent during the frame (0 when every layer is resident); ``mode`` is the device's
+    residency mode (``"resident"`` or ``"streamed"``)."""
+
+    layers: list[dict] = field(default_factory=list)   # name, kind, busy, stall, weight_bytes
     bytes_out: int = 0                                 # host → device
     bytes_in: int = 0                                  # device → host
     host_seconds: dict = field(default_factory=dict)   # stage → seconds
+    weight_bytes: int = 0                              # streamed weights + thresholds, out
+    mode: str = "resident"
 
     @property
     def busy_cycles(self) -> int:
@@ -368,6 +393,7 @@ class RunStats:
     def as_dict(self) -> dict:
         return {"layers": self.layers, "busy_cycles": self.busy_cycles,
                 "bytes_out": self.bytes_out, "bytes_in": self.bytes_in,
+                "weight_bytes": self.weight_bytes, "mode": self.mode,
                 "host_seconds": self.host_seconds}
 
 
@@ -381,14 +407,94 @@ def _resolve_config(config):
                     f"not {config!r}")
 
 
-def plan_bundle(config, bundle) -> list[LayerPlan]:
+MODES = ("auto", "resident", "streamed")
+"""Residency modes of :meth:`Device.load`: ``auto`` (resident if everything fits, else
+streamed), ``resident`` (refuse a bundle that does not fit resident), ``streamed`` (every
+conv layer through the streaming slot)."""
+
+_SEARCH_LAYERS = 12
+"""Up to this many conv layers the streamed plan is the best of all subsets; beyond, every
+conv layer is streamed."""
+
+
+def _write_cost(data_bytes: int, entry_bytes: int) -> int:
+    """Host → device bytes of the WRITE_* frames that carry ``data_bytes`` (as
+    :meth:`Device._write` splits them: 4-byte address + whole entries, 6 framing bytes)."""
+    per_frame = (MAX_PAYLOAD - 4) // entry_bytes * entry_bytes
+    return data_bytes + -(-data_bytes // per_frame) * (4 + 6)
+
+
+def _memory_limits(config, weight_depth, threshold_depth) -> tuple[int, int]:
+    """The weight and threshold entries a plan may use (default: the whole memories)."""
+    limits = []
+    for name, value, top in (("weight_depth", weight_depth, config.weight_depth),
+                             ("threshold_depth", threshold_depth, config.threshold_depth)):
+        if value is None:
+            value = top
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+            raise ValueError(f"{name} must be an integer in 1 … {top} (the config's), not "
+                             f"{value!r}")
+        limits.append(value)
+    return limits[0], limits[1]
+
+
+def _streamed_set(convs: list[LayerPlan], depth_w: int, depth_t: int, mode: str) -> set:
+    """Indices (into ``convs``) of the conv layers to stream.
+
+    Resident layers sit one after the other from address 0; the streamed ones share one
+    *slot* after them, as large as the largest streamed layer. Of all subsets whose
+    resident layers and slot fit both memories, the one with the fewest bytes streamed per
+    frame (then the fewest layers) wins — e.g. stream the small first layer and one big
+    one, keep the rest resident. ``mode="streamed"`` streams every conv layer."""
+    n = len(convs)
+    every = set(range(n))
+    if mode == "streamed":
+        return every
+    if (sum(p.weight_words for p in convs) <= depth_w
+            and sum(p.threshold_entries for p in convs) <= depth_t) or mode == "resident":
+        return set()
+    if n > _SEARCH_LAYERS:
+        return every
+    total_w = sum(p.weight_words for p in convs)
+    total_t = sum(p.threshold_entries for p in convs)
+    best, best_key = every, None
+    for mask in range(1, 1 << n):
+        chosen = [i for i in range(n) if mask >> i & 1]
+        slot_w = max(convs[i].weight_words for i in chosen)
+        slot_t = max(convs[i].threshold_entries for i in chosen)
+        resident_w = total_w - sum(convs[i].weight_words for i in chosen)
+        resident_t = total_t - sum(convs[i].threshold_entries for i in chosen)
+        if resident_w + slot_w > depth_w or resident_t + slot_t > depth_t:
+            continue
+        # a single streamed layer never leaves the slot: that plan is the resident one
+        cost = sum(convs[i].stream_bytes for i in chosen) if len(chosen) > 1 else 0
+        key = (cost, len(chosen), mask)
+        if best_key is None or key < best_key:
+            best, best_key = set(chosen), key
+    return best
+
+
+def plan_bundle(config, bundle, *, mode: str = "auto", weight_depth: int | None = None,
+                threshold_depth: int | None = None) -> list[LayerPlan]:
     """The device passes of ``bundle`` on a build of ``config``: per binary layer a conv
-    pass (its weights and thresholds resident, one layer after the other from address 0)
-    and, for a pooled layer, a pool pass. Every map starts at word 0 of its bank (the
-    ping-pong banks keep input and output apart). Does not check the fit
+    pass and, for a pooled layer, a pool pass. Every map starts at word 0 of its bank (the
+    ping-pong banks keep input and output apart).
+
+    Residency (``mode``, see :data:`MODES`): when every conv layer's weights and thresholds
+    fit the memories (or the first ``weight_depth`` / ``threshold_depth`` entries of
+    them), all are resident, one layer after the other from address 0. Otherwise the
+    resident layers come first from address 0 and the streamed ones share one slot after
+    them (:func:`_streamed_set`); every streamed conv's descriptor points at the slot, so
+    the layer table never changes between frames. Does not check the fit
     (:meth:`Device.fit_problems_for`)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    depth_w, depth_t = _memory_limits(config, weight_depth, threshold_depth)
     simd, cols = config.simd, config.cols
-    plan, weight_base, threshold_base = [], 0, 0
+    w_entry = weight_entry_bytes(simd, cols)
+    t_entry = threshold_entry_bytes(config.threshold_width, config.thresholds_per_channel,
+                                    cols)
+    plan = []
     shapes = bundle.layer_shapes()
     for i, layer in enumerate(bundle.binary_layers):
         ch, o, k, _kw, (h, w), _out = shapes[i]
@@ -397,12 +503,14 @@ def plan_bundle(config, bundle) -> list[LayerPlan]:
         conv = dict(in_h=h, in_w=w, channels=ch, out_h=oh, out_w=ow, out_channels=o,
                     kernel=k, stride=layer.stride, padding=layer.padding,
                     pad_bit=int(layer.pad_value > 0), input_base=0, output_base=0,
-                    weight_base=weight_base, threshold_base=threshold_base)
+                    weight_base=0, threshold_base=0)
         name = bundle.layer_names[i]
-        plan.append(LayerPlan(name, "conv", conv, (ch, h, w), (o, oh, ow), layer))
         tiles = -(-o // cols)
-        weight_base += tiles * k * k * -(-ch // simd)
-        threshold_base += tiles
+        words = tiles * k * k * -(-ch // simd)
+        plan.append(LayerPlan(name, "conv", conv, (ch, h, w), (o, oh, ow), layer,
+                              weight_words=words, threshold_entries=tiles,
+                              stream_bytes=_write_cost(words * w_entry, w_entry)
+                              + _write_cost(tiles * t_entry, t_entry)))
         if layer.pool is not None:
             pk, ps = layer.pool
             ph, pw = (oh - pk) // ps + 1, (ow - pk) // ps + 1
@@ -410,6 +518,19 @@ def plan_bundle(config, bundle) -> list[LayerPlan]:
                         kernel=pk, stride=ps, padding=0, pad_bit=0, input_base=0,
                         output_base=0, weight_base=0, threshold_base=0, pool=True)
             plan.append(LayerPlan(f"{name}.pool", "pool", pool, (o, oh, ow), (o, ph, pw)))
+    convs = [p for p in plan if p.kind == "conv"]
+    streamed = _streamed_set(convs, depth_w, depth_t, mode)
+    weight_base = threshold_base = 0
+    for i, entry in enumerate(convs):
+        if i in streamed:
+            continue
+        entry.residency = "resident"
+        entry.descriptor.update(weight_base=weight_base, threshold_base=threshold_base)
+        weight_base += entry.weight_words
+        threshold_base += entry.threshold_entries
+    for i in sorted(streamed):                    # the slot, after the resident layers
+        convs[i].residency = "streamed"
+        convs[i].descriptor.update(weight_base=weight_base, threshold_base=threshold_base)
     return plan
 
 
@@ -437,6 +558,8 @@ class Device:
         self.bytes_in = 0
         self.bundle = None
         self.plan: list[LayerPlan] = []
+        self._slot = None                      # the streamed pass whose weights are in the slot
+        self._payloads: dict[int, tuple[bytes, bytes]] = {}
         self.identity = self.identify()
         if self.identity.version != PROTOCOL_VERSION:
             raise ConfigMismatch(f"the device on {self.port_name} speaks protocol version "
@@ -576,88 +699,187 @@ class Device:
         return bytes(out)
 
     # -- bundles ------------------------------------------------------------------------------
-    def fit_problems(self, bundle) -> list[str]:
+    def fit_problems(self, bundle, *, mode: str = "auto", weight_depth: int | None = None,
+                     threshold_depth: int | None = None) -> list[str]:
         """Why ``bundle`` cannot run on this device (empty if it can)."""
-        return self.fit_problems_for(self.config, bundle)
+        return self.fit_problems_for(self.config, bundle, mode=mode, weight_depth=weight_depth,
+                                     threshold_depth=threshold_depth)
 
     @staticmethod
-    def fit_problems_for(config, bundle) -> list[str]:
-        """Why ``bundle`` cannot run on a device built from ``config``: the config's
-        :meth:`~bitdet.hw.config.AcceleratorConfig.fit_problems`, plus what this driver
-        and build need (1-bit thresholded layers, the pool engine's kernel, each conv's
-        map before its pool pass in one bank, the layer table's size)."""
+    def fit_problems_for(config, bundle, *, mode: str = "auto", weight_depth: int | None = None,
+                         threshold_depth: int | None = None) -> list[str]:
+        """Why ``bundle`` cannot run on a device built from ``config``, one message per
+        problem naming the layer, the quantity and the limit: every layer's channels, K
+        (the accumulator), maps (input, before its pool, output), its own weights and
+        thresholds, the pool engine's kernel, 1-bit thresholded output, padding; the layer
+        table's size; plus the config's own checks
+        (:meth:`~bitdet.hw.config.AcceleratorConfig.fit_problems`) other than the total
+        weights and thresholds, which streaming lifts (``mode="auto"``, ``"streamed"``;
+        with ``mode="resident"`` they stay problems). ``weight_depth`` /
+        ``threshold_depth`` limit the memory a plan may use."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         c = config
-        problems = list(c.fit_problems(bundle.requirements()))
+        depth_w, depth_t = _memory_limits(c, weight_depth, threshold_depth)
         from .emulator import pool_max_kernel
-        passes = 0
-        for i, layer in enumerate(bundle.binary_layers):
-            name = bundle.layer_names[i]
-            passes += 1 + (layer.pool is not None)
-            if layer.thresholds is None:
-                problems.append(f"layer {name!r} outputs raw P: this build has no raw mode "
-                                f"(READ_RESULTS); fold the head onto the host")
-            elif layer.output_bits != 1:
-                problems.append(f"layer {name!r} outputs {layer.output_bits} bits: the "
-                                f"layer controller thresholds to 1 bit")
-            if layer.padding > c.max_kernel - 1:
-                problems.append(f"layer {name!r} has padding {layer.padding}, the device "
-                                f"allows up to {c.max_kernel - 1}")
-            if layer.pool is not None:
-                # the conv's map lands in a bank before the pool pass reads it
-                _c, o, _kh, _kw, (h, w), _ = bundle.layer_shapes()[i]
-                oh = (h + 2 * layer.padding - layer.weights.shape[2]) // layer.stride + 1
-                ow = (w + 2 * layer.padding - layer.weights.shape[3]) // layer.stride + 1
-                words = oh * ow * -(-o // c.simd)
+        mine = []
+        plan = plan_bundle(c, bundle, mode=mode, weight_depth=depth_w, threshold_depth=depth_t)
+        convs = [p for p in plan if p.kind == "conv"]
+        w_limit = (f"weight_depth is {depth_w}" if depth_w == c.weight_depth else
+                   f"the plan may use {depth_w} of weight_depth {c.weight_depth}")
+        t_limit = (f"threshold_depth is {depth_t}" if depth_t == c.threshold_depth else
+                   f"the plan may use {depth_t} of threshold_depth {c.threshold_depth}")
+        pooled = {plan[i - 1].name: p for i, p in enumerate(plan) if p.kind == "pool"}
+        for entry, layer, name in zip(convs, bundle.binary_layers, bundle.layer_names,
+                                      strict=True):
+            d = entry.descriptor
+            ch, o, k = d["channels"], d["out_channels"], d["kernel"]
+            if max(ch, o) > c.max_channels:
+                mine.append(f"layer {name!r} has {ch} input and {o} output channels, "
+                            f"max_channels is {c.max_channels}")
+            if ch * k * k > c.max_k:
+                mine.append(f"layer {name!r} has K = C·kh·kw = {ch * k * k}, max_k (the "
+                            f"{c.acc_width}-bit accumulator) is {c.max_k}")
+            maps = [("input map", (ch, d["in_h"], d["in_w"]))] if entry is convs[0] else []
+            if name in pooled:
+                maps += [("map before its pool", entry.out_shape),
+                         ("output map", pooled[name].out_shape)]
+            else:
+                maps.append(("output map", entry.out_shape))
+            for what, (mc, mh, mw) in maps:
+                words = mh * mw * -(-mc // c.simd)
                 if words > c.activation_depth:
-                    problems.append(f"layer {name!r}'s map before its pool needs {words} "
-                                    f"words, activation_depth is {c.activation_depth}")
+                    mine.append(f"layer {name!r}'s {what} needs {words} words, "
+                                f"activation_depth is {c.activation_depth}")
+            if mode != "resident":
+                if entry.weight_words > depth_w:
+                    mine.append(f"layer {name!r}'s weights alone need {entry.weight_words} "
+                                f"words per column, {w_limit}")
+                if entry.threshold_entries > depth_t:
+                    mine.append(f"layer {name!r}'s thresholds alone need "
+                                f"{entry.threshold_entries} entries per column, {t_limit}")
+            if layer.thresholds is None:
+                mine.append(f"layer {name!r} outputs raw P: this build has no raw mode "
+                            f"(READ_RESULTS); fold the head onto the host")
+            elif layer.output_bits != 1:
+                mine.append(f"layer {name!r} outputs {layer.output_bits} bits: the "
+                            f"layer controller thresholds to 1 bit")
+            if layer.padding > c.max_kernel - 1:
+                mine.append(f"layer {name!r} has padding {layer.padding}, the device "
+                            f"allows up to {c.max_kernel - 1}")
             if layer.pool is not None and max(layer.pool) > pool_max_kernel(c):
-                problems.append(f"layer {name!r} pools {layer.pool[0]}×{layer.pool[0]} / "
-                                f"{layer.pool[1]}, the pool engine allows up to "
-                                f"{pool_max_kernel(c)}")
-        if passes > LAYER_TABLE_ENTRIES:
-            problems.append(f"the network needs {passes} device passes (convs and pools), "
-                            f"the layer table holds {LAYER_TABLE_ENTRIES}")
-        return problems
+                mine.append(f"layer {name!r} pools {layer.pool[0]}×{layer.pool[0]} / "
+                            f"{layer.pool[1]}, the pool engine allows up to "
+                            f"{pool_max_kernel(c)}")
+        if mode == "resident":
+            total_w = sum(p.weight_words for p in convs)
+            total_t = sum(p.threshold_entries for p in convs)
+            if total_w > depth_w:
+                mine.append(f"resident weights need {total_w} words per column, {w_limit}")
+            if total_t > depth_t:
+                mine.append(f"resident thresholds need {total_t} entries per column, "
+                            f"{t_limit}")
+        if len(plan) > LAYER_TABLE_ENTRIES:
+            mine.append(f"the network needs {len(plan)} device passes (convs and pools), "
+                        f"the layer table holds {LAYER_TABLE_ENTRIES}")
+        # the config's own checks, less what the per-layer messages above say better
+        # (and the resident totals: the plan streams what does not stay)
+        covered = {f for f in ("max_channels", "max_k", "activation_depth",
+                               "weight_depth", "threshold_depth")
+                   if any(f in p for p in mine)} | {"weight_depth", "threshold_depth"}
+        general = [p for p in c.fit_problems(bundle.requirements())
+                   if not any(f"{f} is" in p for f in covered)]
+        return general + mine
 
-    def load(self, bundle) -> list[LayerPlan]:
-        """Check that ``bundle`` fits, then write every layer's weights and thresholds
-        (resident, one after the other from address 0) and its descriptors into the layer
-        table. Returns the plan (one entry per device pass).
+    def load(self, bundle, *, mode: str = "auto", weight_depth: int | None = None,
+             threshold_depth: int | None = None) -> list[LayerPlan]:
+        """Check that ``bundle`` fits, plan residency (:func:`plan_bundle`), write the
+        resident layers' weights and thresholds (once) and every pass's descriptor into the
+        layer table. Streamed layers are written by :meth:`run_binary`, each just before
+        its pass. Returns the plan (one entry per device pass); :attr:`mode` and
+        :attr:`stream_bytes_per_frame` tell the residency.
+
+        Parameters
+        ----------
+        mode : ``"auto"`` (default), ``"resident"`` or ``"streamed"`` (:data:`MODES`)
+        weight_depth, threshold_depth : int
+            Use only the first entries of the memories (default: all of them).
 
         Raises
         ------
         BundleDoesNotFit
-            Before anything is sent, with every problem found.
+            Before anything is sent, with every problem found (a layer that does not fit
+            even alone is named with the quantity and the limit).
         """
         from .bundle import Bundle
         from .bundle import load as load_bundle
         if not isinstance(bundle, Bundle):
             bundle = load_bundle(bundle)
-        problems = self.fit_problems(bundle)
+        problems = self.fit_problems(bundle, mode=mode, weight_depth=weight_depth,
+                                     threshold_depth=threshold_depth)
         if problems:
             raise BundleDoesNotFit(problems, self.config.name)
-        c = self.config
-        simd, cols = c.simd, c.cols
-        thr = {"threshold_width": c.threshold_width,
-               "thresholds_per_channel": c.thresholds_per_channel}
-        plan = plan_bundle(c, bundle)
+        plan = plan_bundle(self.config, bundle, mode=mode, weight_depth=weight_depth,
+                           threshold_depth=threshold_depth)
+        self.bundle, self.plan, self._slot, self._payloads = None, [], None, {}
         self.reset()
-        for entry in plan:
+        for index, entry in enumerate(plan):
             if entry.kind != "conv":
                 continue
-            layer = entry.layer
-            weights = packing.pack_weights(layer.weights, word_bits=simd, cols=cols)
-            thresholds = packing.pack_thresholds(layer.thresholds, layer.k, cols=cols)
-            self._write(Opcode.WRITE_WEIGHTS, entry.descriptor["weight_base"],
-                        encode_weights(weights), cols * simd // 8)
-            self._write(Opcode.WRITE_THRESHOLDS, entry.descriptor["threshold_base"],
-                        encode_thresholds(thresholds, **thr),
-                        len(encode_thresholds(thresholds[:1], **thr)))
+            self._payloads[index] = self._layer_payloads(entry.layer)
+            if entry.residency == "resident":
+                self._write_layer(index, entry)
         for index, entry in enumerate(plan):
             self.command(Opcode.CONFIGURE_LAYER, encode_layer(**entry.descriptor, index=index))
         self.bundle, self.plan = bundle, plan
         return plan
+
+    @property
+    def mode(self) -> str:
+        """``"streamed"`` if the loaded plan streams any layer's weights per frame,
+        ``"resident"`` if all are loaded once, ``""`` before :meth:`load`."""
+        if not self.plan:
+            return ""
+        return "streamed" if self.streamed_layers else "resident"
+
+    @property
+    def streamed_layers(self) -> list[str]:
+        """Names of the conv layers whose weights and thresholds are streamed."""
+        return [p.name for p in self.plan if p.residency == "streamed"]
+
+    @property
+    def stream_bytes_per_frame(self) -> int:
+        """Host → device bytes of weight and threshold writes per frame (0 when resident;
+        a single streamed layer stays in its slot and is written once)."""
+        streamed = [p for p in self.plan if p.residency == "streamed"]
+        return sum(p.stream_bytes for p in streamed) if len(streamed) > 1 else 0
+
+    def _layer_payloads(self, layer) -> tuple[bytes, bytes]:
+        c = self.config
+        weights = packing.pack_weights(layer.weights, word_bits=c.simd, cols=c.cols)
+        thresholds = packing.pack_thresholds(layer.thresholds, layer.k, cols=c.cols)
+        return (encode_weights(weights),
+                encode_thresholds(thresholds, threshold_width=c.threshold_width,
+                                  thresholds_per_channel=c.thresholds_per_channel))
+
+    def _write_layer(self, index: int, entry: LayerPlan) -> None:
+        """WRITE_WEIGHTS and WRITE_THRESHOLDS of pass ``index`` at its descriptor's bases."""
+        c = self.config
+        weights, thresholds = self._payloads[index]
+        self._write(Opcode.WRITE_WEIGHTS, entry.descriptor["weight_base"], weights,
+                    weight_entry_bytes(c.simd, c.cols))
+        self._write(Opcode.WRITE_THRESHOLDS, entry.descriptor["threshold_base"], thresholds,
+                    threshold_entry_bytes(c.threshold_width, c.thresholds_per_channel, c.cols))
+
+    def _stream_layer(self, index: int, entry: LayerPlan) -> int:
+        """Bring a streamed layer into the slot unless it is there; the bytes sent."""
+        if self._slot == index:
+            return 0
+        sent = self.bytes_out
+        self._slot = None                     # a write that breaks off leaves the slot mixed
+        self._write_layer(index, entry)
+        self._slot = index
+        return self.bytes_out - sent
 
     # -- running --------------------------------------------------------------------------------
     def _map_words(self, shape) -> int:
@@ -688,10 +910,13 @@ class Device:
         self.write_activations(0, packing.pack_activations(pm1, word_bits=self.config.simd)
                                .tobytes())
         outputs = []
+        stats.mode = self.mode
         for index, entry in enumerate(self.plan):
+            streamed = self._stream_layer(index, entry) if entry.residency == "streamed" else 0
+            stats.weight_bytes += streamed
             busy, stall = decode_counters(self.command(Opcode.RUN_LAYER, bytes([index])))
             stats.layers.append({"name": entry.name, "kind": entry.kind, "busy": busy,
-                                 "stall": stall})
+                                 "stall": stall, "weight_bytes": streamed})
             last = index == len(self.plan) - 1
             feeds_pool = not last and self.plan[index + 1].kind == "pool"
             if last or (trace and not feeds_pool):

@@ -1,10 +1,13 @@
 """Host driver (sw/device.py): the emu pipeline equals the integer reference
 (sw/evaluate.run_bundle) map for map; the serial backend through a pseudo-terminal gives
-the same; typed errors (timeout naming the port, config mismatch, device status codes, a
-bundle that does not fit — found before anything is streamed —, unreadable images)."""
+the same; weights streamed per layer when the bundle does not fit resident give the same
+maps and detections as the resident run; typed errors (timeout naming the port, config
+mismatch, device status codes, a bundle that does not fit — found before anything is
+streamed, naming the layer —, unreadable images)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import select
@@ -34,7 +37,7 @@ from bitdet.sw.device import (
 from bitdet.sw.emulator import Emulator
 from bitdet.sw.evaluate import _host_layer, bundle_decode_settings, run_bundle
 from bitdet.sw.models import BinaryDetector
-from bitdet.sw.protocol import ErrorCode, Opcode
+from bitdet.sw.protocol import ErrorCode, Opcode, decode_layer_entry
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "sw" / "assets" / "default.bitdet"
 
@@ -286,3 +289,193 @@ def test_rtl_equals_emu():
             for key in ("boxes", "scores", "labels"):
                 assert torch.equal(a[key], b[key])
             assert a["stats"].layers == b["stats"].layers
+
+
+# -- streaming weights per layer ---------------------------------------------------------------
+
+class RecordingLink(EmuLink):
+    """Remembers the opcode (and payload) of every command frame written."""
+
+    def __init__(self, emulator):
+        super().__init__(emulator)
+        self.commands = []
+
+    def write(self, data):
+        from bitdet.sw.protocol import FrameParser
+        self.commands += [(f.opcode, f.payload)
+                          for f in FrameParser(payload_limits=None).feed(bytes(data))]
+        super().write(data)
+
+
+def narrow(preset, **fields):
+    """A preset with smaller memories (another build: another config hash)."""
+    config = load_config(preset)
+    return dataclasses.replace(config, name=f"{config.name}-narrow", **fields)
+
+
+def test_streamed_default_bundle_equals_resident():
+    """ulx3s with a weight memory of 320 words per column: the shipped detector's 540 do
+    not fit, its largest layer (bconv4, 288) does. Every layer is streamed through one
+    slot; maps, head and detections equal the resident run on ulx3s bit for bit, and only
+    the first input and the last output cross the link besides the weights."""
+    if not DEFAULT_BUNDLE.exists():
+        pytest.skip("sw/assets/default.bitdet is not shipped yet")
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    config = narrow("ulx3s", weight_depth=320)
+    with pytest.raises(BundleDoesNotFit, match="resident weights need 540 words per column, "
+                                                "weight_depth is 320"):
+        Device(EmuLink(Emulator(config)), config).load(bundle, mode="resident")
+    link = RecordingLink(Emulator(config))
+    with Device.open("emu", "ulx3s") as resident, Device(link, config) as streamed:
+        resident.load(bundle)
+        assert resident.mode == "resident" and resident.stream_bytes_per_frame == 0
+        plan = streamed.load(bundle)
+        assert streamed.mode == "streamed"
+        assert streamed.streamed_layers == ["bconv1", "bconv2", "bconv3", "bconv4"]
+        assert all(p.descriptor["weight_base"] == 0 for p in plan)
+        assert streamed.stream_bytes_per_frame == sum(p.stream_bytes for p in plan) > 0
+        for image in images(2, 64, seed=3):
+            link.commands.clear()
+            a = check_detect(streamed, bundle, image, score_threshold=0.25)
+            b = resident.detect(image, trace=True, score_threshold=0.25)
+            assert len(a["boxes"]) > 0
+            for key in ("boxes", "scores", "labels", "head"):
+                assert torch.equal(a[key], b[key])
+            assert all(torch.equal(x, y) for x, y in zip(a["maps"], b["maps"], strict=True))
+            sa, sb = a["stats"], b["stats"]
+            assert (sa.mode, sb.mode) == ("streamed", "resident")
+            assert [x["busy"] for x in sa.layers] == [x["busy"] for x in sb.layers]
+            assert sa.weight_bytes == streamed.stream_bytes_per_frame and sb.weight_bytes == 0
+            assert sa.bytes_out == sb.bytes_out + sa.weight_bytes
+            assert sa.as_dict()["weight_bytes"] == sa.weight_bytes
+            assert [x["weight_bytes"] > 0 for x in sa.layers] == \
+                [p.kind == "conv" for p in plan]
+            ops = [op for op, _ in link.commands]
+            assert Opcode.CONFIGURE_LAYER not in ops and Opcode.RESET not in ops
+            # the first binary input once (16×32×32 bits in 64-bit words), nothing else
+            written = [len(p) - 4 for op, p in link.commands if op == Opcode.WRITE_ACTIVATIONS]
+            assert sum(written) == 32 * 32 * 8
+            assert ops.index(Opcode.RUN_LAYER) > max(
+                i for i, op in enumerate(ops) if op == Opcode.WRITE_ACTIVATIONS)
+            assert ops.count(Opcode.RUN_LAYER) == len(plan)
+            assert ops.count(Opcode.WRITE_THRESHOLDS) == 4          # one per conv
+        # without trace only the last map comes back
+        link.commands.clear()
+        streamed.detect(images(1, 64, seed=3)[0])
+        reads = [op for op, _ in link.commands if op == Opcode.READ_ACTIVATIONS]
+        assert len(reads) == 1
+
+
+def test_partly_resident_plan_streams_the_fewest_bytes():
+    """With 512 weight words per column the shipped detector (layers of 36, 72, 144, 288
+    words) keeps bconv3 and bconv4 resident and streams bconv1 and bconv2 through a 72-word
+    slot after them: the fewest bytes per frame of all plans that fit. Same results."""
+    if not DEFAULT_BUNDLE.exists():
+        pytest.skip("sw/assets/default.bitdet is not shipped yet")
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    config = narrow("ulx3s", weight_depth=512)
+    link = RecordingLink(Emulator(config))
+    with Device(link, config) as device, Device.open("emu", "ulx3s") as resident:
+        plan = device.load(bundle)
+        resident.load(bundle)
+        convs = {p.name: p for p in plan if p.kind == "conv"}
+        assert {n: p.residency for n, p in convs.items()} == {
+            "bconv1": "streamed", "bconv2": "streamed", "bconv3": "resident",
+            "bconv4": "resident"}
+        bases = {n: p.descriptor["weight_base"] for n, p in convs.items()}
+        assert bases == {"bconv1": 432, "bconv2": 432, "bconv3": 0, "bconv4": 144}
+        assert 432 + 72 <= config.weight_depth
+        # the configured table is what the device holds
+        table = dict(decode_layer_entry(payload) for op, payload in link.commands
+                     if op == Opcode.CONFIGURE_LAYER)
+        assert [table[i]["weight_base"] for i in sorted(table)] == \
+            [p.descriptor["weight_base"] for p in plan]
+        assert device.stream_bytes_per_frame == convs["bconv1"].stream_bytes + \
+            convs["bconv2"].stream_bytes
+        everything = sum(p.stream_bytes for p in convs.values())
+        assert device.stream_bytes_per_frame < everything / 4
+        image = images(1, 64, seed=8)[0]
+        a = check_detect(device, bundle, image, score_threshold=0.25)
+        b = resident.detect(image, trace=True, score_threshold=0.25)
+        assert all(torch.equal(x, y) for x, y in zip(a["maps"], b["maps"], strict=True))
+        assert a["stats"].weight_bytes == device.stream_bytes_per_frame
+
+
+def test_layer_that_does_not_fit_alone_is_refused_by_name():
+    """small_bundle's second conv needs 144 weight words per column on tiny (16 → 16
+    channels, 3×3, 2 columns): with 100 words it cannot run even streamed. Nothing is sent;
+    the message names the layer, the quantity and the limit. A plan may also be limited to
+    the first entries of the memories."""
+    bundle = small_bundle()
+    config = narrow("tiny", weight_depth=100)
+    with Device(EmuLink(Emulator(config)), config) as device:
+        sent = device.bytes_out
+        with pytest.raises(BundleDoesNotFit) as info:
+            device.load(bundle)
+        assert device.bytes_out == sent
+        name = bundle.layer_names[1]
+        assert info.value.problems == [f"layer {name!r}'s weights alone need 144 words per "
+                                       f"column, weight_depth is 100"]
+        assert name in str(info.value) and "tiny-narrow" in str(info.value)
+    with Device.open("emu", "tiny") as device:
+        with pytest.raises(BundleDoesNotFit, match=r"weights alone need 144 words per column, "
+                                                   r"the plan may use 100 of weight_depth 512"):
+            device.load(bundle, weight_depth=100)
+        device.load(bundle, weight_depth=144)             # 72 + 144 > 144: both streamed
+        assert device.streamed_layers == bundle.layer_names[:2]
+        device.load(bundle)
+        assert device.mode == "resident"
+        with pytest.raises(ValueError, match="weight_depth must be"):
+            device.load(bundle, weight_depth=513)
+
+
+@pytest.mark.slow
+def test_rtl_streamed_equals_emu():
+    """Streaming on the RTL (Verilator, tiny): small_bundle with its weights limited to
+    150 words per column streams both convs each frame; maps, detections and cycles equal
+    the emulator's resident run."""
+    pytest.importorskip("cocotb")
+    try:
+        from bitdet.sim.link import RtlLink  # noqa: F401
+    except ImportError:
+        pytest.skip("bitdet.sim.link is not available")
+    bundle = small_bundle(seed=3)
+    with Device.open("rtl", "tiny") as rtl, Device.open("emu", "tiny") as emu:
+        rtl.load(bundle, weight_depth=150)
+        emu.load(bundle)
+        assert rtl.mode == "streamed" and emu.mode == "resident"
+        for image in images(2, 32, seed=9):
+            a = check_detect(rtl, bundle, image)
+            b = emu.detect(image, trace=True, score_threshold=0.05)
+            assert all(torch.equal(x, y) for x, y in zip(a["maps"], b["maps"], strict=True))
+            for key in ("boxes", "scores", "labels"):
+                assert torch.equal(a[key], b[key])
+            assert [x["busy"] for x in a["stats"].layers] == \
+                [x["busy"] for x in b["stats"].layers]
+            assert a["stats"].weight_bytes == rtl.stream_bytes_per_frame > 0
+
+
+def test_detect_report_says_weights_are_streamed(tmp_path):
+    """`bitdet detect`'s report has one line on the streamed weights, only when streamed."""
+    from bitdet.sw.detect import format_report, run_detect
+    bundle = small_bundle()
+    path = tmp_path / "bundle.bitdet"
+    bundle.save(path)
+    image = tmp_path / "scene.png"
+    from PIL import Image
+    Image.fromarray(images(1, 32, seed=4)[0]).save(image)
+    config = narrow("tiny", weight_depth=150)
+    with Device(EmuLink(Emulator(config)), config) as device:
+        report = run_detect([image], bundle=path, device=device, progress=False)
+        assert device.mode == "streamed"
+    text = format_report(report)
+    line = [s for s in text.splitlines() if s.startswith("weights streamed per layer")]
+    assert len(line) == 1
+    assert f"{report['device']['weight_bytes']} of the {report['device']['bytes_out']} " \
+           f"bytes out per frame" in line[0]
+    assert all(name in line[0] for name in bundle.layer_names[:2])
+    assert report["device"]["mode"] == "streamed" and report["device"]["weight_bytes"] > 0
+    with Device.open("emu", "tiny") as device:
+        report = run_detect([image], bundle=path, device=device, progress=False)
+    assert report["device"]["mode"] == "resident" and report["device"]["weight_bytes"] == 0
+    assert "streamed" not in format_report(report)
