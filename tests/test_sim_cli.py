@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("cocotb_tools", reason="install the sim extra: pip install -e .[sim]")
 
+from bitdet.sim.runner import fst_available
 from bitdet.sw import golden
 from bitdet.sw.bundle import Bundle
 from bitdet.sw.cli import main
@@ -80,6 +81,20 @@ def test_waves_icarus_fst(capsys, tmp_path):
     assert result["match"] and result["waves"] == str(target.resolve())
     assert target.read_bytes()[:1] != b"$"             # FST is binary, a VCD starts with $
     assert target.stat().st_size > 1000
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not fst_available(), reason="no lz4 headers (apt-get install liblz4-dev)")
+def test_waves_verilator_fst(capsys, tmp_path):
+    """A traced Verilator build writes FST where the lz4 headers are present."""
+    target = tmp_path / "trace"
+    status, out, err = run_cli(capsys, "sim", "layer", "--config", "tiny", "--cin", 3,
+                               "--cout", 2, "--hw", 3, 3, "--kernel", 1, "--waves", target)
+    assert status == 0, err
+    result = json.loads(out)
+    assert result["match"] and result["waves"] == str(target.with_suffix(".fst").resolve())
+    trace = target.with_suffix(".fst").read_bytes()
+    assert trace[:1] != b"$" and len(trace) > 1000
 
 
 @pytest.mark.parametrize(("argv", "message"), [
