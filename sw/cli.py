@@ -50,10 +50,13 @@ def _cmd_bundle_info(args) -> int:
 def _cmd_hw_info(args) -> int:
     from bitdet.hw.config import load_config
     config = load_config(args.config)
-    problems = None
+    problems = streams = None
     if args.bundle:
         from .bundle import load
-        problems = config.fit_problems(load(args.bundle).requirements())
+        from .device import Device
+        bundle = load(args.bundle)
+        problems = config.fit_problems(bundle.requirements())
+        streams = bool(problems) and not Device.fit_problems_for(config, bundle)
     if args.json:
         out = config.host_constants()
         if problems is not None:
@@ -76,9 +79,12 @@ def _cmd_hw_info(args) -> int:
     print(f"  link                  UART {config.baud} baud")
     if problems is not None:
         if problems:
-            print(f"{args.bundle} does NOT fit:")
+            print(f"{args.bundle} does NOT fit{' resident' if streams else ''}:")
             for problem in problems:
                 print(f"  - {problem}")
+            if streams:
+                print("  the host driver runs it with weights streamed per layer "
+                      "(docs/driver.md)")
             return 1
         print(f"{args.bundle} fits, every layer resident on chip")
     return 0
@@ -160,12 +166,15 @@ def _cmd_train(args) -> int:
         except ValueError:
             sep = ""
         if not sep or not name:
-            raise ValueError(f"--loss-weight expects NAME=NUMBER, not {item!r}")
+            raise ValueError(f"--method-option expects NAME=NUMBER, not {item!r}")
     result = train(args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    seed=args.seed, train_count=args.train_images, val_count=args.val_images,
                    out_dir=args.out, device=args.device, resume=args.resume,
                    threads=args.threads, log=lambda line: print(line, flush=True),
-                   teacher=args.teacher, options=options or None)
+                   teacher=args.teacher, options=options or None,
+                   model_options={"levels": args.levels, "dup": args.dup,
+                                  "dup_input": args.dup_input, "binarizer": args.binarizer,
+                                  "host_bits": args.host_bits, "ifq": args.ifq})
     last = result.history[-1] if result.history else {}
     print(f"checkpoint: {result.checkpoint}")
     if "val_mAP50" in last:
@@ -203,6 +212,8 @@ def _cmd_eval(args) -> int:
         dataset = make_digitscenes(args.split, count=args.images, image_size=model.image_size,
                                    seed=args.seed)
         prior = ckpt["config"].get("prior")
+        if getattr(model, "levels", 1) > 1:
+            from .train import predict_levels as predict_model
         scores = evaluate_predictions(
             predict_model(model, dataset, **({"prior": prior} if prior else {})), dataset)
         source = {"checkpoint": str(args.checkpoint), "method": ckpt["method"],
@@ -383,10 +394,34 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--teacher", metavar="CKPT",
                      help="fp checkpoint that a distillation method (lws, ida, rbcn) learns "
                      "from")
-    trn.add_argument("--loss-weight", metavar="NAME=VALUE", action="append",
-                     help="override a distillation method's option (lws: ang, amp, w, lim, "
-                     "psi, init_std; ida: p, r, gamma, score, top; bidet: reg, prior, "
-                     "sigma, score; rbcn: kernel, adv); repeatable")
+    trn.add_argument("--method-option", "--loss-weight", dest="loss_weight",
+                     metavar="NAME=VALUE", action="append",
+                     help="set a method option: the weight of one of the method's extra loss "
+                     "terms or another of its settings (lws: ang, amp, w, lim, psi, init_std; "
+                     "ida: p, r, gamma, score, top; bidet: reg, prior, sigma, score; rbcn: "
+                     "kernel, adv; --binarizer quantnet: quant); the detection loss "
+                     "itself has no weight here; repeatable; --loss-weight is the old "
+                     "spelling. With --resume the checkpoint's values are kept: a different "
+                     "value is an error")
+    trn.add_argument("--levels", type=_positive,
+                     help="pyramid levels of the head (plain only; default 1): 2 or 3 add a "
+                     "shared binary head block with one BN per level (AQD multi-level BN); "
+                     "not exportable")
+    trn.add_argument("--dup", type=_positive,
+                     help="DupNet: store out/DUP filters per binary conv, tiled (plain only; "
+                     "default 1)")
+    trn.add_argument("--dup-input", type=_positive,
+                     help="DupNet: repeat the first binary layer's input feature maps "
+                     "DUP_INPUT times (plain only; default 1)")
+    trn.add_argument("--binarizer", choices=["ste", "quantnet"],
+                     help="weight binarizer of the binary convs (plain only; default ste): "
+                     "quantnet is QuantNet's differentiable meta-quantizer, no STE")
+    trn.add_argument("--ifq", action="store_true", default=None,
+                     help="IFQ-Net fixed point on the host (plain only): power-of-two weight "
+                     "scales in the stem and head, so the head is integer plus a binary point")
+    trn.add_argument("--host-bits", type=_positive,
+                     help="AQD learned-interval (LSQ) n-bit weights, 2..8, in the host stem and "
+                     "head (plain only; default: int8 with a max-abs scale)")
     trn.set_defaults(func=_cmd_train)
 
     export = sub.add_parser("export", help="fold a binary training checkpoint into a bundle")
@@ -429,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: %(default)s)")
     sim_layer.add_argument("--waves", nargs="?", const="sim_layer", metavar="FILE",
                            help="write a trace of the run to FILE (default sim_layer in the "
-                           "current folder; .fst from Icarus, .vcd from Verilator)")
+                           "current folder): FST, or VCD from Verilator where the lz4 headers "
+                           "are missing (docs/verification.md)")
     sim_layer.add_argument("--bundle", help="take the layer from this .bitdet bundle")
     sim_layer.add_argument("--layer", type=_non_negative,
                            help="binary layer index in --bundle")
@@ -459,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
         "any size and mode are converted to grayscale (or RGB) and letterboxed into the "
         "model's input; boxes are reported in the original image's pixels. Writes annotated "
         "PNGs to --out and prints the detections, the device cycles per layer, link bytes "
+        "(and the weight bytes streamed per frame when the weights do not fit resident) "
         "and the estimated frame rates (docs/driver.md).")
     det.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     det.add_argument("--bundle", help="a .bitdet bundle (default: the shipped detector, "
@@ -467,7 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="emu: bit-exact emulator; rtl: Verilator simulation; serial: a "
                      "board (default: %(default)s)")
     det.add_argument("--config", help="accelerator preset or YAML the device is built from "
-                     "(default: the first of icebreaker, ulx3s that the bundle fits)")
+                     "(default: the first of icebreaker, ulx3s that holds the bundle's "
+                     "weights resident, else the first it fits with weights streamed per "
+                     "layer)")
     det.add_argument("--port", help="serial port of the board (--backend serial)")
     det.add_argument("--out", default="detections",
                      help="folder for the annotated PNGs (default: %(default)s)")

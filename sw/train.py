@@ -15,6 +15,13 @@ Methods (:data:`METHODS`):
 * ``rbcn`` — RBCN (:mod:`bitdet.sw.distill`): the ``plain`` detector with a learnable kernel
   approximation and a discriminator on its features against an ``fp`` teacher.
 
+``plain`` also takes model options (:data:`MODEL_OPTIONS`, ``train(model_options=...)``):
+AQD's multi-level BN on a shared multi-level head (``levels``, trained with
+:func:`multilevel_loss`, evaluated with :func:`predict_levels`; not exportable) and its
+learned-step n-bit host weights (``host_bits``), QuantNet's meta-quantizer (``binarizer``),
+DupNet's duplicated weight channels / input maps (``dup``, ``dup_input``) and IFQ-Net's
+fixed-point host layers (``ifq``, integer path :func:`run_bundle_fixed_point`).
+
 More methods plug in by adding a :class:`Method` to :data:`METHODS`. docs/training.md
 describes the head, loss and commands, docs/methods.md the distillation methods.
 
@@ -41,7 +48,7 @@ from tqdm import tqdm
 
 from .bundle import Bundle
 from .data import DIGIT_CLASSES, make_digitscenes
-from .detection import BOX_PRIOR, LossWeights, detection_loss, encode_targets
+from .detection import BOX_PRIOR, LossWeights, decode, detection_loss, encode_targets, nms
 from .distill import (
     BIDET_DEFAULTS,
     IDA_DEFAULTS,
@@ -57,11 +64,14 @@ from .distill import (
     lws_prepare,
     rbcn_losses,
 )
-from .models import BinaryDetector, RealDetector
+from .models import BINARIZERS, BinaryConv2d, BinaryDetector, RealDetector
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "METHODS",
+    "MODEL_OPTIONS",
+    "MODEL_OPTION_METHODS",
+    "QUANTNET_DEFAULTS",
     "CheckpointError",
     "DistillLosses",
     "Method",
@@ -72,6 +82,10 @@ __all__ = [
     "export_checkpoint",
     "load_checkpoint",
     "load_teacher",
+    "multilevel_loss",
+    "predict_bundle_fixed_point",
+    "predict_levels",
+    "run_bundle_fixed_point",
     "train",
 ]
 
@@ -131,6 +145,57 @@ METHODS: dict[str, Method] = {
                    exportable=True, losses=rbcn_losses, defaults=RBCN_DEFAULTS,
                    needs_teacher=True),
 }
+
+
+#: Model options of the binary detector (``train(model_options=...)``; ``bitdet train
+#: --levels --dup --dup-input --binarizer --host-bits --ifq``) and their defaults, which are the
+#: ``plain`` model (docs/methods.md, "Trainer options"). Stored in ``config.model`` only when
+#: they differ from the default, so a default run's checkpoint is unchanged.
+MODEL_OPTIONS = {"levels": 1, "dup": 1, "dup_input": 1, "binarizer": "ste", "host_bits": None,
+                 "ifq": False}
+#: Methods whose model takes :data:`MODEL_OPTIONS` (the distillation methods' losses read
+#: the plain layer layout).
+MODEL_OPTION_METHODS = ("plain",)
+#: Loss weights a model option brings (in ``config.options``, set with ``--method-option``):
+#: ``quant`` weighs QuantNet's discretization term (``--binarizer quantnet`` only).
+QUANTNET_DEFAULTS = {"quant": 0.01}
+
+
+def _check_model_options(method: str, model_options: dict | None) -> dict:
+    """The non-default model options, validated (:class:`TrainingError` otherwise)."""
+    chosen = {}
+    for name, value in (model_options or {}).items():
+        if name not in MODEL_OPTIONS:
+            raise TrainingError(f"unknown model option {name!r} (has: "
+                                f"{', '.join(MODEL_OPTIONS)})")
+        if value is not None and value != MODEL_OPTIONS[name]:
+            chosen[name] = value
+    if chosen and method not in MODEL_OPTION_METHODS:
+        raise TrainingError(f"model options ({', '.join(chosen)}) are available for method(s) "
+                            f"{', '.join(MODEL_OPTION_METHODS)}, not {method!r}")
+    for name in ("levels", "dup", "dup_input"):
+        value = chosen.get(name, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise TrainingError(f"{name} must be a positive integer, not {value!r}")
+    if chosen.get("levels", 1) > 3:
+        raise TrainingError(f"levels must be 1, 2 or 3, not {chosen['levels']!r}")
+    if chosen.get("binarizer", "ste") not in BINARIZERS:
+        raise TrainingError(f"binarizer must be one of {', '.join(BINARIZERS)}, not "
+                            f"{chosen['binarizer']!r}")
+    if not isinstance(chosen.get("ifq", False), bool):
+        raise TrainingError(f"ifq must be true or false, not {chosen['ifq']!r}")
+    bits = chosen.get("host_bits")
+    if bits is not None and (not isinstance(bits, int) or not 2 <= bits <= 8):
+        raise TrainingError(f"host_bits must be an integer from 2 to 8, not {bits!r}")
+    return chosen
+
+
+def _option_defaults(method: Method, model: dict) -> dict:
+    """Options a run accepts: the method's, plus those its model options bring."""
+    defaults = dict(method.defaults)
+    if model.get("binarizer") == "quantnet":
+        defaults.update(QUANTNET_DEFAULTS)
+    return defaults
 
 
 @dataclass
@@ -258,6 +323,9 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
             f"only binary methods ({', '.join(m.name for m in METHODS.values() if m.exportable)})"
             " fold into a bundle")
     model, ckpt = load_checkpoint(path)
+    if getattr(model, "levels", 1) > 1:
+        raise CheckpointError(f"{path}: a {model.levels}-level head (--levels) cannot be "
+                              "exported: a bundle holds one head")
     bundle: Bundle = model.export_bundle()
     bundle.model["decode"] = {
         "prior": float(ckpt["config"].get("prior", BOX_PRIOR)),
@@ -307,6 +375,131 @@ def _targets(dataset) -> list[dict[str, torch.Tensor]]:
             for a in dataset.annotations]
 
 
+def _discretization_error(model: nn.Module) -> torch.Tensor:
+    """QuantNet's discretization term, averaged over the binary convolutions."""
+    convs = [m for m in model.modules()
+             if isinstance(m, BinaryConv2d) and m.binarizer == "quantnet"]
+    return sum(c.discretization_error() for c in convs) / len(convs)
+
+
+def _box_level(box, prior: float, levels: int) -> int:
+    """Pyramid level of a box: the level whose prior ``prior · 2**l`` is nearest to the
+    box's size ``sqrt(w·h)`` on a log scale (boundaries at ``prior · 2**(l + ½)``)."""
+    w, h = float(box[2] - box[0]), float(box[3] - box[1])
+    size = max(w * h, 1e-12) ** 0.5
+    return min(max(math.floor(math.log2(size / prior) + 0.5), 0), levels - 1)
+
+
+def multilevel_loss(maps: list[torch.Tensor], targets: list[dict[str, torch.Tensor]],
+                    strides: list[int], *, prior: float = BOX_PRIOR,
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Detection loss of a multi-level head (``levels ≥ 2``).
+
+    Each ground-truth box is assigned to one level by size (:func:`_box_level`); level
+    ``l`` is encoded and scored like a single-level head with stride ``strides[l]`` and box
+    prior ``prior · 2**l`` (:func:`detection_loss`, normalised by its ``n_l`` responsible
+    cells) and the levels are summed with weights ``max(n_l, 1) / max(Σ n, 1)``, so every
+    term is normalised by the batch's total number of responsible cells (FCOS-style).
+    """
+    levels = len(maps)
+    split = [[] for _ in range(levels)]
+    for target in targets:
+        boxes = torch.as_tensor(target["boxes"]).reshape(-1, 4)
+        labels = torch.as_tensor(target["labels"]).reshape(-1)
+        chosen = torch.tensor([_box_level(b, prior, levels) for b in boxes.tolist()],
+                              dtype=torch.int64)
+        for level in range(levels):
+            keep = chosen == level
+            split[level].append({"boxes": boxes[keep], "labels": labels[keep]})
+    encoded = [encode_targets(split[level], tuple(maps[level].shape[2:]), strides[level],
+                              prior=prior * 2 ** level) for level in range(levels)]
+    counts = [int(e.positive.sum()) for e in encoded]
+    total = max(sum(counts), 1)
+    loss, parts = maps[0].new_zeros(()), {"obj": 0.0, "box": 0.0, "cls": 0.0}
+    for level, (head, enc) in enumerate(zip(maps, encoded, strict=True)):
+        part_loss, part = detection_loss(head, enc, strides[level], prior=prior * 2 ** level,
+                                         weights=LossWeights())
+        weight = max(counts[level], 1) / total
+        loss = loss + weight * part_loss
+        for key in parts:
+            parts[key] += weight * part[key]
+    parts["loss"] = float(loss.detach())
+    return loss, parts
+
+
+@torch.no_grad()
+def predict_levels(model: nn.Module, dataset, *, batch_size: int = 64,
+                   device: str | torch.device = "cpu", prior: float = BOX_PRIOR,
+                   max_detections: int = 100) -> list[dict[str, torch.Tensor]]:
+    """Detections of a multi-level model (eval mode): every level decoded with its stride
+    and prior as :func:`bitdet.sw.evaluate.predict_model` decodes one map, the levels'
+    detections pooled and passed through class-aware NMS (IoU 0.5) again, at most
+    ``max_detections`` per image, highest score first."""
+    from .evaluate import EVAL_IOU_THRESHOLD, decode_settings
+    model.eval()
+    images = np.asarray(dataset.images)
+    out = []
+    for start in range(0, len(images), batch_size):
+        pixels = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
+        pixels = pixels.to(torch.float32)[:, None]
+        maps = model(pixels.to(device))
+        per_level = [decode(head.cpu(), image_size=tuple(pixels.shape[2:]),
+                            **decode_settings(stride, prior * 2 ** level))
+                     for level, (head, stride) in enumerate(zip(maps, model.level_strides,
+                                                                strict=True))]
+        for i in range(len(pixels)):
+            boxes = torch.cat([dets[i]["boxes"] for dets in per_level])
+            scores = torch.cat([dets[i]["scores"] for dets in per_level])
+            labels = torch.cat([dets[i]["labels"] for dets in per_level])
+            keep = nms(boxes, scores, labels, EVAL_IOU_THRESHOLD)[:max_detections]
+            out.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+    return out
+
+
+def run_bundle_fixed_point(bundle: Bundle, pixels: torch.Tensor,
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """IFQ-Net's integer evaluation path of a bundle whose head scales are powers of two
+    (``--ifq``): the stem's integer conv and thresholds, the golden binary layers and the
+    head's integer conv plus integer bias, in int64 only. Returns ``(acc, frac_bits)``:
+    the head map is ``acc · 2^−frac_bits`` (per channel), which equals
+    :func:`bitdet.sw.evaluate.run_bundle` exactly. Raises :class:`ValueError` for a head
+    whose scales are not powers of two.
+    """
+    from .evaluate import _host_layer
+    from .golden import fixed_point_conv2d
+    head = _host_layer(bundle, "head")
+    scale = torch.from_numpy(head.arrays["scale"]).to(torch.float64)
+    frac = -torch.log2(scale)
+    if not bool(((frac == torch.round(frac)) & (scale > 0)).all()):
+        raise ValueError("the bundle's head scales are not powers of two: it was not trained "
+                         "with --ifq (fixed point)")
+    stem = _host_layer(bundle, "stem").run(pixels.to(torch.int64))
+    bits = bundle.run_binary(stem.to(torch.float32) * 2 - 1)[-1].to(torch.int64) * 2 - 1
+    weight = torch.from_numpy(head.arrays["weight"].astype(np.int64))
+    acc = fixed_point_conv2d(bits, weight, stride=head.stride, padding=head.padding,
+                             pad_value=0)
+    acc = acc + torch.from_numpy(head.arrays["bias"].astype(np.int64)).reshape(1, -1, 1, 1)
+    return acc, frac.to(torch.int64)
+
+
+def predict_bundle_fixed_point(bundle: Bundle, dataset, *, batch_size: int = 64,
+                               ) -> list[dict[str, torch.Tensor]]:
+    """Detections of an ``--ifq`` bundle through :func:`run_bundle_fixed_point` (the head
+    map rebuilt as ``acc · 2^−f`` only for decoding), decoded like
+    :func:`bitdet.sw.evaluate.predict_bundle`."""
+    from .evaluate import bundle_decode_settings
+    settings = bundle_decode_settings(bundle)
+    images = np.asarray(dataset.images)
+    out = []
+    for start in range(0, len(images), batch_size):
+        pixels = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
+        pixels = pixels.to(torch.float32)[:, None]
+        acc, frac = run_bundle_fixed_point(bundle, pixels)
+        head = torch.ldexp(acc.to(torch.float64), -frac.reshape(1, -1, 1, 1)).to(torch.float32)
+        out += decode(head, image_size=tuple(pixels.shape[2:]), **settings)
+    return out
+
+
 def train(method: str | None = None, epochs: int | None = None, batch_size: int = 32,
           lr: float = 2e-3, seed: int = 0, image_size: int = 64, train_count: int = 2048,
           val_count: int = 256, out_dir: str | os.PathLike = "runs/train",
@@ -314,7 +507,7 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
           weight_decay: float = 1e-4, progress: bool | None = None,
           log: Callable[[str], None] | None = None, threads: int | None = None,
           teacher: str | os.PathLike | None = None, options: dict | None = None,
-          ) -> TrainResult:
+          model_options: dict | None = None) -> TrainResult:
     """Train ``method`` on generated DigitScenes and write a checkpoint after every epoch.
 
     ``method`` defaults to ``"plain"`` (or the checkpoint's when resuming); ``epochs`` is
@@ -338,7 +531,12 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
     learns from (required for those, refused for the others; a resumed run reloads the
     stored path).
     ``options``: the method's options (loss weights, …), overriding its defaults
-    (``Method.defaults``; unknown names raise :class:`TrainingError`).
+    (``Method.defaults``, plus :data:`QUANTNET_DEFAULTS` with the QuantNet binarizer;
+    unknown names raise :class:`TrainingError`).
+    ``model_options``: :data:`MODEL_OPTIONS` (``levels``, ``dup``, ``dup_input``,
+    ``binarizer``, ``host_bits``, ``ifq``) for the ``plain`` model; docs/methods.md.
+    On ``resume`` the run's ``options`` and model options are the checkpoint's: giving
+    different values raises :class:`TrainingError` (equal ones are accepted).
     The history entries of a distillation run gain the mean weighted terms
     (``train_ang``, …) and ``train_loss`` is then the total.
     """
@@ -361,6 +559,16 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
             raise CheckpointError(f"{resume}: is a {ckpt['method']!r} checkpoint, not "
                                   f"{method!r}")
         config = TrainConfig(**ckpt["config"])
+        for name, value in (options or {}).items():
+            if config.options.get(name) != value:
+                raise TrainingError(
+                    f"{resume}: a resumed run keeps the checkpoint's options "
+                    f"({', '.join(f'{k}={v}' for k, v in config.options.items()) or 'none'}); "
+                    f"cannot change {name} to {value} (start a new run instead)")
+        for name, value in (model_options or {}).items():
+            if value is not None and config.model.get(name, MODEL_OPTIONS.get(name)) != value:
+                raise TrainingError(f"{resume}: a resumed run keeps the checkpoint's model; "
+                                    f"cannot change {name} to {value!r}")
         if epochs is not None:
             config.epochs = epochs
         if teacher is not None:          # the teacher file moved since the run started
@@ -372,17 +580,20 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
                                 "give teacher= (an 'fp' checkpoint)")
         if not chosen.needs_teacher and teacher is not None:
             raise TrainingError(f"method {chosen.name!r} takes no teacher")
-        unknown = sorted(set(options or {}) - set(chosen.defaults))
+        model_kwargs = {**_default_model_kwargs(image_size),
+                        **_check_model_options(chosen.name, model_options)}
+        defaults = _option_defaults(chosen, model_kwargs)
+        unknown = sorted(set(options or {}) - set(defaults))
         if unknown:
             raise TrainingError(f"unknown option(s) {', '.join(unknown)} for method "
-                                f"{chosen.name!r} (has: {', '.join(chosen.defaults) or 'none'})")
+                                f"{chosen.name!r} (has: {', '.join(defaults) or 'none'})")
         config = TrainConfig(
             method=chosen.name, epochs=10 if epochs is None else epochs,
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
             image_size=image_size, train_count=train_count, val_count=val_count,
-            model=_default_model_kwargs(image_size),
+            model=model_kwargs,
             teacher=None if teacher is None else str(teacher),
-            options={**chosen.defaults, **(options or {})})
+            options={**defaults, **(options or {})})
     spec = _method(config.method)
     for name in ("epochs", "batch_size", "train_count", "image_size"):
         if getattr(config, name) < 1:
@@ -414,6 +625,7 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
                                 seed=config.seed) if config.val_count else None)
     pixels, targets = _pixels(train_set), _targets(train_set)
     stride = model.stride
+    quantnet = config.model.get("binarizer") == "quantnet"
     grid = (config.image_size // stride, config.image_size // stride)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -443,14 +655,22 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
             optimizer.zero_grad(set_to_none=True)
+            if quantnet:
+                model.set_progress(step / max(total_steps - 1, 1))
             extra = {}
             if spec.losses is None:
                 head = model(pixels[idx].to(dev))
             else:
                 head, extra = spec.losses(model, teacher_model, pixels[idx].to(dev),
                                           [targets[i] for i in idx.tolist()], config.options)
-            loss, parts = detection_loss(head, encoded, stride, prior=config.prior,
-                                         weights=LossWeights())
+            if isinstance(head, list):
+                loss, parts = multilevel_loss(head, [targets[i] for i in idx.tolist()],
+                                              model.level_strides, prior=config.prior)
+            else:
+                loss, parts = detection_loss(head, encoded, stride, prior=config.prior,
+                                             weights=LossWeights())
+            if quantnet:
+                extra["quant"] = config.options["quant"] * _discretization_error(model)
             for name, term in extra.items():
                 loss = loss + term
                 parts[name] = float(term.detach())
@@ -468,8 +688,9 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
         entry = {"epoch": epoch + 1, "lr": _cosine_lr(config.lr, step, total_steps),
                  **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()}}
         if val_set is not None:
-            scores = evaluate_predictions(predict_model(model, val_set, device=dev,
-                                                        prior=config.prior), val_set)
+            predict = predict_levels if getattr(model, "levels", 1) > 1 else predict_model
+            scores = evaluate_predictions(predict(model, val_set, device=dev,
+                                                  prior=config.prior), val_set)
             entry.update(val_mAP50=scores["mAP50"], val_mAP=scores["mAP"])
         entry["seconds"] = time.perf_counter() - started
         history.append(entry)

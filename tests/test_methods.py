@@ -1,5 +1,6 @@
 """Distillation methods (bitdet.sw.distill): DBS weights, LWS-Det losses, smoke training,
-bit-exact export, user errors."""
+bit-exact export, user errors; the trainer's model options (AQD levels / LSQ host bits,
+QuantNet, DupNet, IFQ) and option handling on resume."""
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from bitdet.sw.distill import (
     lws_prepare,
     rbcn_losses,
 )
-from bitdet.sw.evaluate import run_bundle
+from bitdet.sw.evaluate import predict_bundle, run_bundle
 from bitdet.sw.models import RealDetector
 from bitdet.sw.train import (
     METHODS,
@@ -31,6 +32,10 @@ from bitdet.sw.train import (
     TrainingError,
     export_checkpoint,
     load_checkpoint,
+    multilevel_loss,
+    predict_bundle_fixed_point,
+    predict_levels,
+    run_bundle_fixed_point,
     train,
 )
 
@@ -409,3 +414,129 @@ def test_rbcn_trains_and_exports_bit_exactly(teacher, tmp_path):
     pixels = torch.from_numpy(images.images).to(torch.float32)[:, None]
     with torch.no_grad():
         assert torch.equal(model(pixels), run_bundle(bundle, pixels))
+
+
+# ---------------------------------------------------------- trainer options (model options)
+
+
+def _test_pixels(count=6):
+    images = make_digitscenes("test", count=count, seed=0)
+    return images, torch.from_numpy(images.images).to(torch.float32)[:, None]
+
+
+@pytest.mark.parametrize("options", [{"binarizer": "quantnet"}, {"dup": 2, "dup_input": 2},
+                                     {"host_bits": 4, "ifq": True}])
+def test_model_options_train_and_export_bit_exactly(options, tmp_path):
+    result = train("plain", epochs=1, seed=4, model_options=options, out_dir=tmp_path, **TINY)
+    model, ckpt = load_checkpoint(result.checkpoint)
+    assert {k: ckpt["config"]["model"][k] for k in options} == options
+    bundle = load(export_checkpoint(result.checkpoint, tmp_path / "m.bitdet"))
+    _, pixels = _test_pixels()
+    with torch.no_grad():
+        assert torch.equal(model(pixels), run_bundle(bundle, pixels))
+    if "binarizer" in options:
+        assert result.history[-1]["train_quant"] > 0
+        assert ckpt["config"]["options"] == {"quant": 0.01}
+        assert all(float(b.conv.progress) == 1.0 for b in model.blocks)   # annealed to the end
+
+
+def test_quantnet_run_resumes_exactly(tmp_path):
+    kwargs = {"seed": 6, "model_options": {"binarizer": "quantnet"}, **TINY}
+    straight = train("plain", epochs=2, out_dir=tmp_path / "a", **kwargs)
+    resumed = train(resume=tmp_path / "a" / "epoch_001.pt", out_dir=tmp_path / "b", **TINY)
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_multilevel_loss_assigns_boxes_to_levels_by_size():
+    torch.manual_seed(0)
+    maps = [torch.randn(1, 15, 8, 8, requires_grad=True),
+            torch.randn(1, 15, 4, 4, requires_grad=True)]
+    for box, level in (([20.0, 20.0, 32.0, 32.0], 0), ([10.0, 10.0, 38.0, 38.0], 1)):
+        target = [{"boxes": torch.tensor([box]), "labels": torch.tensor([3])}]
+        loss, parts = multilevel_loss(maps, target, [8, 16])
+        assert torch.isfinite(loss) and loss > 0
+        assert parts["loss"] == pytest.approx(float(loss.detach()))
+        grads = torch.autograd.grad(loss, maps)
+        # box and class terms only on the level that the box's size selects
+        assert grads[level][:, 1:].abs().sum() > 0
+        assert grads[1 - level][:, 1:].abs().sum() == 0
+
+
+def test_levels_train_validate_and_evaluate_but_do_not_export(capsys, tmp_path):
+    result = train("plain", epochs=1, seed=2, model_options={"levels": 2}, out_dir=tmp_path,
+                   **{**TINY, "val_count": 8})
+    assert "val_mAP50" in result.history[-1]
+    model, _ = load_checkpoint(result.checkpoint)
+    images, _ = _test_pixels(4)
+    predictions = predict_levels(model, images)
+    assert len(predictions) == 4
+    for p in predictions:
+        assert len(p["boxes"]) <= 100 and bool((p["scores"][:-1] >= p["scores"][1:]).all())
+    with pytest.raises(CheckpointError, match="cannot be exported"):
+        export_checkpoint(result.checkpoint, tmp_path / "x.bitdet")
+    status = main(["eval", "--checkpoint", str(result.checkpoint), "--images", "4", "--json"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "mAP50" in out
+
+
+def test_ifq_bundle_runs_in_integers_exactly(tmp_path):
+    ifq = train("plain", epochs=1, seed=3, model_options={"ifq": True}, out_dir=tmp_path / "i",
+                **TINY)
+    bundle = load(export_checkpoint(ifq.checkpoint, tmp_path / "ifq.bitdet"))
+    images, pixels = _test_pixels()
+    acc, frac = run_bundle_fixed_point(bundle, pixels)
+    assert acc.dtype == torch.int64 and frac.dtype == torch.int64
+    float_map = run_bundle(bundle, pixels)
+    assert torch.equal(torch.ldexp(acc.double(), -frac.reshape(1, -1, 1, 1)).float(), float_map)
+    fixed, reference = predict_bundle_fixed_point(bundle, images), predict_bundle(bundle, images)
+    for a, b in zip(fixed, reference, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+    plain = train("plain", epochs=1, seed=3, out_dir=tmp_path / "p", **TINY)
+    with pytest.raises(ValueError, match="powers of two"):
+        run_bundle_fixed_point(load(export_checkpoint(plain.checkpoint, tmp_path / "p.bitdet")),
+                               pixels)
+
+
+def test_model_option_user_errors(teacher, tmp_path):
+    with pytest.raises(TrainingError, match="available for method"):
+        train("lws", epochs=1, teacher=teacher, model_options={"dup": 2}, out_dir=tmp_path,
+              **TINY)
+    for bad, fragment in (({"dup": 0}, "positive"), ({"levels": 4}, "1, 2 or 3"),
+                          ({"binarizer": "xnor"}, "binarizer"), ({"host_bits": 9}, "2 to 8"),
+                          ({"colour": 1}, "unknown model option")):
+        with pytest.raises(TrainingError, match=fragment):
+            train("plain", epochs=1, model_options=bad, out_dir=tmp_path, **TINY)
+    with pytest.raises(TrainingError, match="unknown option"):      # quant needs quantnet
+        train("plain", epochs=1, options={"quant": 1.0}, out_dir=tmp_path, **TINY)
+
+
+def test_resume_refuses_changed_options(capsys, teacher, tmp_path):
+    run = train("plain", epochs=1, seed=1, model_options={"binarizer": "quantnet"},
+                out_dir=tmp_path / "q", **TINY).checkpoint
+    with pytest.raises(TrainingError, match="keeps the checkpoint's options"):
+        train(resume=run, epochs=2, options={"quant": 0.5}, out_dir=tmp_path / "r", **TINY)
+    with pytest.raises(TrainingError, match="keeps the checkpoint's model"):
+        train(resume=run, epochs=2, model_options={"dup": 2}, out_dir=tmp_path / "r", **TINY)
+    same = train(resume=run, epochs=2, options={"quant": 0.01},
+                 model_options={"binarizer": "quantnet"}, out_dir=tmp_path / "r", **TINY)
+    assert len(same.history) == 2
+    # the CLI: --method-option (new name) and --loss-weight (old spelling) on a resume
+    for flag in ("--method-option", "--loss-weight"):
+        status = main(["train", "--resume", str(run), "--epochs", "2", "--out",
+                       str(tmp_path / "c"), flag, "quant=2"])
+        out, err = capsys.readouterr()
+        assert status == 2 and "keeps the checkpoint's options" in err
+    status = main(["train", "--method", "plain", "--epochs", "1", "--train-images", "8",
+                   "--val-images", "0", "--batch-size", "8", "--threads", "1", "--binarizer",
+                   "quantnet", "--method-option", "quant=0.5", "--dup", "2", "--out",
+                   str(tmp_path / "cli")])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert " quant " in out
+    ckpt = torch.load(tmp_path / "cli" / "last.pt", weights_only=True)
+    assert ckpt["config"]["options"] == {"quant": 0.5}
+    assert ckpt["config"]["model"]["dup"] == 2 and ckpt["config"]["model"]["binarizer"] == \
+        "quantnet"
