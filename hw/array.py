@@ -28,7 +28,7 @@ from amaranth.hdl import Module, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .pe import XnorPopcountPE, _check_positive, valid_stream_signature
+from .pe import XnorPopcountPE, _check_popcount, _check_positive, valid_stream_signature
 
 __all__ = ["SystolicArray"]
 
@@ -81,6 +81,9 @@ class SystolicArray(wiring.Component):
         Bits per K-word.
     acc_width : int
         Accumulator and result width; ``P`` wraps beyond ``2**acc_width − 1``.
+    popcount : str
+        The PEs' popcount structure, ``"compressor"`` (default) or ``"adder"``
+        (:class:`~bitdet.hw.pe.XnorPopcountPE`); same results and timing.
 
     Members
     -------
@@ -93,14 +96,17 @@ class SystolicArray(wiring.Component):
     Raises
     ------
     TypeError, ValueError
-        If a parameter is not a positive integer.
+        If a parameter is not a positive integer, or ``popcount`` is not a known
+        structure.
     """
 
-    def __init__(self, *, rows: int, cols: int, simd: int, acc_width: int):
+    def __init__(self, *, rows: int, cols: int, simd: int, acc_width: int,
+                 popcount: str = "compressor"):
         self._rows = _check_positive("rows", rows)
         self._cols = _check_positive("cols", cols)
         self._simd = _check_positive("simd", simd)
         self._acc_width = _check_positive("acc_width", acc_width)
+        self._popcount = _check_popcount(popcount)
         self._operand_layout = data.StructLayout({
             "activations": data.ArrayLayout(simd, rows),
             "weights": data.ArrayLayout(simd, cols),
@@ -134,6 +140,10 @@ class SystolicArray(wiring.Component):
         return self._acc_width
 
     @property
+    def popcount(self) -> str:
+        return self._popcount
+
+    @property
     def operand_layout(self) -> data.StructLayout:
         return self._operand_layout
 
@@ -157,7 +167,8 @@ class SystolicArray(wiring.Component):
         operands = self.operands
         payload = operands.payload
 
-        pes = [[XnorPopcountPE(simd=simd, acc_width=self._acc_width) for _ in range(cols)]
+        pes = [[XnorPopcountPE(simd=simd, acc_width=self._acc_width,
+                              popcount=self._popcount) for _ in range(cols)]
                for _ in range(rows)]
         for r in range(rows):
             for c in range(cols):

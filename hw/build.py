@@ -396,7 +396,9 @@ def build_bitstream(config: AcceleratorConfig, board: str, out_dir: str | Path, 
             # bitstream, and the manifest says so (timing_met false, exit status 1)
             overrides = {"nextpnr_opts": f"--seed {seed} --timing-allow-fail"}
             if spec.family == "ice40":
-                overrides["synth_opts"] = "-spram"      # large single-port memories → SPRAM
+                # large single-port memories → SPRAM; the few wide multipliers (window
+                # and map sizes, computed once per command or layer) → SB_MAC16 blocks
+                overrides["synth_opts"] = "-spram -dsp"
                 overrides["script_after_read"] = _WEIGHTS_UNINITIALISED
                 overrides["add_constraints"] = \
                     f"set_frequency {CLOCK_NET} {config.clock_hz / 1e6:.6f}"

@@ -91,11 +91,17 @@ class LayerController(wiring.Component):
     written; ``done`` pulses in the first idle cycle after a run. ``busy_cycles`` counts
     the busy cycles of the last (or running) layer and ``stall_cycles`` those in which the
     array was not given a K-word; ``busy_cycles − stall_cycles`` is the number of K-words,
-    ``groups · tiles · K_words`` (:meth:`ideal_cycles`).
+    ``groups · tiles · K_words`` (:meth:`ideal_cycles`). ``stall`` is high in the busy
+    cycles that ``stall_cycles`` counts.
 
     Parameters
     ----------
     config : AcceleratorConfig
+    embedded : bool
+        For :class:`~bitdet.hw.top.CommandExecutor`, which holds ``layer`` constant while a
+        layer runs and counts the cycles itself (summed over the layers of a command, from
+        ``busy`` and ``stall``): ``layer`` is used as it is instead of being latched at
+        ``start``, and ``busy_cycles`` / ``stall_cycles`` stay 0. The timing is the same.
 
     Members
     -------
@@ -103,6 +109,7 @@ class LayerController(wiring.Component):
     start : ``In(1)``
     busy, done : ``Out(1)``
     busy_cycles, stall_cycles : ``Out(COUNTER_WIDTH)``
+    stall : ``Out(1)``
     act_read : ``In(ReadPort.Signature(addr_width=, shape=simd)).array(rows)``
     act_write : ``In(WritePort.Signature(addr_width=, shape=simd))``
     weights : ``In(ReadPort.Signature(addr_width=, shape=ArrayLayout(simd, cols)))``
@@ -118,7 +125,8 @@ class LayerController(wiring.Component):
         If ``simd`` is not a multiple of ``cols`` (output packing, see the module docs).
     """
 
-    def __init__(self, *, config: AcceleratorConfig, src_loc_at: int = 0):
+    def __init__(self, *, config: AcceleratorConfig, embedded: bool = False,
+                 src_loc_at: int = 0):
         if not isinstance(config, AcceleratorConfig):
             raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
         if config.simd % config.cols:
@@ -126,13 +134,15 @@ class LayerController(wiring.Component):
                              f"of cols ({config.cols}): one tile of cols output channels is "
                              f"packed into one simd-bit output word")
         self._config = c = config
+        self._embedded = bool(embedded)
         # built here so that `descriptor` can use its checks; the caller's file decides
         # about unused-elaboratable warnings, as for the controller itself
         self._gen = WindowGenerator(
             rows=c.rows, simd=c.simd, depth=c.activation_depth, max_channels=c.max_channels,
             max_kernel=c.max_kernel, max_stride=c.max_stride,
             tag_width=max(1, (c.weight_depth - 1).bit_length()),
-            max_tiles=-(-c.max_channels // c.cols), src_loc_at=1 + src_loc_at)
+            max_tiles=-(-c.max_channels // c.cols), fixed_layer=True,
+            src_loc_at=1 + src_loc_at)
         self._act_addr_width = max(1, (c.activation_depth - 1).bit_length())
         self._weight_addr_width = max(1, (c.weight_depth - 1).bit_length())
         self._threshold_addr_width = max(1, (c.threshold_depth - 1).bit_length())
@@ -155,7 +165,7 @@ class LayerController(wiring.Component):
             "raw": 1,
         })
         self._raw_layout = data.StructLayout({
-            "pixel": range(c.activation_depth * c.activation_depth + c.rows),
+            "pixel": range(c.activation_depth + c.rows),
             "channel": range(c.max_channels + c.cols),
             "p": data.ArrayLayout(c.acc_width, c.rows),
             "row_valid": c.rows,
@@ -167,6 +177,7 @@ class LayerController(wiring.Component):
             "done": Out(1),
             "busy_cycles": Out(COUNTER_WIDTH),
             "stall_cycles": Out(COUNTER_WIDTH),
+            "stall": Out(1),
             "act_read": In(ReadPort.Signature(addr_width=self._act_addr_width, shape=c.simd)
                            ).array(c.rows),
             "act_write": In(WritePort.Signature(addr_width=self._act_addr_width,
@@ -249,8 +260,9 @@ class LayerController(wiring.Component):
         rows, cols, simd = c.rows, c.cols, c.simd
         slots = simd // cols                         # tiles per output word
         max_words = -(-c.max_channels // simd)
-        dim_bits = c.activation_depth.bit_length()
-        pixel_shape = range((1 << 2 * dim_bits) + rows)
+        # out_h · out_w ≤ activation_depth: the output map fits its bank (descriptor(),
+        # and CONFIGURE_LAYER's check)
+        pixel_shape = range(c.activation_depth + rows)
 
         gen = m.submodules.window = self._gen
         array = m.submodules.array = SystolicArray(rows=rows, cols=cols, simd=simd,
@@ -259,7 +271,9 @@ class LayerController(wiring.Component):
         for r, unit in enumerate(units):
             m.submodules[f"threshold{r}"] = unit
 
-        desc = Signal(self._descriptor_layout)              # the running layer
+        # the running layer: latched at `start`, or (embedded) the `layer` input itself,
+        # which the executor holds while the layer runs
+        desc = self.layer if self._embedded else Signal(self._descriptor_layout)
 
         # -- operand path: generator words + weight words side by side (window.py) -----------
         for r in range(rows):
@@ -442,8 +456,10 @@ class LayerController(wiring.Component):
         with m.FSM(name="control"):
             with m.State("IDLE"):
                 with m.If(self.start):
-                    m.d.sync += [desc.eq(self.layer), self.busy.eq(1),
-                                 self.busy_cycles.eq(0), self.stall_cycles.eq(0)]
+                    m.d.sync += self.busy.eq(1)
+                    if not self._embedded:
+                        m.d.sync += [desc.eq(self.layer), self.busy_cycles.eq(0),
+                                     self.stall_cycles.eq(0)]
                     m.next = "SETUP"
             with m.State("SETUP"):
                 m.d.sync += [
@@ -486,8 +502,10 @@ class LayerController(wiring.Component):
                     m.d.sync += [self.busy.eq(0), self.done.eq(1)]
                     m.next = "IDLE"
 
-        with m.If(self.busy):
-            m.d.sync += self.busy_cycles.eq(self.busy_cycles + 1)
-            with m.If(~(operands.valid & operands.ready)):
+        m.d.comb += self.stall.eq(self.busy & ~(operands.valid & operands.ready))
+        if not self._embedded:
+            with m.If(self.busy):
+                m.d.sync += self.busy_cycles.eq(self.busy_cycles + 1)
+            with m.If(self.stall):
                 m.d.sync += self.stall_cycles.eq(self.stall_cycles + 1)
         return m

@@ -13,7 +13,7 @@ from amaranth.hdl import Module, Mux, Signal
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from .popcount import popcount
+from .popcount import POPCOUNT_TREES, popcount, popcount_rows
 
 __all__ = ["XnorPopcountPE", "activation_layout", "valid_stream_signature"]
 
@@ -23,6 +23,13 @@ def _check_positive(name: str, value) -> int:
         raise TypeError(f"{name} must be an integer, not {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be at least 1, not {value!r}")
+    return value
+
+
+def _check_popcount(value) -> str:
+    if value not in POPCOUNT_TREES:
+        raise ValueError(f"popcount must be one of {', '.join(map(repr, POPCOUNT_TREES))}, "
+                         f"not {value!r}")
     return value
 
 
@@ -75,6 +82,12 @@ class XnorPopcountPE(wiring.Component):
         Bits per word (XNORs per cycle).
     acc_width : int
         Bits of the accumulator and of ``result``.
+    popcount : str
+        Structure of the XNOR-popcount: ``"compressor"`` (default; a carry-save tree of
+        full adders whose two rows are added to the accumulator in one adder, see
+        :func:`~bitdet.hw.popcount.popcount_rows`) or ``"adder"`` (the earlier balanced
+        adder tree, then the accumulator add). Same results and timing; only the
+        area differs (``bench/bench_area.py``).
 
     Members
     -------
@@ -94,12 +107,14 @@ class XnorPopcountPE(wiring.Component):
     Raises
     ------
     TypeError, ValueError
-        If ``simd`` or ``acc_width`` is not a positive integer.
+        If ``simd`` or ``acc_width`` is not a positive integer, or ``popcount`` is not
+        one of :data:`~bitdet.hw.popcount.POPCOUNT_TREES`.
     """
 
-    def __init__(self, *, simd: int, acc_width: int):
+    def __init__(self, *, simd: int, acc_width: int, popcount: str = "compressor"):
         self._simd = _check_positive("simd", simd)
         self._acc_width = _check_positive("acc_width", acc_width)
+        self._popcount = _check_popcount(popcount)
         layout = activation_layout(simd)
         super().__init__({
             "a_in": In(layout),
@@ -118,14 +133,25 @@ class XnorPopcountPE(wiring.Component):
     def acc_width(self) -> int:
         return self._acc_width
 
+    @property
+    def popcount(self) -> str:
+        return self._popcount
+
     def elaborate(self, platform):
         m = Module()
 
         acc = Signal(self._acc_width)
         a = self.a_in
-        matches = popcount(~(a.word ^ self.w_in))
+        matches = ~(a.word ^ self.w_in)
+        restart = Mux(a.first, 0, acc)
         total = Signal(self._acc_width)
-        m.d.comb += total.eq(Mux(a.first, 0, acc) + matches)
+        if self._popcount == "adder":
+            m.d.comb += total.eq(restart + popcount(matches, tree="adder"))
+        else:
+            # one three-operand add: yosys maps it to one row of full adders and one
+            # carry chain, instead of the popcount's own adder and then the accumulator's
+            row0, row1 = popcount_rows(m, matches)
+            m.d.comb += total.eq(restart + row0 + row1)
 
         with m.If(a.valid):
             m.d.sync += acc.eq(total)

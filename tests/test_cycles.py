@@ -325,14 +325,14 @@ def test_counter_width_is_the_controllers():
 
 def test_known_counts():
     """Hand-derived: tiny (2×2×8), 4×4 map 32→4, 3×3 (K 36, 8 groups, 2 tiles): gapless,
-    so busy = 16·36 + 3·2 + 2·2 + 8; icebreaker (2×4×16), 1×1 of 16 channels on a 2×3 map,
+    so busy = 16·36 + 3·2 + 2·2 + 8; a 2×4×16 array, 1×1 of 16 channels on a 2×3 map,
     8 outputs (3 groups × 2 tiles of K 1): the two jobs of a group cols = 4 cycles apart
     (the array's drain), a group every max(2·4, rows + 4) = 8 cycles; tiny, the same map
     with 8 channels (K 1) and 2 outputs (1 tile): a group every rows + 4 = 6 cycles
     (setup-bound); that map on a 5×1×8 array, 9 outputs (9 tiles of K 1): thresholded,
     jobs rows = 5 cycles apart (the writer), raw 1 cycle apart and a group every
     max(9·1, rows + 4) = 9 cycles."""
-    tiny, ice = load_config("tiny"), load_config("icebreaker")
+    tiny, ice = load_config("tiny"), small_config(2, 4, 16)
     conv = {"out_h": 4, "out_w": 4, "channels": 32, "out_channels": 4, "kernel": 3,
             "raw": 0}
     assert layer_cycles(tiny, conv) == (576 + 18, 18)

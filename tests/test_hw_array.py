@@ -150,7 +150,7 @@ SHAPES = [(2, 3, 16), (3, 2, 32), (1, 1, 8), (1, 4, 8), (4, 1, 8), (4, 4, 32)]
 
 
 @pytest.mark.parametrize(("rows", "cols", "simd"), SHAPES)
-def test_array_jobs_with_idle_cycles_and_short_jobs(rows, cols, simd):
+def test_array_jobs_with_idle_cycles_and_short_jobs(rows, cols, simd, tree="compressor"):
     """Mixed K (shorter than ``cols`` too: ``ready`` holds those jobs' last words), idle
     cycles between and inside jobs, channel counts that are not multiples of simd."""
     rng = np.random.default_rng(rows * 100 + cols * 10 + simd)
@@ -159,12 +159,18 @@ def test_array_jobs_with_idle_cycles_and_short_jobs(rows, cols, simd):
     jobs = [random_job(rng, rows=rows, cols=cols, simd=simd, channels=c, kernel=k)
             for c, k in layers]
     acc_width = int(max(job.expected.max() for job in jobs)).bit_length() + 1
-    dut = SystolicArray(rows=rows, cols=cols, simd=simd, acc_width=acc_width)
+    dut = SystolicArray(rows=rows, cols=cols, simd=simd, acc_width=acc_width, popcount=tree)
+    assert dut.popcount == tree
     accepted, records, stalls = run_jobs(dut, jobs, rng, idle_between={2, 5},
                                          idle_inside={1, 4})
     check_results(dut, jobs, accepted, records)
     if cols > 1:
         assert stalls > 0            # the short jobs exercised `ready`
+
+
+def test_array_with_the_adder_tree_popcount():
+    """The earlier popcount structure (``popcount="adder"``): same results, same cycles."""
+    test_array_jobs_with_idle_cycles_and_short_jobs(2, 3, 16, tree="adder")
 
 
 @pytest.mark.parametrize(("rows", "cols", "simd"), SHAPES)
@@ -241,6 +247,8 @@ def test_latency_formula():
     ({"rows": 0, "cols": 1, "simd": 8, "acc_width": 4}, ValueError, "rows must be at least 1"),
     ({"rows": 1, "cols": "2", "simd": 8, "acc_width": 4}, TypeError, "cols must be an integer"),
     ({"rows": 1, "cols": 1, "simd": -8, "acc_width": 4}, ValueError, "simd must be at least 1"),
+    ({"rows": 1, "cols": 1, "simd": 8, "acc_width": 4, "popcount": "x"}, ValueError,
+     "popcount must be one of"),
 ])
 def test_array_validates_parameters(kwargs, error, message):
     with pytest.raises(error, match=message):

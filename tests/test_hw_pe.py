@@ -11,7 +11,7 @@ from amaranth.hdl import Elaboratable, Module, Signal
 from amaranth.sim import Simulator
 
 from bitdet.hw.pe import XnorPopcountPE, activation_layout
-from bitdet.hw.popcount import popcount, popcount_width
+from bitdet.hw.popcount import POPCOUNT_TREES, popcount, popcount_rows, popcount_width
 from bitdet.sw import golden
 from bitdet.sw.packing import pack_activations, pack_weights
 
@@ -34,23 +34,27 @@ def random_job(rng: np.random.Generator, channels: int, kernel: int, simd: int):
 
 
 class _Wrap(Elaboratable):
-    """Drives a probe signal from a combinational expression, to simulate it alone."""
+    """Drives a probe signal from a combinational expression, to simulate it alone
+    (in ``module``, when the expression needs the logic already added to it)."""
 
-    def __init__(self, value):
+    def __init__(self, value, module=None):
         self.value = value
+        self.module = module
 
     def elaborate(self, platform):
-        m = Module()
+        m = self.module if self.module is not None else Module()
         probe = Signal.like(self.value, name="probe")
         m.d.comb += probe.eq(self.value)
         return m
 
 
-@pytest.mark.parametrize("width", [1, 2, 3, 7, 8, 13, 32, 64])
-def test_popcount_tree(width):
+@pytest.mark.parametrize("tree", POPCOUNT_TREES)
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 7, 8, 13, 32, 64])
+def test_popcount_tree(width, tree):
     rng = np.random.default_rng(width)
     value = Signal(width)
-    count = popcount(value)
+    m = Module()
+    count = popcount(value, tree=tree, module=m)
     assert len(count) == popcount_width(width) == width.bit_length()
     samples = [0, (1 << width) - 1] + [int(v) for v in rng.integers(0, 1 << min(width, 62),
                                                                     size=40)]
@@ -62,7 +66,28 @@ def test_popcount_tree(width):
             ctx.set(value, v)
             assert ctx.get(count) == bin(v).count("1")
 
-    sim = Simulator(_Wrap(count))
+    sim = Simulator(_Wrap(count, m))
+    sim.add_testbench(testbench)
+    sim.run()
+
+
+@pytest.mark.parametrize("width", [3, 5, 16, 31])
+def test_popcount_rows_sum_to_the_count(width):
+    """The carry-save rows: each popcount_width bits, their sum is the count itself."""
+    rng = np.random.default_rng(100 + width)
+    value = Signal(width)
+    m = Module()
+    row0, row1 = popcount_rows(m, value)
+    assert len(row0) == len(row1) == popcount_width(width)
+    total = row0 + row1
+    samples = [0, (1 << width) - 1] + [int(v) for v in rng.integers(0, 1 << width, size=60)]
+
+    async def testbench(ctx):
+        for v in samples:
+            ctx.set(value, v)
+            assert ctx.get(total) == bin(v).count("1")
+
+    sim = Simulator(_Wrap(total, m))
     sim.add_testbench(testbench)
     sim.run()
 
@@ -73,12 +98,21 @@ def test_popcount_rejects_non_values():
     with pytest.raises(ValueError, match="non-negative"):
         popcount_width(-1)
     assert len(popcount(Signal(0))) == 0
+    assert [len(row) for row in popcount_rows(Module(), Signal(0))] == [0, 0]
+    with pytest.raises(ValueError, match="tree must be one of 'compressor', 'adder'"):
+        popcount(Signal(4), tree="wallace")
+    with pytest.raises(ValueError, match="needs module="):
+        popcount(Signal(4), tree="compressor")
+    with pytest.raises(TypeError, match="needs the Module"):
+        popcount_rows(None, Signal(4))
 
 
 @pytest.mark.parametrize(("kwargs", "error", "message"), [
     ({"simd": 0, "acc_width": 8}, ValueError, "simd must be at least 1, not 0"),
     ({"simd": True, "acc_width": 8}, TypeError, "simd must be an integer, not True"),
     ({"simd": 8, "acc_width": 2.0}, TypeError, "acc_width must be an integer, not 2.0"),
+    ({"simd": 8, "acc_width": 8, "popcount": "tree"}, ValueError,
+     "popcount must be one of 'compressor', 'adder', not 'tree'"),
 ])
 def test_pe_validates_parameters(kwargs, error, message):
     with pytest.raises(error, match=message):
@@ -87,22 +121,23 @@ def test_pe_validates_parameters(kwargs, error, message):
 
 def test_pe_properties_and_layout():
     pe = XnorPopcountPE(simd=16, acc_width=9)
-    assert (pe.simd, pe.acc_width) == (16, 9)
+    assert (pe.simd, pe.acc_width, pe.popcount) == (16, 9, "compressor")
     assert activation_layout(16).size == 19
     assert len(pe.result) == 9
 
 
-@pytest.mark.parametrize(("simd", "shapes"), [
-    (8, [(5, 1), (20, 3), (8, 1), (13, 3)]),
-    (32, [(40, 1), (3, 3), (32, 3), (70, 1), (1, 1)]),
+@pytest.mark.parametrize(("simd", "shapes", "tree"), [
+    (8, [(5, 1), (20, 3), (8, 1), (13, 3)], "compressor"),
+    (8, [(5, 1), (20, 3), (8, 1), (13, 3)], "adder"),
+    (32, [(40, 1), (3, 3), (32, 3), (70, 1), (1, 1)], "compressor"),
 ])
-def test_pe_matches_golden(simd, shapes):
+def test_pe_matches_golden(simd, shapes, tree):
     """Random jobs (channels not a multiple of simd included) back to back and with idle
     cycles; every cycle checks the pass-through registers and the held result."""
     rng = np.random.default_rng(simd)
     jobs = [random_job(rng, c, k, simd) for c, k in shapes * 3]
     acc_width = max(p for *_, p in jobs).bit_length() + 1
-    dut = XnorPopcountPE(simd=simd, acc_width=acc_width)
+    dut = XnorPopcountPE(simd=simd, acc_width=acc_width, popcount=tree)
 
     # the cycle-by-cycle input schedule: (valid, first, last, a, w, job index)
     schedule = []
@@ -139,9 +174,10 @@ def test_pe_matches_golden(simd, shapes):
     sim.run()
 
 
-def test_pe_first_restarts_mid_accumulation():
+@pytest.mark.parametrize("tree", POPCOUNT_TREES)
+def test_pe_first_restarts_mid_accumulation(tree):
     """`first` discards the accumulator even if the previous job never saw `last`."""
-    dut = XnorPopcountPE(simd=8, acc_width=6)
+    dut = XnorPopcountPE(simd=8, acc_width=6, popcount=tree)
 
     async def testbench(ctx):
         for word, first, last in [(0x00, 1, 0), (0x0F, 0, 0), (0xFF, 1, 0), (0x01, 0, 1)]:

@@ -32,6 +32,7 @@ from bitdet.sw.protocol import (
     LAYER_FLAG_POOL,
     LAYER_TABLE_ENTRIES,
     MAGIC,
+    MAX_PAYLOAD,
     ErrorCode,
     Frame,
     FrameParser,
@@ -230,7 +231,7 @@ def test_two_layers_over_the_link():
 
 
 @pytest.mark.parametrize(("preset", "geometry", "out_channels"), [
-    ("icebreaker", (5, 7, 21, 3, 2, 1, 1), 10),       # 2×4×16: 2-byte words, 8-byte entries
+    ("icebreaker", (5, 7, 21, 3, 2, 1, 1), 10),       # 1×4×16: 2-byte words, 8-byte entries
     ({"rows": 3, "cols": 4, "simd": 16, "weight_depth": 256, "threshold_depth": 16,
       "activation_depth": 128, "max_channels": 48}, (4, 5, 19, 3, 1, 1, 0), 6),
 ])
@@ -587,3 +588,27 @@ def test_payload_encoders():
     assert payload[15] == LAYER_FLAG_POOL == 0x04
     assert decode_layer(payload) == pool
     assert decode_layer(encode_layer(**{**pool, "pool": True}))["pool"] == 1
+
+
+def test_writes_far_out_of_range_touch_nothing():
+    """WRITE_* addresses whose low bits would wrap the executor's narrow entry counter
+    (it counts in max(depths, MAX_PAYLOAD).bit_length() + 1 bits and flags higher
+    addresses) write nothing: word 0 keeps its value."""
+    config = load_config("tiny")
+    dut = CommandExecutor(config)
+    word = dut.activation_word_bytes
+    bits = max(config.weight_depth, config.threshold_depth, config.activation_depth,
+               MAX_PAYLOAD).bit_length() + 1
+    first = bytes(range(1, word + 1))
+
+    async def body(host):
+        await host.command(Opcode.WRITE_ACTIVATIONS, encode_write(0, first))
+        for addr in ((1 << bits) - 1, (1 << (bits - 1)) - 1, (1 << 32) - 1,
+                     (1 << 32) - 2, (1 << bits) + (1 << (bits - 1)) - 1):
+            for opcode in (Opcode.WRITE_ACTIVATIONS, Opcode.WRITE_WEIGHTS):
+                entry = word if opcode == Opcode.WRITE_ACTIVATIONS else dut.weight_entry_bytes
+                await host.command(opcode, encode_write(addr, bytes(3 * entry)),
+                                   expect=ErrorCode.BAD_ADDRESS)
+        assert await host.command(Opcode.READ_ACTIVATIONS, encode_read(0, 1)) == first
+
+    run_sim(dut, body)
