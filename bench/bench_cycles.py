@@ -39,7 +39,7 @@ UTILIZATION_BAR = 0.9
 def configs() -> dict[str, AcceleratorConfig]:
     return {
         "tiny": load_config("tiny"),                     # 2×2×8
-        "icebreaker": load_config("icebreaker"),         # 2×4×16
+        "icebreaker": load_config("icebreaker"),         # 1×4×16
         "mid": AcceleratorConfig(name="mid", rows=4, cols=8, simd=32, weight_depth=4096,
                                  threshold_depth=256, activation_depth=4096,
                                  max_channels=256),      # 4×8×32
@@ -63,7 +63,7 @@ SHAPES = [
     Shape("conv3x3-deep", "tiny", WindowLayer(6, 6, 64, 3, 1, 1, 0), 8),
     Shape("conv3x3-c3", "tiny", WindowLayer(9, 9, 3, 3, 1, 1, 1), 10),      # first-layer-like
     Shape("conv1x1", "tiny", WindowLayer(8, 8, 32, 1), 32, quick=True),      # K 4, 16 tiles
-    # icebreaker 2×4×16: jobs of K < cols = 4 words are drain-bound
+    # icebreaker 1×4×16: jobs of K < cols = 4 words are drain-bound
     Shape("conv3x3", "icebreaker", WindowLayer(16, 16, 32, 3, 1, 1, 0), 32),
     Shape("conv3x3-s2", "icebreaker", WindowLayer(16, 16, 32, 3, 2, 1, 0), 64),
     Shape("conv3x3-deep", "icebreaker", WindowLayer(4, 4, 64, 3, 1, 1, 0), 16, quick=True),

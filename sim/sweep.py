@@ -27,7 +27,7 @@ from .link import RtlLink
 
 __all__ = ["SWEEP_CONFIGS", "random_shapes", "sweep"]
 
-#: name → config of the sweep: the tiny preset (2×2×8), the iCEBreaker preset (2×4×16),
+#: name → config of the sweep: the tiny preset (2×2×8), the iCEBreaker preset (1×4×16),
 #: and a 3-row array (3×4×16) so that pixel groups do not divide evenly
 SWEEP_CONFIGS = {
     "tiny": lambda: load_config("tiny"),
