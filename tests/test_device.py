@@ -269,15 +269,17 @@ def test_unreadable_images(tmp_path):
             device.detect(np.zeros((2, 3, 4, 5)))
 
 
+def _require_rtl():
+    """Skip unless the sim extra (cocotb and the RTL link) is installed."""
+    pytest.importorskip("cocotb")
+    pytest.importorskip("bitdet.sim.link", reason="bitdet.sim.link is not available")
+
+
 @pytest.mark.slow
 def test_rtl_equals_emu():
     """The same driver over the RTL simulation (Verilator) gives the same maps,
     detections and cycle counts as the emulator."""
-    pytest.importorskip("cocotb")
-    try:
-        from bitdet.sim.link import RtlLink  # noqa: F401
-    except ImportError:
-        pytest.skip("bitdet.sim.link is not available")
+    _require_rtl()
     bundle = small_bundle(seed=2)
     with Device.open("rtl", "tiny") as rtl, Device.open("emu", "tiny") as emu:
         rtl.load(bundle)
@@ -434,11 +436,7 @@ def test_rtl_streamed_equals_emu():
     """Streaming on the RTL (Verilator, tiny): small_bundle with its weights limited to
     150 words per column streams both convs each frame; maps, detections and cycles equal
     the emulator's resident run."""
-    pytest.importorskip("cocotb")
-    try:
-        from bitdet.sim.link import RtlLink  # noqa: F401
-    except ImportError:
-        pytest.skip("bitdet.sim.link is not available")
+    _require_rtl()
     bundle = small_bundle(seed=3)
     with Device.open("rtl", "tiny") as rtl, Device.open("emu", "tiny") as emu:
         rtl.load(bundle, weight_depth=150)
