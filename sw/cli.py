@@ -174,7 +174,8 @@ def _cmd_train(args) -> int:
                    teacher=args.teacher, options=options or None,
                    model_options={"levels": args.levels, "dup": args.dup,
                                   "dup_input": args.dup_input, "binarizer": args.binarizer,
-                                  "host_bits": args.host_bits, "ifq": args.ifq})
+                                  "host_bits": args.host_bits, "ifq": args.ifq},
+                   widths=args.widths)
     last = result.history[-1] if result.history else {}
     print(f"checkpoint: {result.checkpoint}")
     if "val_mAP50" in last:
@@ -403,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "itself has no weight here; repeatable; --loss-weight is the old "
                      "spelling. With --resume the checkpoint's values are kept: a different "
                      "value is an error")
+    trn.add_argument("--widths", type=_widths, metavar="W0,W1,W2,W3,W4",
+                     help="channel widths: the stem's, then the four binary blocks' (any "
+                     "method; default 16,32,64,128,128, the model sized for the iCEBreaker "
+                     "preset; e.g. 32,64,128,256,256 for the ULX3S). A distillation "
+                     "run's --teacher must have the same widths")
     trn.add_argument("--levels", type=_positive,
                      help="pyramid levels of the head (plain only; default 1): 2 or 3 add a "
                      "shared binary head block with one BN per level (AQD multi-level BN); "
@@ -515,6 +521,17 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--json", action="store_true", help="print JSON instead of a table")
     det.set_defaults(func=_cmd_detect)
     return parser
+
+
+def _widths(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 16,32,64,128,128, not {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"widths must be positive, not {text!r}")
+    return values
 
 
 def _positive(text: str) -> int:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -245,9 +245,33 @@ def build_model(method: str, model_kwargs: dict) -> nn.Module:
     return _method(method).model_class(**kwargs)
 
 
+#: Channel widths of the default detector (stem, then four binary blocks): the model that
+#: fits the iCEBreaker preset. ``train(widths=...)`` / ``bitdet train --widths`` change them.
+DEFAULT_WIDTHS = (16, 32, 64, 128, 128)
+#: Largest width ``--widths`` accepts (the widest layer any preset runs is 512 channels).
+MAX_WIDTH = 1024
+
+
+def _check_widths(widths) -> tuple[int, ...]:
+    """``widths`` validated: as many positive integers as :data:`DEFAULT_WIDTHS`."""
+    try:
+        values = tuple(widths)
+    except TypeError:
+        raise TrainingError(f"widths must be a sequence of integers, not {widths!r}") from None
+    if len(values) != len(DEFAULT_WIDTHS):
+        raise TrainingError(f"widths needs {len(DEFAULT_WIDTHS)} values (the stem, then "
+                            f"{len(DEFAULT_WIDTHS) - 1} binary blocks), not {len(values)}: "
+                            f"{list(values)}")
+    for value in values:
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_WIDTH:
+            raise TrainingError(f"every width must be an integer from 1 to {MAX_WIDTH}, "
+                                f"not {value!r}")
+    return values
+
+
 def _default_model_kwargs(image_size: int) -> dict:
     return {"num_classes": len(DIGIT_CLASSES), "in_channels": 1,
-            "widths": [16, 32, 64, 128, 128], "pools": [True, True, False, False],
+            "widths": list(DEFAULT_WIDTHS), "pools": [True, True, False, False],
             "image_size": image_size, "class_names": list(DIGIT_CLASSES)}
 
 
@@ -507,7 +531,8 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
           weight_decay: float = 1e-4, progress: bool | None = None,
           log: Callable[[str], None] | None = None, threads: int | None = None,
           teacher: str | os.PathLike | None = None, options: dict | None = None,
-          model_options: dict | None = None) -> TrainResult:
+          model_options: dict | None = None,
+          widths: Sequence[int] | None = None) -> TrainResult:
     """Train ``method`` on generated DigitScenes and write a checkpoint after every epoch.
 
     ``method`` defaults to ``"plain"`` (or the checkpoint's when resuming); ``epochs`` is
@@ -535,8 +560,12 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
     unknown names raise :class:`TrainingError`).
     ``model_options``: :data:`MODEL_OPTIONS` (``levels``, ``dup``, ``dup_input``,
     ``binarizer``, ``host_bits``, ``ifq``) for the ``plain`` model; docs/methods.md.
-    On ``resume`` the run's ``options`` and model options are the checkpoint's: giving
-    different values raises :class:`TrainingError` (equal ones are accepted).
+    ``widths``: the detector's channel widths, the stem's first, then each of the four
+    binary blocks' (default :data:`DEFAULT_WIDTHS`, the model sized for the iCEBreaker
+    preset); for every method, the ``fp`` teacher included (a distillation run's teacher
+    must have the student's widths).
+    On ``resume`` the run's ``options``, model options and widths are the checkpoint's:
+    giving different values raises :class:`TrainingError` (equal ones are accepted).
     The history entries of a distillation run gain the mean weighted terms
     (``train_ang``, …) and ``train_loss`` is then the total.
     """
@@ -569,6 +598,10 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
             if value is not None and config.model.get(name, MODEL_OPTIONS.get(name)) != value:
                 raise TrainingError(f"{resume}: a resumed run keeps the checkpoint's model; "
                                     f"cannot change {name} to {value!r}")
+        if widths is not None and list(_check_widths(widths)) != list(config.model["widths"]):
+            raise TrainingError(f"{resume}: a resumed run keeps the checkpoint's widths "
+                                f"{list(config.model['widths'])}; cannot change them to "
+                                f"{list(widths)}")
         if epochs is not None:
             config.epochs = epochs
         if teacher is not None:          # the teacher file moved since the run started
@@ -582,6 +615,8 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
             raise TrainingError(f"method {chosen.name!r} takes no teacher")
         model_kwargs = {**_default_model_kwargs(image_size),
                         **_check_model_options(chosen.name, model_options)}
+        if widths is not None:
+            model_kwargs["widths"] = list(_check_widths(widths))
         defaults = _option_defaults(chosen, model_kwargs)
         unknown = sorted(set(options or {}) - set(defaults))
         if unknown:

@@ -106,6 +106,33 @@ def test_fp_method_trains_but_does_not_export(tmp_path):
         train("plain", resume=result.checkpoint, out_dir=tmp_path, progress=False)
 
 
+def test_widths_option_builds_exports_and_guards_the_teacher(capsys, tmp_path):
+    wide = [8, 16, 16, 32, 24]
+    result = train("plain", epochs=1, widths=wide, out_dir=tmp_path / "w", **TINY)
+    assert [b.conv.weight.shape[0] for b in result.model.blocks] == wide[1:]
+    assert result.config.model["widths"] == wide
+    bundle = load(export_checkpoint(result.checkpoint, tmp_path / "w.bitdet"))
+    assert [layer.weights.shape[0] for layer in bundle.binary_layers] == wide[1:]
+    assert bundle.input_shape[0] == wide[0]
+    # a teacher of the default widths does not fit a wide student, and says why
+    teacher = train("fp", epochs=1, out_dir=tmp_path / "t", **TINY)
+    with pytest.raises(CheckpointError, match="teacher's widths"):
+        train("ida", epochs=1, widths=wide, teacher=teacher.checkpoint, out_dir=tmp_path / "i",
+              **TINY)
+    with pytest.raises(TrainingError, match="cannot change them"):
+        train(resume=result.checkpoint, epochs=2, widths=[16, 32, 64, 128, 128],
+              out_dir=tmp_path / "w", **TINY)
+    for bad, message in (([8, 16], "needs 5 values"), ([8, 16, 0, 32, 24], "from 1 to"),
+                         ([8, 16, 2.5, 32, 24], "from 1 to"), (7, "sequence of integers")):
+        with pytest.raises(TrainingError, match=message):
+            train("plain", epochs=1, widths=bad, out_dir=tmp_path / "bad", **TINY)
+    _one_line_error(*_cli(capsys, "train", "--method", "plain", "--widths", "8,16",
+                          "--out", tmp_path / "c"), "needs 5 values")
+    with pytest.raises(SystemExit):
+        main(["train", "--method", "plain", "--widths", "8,x"])
+    assert "comma-separated integers" in capsys.readouterr().err
+
+
 def test_real_detector_matches_the_binary_topology():
     real, binary = RealDetector(), BinaryDetector()
     pixels = torch.rand(2, 1, 64, 64) * 255
