@@ -175,7 +175,7 @@ def _cmd_train(args) -> int:
                    model_options={"levels": args.levels, "dup": args.dup,
                                   "dup_input": args.dup_input, "binarizer": args.binarizer,
                                   "host_bits": args.host_bits, "ifq": args.ifq},
-                   widths=args.widths)
+                   widths=args.widths, init_from=args.init_from)
     last = result.history[-1] if result.history else {}
     print(f"checkpoint: {result.checkpoint}")
     if "val_mAP50" in last:
@@ -409,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "method; default 16,32,64,128,128, the model sized for the iCEBreaker "
                      "preset; e.g. 32,64,128,256,256 for the ULX3S). A distillation "
                      "run's --teacher must have the same widths")
+    trn.add_argument("--init-from", metavar="CKPT",
+                     help="initialise the binary convolutions' latent weights from an fp "
+                     "checkpoint of the same widths (typically the --teacher); new runs of "
+                     "plain, ida, bidet, rbcn (docs/methods.md)")
     trn.add_argument("--levels", type=_positive,
                      help="pyramid levels of the head (plain only; default 1): 2 or 3 add a "
                      "shared binary head block with one BN per level (AQD multi-level BN); "

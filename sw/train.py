@@ -217,6 +217,9 @@ class TrainConfig:
     teacher: str | None = None
     #: the distillation method's options (its defaults, updated by ``options``)
     options: dict = field(default_factory=dict)
+    #: the ``fp`` checkpoint the binary convolutions' latent weights were initialised from
+    #: (``init_from``; None: random initialisation)
+    init_from: str | None = None
 
 
 @dataclass
@@ -380,6 +383,38 @@ def load_teacher(path: str | os.PathLike, model_kwargs: dict) -> RealDetector:
     return teacher
 
 
+#: Standard deviation of the binary convolutions' random latent weights
+#: (:class:`~bitdet.sw.models.BinaryConv2d`); :func:`init_from_teacher` rescales copied
+#: weights to it, so the optimizer moves them as far relative to their size as in a random start.
+LATENT_STD = 0.1
+
+
+def init_from_teacher(model: nn.Module, teacher: RealDetector) -> None:
+    """Initialise a binary detector's latent convolution weights from an ``fp`` model of
+    the same topology (the usual start of a binary network from its real-valued
+    counterpart): the stem's weights and every binary block's latent weights become the
+    teacher's conv weights, each tensor rescaled to standard deviation
+    :data:`LATENT_STD`; BN, sign biases and the head keep their initialisation (the teacher's
+    act on ReLU features, the student's on ±1 ones). Raises :class:`TrainingError` for a
+    model whose convolutions do not hold plain latent weights of the teacher's shapes."""
+    pairs = [(model.stem.weight, teacher.stem[0].weight)]
+    for i, (block, t_block) in enumerate(zip(model.blocks, teacher.blocks, strict=True)):
+        conv = block.conv
+        if not isinstance(conv, BinaryConv2d) or conv.binarizer != "ste" or conv.dup != 1:
+            raise TrainingError(
+                "init_from copies teacher weights into sign-of-latent-weight convolutions; "
+                f"binary block {i + 1} is a {type(conv).__name__}"
+                + (f" (binarizer {conv.binarizer!r}, dup {conv.dup})"
+                   if isinstance(conv, BinaryConv2d) else ""))
+        pairs.append((conv.weight, t_block[0].weight))
+    with torch.no_grad():
+        for mine, theirs in pairs:
+            if mine.shape != theirs.shape:
+                raise TrainingError(f"init_from: teacher weights {tuple(theirs.shape)} do not "
+                                    f"fit the student's {tuple(mine.shape)}")
+            mine.copy_(theirs / theirs.std().clamp(min=1e-12) * LATENT_STD)
+
+
 #: Initial objectness probability of every cell (RetinaNet-style prior on the head bias), so
 #: that the first steps are not spent pushing the ~60 empty cells per image down.
 OBJECTNESS_PRIOR = 0.04
@@ -532,7 +567,8 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
           log: Callable[[str], None] | None = None, threads: int | None = None,
           teacher: str | os.PathLike | None = None, options: dict | None = None,
           model_options: dict | None = None,
-          widths: Sequence[int] | None = None) -> TrainResult:
+          widths: Sequence[int] | None = None,
+          init_from: str | os.PathLike | None = None) -> TrainResult:
     """Train ``method`` on generated DigitScenes and write a checkpoint after every epoch.
 
     ``method`` defaults to ``"plain"`` (or the checkpoint's when resuming); ``epochs`` is
@@ -564,6 +600,10 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
     binary blocks' (default :data:`DEFAULT_WIDTHS`, the model sized for the iCEBreaker
     preset); for every method, the ``fp`` teacher included (a distillation run's teacher
     must have the student's widths).
+    ``init_from``: an ``fp`` checkpoint of the student's topology (typically the teacher)
+    whose conv weights initialise the binary model (:func:`init_from_teacher`; new runs of
+    the ``plain``, ``ida``, ``bidet`` and ``rbcn`` methods; not with ``dup`` or the QuantNet
+    binarizer).
     On ``resume`` the run's ``options``, model options and widths are the checkpoint's:
     giving different values raises :class:`TrainingError` (equal ones are accepted).
     The history entries of a distillation run gain the mean weighted terms
@@ -602,6 +642,9 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
             raise TrainingError(f"{resume}: a resumed run keeps the checkpoint's widths "
                                 f"{list(config.model['widths'])}; cannot change them to "
                                 f"{list(widths)}")
+        if init_from is not None:
+            raise TrainingError(f"{resume}: init_from applies to a new run only (a resumed "
+                                "run continues from the checkpoint's weights)")
         if epochs is not None:
             config.epochs = epochs
         if teacher is not None:          # the teacher file moved since the run started
@@ -628,7 +671,10 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
             image_size=image_size, train_count=train_count, val_count=val_count,
             model=model_kwargs,
             teacher=None if teacher is None else str(teacher),
-            options={**defaults, **(options or {})})
+            options={**defaults, **(options or {})},
+            init_from=None if init_from is None else str(init_from))
+        if init_from is not None and not chosen.exportable:
+            raise TrainingError(f"init_from initialises a binary model, not {chosen.name!r}")
     spec = _method(config.method)
     for name in ("epochs", "batch_size", "train_count", "image_size"):
         if getattr(config, name) < 1:
@@ -642,6 +688,8 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
         _init_objectness(model)
         if spec.prepare is not None and ckpt is None:
             spec.prepare(model, config.options)
+    if ckpt is None and config.init_from is not None:
+        init_from_teacher(model, load_teacher(config.init_from, config.model))
     model.to(dev)
     teacher_model = None
     if spec.needs_teacher:

@@ -133,6 +133,34 @@ def test_widths_option_builds_exports_and_guards_the_teacher(capsys, tmp_path):
     assert "comma-separated integers" in capsys.readouterr().err
 
 
+def test_init_from_copies_the_teachers_conv_signs(tmp_path):
+    teacher = train("fp", epochs=1, seed=3, out_dir=tmp_path / "t", **TINY)
+    result = train("plain", epochs=1, seed=4, init_from=teacher.checkpoint, out_dir=tmp_path / "s",
+                   lr=1e-12, **TINY)         # a negligible step: the weights stay the copies
+    t_model = teacher.model
+    convs = [(result.model.stem.weight, t_model.stem[0].weight)] + [
+        (b.conv.weight, t[0].weight)
+        for b, t in zip(result.model.blocks, t_model.blocks, strict=True)]
+    for mine, theirs in convs:
+        assert torch.equal(torch.sign(mine), torch.sign(theirs))
+        assert abs(float(mine.detach().std()) - 0.1) < 1e-3
+    assert result.config.init_from == str(teacher.checkpoint)
+    random_start = train("plain", epochs=1, seed=4, out_dir=tmp_path / "r", lr=1e-12, **TINY)
+    assert not torch.equal(random_start.model.blocks[0].conv.weight,
+                           result.model.blocks[0].conv.weight)
+    with pytest.raises(TrainingError, match="SearchedBinaryConv2d"):
+        train("lws", epochs=1, teacher=teacher.checkpoint, init_from=teacher.checkpoint,
+              out_dir=tmp_path / "l", **TINY)
+    with pytest.raises(TrainingError, match="dup 2"):
+        train("plain", epochs=1, init_from=teacher.checkpoint, model_options={"dup": 2},
+              out_dir=tmp_path / "d", **TINY)
+    with pytest.raises(TrainingError, match="not 'fp'"):
+        train("fp", epochs=1, init_from=teacher.checkpoint, out_dir=tmp_path / "f", **TINY)
+    with pytest.raises(TrainingError, match="new run only"):
+        train(resume=result.checkpoint, init_from=teacher.checkpoint, out_dir=tmp_path / "s",
+              **TINY)
+
+
 def test_real_detector_matches_the_binary_topology():
     real, binary = RealDetector(), BinaryDetector()
     pixels = torch.rand(2, 1, 64, 64) * 255
