@@ -347,9 +347,9 @@ def test_synth_ice40_tiny(tmp_path):
     assert cells["cells"] >= cells["SB_LUT4"]
 
 
-def test_build_writes_manifest_from_the_reports(tmp_path, monkeypatch):
-    """`build_bitstream` without running tools: a fake tool run leaves reports and a
-    bitstream; the manifest carries what they say."""
+def _build_module_and_small_config():
+    """``bitdet.hw.build`` and a small iCEBreaker-clocked config; skips without the fpga
+    extra."""
     pytest.importorskip("amaranth_boards")
     from bitdet.hw import build
     try:
@@ -359,6 +359,13 @@ def test_build_writes_manifest_from_the_reports(tmp_path, monkeypatch):
     config = AcceleratorConfig(name="small", rows=2, cols=2, simd=8, weight_depth=64,
                                threshold_depth=8, activation_depth=64, max_channels=16,
                                clock_hz=24 * MHZ, baud=1 * MHZ)
+    return build, config
+
+
+def test_build_writes_manifest_from_the_reports(tmp_path, monkeypatch):
+    """`build_bitstream` without running tools: a fake tool run leaves reports and a
+    bitstream; the manifest carries what they say."""
+    build, config = _build_module_and_small_config()
     ran = []
 
     def fake_tools(command, cwd, env, log, logs, interval=15.0):
@@ -394,15 +401,7 @@ def test_build_writes_manifest_from_the_reports(tmp_path, monkeypatch):
 def test_plan_and_synthesize_board_use_the_build_options(tmp_path, monkeypatch):
     """`plan_board_build` prepares what `build_bitstream` builds (same synthesis and
     nextpnr options, no tool run); `synthesize_board` runs only the plan's yosys script."""
-    pytest.importorskip("amaranth_boards")
-    from bitdet.hw import build
-    try:
-        build.fpga_environment()
-    except build.BuildError as e:
-        pytest.skip(str(e))
-    config = AcceleratorConfig(name="small", rows=2, cols=2, simd=8, weight_depth=64,
-                               threshold_depth=8, activation_depth=64, max_channels=16,
-                               clock_hz=24 * MHZ, baud=1 * MHZ)
+    build, config = _build_module_and_small_config()
     plan = build.plan_board_build(config, "icebreaker", seed=3)
     assert plan.device == "iCE40UP5K-SG48" and plan.pll.f_out == 24 * MHZ
     plan.plan.extract(tmp_path / "tree")
