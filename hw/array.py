@@ -6,10 +6,11 @@ Geometry (``rows = 2``, ``cols = 3``)::
                    |           |           |
                    |          [D]         [D]          column skew: column c delayed c
                    |           |          [D]
-    act[0] ------>PE00 ----->PE01 ----->PE02 --> (load marker of row 0)
-                   |           |           |
+    act[0] ------>PE00 ----->PE01 ----->PE02 --> (load marker of row 0: PE02's
+                   |           |           |      result_valid)
     act[1] -[D]-->PE10 ----->PE11 ----->PE12 --> (load marker of row 1)
      row skew: row r delayed r (its valid/first/last too)
+    (all of operands passes one input register [R] before the skews)
 
     drain, per row, shifting right to left:  out[r] <-[d0]<-[d1]<-[d2]
                                               |
@@ -18,8 +19,8 @@ Geometry (``rows = 2``, ``cols = 3``)::
 Row ``r`` computes output pixel ``r`` of a tile and column ``c`` output channel ``c``.
 Activations (with their control bits) travel right and weights travel down through the
 PEs' registers; the K-word ``j`` of row ``r`` meets the K-word ``j`` of column ``c`` in
-PE ``(r, c)`` ``r + c`` cycles after it was presented. docs/hardware.md has the timing
-diagram.
+PE ``(r, c)`` ``1 + r + c`` cycles after it was accepted (the input register, then the
+skews). docs/hardware.md has the timing diagram.
 """
 
 from __future__ import annotations
@@ -28,9 +29,19 @@ from amaranth.hdl import Module, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .pe import XnorPopcountPE, _check_popcount, _check_positive, valid_stream_signature
+from .pe import (
+    PE_LATENCY,
+    XnorPopcountPE,
+    _check_popcount,
+    _check_positive,
+    valid_stream_signature,
+)
 
-__all__ = ["SystolicArray"]
+__all__ = ["ARRAY_PIPELINE", "SystolicArray"]
+
+#: Pipeline registers a job's results pass beyond the systolic skew and drain: the
+#: array's input register and the PEs' popcount register (``PE_LATENCY − 1``).
+ARRAY_PIPELINE = 1 + (PE_LATENCY - 1)
 
 
 def _delayed(m: Module, value, shape, cycles: int, name: str):
@@ -55,12 +66,14 @@ class SystolicArray(wiring.Component):
     ``results`` stream (no back-pressure), column 0 first: ``results.payload.p[r]`` is
     ``P`` of row ``r``, ``results.payload.column`` is ``c`` and ``results.payload.last``
     marks ``c = cols − 1``. If the job's ``last`` word was accepted in cycle ``t``, column
-    ``c`` is valid in cycle ``t + rows + cols + c``. With no idle cycles, a job of ``K``
-    words whose first word was accepted in cycle ``t0`` delivers its final column in cycle
-    ``t0 + K + rows + 2·cols − 2``.
+    ``c`` is valid in cycle ``t + 2 + rows + cols + c`` (the 2: :data:`ARRAY_PIPELINE`,
+    the input register and the PEs' popcount register). With no idle cycles, a job of
+    ``K`` words whose first word was accepted in cycle ``t0`` delivers its final column in
+    cycle ``t0 + K + rows + 2·cols``.
 
-    **Drain.** Each PE keeps its finished ``P`` in its result register. When a job's
-    ``last`` marker leaves the east end of row ``r`` (all of the row's PEs are then done),
+    **Drain.** Each PE keeps its finished ``P`` in its result register. When the last PE
+    of row ``r`` has written a job's result (its ``result_valid``; the row's other PEs
+    are then done too),
     the row's drain registers load the row's results in parallel and then shift one place
     towards column 0 per cycle, so row ``r`` emits ``P(r, 0), P(r, 1), ...`` on
     consecutive cycles; the rows are then de-skewed (row ``r`` delayed ``rows − 1 − r``
@@ -154,11 +167,11 @@ class SystolicArray(wiring.Component):
     def result_cycle(self, last_cycle: int, column: int) -> int:
         """Cycle in which ``column`` of the job whose ``last`` word was accepted in
         ``last_cycle`` is on ``results``."""
-        return last_cycle + self._rows + self._cols + column
+        return last_cycle + ARRAY_PIPELINE + self._rows + self._cols + column
 
     def latency(self, k_words: int) -> int:
         """Cycles from accepting a job's first word to its final result column, when its
-        ``k_words`` words are accepted on consecutive cycles: ``K + rows + 2·cols − 2``."""
+        ``k_words`` words are accepted on consecutive cycles: ``K + rows + 2·cols``."""
         return k_words - 1 + self.result_cycle(0, self._cols - 1)
 
     def elaborate(self, platform):
@@ -187,18 +200,26 @@ class SystolicArray(wiring.Component):
         else:
             m.d.comb += operands.ready.eq(1)
 
-        # -- row skew: row r's word and control bits are delayed r cycles -------------------
+        # -- input register: an accepted transfer enters the array one cycle later ---------
+        # (nothing in front of PE (0, 0) then: the path from the memories' read data
+        # through the window multiplexer ends here)
         control_layout = data.StructLayout({"valid": 1, "first": 1, "last": 1})
         control = Signal(control_layout)
-        m.d.comb += [
+        activations = Signal(data.ArrayLayout(simd, rows))
+        weights = Signal(data.ArrayLayout(simd, cols))
+        m.d.sync += [
             control.valid.eq(operands.valid & operands.ready),
             control.first.eq(payload.first),
             control.last.eq(payload.last),
+            activations.eq(payload.activations),
+            weights.eq(payload.weights),
         ]
+
+        # -- row skew: row r's word and control bits are delayed r cycles -------------------
         for r in range(rows):
             west = pes[r][0].a_in
             m.d.comb += [
-                west.word.eq(_delayed(m, payload.activations[r], simd, r, f"act{r}")),
+                west.word.eq(_delayed(m, activations[r], simd, r, f"act{r}")),
                 west.valid.eq(control.valid),
                 west.first.eq(control.first),
                 west.last.eq(control.last),
@@ -212,7 +233,7 @@ class SystolicArray(wiring.Component):
         # -- column skew: column c's weight word is delayed c cycles -------------------------
         for c in range(cols):
             m.d.comb += pes[0][c].w_in.eq(
-                _delayed(m, payload.weights[c], simd, c, f"weight{c}"))
+                _delayed(m, weights[c], simd, c, f"weight{c}"))
 
         # -- neighbour links: one register per hop (inside each PE) --------------------------
         for r in range(rows):
@@ -226,9 +247,10 @@ class SystolicArray(wiring.Component):
         row_outputs = []
         loads = []
         for r in range(rows):
-            east = pes[r][cols - 1].a_out
+            # the row's last PE has just written the job's result (its result_valid);
+            # the row's other PEs did so before
             load = Signal(name=f"drain_load{r}")
-            m.d.comb += load.eq(east.valid & east.last)
+            m.d.comb += load.eq(pes[r][cols - 1].result_valid)
             loads.append(load)
             drain = [Signal(self._acc_width, name=f"drain{r}_{c}") for c in range(cols)]
             for c in range(cols):

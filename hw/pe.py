@@ -13,9 +13,13 @@ from amaranth.hdl import Module, Mux, Signal
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from .popcount import POPCOUNT_TREES, popcount, popcount_rows
+from .popcount import POPCOUNT_TREES, popcount, popcount_rows, popcount_width
 
-__all__ = ["XnorPopcountPE", "activation_layout", "valid_stream_signature"]
+__all__ = ["PE_LATENCY", "XnorPopcountPE", "activation_layout", "valid_stream_signature"]
+
+#: Cycles from a word on ``a_in`` to its count in ``result`` (the tree's register, then
+#: the accumulator).
+PE_LATENCY = 2
 
 
 def _check_positive(name: str, value) -> int:
@@ -63,16 +67,21 @@ def activation_layout(simd: int) -> data.StructLayout:
 class XnorPopcountPE(wiring.Component):
     """One output-stationary XNOR-popcount PE with a double-buffered result.
 
-    Every cycle, ``a_out`` ← ``a_in`` and ``w_out`` ← ``w_in`` (one register per hop). When
-    ``a_in.valid``::
+    Every cycle, ``a_out`` ← ``a_in`` and ``w_out`` ← ``w_in`` (one register per hop). The
+    accumulation is a two-stage pipeline: in the cycle a word is presented, the XNOR and
+    the popcount tree run up to its two carry-save rows, which are registered with the
+    word's ``valid`` / ``first`` / ``last``; in the next cycle, for a valid word::
 
-        acc ← (a_in.first ? 0 : acc) + popcount(~(a_in.word ^ w_in))
+        acc ← (first ? 0 : acc) + row0 + row1        (row0 + row1 = popcount(~(word ^ w)))
 
-    and when ``a_in.valid & a_in.last`` the same sum is also written to ``result``, so the
+    and for a valid ``last`` word the same sum is also written to ``result``, so the
     next job may start (``first``) in the very next cycle while ``result`` keeps the
     finished ``P`` until the next job's ``last``. ``result_valid`` is 1 for the one cycle
     after ``result`` was written. Timing: the word presented in cycle ``t`` is counted in
-    ``result`` from cycle ``t + 1``. ``acc`` wraps modulo ``2**acc_width``; the
+    ``result`` from cycle ``t + 2`` (:data:`PE_LATENCY`), and ``result_valid`` of a
+    ``last`` word presented in cycle ``t`` is 1 in cycle ``t + 2``. The register splits
+    the path from the operands to the accumulator (XNOR, tree, carry chain) in two for
+    fmax (docs/fpga.md). ``acc`` wraps modulo ``2**acc_width``; the
     configuration (:class:`~bitdet.hw.config.AcceleratorConfig`) sizes ``acc_width`` so
     that it never does.
 
@@ -86,7 +95,8 @@ class XnorPopcountPE(wiring.Component):
         Structure of the XNOR-popcount: ``"compressor"`` (default; a carry-save tree of
         full adders whose two rows are added to the accumulator in one adder, see
         :func:`~bitdet.hw.popcount.popcount_rows`) or ``"adder"`` (the earlier balanced
-        adder tree, then the accumulator add). Same results and timing; only the
+        adder tree, then the accumulator add). Same results and timing (with ``adder`` the
+        registered stage is the count itself); only the
         area differs (``bench/bench_area.py``).
 
     Members
@@ -143,22 +153,32 @@ class XnorPopcountPE(wiring.Component):
         acc = Signal(self._acc_width)
         a = self.a_in
         matches = ~(a.word ^ self.w_in)
-        restart = Mux(a.first, 0, acc)
-        total = Signal(self._acc_width)
+        # stage 1: XNOR and the popcount tree, up to the carry-save rows (or, for the adder
+        # tree, the count), registered with the word's control bits
+        width = popcount_width(self._simd)
+        row0 = Signal(width)
+        row1 = Signal(width)
         if self._popcount == "adder":
-            m.d.comb += total.eq(restart + popcount(matches, tree="adder"))
+            m.d.sync += [row0.eq(popcount(matches, tree="adder")), row1.eq(0)]
         else:
-            # one three-operand add: yosys maps it to one row of full adders and one
-            # carry chain, instead of the popcount's own adder and then the accumulator's
-            row0, row1 = popcount_rows(m, matches)
-            m.d.comb += total.eq(restart + row0 + row1)
+            rows = popcount_rows(m, matches)
+            m.d.sync += [row0.eq(rows[0]), row1.eq(rows[1])]
+        valid = Signal()
+        first = Signal()
+        last = Signal()
+        m.d.sync += [valid.eq(a.valid), first.eq(a.first), last.eq(a.last)]
 
-        with m.If(a.valid):
+        # stage 2: one three-operand add (yosys: one row of full adders and one carry
+        # chain), instead of the popcount's own adder and then the accumulator's
+        restart = Mux(first, 0, acc)
+        total = Signal(self._acc_width)
+        m.d.comb += total.eq(restart + row0 + row1)
+        with m.If(valid):
             m.d.sync += acc.eq(total)
-            with m.If(a.last):
+            with m.If(last):
                 m.d.sync += self.result.eq(total)
         m.d.sync += [
-            self.result_valid.eq(a.valid & a.last),
+            self.result_valid.eq(valid & last),
             self.a_out.eq(a),
             self.w_out.eq(self.w_in),
         ]

@@ -60,6 +60,10 @@ from .window import mul_small
 
 __all__ = ["CommandExecutor"]
 
+# CONFIGURE_LAYER's registered outcome (CommandExecutor._configure_decision)
+_CFG_OK, _CFG_BAD_LENGTH, _CFG_BAD_INDEX, _CFG_REFUSED, _CFG_TOO_LARGE, _CFG_MISFIT = range(6)
+_CFG_CODES = 6
+
 _ADDRESS_BYTES = 4
 _SMALL_BYTES = max(IdentifyReply.SIZE, COUNTERS_SIZE)
 
@@ -181,12 +185,20 @@ class CommandExecutor(wiring.Component):
         count_clear = Signal()
         count_busy = Signal()
         count_stall = Signal()
+        # the engines' busy / stall flags are registered before they count (the stall flag
+        # is the end of the operand handshake's logic; counting it directly was the
+        # iCE40's critical path): the counters run one cycle behind the engine and hold
+        # the layer's totals from the cycle after its `done`, while the executor is still
+        # in RUN's successor state (RESPOND or LOAD) and long before SMALL reads them
+        counted_busy = Signal()
+        counted_stall = Signal()
+        m.d.sync += [counted_busy.eq(count_busy), counted_stall.eq(count_stall)]
         with m.If(count_clear):
             m.d.sync += [last_busy.eq(0), last_stall.eq(0)]
         with m.Else():
-            with m.If(count_busy):
+            with m.If(counted_busy):
                 m.d.sync += last_busy.eq(last_busy + 1)
-            with m.If(count_stall):
+            with m.If(counted_stall):
                 m.d.sync += last_stall.eq(last_stall + 1)
         # the layer table: LAYER_TABLE_ENTRIES descriptors of 32 bytes, stored as received
         # (after the checks) in one byte-wide memory, loaded back into `args` to run
@@ -252,11 +264,23 @@ class CommandExecutor(wiring.Component):
                                 m.d.sync += column.eq(column + 1)
                         with m.Else():
                             m.d.sync += byte_idx.eq(byte_idx + 1)
+        # the host's memory writes pass one register (the decoder's event logic, the
+        # range checks and the memories' write enables had been one path, the iCE40's
+        # critical one): a word is written the cycle after its last byte, while the
+        # frame's CRC bytes are still to come
+        w_en = Signal()
+        t_en = Signal()
+        a_en = Signal()
+        w_addr = Signal.like(waddr)
+        w_column = Signal.like(column)
+        w_data = Signal.like(full_word)
+        m.d.sync += [w_en.eq(wmem_en), t_en.eq(tmem_en), a_en.eq(amem_en),
+                     w_addr.eq(waddr), w_column.eq(column), w_data.eq(full_word)]
         m.d.comb += [
-            wmem.write.en.eq(wmem_en), wmem.write.addr.eq(waddr),
-            wmem.write.column.eq(column), wmem.write.data.eq(full_word),
-            tmem.write.en.eq(tmem_en), tmem.write.addr.eq(waddr),
-            tmem.write.column.eq(column), tmem.write.data.eq(full_word),
+            wmem.write.en.eq(w_en), wmem.write.addr.eq(w_addr),
+            wmem.write.column.eq(w_column), wmem.write.data.eq(w_data),
+            tmem.write.en.eq(t_en), tmem.write.addr.eq(w_addr),
+            tmem.write.column.eq(w_column), tmem.write.data.eq(w_data),
         ]
         # WRITE_ACTIVATIONS writes the bank the next layer reads: the buffer's write port
         # writes bank 1 − select, so select is flipped while such a frame streams in (the
@@ -266,8 +290,8 @@ class CommandExecutor(wiring.Component):
         run_pool = Signal()                                # the running layer is a pool
         m.d.comb += act_frame.eq(~running & (opcode == Opcode.WRITE_ACTIVATIONS))
         with m.If(act_frame):
-            m.d.comb += [buf.select.eq(~sel), buf.write.en.eq(amem_en),
-                         buf.write.addr.eq(waddr), buf.write.data.eq(full_word)]
+            m.d.comb += [buf.select.eq(~sel), buf.write.en.eq(a_en),
+                         buf.write.addr.eq(w_addr), buf.write.data.eq(w_data)]
         with m.Elif(run_pool):
             m.d.comb += [buf.select.eq(sel), buf.write.en.eq(pool.act_write.en),
                          buf.write.addr.eq(pool.act_write.addr),
@@ -331,6 +355,7 @@ class CommandExecutor(wiring.Component):
                              & (length == LAYER_DESCRIPTOR_SIZE + 1))
 
         checks = self._checks(m, c, f)
+        decision = self._configure_decision(m, checks, length, table_index)
 
         with m.FSM(name="executor"):
             with m.State("RECEIVE"):
@@ -368,8 +393,7 @@ class CommandExecutor(wiring.Component):
                         incomplete = (byte_idx != 0) | (column != 0)
                         respond(Mux(bad | incomplete, ErrorCode.BAD_ADDRESS, ErrorCode.OK))
                     with m.Case(Opcode.CONFIGURE_LAYER):
-                        self._configure(m, checks, length, table_index, valid, entry, step,
-                                        respond)
+                        self._configure(m, decision, valid, entry, step, respond)
                     with m.Case(Opcode.RUN_LAYER):
                         which = short_arg(1, 0, 1)         # 0 without a payload (args cleared)
                         with m.If(which >= entries):
@@ -572,26 +596,51 @@ class CommandExecutor(wiring.Component):
         return refused, too_large, misfit
 
     @staticmethod
-    def _configure(m, checks, length, table_index, valid, entry, step, respond):
-        """CONFIGURE_LAYER: a descriptor that passes the checks is stored in its table
-        entry (state STORE), a refused one leaves that entry unconfigured."""
+    def _configure_decision(m, checks, length, table_index):
+        """CONFIGURE_LAYER's outcome, registered: ``(code, which)``, ``code`` one of
+        ``_CFG_*`` (in the order the checks answer) and ``which`` the table entry. It is
+        computed every cycle from the registered checks, the frame's length and its index
+        byte, so that EXECUTE only decodes it (the whole chain of comparisons into the
+        table's valid bits had been the iCE40's critical path). ``args`` holds the
+        descriptor ≥ 2 cycles before EXECUTE (the frame's two CRC bytes follow its
+        payload): the checks' register, then this one, hold its outcome there."""
         refused, too_large, misfit = checks
         indexed = length == LAYER_DESCRIPTOR_SIZE + 1
         which = Mux(indexed, table_index, 0)
-        target = valid.bit_select(which[:(LAYER_TABLE_ENTRIES - 1).bit_length()], 1)
+        code = Signal(range(_CFG_CODES))
+        which_r = Signal(range(LAYER_TABLE_ENTRIES))
         with m.If((length != LAYER_DESCRIPTOR_SIZE) & ~indexed):
-            respond(ErrorCode.BAD_LENGTH)
+            m.d.sync += code.eq(_CFG_BAD_LENGTH)
         with m.Elif(which >= LAYER_TABLE_ENTRIES):
-            respond(ErrorCode.BAD_ARGUMENT)
+            m.d.sync += code.eq(_CFG_BAD_INDEX)
         with m.Elif(refused):
-            m.d.sync += target.eq(0)
-            respond(ErrorCode.BAD_ARGUMENT)
+            m.d.sync += code.eq(_CFG_REFUSED)
         with m.Elif(too_large):
-            m.d.sync += target.eq(0)
-            respond(ErrorCode.LAYER_DOES_NOT_FIT)
+            m.d.sync += code.eq(_CFG_TOO_LARGE)
         with m.Elif(misfit):
-            m.d.sync += target.eq(0)
-            respond(ErrorCode.BAD_ARGUMENT)
+            m.d.sync += code.eq(_CFG_MISFIT)
         with m.Else():
-            m.d.sync += [target.eq(0), entry.eq(which), step.eq(0)]
-            m.next = "STORE"
+            m.d.sync += code.eq(_CFG_OK)
+        m.d.sync += which_r.eq(which[:len(which_r)])
+        return code, which_r
+
+    @staticmethod
+    def _configure(m, decision, valid, entry, step, respond):
+        """CONFIGURE_LAYER: a descriptor that passes the checks is stored in its table
+        entry (state STORE), a refused one leaves that entry unconfigured."""
+        code, which = decision
+        target = valid.bit_select(which, 1)
+        with m.Switch(code):
+            with m.Case(_CFG_BAD_LENGTH):
+                respond(ErrorCode.BAD_LENGTH)
+            with m.Case(_CFG_BAD_INDEX):
+                respond(ErrorCode.BAD_ARGUMENT)
+            with m.Case(_CFG_REFUSED, _CFG_MISFIT):
+                m.d.sync += target.eq(0)
+                respond(ErrorCode.BAD_ARGUMENT)
+            with m.Case(_CFG_TOO_LARGE):
+                m.d.sync += target.eq(0)
+                respond(ErrorCode.LAYER_DOES_NOT_FIT)
+            with m.Default():
+                m.d.sync += [target.eq(0), entry.eq(which), step.eq(0)]
+                m.next = "STORE"

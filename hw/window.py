@@ -152,7 +152,7 @@ class WindowGenerator(wiring.Component):
     second index of :func:`~bitdet.sw.packing.pack_weights`) and ``row_valid`` (bit ``r``:
     row ``r`` is a real pixel). ``activations[r]`` is the read port's data through one
     multiplexer (its other input, the padding word or 0, comes from registers), so it is
-    nearly as early as a register output; the array takes it into PE ``(0, 0)`` unregistered.
+    nearly as early as a register output; the array registers it on entry.
 
     **Tag.** The command's ``tag`` (``tag_width`` bits, opaque to the generator; plus
     ``t · tag_step`` for its job ``t``) comes back on ``fetch.tag`` and ``words.tag``
@@ -389,9 +389,17 @@ class WindowGenerator(wiring.Component):
         walk_base = Signal(aw)
         walk_row_base = Signal(aw)                      # base of output pixel (oy, 0)
         walk_n = Signal(range(rows + 1))
-        # per-row window origins of the next job, shifted in from the walker (row 0 first)
-        next_y = [Signal(coord, name=f"next{r}_y") for r in range(rows)]
-        next_x = [Signal(coord, name=f"next{r}_x") for r in range(rows)]
+        # per-row window of the next job, shifted in from the walker (row 0 first): the
+        # address of its top-left tap and which of its tap rows / columns lie inside the
+        # image (bit k of the y mask: tap row ky = k is inside). The masks are computed
+        # from the walker's coordinates during setup, so the issue engine's bounds check
+        # is a mask bit selected by ky / kx, not a comparison of (y + ky) in the cycle
+        # that drives the read address (it had been the iCE40 critical path).
+        kmax = self._max_kernel
+        walk_ymask = Signal(kmax)
+        walk_xmask = Signal(kmax)
+        next_ymask = [Signal(kmax, name=f"next{r}_ymask") for r in range(rows)]
+        next_xmask = [Signal(kmax, name=f"next{r}_xmask") for r in range(rows)]
         next_base = [Signal(aw, name=f"next{r}_base") for r in range(rows)]
         next_valid = Signal(rows)
         setup_done = Signal()                           # the shadow registers hold a job
@@ -408,8 +416,8 @@ class WindowGenerator(wiring.Component):
         else:
             run_row_words = Signal(aw)
             run_pad_mask = Signal(simd)
-        row_y = [Signal(coord, name=f"row{r}_y") for r in range(rows)]
-        row_x = [Signal(coord, name=f"row{r}_x") for r in range(rows)]
+        row_ymask = [Signal(kmax, name=f"row{r}_ymask") for r in range(rows)]
+        row_xmask = [Signal(kmax, name=f"row{r}_xmask") for r in range(rows)]
         row_base = [Signal(aw, name=f"row{r}_base") for r in range(rows)]
         row_valid = Signal(rows)
         running = Signal()
@@ -453,6 +461,11 @@ class WindowGenerator(wiring.Component):
         m.d.comb += row_start.eq(cmd_geo.base + (walk_y[:aw] * row_words)[:aw] - pad_words)
         m.d.comb += [origin_y.eq(mul_small(cmd.oy, cmd_geo.stride)),
                      origin_x.eq(mul_small(cmd.ox, cmd_geo.stride))]
+        for k in range(kmax):
+            tap_y = walk_y + k
+            tap_x = walk_x + k
+            m.d.comb += [walk_ymask[k].eq((tap_y >= 0) & (tap_y < cmd_geo.in_h)),
+                         walk_xmask[k].eq((tap_x >= 0) & (tap_x < cmd_geo.in_w))]
 
         with m.FSM(name="setup"):
             with m.State("IDLE"):
@@ -484,14 +497,15 @@ class WindowGenerator(wiring.Component):
             with m.State("WALK"):
                 # shift the walker's pixel into the shadow registers, then step one pixel
                 m.d.sync += [
-                    next_y[rows - 1].eq(walk_y),
-                    next_x[rows - 1].eq(walk_x),
+                    next_ymask[rows - 1].eq(walk_ymask),
+                    next_xmask[rows - 1].eq(walk_xmask),
                     next_base[rows - 1].eq(walk_base),
                     next_valid.eq((next_valid >> 1) | ((walk_n < cmd.count) << (rows - 1))),
                     walk_n.eq(walk_n + 1),
                 ]
                 for r in range(rows - 1):
-                    m.d.sync += [next_y[r].eq(next_y[r + 1]), next_x[r].eq(next_x[r + 1]),
+                    m.d.sync += [next_ymask[r].eq(next_ymask[r + 1]),
+                                 next_xmask[r].eq(next_xmask[r + 1]),
                                  next_base[r].eq(next_base[r + 1])]
                 with m.If(walk_ox == cmd_geo.out_w - 1):
                     m.d.sync += [
@@ -553,16 +567,14 @@ class WindowGenerator(wiring.Component):
             if not self._fixed_layer:
                 m.d.sync += [run_row_words.eq(row_words), run_pad_mask.eq(pad_mask)]
             for r in range(rows):
-                m.d.sync += [row_y[r].eq(next_y[r]), row_x[r].eq(next_x[r]),
+                m.d.sync += [row_ymask[r].eq(next_ymask[r]), row_xmask[r].eq(next_xmask[r]),
                              row_base[r].eq(next_base[r])]
 
         # -- read issue: one address per row --------------------------------------------------
         use = Signal(rows)
         pad = Signal(rows)
         for r in range(rows):
-            y = row_y[r] + ky
-            x = row_x[r] + kx
-            inside = (y >= 0) & (y < run_geo.in_h) & (x >= 0) & (x < run_geo.in_w)
+            inside = row_ymask[r].bit_select(ky, 1) & row_xmask[r].bit_select(kx, 1)
             m.d.comb += [
                 use[r].eq(row_valid[r] & inside),
                 pad[r].eq(row_valid[r] & ~inside),

@@ -40,7 +40,7 @@ from cocotb.triggers import ReadOnly, RisingEdge
 
 from bitdet.hw.config import AcceleratorConfig, load_config
 from bitdet.hw.memory import ActivationBuffer
-from bitdet.hw.pe import XnorPopcountPE, activation_layout
+from bitdet.hw.pe import PE_LATENCY, XnorPopcountPE, activation_layout
 from bitdet.hw.pool import PoolEngine, pool_busy_cycles
 from bitdet.hw.threshold import ThresholdUnit
 from bitdet.hw.window import WindowLayer, window_generator
@@ -259,7 +259,7 @@ class PeTB(BlockTB):
     abandoned before their ``last``; golden P from :func:`golden.popcount_conv2d` (and the
     packed words through :func:`golden.xnor_popcount`). The monitor checks every cycle:
     ``a_out`` / ``w_out`` are the inputs one cycle late, ``result_valid`` follows each
-    ``valid & last``, ``result`` only changes then."""
+    ``valid & last`` ``PE_LATENCY`` cycles later, ``result`` only changes then."""
 
     block = "pe"
 
@@ -314,7 +314,8 @@ class PeTB(BlockTB):
 
     async def monitor(self) -> None:
         dut = self.dut
-        previous = None             # (a_in, w_in, valid & last) of the cycle before
+        previous = None             # (a_in, w_in) of the cycle before
+        finishing = [None] * PE_LATENCY     # valid & last of the last PE_LATENCY cycles
         held = None
         while True:
             await RisingEdge(dut.clk)
@@ -323,9 +324,11 @@ class PeTB(BlockTB):
             a_out, w_out = int(dut.pe_a_out.value), int(dut.pe_w_out.value)
             result, result_valid = int(dut.pe_result.value), int(dut.pe_result_valid.value)
             if previous is not None:
-                a_in, w_in, finished = previous
+                a_in, w_in = previous
                 self.check(a_out == a_in, f"cycle {cycle}: a_out {a_out:#x}, a_in was {a_in:#x}")
                 self.check(w_out == w_in, f"cycle {cycle}: w_out {w_out:#x}, w_in was {w_in:#x}")
+            finished = finishing[0]
+            if finished is not None:
                 self.check(result_valid == finished,
                            f"cycle {cycle}: result_valid {result_valid}, expected {finished}")
             if result_valid:
@@ -336,7 +339,8 @@ class PeTB(BlockTB):
             held = result
             a_in = int(dut.pe_a_in.value)
             fields = unpack(self.layout, a_in)
-            previous = (a_in, int(dut.pe_w_in.value), int(fields.valid and fields.last))
+            previous = (a_in, int(dut.pe_w_in.value))
+            finishing = [*finishing[1:], int(fields.valid and fields.last)]
 
     async def run(self) -> None:
         await self.reset()

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from bitdet.hw.config import AcceleratorConfig, load_config
-from bitdet.sw.cycles import COUNTER_WIDTH, ideal_cycles, layer_cycles, pool_cycles
+from bitdet.sw.cycles import ARRAY_PIPELINE, COUNTER_WIDTH, ideal_cycles, layer_cycles, pool_cycles
 from bitdet.sw.protocol import decode_layer, encode_layer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -265,7 +265,7 @@ def event_model(rows, cols, k_words, groups, tiles, raw):
       output register is free (``s = max(h + 1, X_prev)``) and one word per cycle after;
     * controller / array: a word with ``last`` is taken ≥ ``cols`` cycles (the array) and,
       thresholded, ≥ ``rows`` cycles (the writer's guard) after the previous one
-      (``X = max(e + 1, X_prev + D)``); the last column leaves ``rows + 2·cols − 1``
+      (``X = max(e + 1, X_prev + D)``); the last column leaves ``rows + 2·cols + 1``
       cycles after ``X``;
     * controller: the threshold stage, then ``rows`` writes (not in raw mode), then DRAIN
       sees the end.
@@ -285,7 +285,7 @@ def event_model(rows, cols, k_words, groups, tiles, raw):
             e = s + k_words - 1
             x = max(e + 1, x_prev + spacing)
             e_prev, x_prev = e, x
-    return x_prev + rows + 2 * cols + 1 + (0 if raw else rows)
+    return x_prev + rows + 2 * cols + 1 + ARRAY_PIPELINE + (0 if raw else rows)
 
 
 def test_closed_form_matches_event_model():
@@ -319,46 +319,47 @@ def test_ideal_agrees_with_controller():
 
 def test_counter_width_is_the_controllers():
     pytest.importorskip("amaranth")
-    from bitdet.hw import controller
+    from bitdet.hw import array, controller
     assert COUNTER_WIDTH == controller.COUNTER_WIDTH
+    assert ARRAY_PIPELINE == array.ARRAY_PIPELINE
 
 
 def test_known_counts():
-    """Hand-derived: tiny (2×2×8), 4×4 map 32→4, 3×3 (K 36, 8 groups, 2 tiles): gapless,
-    so busy = 16·36 + 3·2 + 2·2 + 8; a 2×4×16 array, 1×1 of 16 channels on a 2×3 map,
-    8 outputs (3 groups × 2 tiles of K 1): the two jobs of a group cols = 4 cycles apart
-    (the array's drain), a group every max(2·4, rows + 4) = 8 cycles; tiny, the same map
-    with 8 channels (K 1) and 2 outputs (1 tile): a group every rows + 4 = 6 cycles
-    (setup-bound); that map on a 5×1×8 array, 9 outputs (9 tiles of K 1): thresholded,
-    jobs rows = 5 cycles apart (the writer), raw 1 cycle apart and a group every
-    max(9·1, rows + 4) = 9 cycles."""
+    """Hand-derived: tiny (2×2×8), 4×4 map 32→4, 3×3 (K 36, 8 groups, 2 tiles): gapless, so busy =
+    16·36 + 3·2 + 2·2 + 10 (8 + the array's 2 pipeline registers); a 2×4×16 array, 1×1 of 16
+    channels on a 2×3 map, 8 outputs (3 groups × 2 tiles of K 1): the two jobs of a group
+    cols = 4 cycles apart (the array's drain), a group every max(2·4, rows + 4) = 8 cycles;
+    tiny, the same map with 8 channels (K 1) and 2 outputs (1 tile): a group every rows + 4
+    = 6 cycles (setup-bound); that map on a 5×1×8 array, 9 outputs (9 tiles of K 1):
+    thresholded, jobs rows = 5 cycles apart (the writer), raw 1 cycle apart and a group
+    every max(9·1, rows + 4) = 9 cycles."""
     tiny, ice = load_config("tiny"), small_config(2, 4, 16)
     conv = {"out_h": 4, "out_w": 4, "channels": 32, "out_channels": 4, "kernel": 3,
             "raw": 0}
-    assert layer_cycles(tiny, conv) == (576 + 18, 18)
-    assert layer_cycles(tiny, conv | {"raw": 1}) == (576 + 16, 16)
-    assert layer_cycles(tiny, {k: np.int64(v) for k, v in conv.items()}) == (576 + 18, 18)
+    assert layer_cycles(tiny, conv) == (576 + 20, 20)
+    assert layer_cycles(tiny, conv | {"raw": 1}) == (576 + 18, 18)
+    assert layer_cycles(tiny, {k: np.int64(v) for k, v in conv.items()}) == (576 + 20, 20)
     one = {"out_h": 2, "out_w": 3, "channels": 16, "out_channels": 8, "kernel": 1, "raw": 0}
     assert ideal_cycles(ice, one) == 6
-    assert layer_cycles(ice, one) == (1 + 2 * 8 + 4 + 3 * 2 + 2 * 4 + 8, 1 + 20 + 22 - 6)
+    assert layer_cycles(ice, one) == (1 + 2 * 8 + 4 + 3 * 2 + 2 * 4 + 10, 1 + 20 + 24 - 6)
     one8 = one | {"channels": 8}                          # K 1 on simd 8
-    assert layer_cycles(tiny, one8 | {"out_channels": 2}) == (1 + 2 * 6 + 3 * 2 + 2 * 2 + 8,
-                                                              1 + 12 + 18 - 3)
+    assert layer_cycles(tiny, one8 | {"out_channels": 2}) == (1 + 2 * 6 + 3 * 2 + 2 * 2 + 10,
+                                                              1 + 12 + 20 - 3)
     narrow = small_config(5, 1, 8)
     one9 = one8 | {"out_channels": 9}                     # 2 groups (6 px, 5 rows)
-    assert layer_cycles(narrow, one9) == (1 + 45 + 8 * 5 + 3 * 5 + 2 + 8,
-                                          1 + 45 + 40 + 25 - 18)
-    assert layer_cycles(narrow, one9 | {"raw": 1}) == (1 + 9 + 8 * 1 + 2 * 5 + 2 + 8,
-                                                       1 + 9 + 8 + 20 - 18)
+    assert layer_cycles(narrow, one9) == (1 + 45 + 8 * 5 + 3 * 5 + 2 + 10,
+                                          1 + 45 + 40 + 27 - 18)
+    assert layer_cycles(narrow, one9 | {"raw": 1}) == (1 + 9 + 8 * 1 + 2 * 5 + 2 + 10,
+                                                       1 + 9 + 8 + 22 - 18)
 
 
 def test_counters_wrap_like_the_hardware():
     config = small_config(1, 1, 8)
     huge = {"out_h": 4000, "out_w": 4000, "channels": 64, "out_channels": 64, "kernel": 7}
     busy, stall = layer_cycles(config, huge)
-    exact = 4000 * 4000 * 64 * 49 * 8 + 3 + 2 + 8
+    exact = 4000 * 4000 * 64 * 49 * 8 + 3 + 2 + 10
     assert busy == exact % 2 ** COUNTER_WIDTH < exact
-    assert stall == 3 + 2 + 8           # the stall counter itself does not reach 2**32
+    assert stall == 3 + 2 + 10          # the stall counter itself does not reach 2**32
 
 
 def test_errors():
@@ -398,4 +399,4 @@ def test_imports_without_amaranth():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "(594, 18)"
+    assert result.stdout.strip() == "(596, 20)"

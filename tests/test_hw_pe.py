@@ -10,7 +10,7 @@ import torch
 from amaranth.hdl import Elaboratable, Module, Signal
 from amaranth.sim import Simulator
 
-from bitdet.hw.pe import XnorPopcountPE, activation_layout
+from bitdet.hw.pe import PE_LATENCY, XnorPopcountPE, activation_layout
 from bitdet.hw.popcount import POPCOUNT_TREES, popcount, popcount_rows, popcount_width
 from bitdet.sw import golden
 from bitdet.sw.packing import pack_activations, pack_weights
@@ -153,6 +153,9 @@ def test_pe_matches_golden(simd, shapes, tree):
     schedule += [(0, 0, 0, 0, 0, None)] * 2
 
     async def testbench(ctx):
+        # a word presented in cycle t is in `result` (and its `last` in `result_valid`)
+        # from cycle t + PE_LATENCY; the pass-through registers are one cycle behind
+        pending = [(False, None)] * (PE_LATENCY - 1)
         held = None
         for valid, first, last, a, w, n in schedule:
             ctx.set(dut.a_in, {"word": a, "valid": valid, "first": first, "last": last})
@@ -161,10 +164,11 @@ def test_pe_matches_golden(simd, shapes, tree):
             out = ctx.get(dut.a_out)
             assert (out.word, out.valid, out.first, out.last) == (a, valid, first, last)
             assert ctx.get(dut.w_out) == w
-            finished = bool(valid and last)
+            pending.append((bool(valid and last), n))
+            finished, job = pending.pop(0)
             assert ctx.get(dut.result_valid) == finished
             if finished:
-                held = jobs[n][2]
+                held = jobs[job][2]
             if held is not None:
                 assert ctx.get(dut.result) == held
 
@@ -184,6 +188,9 @@ def test_pe_first_restarts_mid_accumulation(tree):
             ctx.set(dut.a_in, {"word": word, "valid": 1, "first": first, "last": last})
             ctx.set(dut.w_in, 0xFF)
             await ctx.tick()
+        ctx.set(dut.a_in, {"word": 0, "valid": 0, "first": 0, "last": 0})
+        assert not ctx.get(dut.result_valid)            # the last word is one stage in
+        await ctx.tick()
         assert ctx.get(dut.result) == 8 + 1
         assert ctx.get(dut.result_valid)
 
