@@ -220,6 +220,7 @@ class CommandExecutor(wiring.Component):
         resp_len = Signal(16)
         count = Signal(range(MAX_PAYLOAD + 1))             # words left to send
         raddr = Signal(buf.addr_width)
+        fetched = Signal(c.simd)                           # READ_ACTIVATIONS' current word
 
         m.d.comb += [self.select.eq(sel), self.busy.eq(running),
                      resp.payload.opcode.eq(opcode), resp.payload.status.eq(status),
@@ -501,11 +502,18 @@ class CommandExecutor(wiring.Component):
 
             with m.State("FETCH"):
                 m.d.comb += read_en.eq(1)
+                m.next = "LATCH"
+
+            with m.State("LATCH"):
+                # the word is registered before its bytes are selected: the block RAM's
+                # clock-to-out, the bank multiplexer, the byte select and the encoder's
+                # CRC had been one path (the ULX3S' critical one)
+                m.d.sync += fetched.eq(buf.read[0].data)
                 m.next = "SEND"
 
             with m.State("SEND"):
                 m.d.comb += [enc.data.valid.eq(1),
-                             enc.data.payload.eq(buf.read[0].data.word_select(
+                             enc.data.payload.eq(fetched.word_select(
                                  byte_idx[:max(1, (act_bytes - 1).bit_length())], 8))]
                 with m.If(enc.data.ready):
                     with m.If(byte_idx == act_bytes - 1):

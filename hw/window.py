@@ -439,16 +439,33 @@ class WindowGenerator(wiring.Component):
                                              "index": range(self._max_k_words),
                                              "tag": self._tag_width}))
 
+        # the running command's last counter values, set at the hand-over: the K-word
+        # counters compare with registers of their own width (an equality of a few bits)
+        # instead of subtracting from the layer's fields in the cycle that issues a read
+        words_m1 = Signal(range(max(1, self._max_words)))
+        kernel_m1 = Signal(range(self._max_kernel))
+        tiles_m1 = Signal(range(self._max_tiles))
+        word_at_last = Signal()
+        kx_at_last = Signal()
+        m.d.comb += [word_at_last.eq(word == words_m1), kx_at_last.eq(kx == kernel_m1)]
+
         issue = Signal()
+        # the K-word about to be read is the job's last: a register, set a cycle ahead
+        # from the counters' next values (it had been compared in the issuing cycle, at
+        # the head of the hand-over's enable logic)
         last_word = Signal()
+        word_n = Mux(word_at_last, 0, word + 1)
+        kx_n = Mux(word_at_last, Mux(kx_at_last, 0, kx + 1), kx)
+        ky_n = Mux(word_at_last & kx_at_last, ky + 1, ky)
+        next_is_last = Signal()
+        m.d.comb += next_is_last.eq((word_n == words_m1) & (kx_n == kernel_m1)
+                                    & (ky_n == kernel_m1))
         last_tile = Signal()
         handoff = Signal()
         m.d.comb += [
             # a word is read when the output stage is empty or being taken
             issue.eq(running & (~out_valid | self.words.ready)),
-            last_word.eq((word == run_geo.words - 1) & (kx == run_geo.kernel - 1)
-                         & (ky == run_geo.kernel - 1)),
-            last_tile.eq(tile + 1 >= run_geo.tiles),        # (tiles = 0 runs one job)
+            last_tile.eq(tile == tiles_m1),                 # (tiles = 0 runs one job)
             handoff.eq(setup_done & (~running | (issue & last_word & last_tile))),
         ]
 
@@ -531,9 +548,9 @@ class WindowGenerator(wiring.Component):
         # -- issue engine: K-word counters -----------------------------------------------------
         with m.If(issue):
             m.d.sync += [index.eq(index + 1), offset.eq(offset + 1)]
-            with m.If(word == run_geo.words - 1):
+            with m.If(word_at_last):
                 m.d.sync += word.eq(0)
-                with m.If(kx == run_geo.kernel - 1):
+                with m.If(kx_at_last):
                     m.d.sync += [
                         kx.eq(0),
                         ky.eq(ky + 1),
@@ -544,7 +561,9 @@ class WindowGenerator(wiring.Component):
                     m.d.sync += kx.eq(kx + 1)
             with m.Else():
                 m.d.sync += word.eq(word + 1)
+            m.d.sync += last_word.eq(next_is_last)
             with m.If(last_word):
+                m.d.sync += last_word.eq((words_m1 == 0) & (kernel_m1 == 0))
                 with m.If(last_tile):
                     m.d.sync += running.eq(0)
                 with m.Else():
@@ -563,6 +582,10 @@ class WindowGenerator(wiring.Component):
                 tag.eq(cmd_geo.tag),
                 row_valid.eq(next_valid),
                 ky.eq(0), kx.eq(0), word.eq(0), index.eq(0), offset.eq(0), offset_row.eq(0),
+                words_m1.eq(cmd_geo.words - 1),
+                last_word.eq((cmd_geo.words == 1) & (cmd_geo.kernel == 1)),
+                kernel_m1.eq(cmd_geo.kernel - 1),
+                tiles_m1.eq(Mux(cmd_geo.tiles == 0, 0, cmd_geo.tiles - 1)),
             ]
             if not self._fixed_layer:
                 m.d.sync += [run_row_words.eq(row_words), run_pad_mask.eq(pad_mask)]
@@ -581,7 +604,7 @@ class WindowGenerator(wiring.Component):
                 self.read[r].addr.eq(Mux(use[r], row_base[r] + offset, 0)),
                 self.read[r].en.eq(issue),
             ]
-        pad_word = Mux(run_geo.pad_bit, Mux(word == run_geo.words - 1, run_pad_mask, ones),
+        pad_word = Mux(run_geo.pad_bit, Mux(word_at_last, run_pad_mask, ones),
                        0)
         m.d.comb += [self.fetch.en.eq(issue), self.fetch.index.eq(index),
                      self.fetch.tag.eq(tag)]
