@@ -363,20 +363,22 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     return bundle.save(out)
 
 
-def load_teacher(path: str | os.PathLike, model_kwargs: dict) -> RealDetector:
+def load_teacher(path: str | os.PathLike, model_kwargs: dict, *,
+                 role: str = "teacher") -> RealDetector:
     """The frozen ``fp`` teacher of a distillation run (eval mode, no gradients).
 
     Raises :class:`CheckpointError` unless ``path`` is an ``fp`` checkpoint of the student's
-    topology (widths, pools, image size, classes).
+    topology (widths, pools, image size, classes); ``role`` names the checkpoint in the
+    message (``"teacher"``, or the ``--init-from`` checkpoint).
     """
     teacher, ckpt = load_checkpoint(path)
     if ckpt["method"] != "fp":
-        raise CheckpointError(f"{path}: the teacher must be an 'fp' checkpoint, not "
+        raise CheckpointError(f"{path}: the {role} must be an 'fp' checkpoint, not "
                               f"{ckpt['method']!r}")
     theirs = ckpt["config"]["model"]
     for key in ("widths", "pools", "image_size", "num_classes", "in_channels"):
         if list(np.atleast_1d(theirs.get(key))) != list(np.atleast_1d(model_kwargs.get(key))):
-            raise CheckpointError(f"{path}: the teacher's {key} {theirs.get(key)!r} does not "
+            raise CheckpointError(f"{path}: the {role}'s {key} {theirs.get(key)!r} does not "
                                   f"match the student's {model_kwargs.get(key)!r}")
     for param in teacher.parameters():
         param.requires_grad_(False)
@@ -689,7 +691,8 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
         if spec.prepare is not None and ckpt is None:
             spec.prepare(model, config.options)
     if ckpt is None and config.init_from is not None:
-        init_from_teacher(model, load_teacher(config.init_from, config.model))
+        init_from_teacher(model, load_teacher(config.init_from, config.model,
+                                              role="--init-from checkpoint"))
     model.to(dev)
     teacher_model = None
     if spec.needs_teacher:

@@ -159,6 +159,8 @@ def test_init_from_copies_the_teachers_conv_signs(tmp_path):
     with pytest.raises(TrainingError, match="new run only"):
         train(resume=result.checkpoint, init_from=teacher.checkpoint, out_dir=tmp_path / "s",
               **TINY)
+    with pytest.raises(CheckpointError, match="the --init-from checkpoint must be an 'fp'"):
+        train("plain", epochs=1, init_from=result.checkpoint, out_dir=tmp_path / "p", **TINY)
 
 
 def test_real_detector_matches_the_binary_topology():
