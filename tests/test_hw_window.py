@@ -254,7 +254,7 @@ def test_window_kernel_5():
                          [(3, 11, 3), (2, 8, 1), (4, 30, 3), (2, 17, 1), (1, 8, 3)])
 def test_window_throughput(rows, channels, kernel):
     """Always ready, commands always offered: one K-word per cycle within a job, the first
-    word ``setup_cycles + 2`` cycles after the first command, the next jobs' first words
+    word ``setup_cycles + 1`` cycles after the first command, the next jobs' first words
     ``job_cycles(K) = max(K, rows + 4)`` apart: no idle cycle at all when ``K ≥ rows + 4``
     (the next job is set up while the running one is read)."""
     rng = np.random.default_rng(rows)
@@ -264,7 +264,7 @@ def test_window_throughput(rows, channels, kernel):
     check_words(layer, x, jobs, rows=rows, simd=8)
     k = layer.k_words(8)
     assert gen.setup_cycles == rows + 4
-    assert jobs[0]["cycles"][0] == jobs[0]["accept"] + gen.setup_cycles + 2
+    assert jobs[0]["cycles"][0] == jobs[0]["accept"] + gen.setup_cycles + 1
     for n, job in enumerate(jobs):
         assert job["cycles"] == list(range(job["cycles"][0], job["cycles"][0] + k))
         if n:
@@ -311,7 +311,7 @@ def test_window_tiles_throughput(rows, channels, kernel, tiles):
         check_words(layer, x, jobs[t::tiles], rows=rows, simd=8)
     k = layer.k_words(8)
     assert gen.job_cycles(k, tiles) == max(tiles * k, rows + 4)
-    assert jobs[0]["cycles"][0] == jobs[0]["accept"] + gen.setup_cycles + 2
+    assert jobs[0]["cycles"][0] == jobs[0]["accept"] + gen.setup_cycles + 1
     for n in range(0, len(jobs), tiles):
         command = [c for job in jobs[n:n + tiles] for c in job["cycles"]]
         assert command == list(range(command[0], command[0] + tiles * k))
