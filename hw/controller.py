@@ -295,7 +295,7 @@ class LayerController(wiring.Component):
         else:
             m.d.comb += may_pass.eq(1)
         m.d.comb += [
-            self.weights.addr.eq(gen.fetch.tag + gen.fetch.index),
+            self.weights.addr.eq(gen.fetch.addr),
             self.weights.en.eq(gen.fetch.en),
             operands.valid.eq(gen.words.valid & may_pass),
             operands.payload.activations.eq(gen.words.payload.activations),

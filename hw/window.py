@@ -144,7 +144,8 @@ class WindowGenerator(wiring.Component):
 
     **Reads.** ``read[r]`` is row ``r``'s read port on the activation buffer (connect with
     :func:`amaranth.lib.wiring.connect` to :class:`~bitdet.hw.memory.ActivationBuffer`'s
-    ``read``). The generator drives ``addr`` and ``en`` and uses the data one cycle later;
+    ``read``). The generator drives ``addr`` (from a register: the address stage) and ``en``
+    and uses the data one cycle later;
     with ``en`` low (stall, setup) the port keeps its word.
 
     **Output.** ``words`` carries one K-word per transfer: ``activations[r]``, ``first``
@@ -159,12 +160,16 @@ class WindowGenerator(wiring.Component):
     with every K-word of that job: the controller can put the job's weight base address,
     output tile or pixel group there.
 
-    **Weights.** ``fetch.en`` is high in the cycle the generator reads K-word
-    ``fetch.index`` of the job tagged ``fetch.tag``; a controller that reads its weight
-    memory with ``addr = fetch.tag + fetch.index`` (the tag holding the job's weight base)
-    and ``en = fetch.en`` has the matching weight words on its read port exactly while that
-    K-word is on ``words`` (also while ``words`` is stalled), so ``words`` and the weight
-    data go to the array's ``operands`` side by side.
+    **Weights.** ``fetch.en`` is high in the cycle the read ports are given the (registered)
+    addresses of K-word ``fetch.index`` of the job tagged ``fetch.tag``; ``fetch.addr`` is
+    ``fetch.tag + fetch.index`` (modulo ``2**tag_width``) from a register of the address
+    stage. A controller that reads its weight memory with ``addr = fetch.addr`` (the tag
+    holding the job's weight base) and ``en = fetch.en`` has the matching weight words on
+    its read port exactly while that K-word is on ``words`` (also while ``words`` is
+    stalled), so ``words`` and the weight data go to the array's ``operands`` side by side.
+    The sum is registered rather than left to the controller: an adder after the address
+    stage's registers, into the weight BRAMs' address pins, is both a long path and, on
+    the ULX3S, the netlist on which yosys 0.70's ABC9 pass stops with an assertion.
 
     Parameters
     ----------
@@ -187,7 +192,7 @@ class WindowGenerator(wiring.Component):
     read : ``In(ReadPort.Signature(addr_width=, shape=simd)).array(rows)``
     words : ``Out(stream.Signature(word_layout))``
     fetch : ``Out(Signature({"en": Out(1), "index": Out(range(max_k_words)),
-        "tag": Out(tag_width)}))``
+        "tag": Out(tag_width), "addr": Out(tag_width)}))``
 
     Raises
     ------
@@ -244,7 +249,8 @@ class WindowGenerator(wiring.Component):
             "words": Out(stream.Signature(self._word_layout)),
             "fetch": Out(wiring.Signature({"en": Out(1),
                                            "index": Out(range(self._max_k_words)),
-                                           "tag": Out(tag_width)})),
+                                           "tag": Out(tag_width),
+                                           "addr": Out(tag_width)})),
         }, src_loc_at=1 + src_loc_at)
 
     # -- parameters -----------------------------------------------------------------------
@@ -283,7 +289,8 @@ class WindowGenerator(wiring.Component):
     @property
     def setup_cycles(self) -> int:
         """Cycles from a command's acceptance to its first K-word read when no command is
-        running: ``rows + 4`` (the word is on ``words`` one cycle later)."""
+        running: ``rows + 4`` (the word is on ``words`` two cycles later: the address
+        register, then the read port's data)."""
         return self._rows + 4
 
     def job_cycles(self, k_words: int, tiles: int = 1) -> int:
@@ -430,14 +437,26 @@ class WindowGenerator(wiring.Component):
         offset = Signal(aw)                             # (ky·in_w + kx)·words + word
         offset_row = Signal(aw)                         # ky·in_w·words
 
+        # -- address stage: the read addresses are registered (the tap-mask select and the
+        # row's address adder into eight bank copies had been the ULX3S' critical path),
+        # with what the output stage needs of the K-word
+        word_meta = data.StructLayout({"row_valid": rows, "first": 1, "last": 1,
+                                       "index": range(self._max_k_words),
+                                       "tag": self._tag_width})
+        a_valid = Signal()
+        a_addr = [Signal(aw, name=f"a{r}_addr") for r in range(rows)]
+        a_use = Signal(rows)
+        a_pad = Signal(rows)
+        a_pad_word = Signal(simd)
+        a_meta = Signal(word_meta)
+        a_fetch_addr = Signal(self._tag_width)          # tag + index of the K-word at a_addr
+
         # -- output stage (valid together with the read ports' data) ---------------------------
         out_valid = Signal()
         out_use = Signal(rows)                          # row r: the read port's word
         out_pad = Signal(rows)                          # row r: the padding word
         out_pad_word = Signal(simd)
-        out_meta = Signal(data.StructLayout({"row_valid": rows, "first": 1, "last": 1,
-                                             "index": range(self._max_k_words),
-                                             "tag": self._tag_width}))
+        out_meta = Signal(word_meta)
 
         # the running command's last counter values, set at the hand-over: the K-word
         # counters compare with registers of their own width (an equality of a few bits)
@@ -449,6 +468,7 @@ class WindowGenerator(wiring.Component):
         kx_at_last = Signal()
         m.d.comb += [word_at_last.eq(word == words_m1), kx_at_last.eq(kx == kernel_m1)]
 
+        advance = Signal()
         issue = Signal()
         # the K-word about to be read is the job's last: a register, set a cycle ahead
         # from the counters' next values (it had been compared in the issuing cycle, at
@@ -463,8 +483,10 @@ class WindowGenerator(wiring.Component):
         last_tile = Signal()
         handoff = Signal()
         m.d.comb += [
-            # a word is read when the output stage is empty or being taken
-            issue.eq(running & (~out_valid | self.words.ready)),
+            # the two stages (address, then data) move together: when the output stage
+            # is empty or being taken
+            advance.eq(~out_valid | self.words.ready),
+            issue.eq(running & advance),
             last_tile.eq(tile == tiles_m1),                 # (tiles = 0 runs one job)
             handoff.eq(setup_done & (~running | (issue & last_word & last_tile))),
         ]
@@ -601,28 +623,34 @@ class WindowGenerator(wiring.Component):
             m.d.comb += [
                 use[r].eq(row_valid[r] & inside),
                 pad[r].eq(row_valid[r] & ~inside),
-                self.read[r].addr.eq(Mux(use[r], row_base[r] + offset, 0)),
-                self.read[r].en.eq(issue),
+                self.read[r].addr.eq(a_addr[r]),
+                self.read[r].en.eq(advance),
             ]
         pad_word = Mux(run_geo.pad_bit, Mux(word_at_last, run_pad_mask, ones),
                        0)
-        m.d.comb += [self.fetch.en.eq(issue), self.fetch.index.eq(index),
-                     self.fetch.tag.eq(tag)]
+        m.d.comb += [self.fetch.en.eq(advance & a_valid), self.fetch.index.eq(a_meta.index),
+                     self.fetch.tag.eq(a_meta.tag), self.fetch.addr.eq(a_fetch_addr)]
 
-        with m.If(issue):
+        with m.If(advance):
             m.d.sync += [
-                out_valid.eq(1),
-                out_use.eq(use),
-                out_pad.eq(pad),
-                out_pad_word.eq(pad_word),
-                out_meta.row_valid.eq(row_valid),
-                out_meta.first.eq(index == 0),
-                out_meta.last.eq(last_word),
-                out_meta.index.eq(index),
-                out_meta.tag.eq(tag),
+                a_valid.eq(issue),
+                a_use.eq(use),
+                a_pad.eq(pad),
+                a_pad_word.eq(pad_word),
+                a_meta.row_valid.eq(row_valid),
+                a_meta.first.eq(index == 0),
+                a_meta.last.eq(last_word),
+                a_meta.index.eq(index),
+                a_meta.tag.eq(tag),
+                a_fetch_addr.eq(tag + index),
+                out_valid.eq(a_valid),
+                out_use.eq(a_use),
+                out_pad.eq(a_pad),
+                out_pad_word.eq(a_pad_word),
+                out_meta.eq(a_meta),
             ]
-        with m.Elif(self.words.ready):
-            m.d.sync += out_valid.eq(0)
+            for r in range(rows):
+                m.d.sync += a_addr[r].eq(Mux(use[r], row_base[r] + offset, 0))
 
         # -- output: the read ports' words, the padding word, or 0 for unused rows ----------
         payload = self.words.payload
@@ -645,7 +673,7 @@ def window_generator(config: AcceleratorConfig, *, tag_width: int | None = None,
     """The window generator of ``config`` (reads ``config.rows`` ports of the buffer).
 
     ``tag_width`` defaults to the weight memory's address width, so that the tag can be
-    the job's weight base address (``fetch.tag + fetch.index`` addresses the weights);
+    the job's weight base address (``fetch.addr``, their sum, addresses the weights);
     ``max_tiles`` to ``ceil(max_channels / cols)``, the tiles of the widest layer, so that
     one command can run all tiles of a pixel group (as the layer controller does).
     """

@@ -570,7 +570,8 @@ class WindowTB(BlockTB):
     rows beyond the group); first / last / index / tag / row_valid with it. Every job's
     words XNOR-popcounted with :func:`pack_weights` words equal
     :func:`golden.popcount_conv2d`. Also: ``words`` holds its transfer while not ready, and
-    ``fetch`` (tag, index) of the previous read matches the word on ``words``."""
+    ``fetch`` (tag, index) of the previous read matches the word on ``words`` and
+    ``fetch.addr`` is their sum."""
 
     block = "window"
     # WindowLayer(in_h, in_w, channels, kernel, stride, padding, pad_bit), tiles
@@ -702,6 +703,10 @@ class WindowTB(BlockTB):
             held = raw if valid and not ready else None
             if int(dut.win_fetch__en.value):
                 fetched = (int(dut.win_fetch__tag.value), int(dut.win_fetch__index.value))
+                addr = int(dut.win_fetch__addr.value)
+                want = (fetched[0] + fetched[1]) % (1 << len(self.gen.fetch.tag))
+                self.check(addr == want, f"cycle {cycle}: fetch.addr {addr}, tag + index "
+                                         f"{want}")
 
     def check_popcounts(self, layer, x, jobs, out_channels: int = 3) -> int:
         """XNOR-popcount of each job's received words with packed weights = golden P."""

@@ -261,11 +261,14 @@ def event_model(rows, cols, k_words, groups, tiles, raw):
     * window generator: accepts a command while idle (``a``), is READY ``rows + 3`` cycles
       later (``r``), hands over at ``h = max(r, e_prev)`` (``e``: cycle the running
       command's last K-word is read), is idle again at ``h + 1``; the command's next job
-      starts at ``e_prev`` as if handed over then; a job reads its first K-word when the
-      output register is free (``s = max(h + 1, X_prev)``) and one word per cycle after;
+      starts at ``e_prev`` as if handed over then; a word read in cycle ``e`` is on
+      ``words`` from ``e + 2`` (the address register, then the data); the two stages stall
+      together, so a job reads its first K-word (in effect: its second one is read when
+      the previous job's last is taken) at ``s = max(h + 1, X_prev − 1)`` and one word
+      per cycle after;
     * controller / array: a word with ``last`` is taken ≥ ``cols`` cycles (the array) and,
       thresholded, ≥ ``rows`` cycles (the writer's guard) after the previous one
-      (``X = max(e + 1, X_prev + D)``); the last column leaves ``rows + 2·cols + 1``
+      (``X = max(e + 2, X_prev + D)``); the last column leaves ``rows + 2·cols + 1``
       cycles after ``X``;
     * controller: the threshold stage, then ``rows`` writes (not in raw mode), then DRAIN
       sees the end.
@@ -281,9 +284,9 @@ def event_model(rows, cols, k_words, groups, tiles, raw):
         for tile in range(tiles):
             if tile:
                 h = e_prev                       # same window, next tag: no setup
-            s = max(h + 1, x_prev)
+            s = max(h + 1, x_prev - 1)
             e = s + k_words - 1
-            x = max(e + 1, x_prev + spacing)
+            x = max(e + 2, x_prev + spacing)
             e_prev, x_prev = e, x
     return x_prev + rows + 2 * cols + 1 + ARRAY_PIPELINE + (0 if raw else rows)
 
@@ -326,7 +329,8 @@ def test_counter_width_is_the_controllers():
 
 def test_known_counts():
     """Hand-derived: tiny (2×2×8), 4×4 map 32→4, 3×3 (K 36, 8 groups, 2 tiles): gapless, so busy =
-    16·36 + 3·2 + 2·2 + 10 (8 + the array's 2 pipeline registers); a 2×4×16 array, 1×1 of 16
+    16·36 + 3·2 + 2·2 + 11 (8 + the array's 2 pipeline registers + the window
+    generator's address register); a 2×4×16 array, 1×1 of 16
     channels on a 2×3 map, 8 outputs (3 groups × 2 tiles of K 1): the two jobs of a group
     cols = 4 cycles apart (the array's drain), a group every max(2·4, rows + 4) = 8 cycles;
     tiny, the same map with 8 channels (K 1) and 2 outputs (1 tile): a group every rows + 4
@@ -336,30 +340,30 @@ def test_known_counts():
     tiny, ice = load_config("tiny"), small_config(2, 4, 16)
     conv = {"out_h": 4, "out_w": 4, "channels": 32, "out_channels": 4, "kernel": 3,
             "raw": 0}
-    assert layer_cycles(tiny, conv) == (576 + 20, 20)
-    assert layer_cycles(tiny, conv | {"raw": 1}) == (576 + 18, 18)
-    assert layer_cycles(tiny, {k: np.int64(v) for k, v in conv.items()}) == (576 + 20, 20)
+    assert layer_cycles(tiny, conv) == (576 + 21, 21)
+    assert layer_cycles(tiny, conv | {"raw": 1}) == (576 + 19, 19)
+    assert layer_cycles(tiny, {k: np.int64(v) for k, v in conv.items()}) == (576 + 21, 21)
     one = {"out_h": 2, "out_w": 3, "channels": 16, "out_channels": 8, "kernel": 1, "raw": 0}
     assert ideal_cycles(ice, one) == 6
-    assert layer_cycles(ice, one) == (1 + 2 * 8 + 4 + 3 * 2 + 2 * 4 + 10, 1 + 20 + 24 - 6)
+    assert layer_cycles(ice, one) == (1 + 2 * 8 + 4 + 3 * 2 + 2 * 4 + 11, 1 + 20 + 25 - 6)
     one8 = one | {"channels": 8}                          # K 1 on simd 8
-    assert layer_cycles(tiny, one8 | {"out_channels": 2}) == (1 + 2 * 6 + 3 * 2 + 2 * 2 + 10,
-                                                              1 + 12 + 20 - 3)
+    assert layer_cycles(tiny, one8 | {"out_channels": 2}) == (1 + 2 * 6 + 3 * 2 + 2 * 2 + 11,
+                                                              1 + 12 + 21 - 3)
     narrow = small_config(5, 1, 8)
     one9 = one8 | {"out_channels": 9}                     # 2 groups (6 px, 5 rows)
-    assert layer_cycles(narrow, one9) == (1 + 45 + 8 * 5 + 3 * 5 + 2 + 10,
-                                          1 + 45 + 40 + 27 - 18)
-    assert layer_cycles(narrow, one9 | {"raw": 1}) == (1 + 9 + 8 * 1 + 2 * 5 + 2 + 10,
-                                                       1 + 9 + 8 + 22 - 18)
+    assert layer_cycles(narrow, one9) == (1 + 45 + 8 * 5 + 3 * 5 + 2 + 11,
+                                          1 + 45 + 40 + 28 - 18)
+    assert layer_cycles(narrow, one9 | {"raw": 1}) == (1 + 9 + 8 * 1 + 2 * 5 + 2 + 11,
+                                                       1 + 9 + 8 + 23 - 18)
 
 
 def test_counters_wrap_like_the_hardware():
     config = small_config(1, 1, 8)
     huge = {"out_h": 4000, "out_w": 4000, "channels": 64, "out_channels": 64, "kernel": 7}
     busy, stall = layer_cycles(config, huge)
-    exact = 4000 * 4000 * 64 * 49 * 8 + 3 + 2 + 10
+    exact = 4000 * 4000 * 64 * 49 * 8 + 3 + 2 + 11
     assert busy == exact % 2 ** COUNTER_WIDTH < exact
-    assert stall == 3 + 2 + 10          # the stall counter itself does not reach 2**32
+    assert stall == 3 + 2 + 11          # the stall counter itself does not reach 2**32
 
 
 def test_errors():
@@ -399,4 +403,4 @@ def test_imports_without_amaranth():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "(596, 20)"
+    assert result.stdout.strip() == "(597, 21)"

@@ -150,6 +150,9 @@ def run_maps(maps, schedule, *, rows: int, simd: int, depth: int, rng,
                         return
             if ctx.get(gen.fetch.en):
                 weight_addr = (ctx.get(gen.fetch.tag), ctx.get(gen.fetch.index))
+                # the registered weight address is their sum, modulo the tag's width
+                assert ctx.get(gen.fetch.addr) == \
+                    (weight_addr[0] + weight_addr[1]) % (1 << len(gen.fetch.tag))
             await ctx.tick()
         raise AssertionError(f"the jobs did not finish in {max_cycles} cycles")
 
@@ -254,7 +257,7 @@ def test_window_kernel_5():
                          [(3, 11, 3), (2, 8, 1), (4, 30, 3), (2, 17, 1), (1, 8, 3)])
 def test_window_throughput(rows, channels, kernel):
     """Always ready, commands always offered: one K-word per cycle within a job, the first
-    word ``setup_cycles + 1`` cycles after the first command, the next jobs' first words
+    word ``setup_cycles + 2`` cycles after the first command, the next jobs' first words
     ``job_cycles(K) = max(K, rows + 4)`` apart: no idle cycle at all when ``K ≥ rows + 4``
     (the next job is set up while the running one is read)."""
     rng = np.random.default_rng(rows)
@@ -264,7 +267,7 @@ def test_window_throughput(rows, channels, kernel):
     check_words(layer, x, jobs, rows=rows, simd=8)
     k = layer.k_words(8)
     assert gen.setup_cycles == rows + 4
-    assert jobs[0]["cycles"][0] == jobs[0]["accept"] + gen.setup_cycles + 1
+    assert jobs[0]["cycles"][0] == jobs[0]["accept"] + gen.setup_cycles + 2
     for n, job in enumerate(jobs):
         assert job["cycles"] == list(range(job["cycles"][0], job["cycles"][0] + k))
         if n:
@@ -311,7 +314,7 @@ def test_window_tiles_throughput(rows, channels, kernel, tiles):
         check_words(layer, x, jobs[t::tiles], rows=rows, simd=8)
     k = layer.k_words(8)
     assert gen.job_cycles(k, tiles) == max(tiles * k, rows + 4)
-    assert jobs[0]["cycles"][0] == jobs[0]["accept"] + gen.setup_cycles + 1
+    assert jobs[0]["cycles"][0] == jobs[0]["accept"] + gen.setup_cycles + 2
     for n in range(0, len(jobs), tiles):
         command = [c for job in jobs[n:n + tiles] for c in job["cycles"]]
         assert command == list(range(command[0], command[0] + tiles * k))
@@ -342,7 +345,8 @@ def test_window_tiles_interleaved():
 
 class ConvCore(Elaboratable):
     """Buffer → window generator → (+ weight memory) → systolic array, joined as the
-    generator's docstring describes: weights read at ``fetch.tag + fetch.index``."""
+    generator's docstring describes: weights read at ``fetch.addr`` (= ``fetch.tag +
+    fetch.index``)."""
 
     def __init__(self, *, rows, cols, simd, depth, weight_depth):
         self.gen = WindowGenerator(rows=rows, simd=simd, depth=depth, max_channels=64,
@@ -361,7 +365,7 @@ class ConvCore(Elaboratable):
             wiring.connect(m, gen.read[r], self.buf.read[r])
         operands = array.operands
         m.d.comb += [
-            weights.read.addr.eq(gen.fetch.tag + gen.fetch.index),
+            weights.read.addr.eq(gen.fetch.addr),
             weights.read.en.eq(gen.fetch.en),
             operands.valid.eq(gen.words.valid),
             operands.payload.activations.eq(gen.words.payload.activations),
