@@ -278,11 +278,32 @@ def _run_with_progress(command: list[str], cwd: Path, env: dict, log: Callable[[
         thread.join()
     (cwd / "build.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
-        errors = [line for line in (result.stdout + result.stderr).splitlines()
-                  if line.startswith("ERROR")]
-        reason = errors[-1] if errors else f"exit status {result.returncode}"
-        raise ToolFailure(f"{reason}{_overflow(cwd)}; full log: {cwd / 'build.log'}")
+        reason, where = _tool_error(result.stdout + result.stderr, cwd, logs)
+        reason = reason or f"exit status {result.returncode}"
+        raise ToolFailure(f"{reason}{_overflow(cwd)}; full log: {where or cwd / 'build.log'}")
     log(f"  tools finished in {time.monotonic() - start:.0f} s")
+
+
+def _tool_error(output: str, cwd: Path, logs: list[tuple[str, str]]) -> tuple[str, Path | None]:
+    """The last ``ERROR`` line of a failed tool run and the log that holds it: the
+    captured output first, then the tools' own logs (``yosys -q -l top.rpt`` writes its
+    errors there, not to the output), newest stage first. ``("", None)`` when none."""
+    errors = [line for line in output.splitlines() if line.startswith("ERROR")]
+    if errors:
+        return errors[-1], cwd / "build.log"
+    for name, _ in reversed(logs):
+        path = cwd / name
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 65536))
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            continue
+        errors = [line.strip() for line in lines if line.strip().startswith("ERROR")]
+        if errors:
+            return errors[-1], path
+    return "", None
 
 
 def _overflow(cwd: Path) -> str:

@@ -3,6 +3,7 @@
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -420,3 +421,25 @@ def test_plan_and_synthesize_board_use_the_build_options(tmp_path, monkeypatch):
     assert ran == [tmp_path / "work"] and cells == parse_yosys_stat(_STAT_OLD)
     with pytest.raises(ValueError, match="unknown board"):
         build.plan_board_build(config, "nope")
+
+
+def test_a_failed_tool_names_the_error_in_its_own_log(tmp_path):
+    """yosys runs with ``-q -l top.rpt``: its ERROR line is only in top.rpt, and the
+    failure message must quote it and point at that log, not at the empty output."""
+    build, _ = _build_module_and_small_config()
+    script = ("import sys, pathlib; pathlib.Path('top.rpt').write_text("
+              "'2.46.14.7. Executing ABC_OPS_REINTEGRATE pass\\nERROR: Assert failed.\\n');"
+              " sys.exit(1)")
+    with pytest.raises(build.ToolFailure) as failure:
+        build._run_with_progress([sys.executable, "-c", script], tmp_path, dict(os.environ),
+                                 lambda line: None, [("top.rpt", "yosys"), ("top.tim", "nextpnr")])
+    assert str(failure.value) == f"ERROR: Assert failed.; full log: {tmp_path / 'top.rpt'}"
+    script = "import sys; print('ERROR: on the output'); sys.exit(2)"
+    with pytest.raises(build.ToolFailure) as failure:
+        build._run_with_progress([sys.executable, "-c", script], tmp_path / ".", dict(os.environ),
+                                 lambda line: None, [("none.log", "tool")])
+    assert str(failure.value).startswith("ERROR: on the output; full log: ")
+    script = "import sys; sys.exit(3)"
+    with pytest.raises(build.ToolFailure, match=r"^exit status 3; full log: .*build\.log$"):
+        build._run_with_progress([sys.executable, "-c", script], tmp_path, dict(os.environ),
+                                 lambda line: None, [("none.log", "tool")])
