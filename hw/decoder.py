@@ -403,17 +403,8 @@ class ResponseEncoder(wiring.Component):
 
         sent = Signal()
         m.d.comb += sent.eq(o.valid & o.ready)
-        # The CRC is updated a cycle after its byte is sent, from a register: the byte on
-        # `o` comes through the state multiplexer (and, for data bytes, from the producer),
-        # and the CRC's XOR network behind it made the longest path of the link logic.
-        # CRC_HIGH waits for the last update; the UART transmitter takes many cycles per
-        # byte, so the wait is hidden.
-        crc_take = Signal()                     # comb: this cycle's byte goes into the CRC
-        crc_byte = Signal(8)
-        crc_pending = Signal()
-        m.d.sync += [crc_byte.eq(o.payload), crc_pending.eq(crc_take)]
-        with m.If(crc_pending):
-            m.d.sync += crc.eq(crc16_update_value(crc, crc_byte))
+        crc_next = Signal(16)
+        m.d.comb += crc_next.eq(crc16_update_value(crc, o.payload))
 
         with m.FSM():
             with m.State("IDLE"):
@@ -432,12 +423,12 @@ class ResponseEncoder(wiring.Component):
                                  from_error.eq(1)]
                     m.next = "MAGIC"
 
-            def send(state, value, after, *, crc_update=True, wait=False):
+            def send(state, value, after, *, crc_update=True):
                 with m.State(state):
-                    m.d.comb += [o.valid.eq(~crc_pending if wait else 1), o.payload.eq(value)]
+                    m.d.comb += [o.valid.eq(1), o.payload.eq(value)]
                     with m.If(sent):
                         if crc_update:
-                            m.d.comb += crc_take.eq(1)
+                            m.d.sync += crc.eq(crc_next)
                         m.next = after
 
             with m.State("MAGIC"):
@@ -452,7 +443,7 @@ class ResponseEncoder(wiring.Component):
             with m.State("STATUS"):
                 m.d.comb += [o.valid.eq(1), o.payload.eq(status)]
                 with m.If(sent):
-                    m.d.comb += crc_take.eq(1)
+                    m.d.sync += crc.eq(crc_next)
                     with m.If(frame_length == 1):
                         m.next = "CRC_HIGH"
                     with m.Else():
@@ -465,11 +456,10 @@ class ResponseEncoder(wiring.Component):
                     m.d.comb += [o.valid.eq(self.data.valid), o.payload.eq(self.data.payload),
                                  self.data.ready.eq(o.ready)]
                 with m.If(sent):
-                    m.d.comb += crc_take.eq(1)
-                    m.d.sync += count.eq(count + 1)
+                    m.d.sync += [crc.eq(crc_next), count.eq(count + 1)]
                     with m.If(count == frame_length - 1):
                         m.next = "CRC_HIGH"
 
-            send("CRC_HIGH", crc[8:], "CRC_LOW", crc_update=False, wait=True)
+            send("CRC_HIGH", crc[8:], "CRC_LOW", crc_update=False)
             send("CRC_LOW", crc[:8], "IDLE", crc_update=False)
         return m

@@ -192,12 +192,8 @@ class CommandExecutor(wiring.Component):
         # in RUN's successor state (RESPOND or LOAD) and long before SMALL reads them
         counted_busy = Signal()
         counted_stall = Signal()
-        # the clear is registered too (it is decoded from the opcode and the argument
-        # checks): the engine starts no sooner than LOAD's end, many cycles later
-        counted_clear = Signal()
-        m.d.sync += [counted_busy.eq(count_busy), counted_stall.eq(count_stall),
-                     counted_clear.eq(count_clear)]
-        with m.If(counted_clear):
+        m.d.sync += [counted_busy.eq(count_busy), counted_stall.eq(count_stall)]
+        with m.If(count_clear):
             m.d.sync += [last_busy.eq(0), last_stall.eq(0)]
         with m.Else():
             with m.If(counted_busy):
