@@ -20,8 +20,8 @@ layout). All tiles of a group are **one** generator command (``tiles = ceil(O/co
 its jobs follow each other directly, while the next group's window is set up. The array
 returns each job's ``cols`` result columns in job order, so a second set of counters
 (pixel group, tile) follows the results without any tag: it reads the tile's thresholds
-at ``threshold_base + t`` (:func:`~bitdet.sw.packing.pack_thresholds`), one job ahead into
-a register, and places the bits.
+at ``threshold_base + t`` (:func:`~bitdet.sw.packing.pack_thresholds`) and places the
+bits.
 
 **Packing.** ``simd % cols == 0`` (checked by :class:`LayerController`; all presets have it),
 so tile ``t``'s channels ``t·cols … t·cols + cols − 1`` fall into one output word
@@ -351,35 +351,21 @@ class LayerController(wiring.Component):
             res_last_group.eq(res_n + rows >= pixels),
             job_end.eq(results.valid & results.payload.last),
         ]
-        # thresholds, read one job ahead: `thr_cur` holds the entry of the job whose results
-        # are on `results`, the read port the next job's (at `thr_addr`), so the threshold
-        # units compare with a register, not with the BRAM's output through the column
-        # multiplexer (a clock-to-output delay of its own, on the ULX3S' critical path).
-        # START primes the pair: `thr_prime` counts the read of tile 0's entry, whose
-        # data is taken two cycles later, long before the first result (the window
-        # generator's setup alone takes rows + 4 cycles).
-        thr_cur = Signal(data.ArrayLayout(threshold_layout(c), cols))
-        thr_end = Signal(self._threshold_addr_width)      # threshold_base + tiles − 1
-        thr_prime = Signal(2)
-        thr_step = Signal()
-        thr_next = Mux(thr_addr == thr_end, desc.threshold_base, thr_addr + 1)
+        # thresholds: the address of the job whose results are on `results` next cycle
+        thr_next = Mux(res_last_tile, desc.threshold_base, thr_addr + 1)
         m.d.comb += [
-            thr_step.eq(job_end | (thr_prime == 1)),
-            self.thresholds.addr.eq(Mux(thr_step, thr_next, thr_addr)),
+            self.thresholds.addr.eq(Mux(job_end, thr_next, thr_addr)),
             self.thresholds.en.eq(1),
         ]
-        with m.If(thr_prime != 0):
-            m.d.sync += thr_prime.eq(thr_prime - 1)
-        with m.If(thr_step):
-            m.d.sync += [thr_addr.eq(thr_next), thr_cur.eq(self.thresholds.data)]
         for r, unit in enumerate(units):
             m.d.comb += [
                 unit.i.valid.eq(results.valid),
                 unit.i.payload.p.eq(results.payload.p[r]),
-                unit.i.payload.thresholds[0].eq(thr_cur[col][0]),
+                unit.i.payload.thresholds[0].eq(self.thresholds.data[col][0]),
                 unit.i.payload.raw.eq(desc.raw),
             ]
         with m.If(job_end):
+            m.d.sync += thr_addr.eq(thr_next)
             with m.If(res_last_tile):
                 m.d.sync += [res_o.eq(0), slot.eq(0), word_index.eq(0),
                              res_n.eq(res_n + rows), group_addr.eq(group_addr + group_step)]
@@ -490,7 +476,6 @@ class LayerController(wiring.Component):
                     iss_n.eq(0), iss_oy.eq(0), iss_ox.eq(0),
                     res_n.eq(0), res_o.eq(0), slot.eq(0), word_index.eq(0),
                     group_addr.eq(desc.output_base), thr_addr.eq(desc.threshold_base),
-                    thr_end.eq(desc.threshold_base + tiles - 1), thr_prime.eq(2),
                     finishing.eq(0),
                 ]
                 m.next = "ISSUE"
