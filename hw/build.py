@@ -293,14 +293,8 @@ def _tool_error(output: str, cwd: Path, logs: list[tuple[str, str]]) -> tuple[st
         return errors[-1], cwd / "build.log"
     for name, _ in reversed(logs):
         path = cwd / name
-        try:
-            with open(path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 65536))
-                lines = f.read().decode(errors="replace").splitlines()
-        except OSError:
-            continue
-        errors = [line.strip() for line in lines if line.strip().startswith("ERROR")]
+        errors = [line.strip() for line in _log_tail(path, 65536)
+                  if line.strip().startswith("ERROR")]
         if errors:
             return errors[-1], path
     return "", None
@@ -317,15 +311,19 @@ def _overflow(cwd: Path) -> str:
     return f" (the design does not fit: {', '.join(over)})" if over else ""
 
 
-def _last_info_line(path: Path) -> str:
+def _log_tail(path: Path, size: int) -> list[str]:
+    """The lines of the last ``size`` bytes of a log (``[]`` when it cannot be read)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 4096))
-            lines = f.read().decode(errors="replace").splitlines()
+            f.seek(max(0, f.tell() - size))
+            return f.read().decode(errors="replace").splitlines()
     except OSError:
-        return ""
-    for line in reversed(lines):
+        return []
+
+
+def _last_info_line(path: Path) -> str:
+    for line in reversed(_log_tail(path, 4096)):
         line = line.strip()
         if line.startswith("Info: ") and len(line) > 8:
             return line[6:][:70]
