@@ -174,7 +174,8 @@ def _cmd_train(args) -> int:
                    teacher=args.teacher, options=options or None,
                    model_options={"levels": args.levels, "dup": args.dup,
                                   "dup_input": args.dup_input, "binarizer": args.binarizer,
-                                  "host_bits": args.host_bits, "ifq": args.ifq},
+                                  "host_bits": args.host_bits, "ifq": args.ifq,
+                                  "raw_last": args.raw_last},
                    widths=args.widths, init_from=args.init_from)
     last = result.history[-1] if result.history else {}
     print(f"checkpoint: {result.checkpoint}")
@@ -429,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--ifq", action="store_true", default=None,
                      help="IFQ-Net fixed point on the host (plain only): power-of-two weight "
                      "scales in the stem and head, so the head is integer plus a binary point")
+    trn.add_argument("--raw-last", action="store_true", default=None,
+                     help="the last binary layer outputs its popcount P (raw mode) to the "
+                     "host head, through a BatchNorm folded into the head (plain and ida)")
     trn.add_argument("--host-bits", type=_positive,
                      help="AQD learned-interval (LSQ) n-bit weights, 2..8, in the host stem and "
                      "head (plain only; default: int8 with a max-abs scale)")

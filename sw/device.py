@@ -474,6 +474,14 @@ def _streamed_set(convs: list[LayerPlan], depth_w: int, depth_t: int, mode: str)
     return best
 
 
+def device_layer_count(bundle) -> int:
+    """How many of ``bundle``'s binary layers run on the device: all of them, or all but a
+    raw (popcount) last layer, which the host runs with the golden model (the device has no
+    READ_RESULTS to return ``P``; :meth:`Device.detect`)."""
+    layers = bundle.binary_layers
+    return len(layers) - 1 if layers and layers[-1].thresholds is None else len(layers)
+
+
 def plan_bundle(config, bundle, *, mode: str = "auto", weight_depth: int | None = None,
                 threshold_depth: int | None = None) -> list[LayerPlan]:
     """The device passes of ``bundle`` on a build of ``config``: per binary layer a conv
@@ -485,7 +493,8 @@ def plan_bundle(config, bundle, *, mode: str = "auto", weight_depth: int | None 
     them), all are resident, one layer after the other from address 0. Otherwise the
     resident layers come first from address 0 and the streamed ones share one slot after
     them (:func:`_streamed_set`); every streamed conv's descriptor points at the slot, so
-    the layer table never changes between frames. Does not check the fit
+    the layer table never changes between frames. A raw last layer is not planned (the host
+    runs it, :func:`device_layer_count`). Does not check the fit
     (:meth:`Device.fit_problems_for`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -496,7 +505,7 @@ def plan_bundle(config, bundle, *, mode: str = "auto", weight_depth: int | None 
                                     cols)
     plan = []
     shapes = bundle.layer_shapes()
-    for i, layer in enumerate(bundle.binary_layers):
+    for i, layer in enumerate(bundle.binary_layers[:device_layer_count(bundle)]):
         ch, o, k, _kw, (h, w), _out = shapes[i]
         oh = (h + 2 * layer.padding - k) // layer.stride + 1
         ow = (w + 2 * layer.padding - k) // layer.stride + 1
@@ -730,8 +739,12 @@ class Device:
         t_limit = (f"threshold_depth is {depth_t}" if depth_t == c.threshold_depth else
                    f"the plan may use {depth_t} of threshold_depth {c.threshold_depth}")
         pooled = {plan[i - 1].name: p for i, p in enumerate(plan) if p.kind == "pool"}
-        for entry, layer, name in zip(convs, bundle.binary_layers, bundle.layer_names,
-                                      strict=True):
+        on_device = device_layer_count(bundle)
+        if not on_device:
+            mine.append(f"the bundle's only binary layer ({bundle.layer_names[0]!r}) outputs "
+                        "raw P, which the host runs: nothing is left for the device")
+        for entry, layer, name in zip(convs, bundle.binary_layers[:on_device],
+                                      bundle.layer_names[:on_device], strict=True):
             d = entry.descriptor
             ch, o, k = d["channels"], d["out_channels"], d["kernel"]
             if max(ch, o) > c.max_channels:
@@ -758,10 +771,7 @@ class Device:
                 if entry.threshold_entries > depth_t:
                     mine.append(f"layer {name!r}'s thresholds alone need "
                                 f"{entry.threshold_entries} entries per column, {t_limit}")
-            if layer.thresholds is None:
-                mine.append(f"layer {name!r} outputs raw P: this build has no raw mode "
-                            f"(READ_RESULTS); fold the head onto the host")
-            elif layer.output_bits != 1:
+            if layer.output_bits != 1:
                 mine.append(f"layer {name!r} outputs {layer.output_bits} bits: the "
                             f"layer controller thresholds to 1 bit")
             if layer.padding > c.max_kernel - 1:
@@ -894,6 +904,9 @@ class Device:
         ±1. Returns int32 0/1 maps ``1×C×H×W``: the last layer's output only, or with
         ``trace`` every binary layer's output (after its pool, as
         :meth:`bitdet.sw.bundle.Bundle.run_binary`), each read back from the device.
+        A raw (popcount) last layer of the bundle is not run here (the device has no
+        READ_RESULTS): the maps end with the layer before it, and :meth:`run_host_tail`
+        computes its ``P`` on the host.
         """
         if not self.plan:
             raise DriverError("no bundle loaded: call Device.load(bundle) first")
@@ -925,6 +938,17 @@ class Device:
         stats.bytes_in += self.bytes_in - in0
         return outputs if trace else outputs[-1:]
 
+    def run_host_tail(self, bits: torch.Tensor) -> torch.Tensor | None:
+        """The loaded bundle's raw last layer on the host: its ``P`` (int32 ``1×O×H×W``,
+        golden model) from the device's last map ``bits`` (0/1); ``None`` when every
+        binary layer runs on the device."""
+        if self.bundle is None:
+            raise DriverError("no bundle loaded: call Device.load(bundle) first")
+        if device_layer_count(self.bundle) == len(self.bundle.binary_layers):
+            return None
+        from .golden import run_layer
+        return run_layer(bits.to(torch.float32) * 2 - 1, self.bundle.binary_layers[-1])
+
     def _read_map(self, shape) -> torch.Tensor:
         ch, h, w = shape
         data = self.read_activations(0, self._map_words(shape))
@@ -941,8 +965,9 @@ class Device:
         model's input (:func:`load_image`, :func:`fit_image`), run through the host stem
         in fixed point, packed and streamed to the device, the binary layers run on chip,
         the last map is read back and the host head and the decoding (with NMS) run on the
-        host. Returns ``{"boxes", "scores", "labels"}`` (tensors; boxes ``x1 y1 x2 y2`` in
-        the *original* image's pixels), ``"class_names"``, ``"head"`` (the head map),
+        host (a raw last layer first, on the host: :meth:`run_host_tail`). Returns
+        ``{"boxes", "scores", "labels"}`` (tensors; boxes ``x1 y1 x2 y2`` in the
+        *original* image's pixels), ``"class_names"``, ``"head"`` (the head map),
         ``"maps"`` (every binary layer's map with ``trace``), ``"image"`` (the uint8
         original) and ``"stats"`` (:class:`RunStats`).
         """
@@ -966,7 +991,11 @@ class Device:
         t2 = clock()
         maps = self.run_binary(stem, trace=trace, stats=stats)
         t3 = clock()
-        head = _host_layer(bundle, "head").run(maps[-1].to(torch.float32) * 2 - 1)
+        p = self.run_host_tail(maps[-1])
+        if p is not None:                       # a raw last layer: its P on the host
+            maps = [*maps, p] if trace else [p]
+        head = _host_layer(bundle, "head").run(
+            maps[-1] if p is not None else maps[-1].to(torch.float32) * 2 - 1)
         settings = bundle_decode_settings(bundle)
         settings.update(score_threshold=score_threshold, iou_threshold=iou_threshold,
                         max_detections=max_detections)

@@ -161,7 +161,9 @@ def run_bundle(bundle: Bundle, pixels: torch.Tensor) -> torch.Tensor:
     it: fixed-point host stem, golden-model binary layers, fixed-point host head."""
     stem = _host_layer(bundle, "stem").run(pixels.to(torch.int64))
     outputs = bundle.run_binary(stem.to(torch.float32) * 2 - 1)
-    return _host_layer(bundle, "head").run(outputs[-1].to(torch.float32) * 2 - 1)
+    last = outputs[-1] if bundle.binary_layers[-1].thresholds is None \
+        else outputs[-1].to(torch.float32) * 2 - 1      # raw P as it is; bits as ±1
+    return _host_layer(bundle, "head").run(last)
 
 
 def predict_bundle(bundle: Bundle, dataset: DetectionDataset, *, batch_size: int = 64,

@@ -272,18 +272,27 @@ def _sign_source(conv) -> torch.Tensor:
 
 
 class BinaryBlock(nn.Module):
-    """Binary conv → BN → minus a learnable sign bias (RSign) → sign → optional max-pool."""
+    """Binary conv → BN → minus a learnable sign bias (RSign) → sign → optional max-pool.
+
+    ``raw = True`` (the last block of a ``raw_last`` detector): the block outputs the
+    popcount ``P = (dot + K) / 2`` itself (integer-valued floats, the device's raw mode); its
+    ``bn`` is then the head's input BatchNorm, folded into the host head
+    (:meth:`QuantHead.forward_raw`), and ``sign_bias`` is unused. No pool.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int = 3, *,
                  stride: int = 1, pad_value: int = -1, pool: int | None = None, dup: int = 1,
-                 binarizer: str = "ste"):
+                 binarizer: str = "ste", raw: bool = False):
         super().__init__()
+        if raw and pool:
+            raise ValueError("a raw (popcount) block cannot be followed by a max-pool")
         self.conv = BinaryConv2d(in_channels, out_channels, kernel, stride=stride,
                                  padding=kernel // 2, pad_value=pad_value, dup=dup,
                                  binarizer=binarizer)
         self.bn = nn.BatchNorm2d(out_channels)
         self.sign_bias = nn.Parameter(torch.zeros(out_channels))
         self.pool = pool
+        self.raw = raw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_accumulator(x)[0]
@@ -292,14 +301,22 @@ class BinaryBlock(nn.Module):
         """The block's ±1 output and its integer dot products (before α, BN and sign), for
         layer-wise distillation losses."""
         acc = self.conv.dot(x)
+        if self.raw:
+            _, c, kh, kw = self.conv.weight.shape
+            return (acc + c * kh * kw) / 2, acc
         out = binarize(_epilogue_forward(self, acc, self.conv.alpha()))
         if self.pool:
             out = F.max_pool2d(out, self.pool, self.pool)
         return out, acc
 
     def export(self) -> BinaryConvLayer:
-        """The folded device layer (exact: same epilogue arithmetic as eval mode)."""
+        """The folded device layer (exact: same epilogue arithmetic as eval mode); a raw
+        block's layer has no thresholds (it outputs ``P``)."""
         conv = self.conv
+        if self.raw:
+            signs = torch.where(_sign_source(conv).detach() >= 0, 1.0, -1.0)
+            return BinaryConvLayer(weights=signs, thresholds=None, stride=conv.stride,
+                                   padding=conv.padding, pad_value=conv.pad_value)
         return fold_binary_conv(
             _sign_source(conv).detach(), _bn_epilogue(self.bn, conv.alpha(), self.sign_bias),
             stride=conv.stride, padding=conv.padding, pad_value=conv.pad_value,
@@ -379,9 +396,60 @@ class QuantHead(nn.Module):
         acc = F.conv2d(x, w_int) + bias_int.reshape(1, -1, 1, 1)   # exact integers
         return acc * scale.reshape(1, -1, 1, 1)
 
+    def _folded(self, bn: nn.BatchNorm2d, p: torch.Tensor | None):
+        """Integer weights, integer bias and scale of the head with ``bn`` (on raw ``P``)
+        folded in, and the BN's per-channel ``(slope, shift)``. With ``p`` (training): the
+        batch statistics of ``p``, and the running statistics are updated as BatchNorm
+        does; without: the running statistics (eval mode, what the bundle holds)."""
+        if p is not None:
+            mean = p.mean(dim=(0, 2, 3))
+            var = p.var(dim=(0, 2, 3), unbiased=False)
+            with torch.no_grad():
+                n = p.numel() / p.shape[1]
+                m = bn.momentum
+                bn.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                bn.running_var.mul_(1 - m).add_(var.detach() * n / max(n - 1, 1), alpha=m)
+                bn.num_batches_tracked += 1
+        else:
+            mean, var = bn.running_mean, bn.running_var
+        slope = bn.weight / torch.sqrt(var + bn.eps)
+        shift = bn.bias - mean * slope
+        w = self.weight * slope.reshape(1, -1, 1, 1)
+        bias = self.bias + self.weight.flatten(1) @ shift
+        w_int, scale = (_fixed_point_weight if self.ifq else _int8_weight)(w)
+        return w_int, _round_ste(bias / scale), scale, slope, shift
+
+    def forward_raw(self, p: torch.Tensor, bn: nn.BatchNorm2d,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head map and features of a ``raw_last`` detector on the last block's ``P``.
+
+        The head computes ``(Σ w_int·P + b_int) · scale`` with ``bn`` folded into ``w_int``
+        and ``b_int`` (per-channel slope and shift, quantized like the plain head's
+        weights): the bundle's ``conv_affine`` head on integer ``P``. In eval mode the sum is
+        formed in float64 (exact for any ``K``), as the bundle's int64. The features are
+        ``bn(P)`` (for the distillation losses)."""
+        w_int, bias_int, scale, slope, shift = self._folded(bn, p if self.training else None)
+        features = p * slope.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+        if self.training:
+            acc = F.conv2d(p, w_int) + bias_int.reshape(1, -1, 1, 1)
+        else:
+            acc = (F.conv2d(p.double(), w_int.double())
+                   + bias_int.double().reshape(1, -1, 1, 1)).float()
+        return acc * scale.reshape(1, -1, 1, 1), features
+
+    def export_raw(self, bn: nn.BatchNorm2d) -> HostLayer:
+        """The head of a ``raw_last`` detector with ``bn`` folded (eval statistics)."""
+        with torch.no_grad():
+            w_int, bias_int, scale, _, _ = self._folded(bn, None)
+        return self._host_layer(w_int, bias_int, scale)
+
     def export(self) -> HostLayer:
         with torch.no_grad():
             w_int, bias_int, scale = self._quantized()
+        return self._host_layer(w_int, bias_int, scale)
+
+    @staticmethod
+    def _host_layer(w_int, bias_int, scale) -> HostLayer:
         return HostLayer(name="head", kind="conv_affine",
                          arrays={"weight": w_int.to(torch.int8).numpy(),
                                  "bias": bias_int.to(torch.int32).numpy(),
@@ -461,6 +529,12 @@ class BinaryDetector(nn.Module):
         of two (``w = w_int · 2^−f``), so the head computes ``(Σ w_int·x + b_int) · 2^−f``,
         an integer with ``f`` fractional bits (the stem's BN and sign are integer thresholds
         in every model).
+    raw_last : bool
+        The last binary block outputs its popcount ``P`` (the device's raw mode) instead of
+        thresholded bits, and the host head reads ``P`` through a BatchNorm folded into its
+        int8 weights and bias (:meth:`QuantHead.forward_raw`); the last block must not pool.
+        Not with ``levels ≥ 2`` or ``host_bits``. ``intermediates`` then gives the last
+        block's normalized features ``bn(P)`` in place of its ±1 map.
     """
 
     def __init__(self, *, num_classes: int = 10, in_channels: int = 1,
@@ -468,23 +542,28 @@ class BinaryDetector(nn.Module):
                  pools: tuple[bool, ...] = (True, True, False, False), image_size: int = 64,
                  class_names: tuple[str, ...] | None = None, levels: int = 1, dup: int = 1,
                  dup_input: int = 1, binarizer: str = "ste", host_bits: int | None = None,
-                 ifq: bool = False):
+                 ifq: bool = False, raw_last: bool = False):
         super().__init__()
         if len(pools) != len(widths) - 1:
             raise ValueError(f"pools needs one entry per binary block ({len(widths) - 1}), "
                              f"got {len(pools)}")
+        if raw_last and (levels > 1 or host_bits is not None or pools[-1]):
+            raise ValueError("raw_last needs levels 1, no host_bits and no pool after the "
+                             "last block")
         if not isinstance(levels, int) or levels < 1:
             raise ValueError(f"levels must be a positive integer, not {levels!r}")
         if not isinstance(dup_input, int) or dup_input < 1:
             raise ValueError(f"dup_input must be a positive integer, not {dup_input!r}")
         self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
         self.class_names = tuple(class_names or (str(i) for i in range(num_classes)))
-        self.levels, self.dup_input = levels, dup_input
+        self.levels, self.dup_input, self.raw_last = levels, dup_input, raw_last
         self.stem = QuantStem(in_channels, widths[0], bits=host_bits, ifq=ifq)
         ins = [widths[0] * dup_input, *widths[1:-1]]
+        last = len(pools) - 1
         self.blocks = nn.ModuleList(
-            BinaryBlock(cin, cout, 3, pool=2 if pool else None, dup=dup, binarizer=binarizer)
-            for cin, cout, pool in zip(ins, widths[1:], pools, strict=True))
+            BinaryBlock(cin, cout, 3, pool=2 if pool else None, dup=dup, binarizer=binarizer,
+                        raw=raw_last and i == last)
+            for i, (cin, cout, pool) in enumerate(zip(ins, widths[1:], pools, strict=True)))
         if levels > 1:
             self.shared = SharedHeadBlock(widths[-1], levels, dup=dup, binarizer=binarizer)
         self.head = QuantHead(widths[-1], 5 + num_classes, bits=host_bits, ifq=ifq)
@@ -528,7 +607,10 @@ class BinaryDetector(nn.Module):
         for block in self.blocks:
             x = block(x)
             outputs.append(x)
-        if self.levels == 1:
+        if self.raw_last:             # x is the last block's P
+            head, outputs[-1] = self.head.forward_raw(x, self.blocks[-1].bn)
+            outputs.append(head)
+        elif self.levels == 1:
             outputs.append(self.head(x))
         return outputs
 
@@ -550,7 +632,8 @@ class BinaryDetector(nn.Module):
         return Bundle(
             binary_layers=[block.export() for block in self.blocks],
             input_shape=(self.stem.weight.shape[0] * self.dup_input, side, side),
-            host_layers=[stem, self.head.export()],
+            host_layers=[stem, self.head.export_raw(self.blocks[-1].bn) if self.raw_last
+                         else self.head.export()],
             layer_names=[f"bconv{i + 1}" for i in range(len(self.blocks))],
             model={"name": "bitdet-binary-detector", "classes": list(self.class_names),
                    "input": [self.in_channels, self.image_size, self.image_size],

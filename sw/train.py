@@ -152,10 +152,13 @@ METHODS: dict[str, Method] = {
 #: ``plain`` model (docs/methods.md, "Trainer options"). Stored in ``config.model`` only when
 #: they differ from the default, so a default run's checkpoint is unchanged.
 MODEL_OPTIONS = {"levels": 1, "dup": 1, "dup_input": 1, "binarizer": "ste", "host_bits": None,
-                 "ifq": False}
+                 "ifq": False, "raw_last": False}
 #: Methods whose model takes :data:`MODEL_OPTIONS` (the distillation methods' losses read
 #: the plain layer layout).
 MODEL_OPTION_METHODS = ("plain",)
+#: Methods that also take ``raw_last`` (IDa-Det's losses read the last block's features,
+#: which a raw last block gives as ``bn(P)``).
+RAW_LAST_METHODS = ("plain", "ida")
 #: Loss weights a model option brings (in ``config.options``, set with ``--method-option``):
 #: ``quant`` weighs QuantNet's discretization term (``--binarizer quantnet`` only).
 QUANTNET_DEFAULTS = {"quant": 0.01}
@@ -170,9 +173,19 @@ def _check_model_options(method: str, model_options: dict | None) -> dict:
                                 f"{', '.join(MODEL_OPTIONS)})")
         if value is not None and value != MODEL_OPTIONS[name]:
             chosen[name] = value
-    if chosen and method not in MODEL_OPTION_METHODS:
-        raise TrainingError(f"model options ({', '.join(chosen)}) are available for method(s) "
+    if "raw_last" in chosen and method not in RAW_LAST_METHODS:
+        raise TrainingError(f"raw_last is available for method(s) "
+                            f"{', '.join(RAW_LAST_METHODS)}, not {method!r}")
+    others = [name for name in chosen if name != "raw_last"]
+    if others and method not in MODEL_OPTION_METHODS:
+        raise TrainingError(f"model options ({', '.join(others)}) are available for method(s) "
                             f"{', '.join(MODEL_OPTION_METHODS)}, not {method!r}")
+    if not isinstance(chosen.get("raw_last", False), bool):
+        raise TrainingError(f"raw_last must be true or false, not {chosen['raw_last']!r}")
+    if chosen.get("raw_last") and (chosen.get("levels", 1) > 1
+                                   or chosen.get("host_bits") is not None):
+        raise TrainingError("raw_last does not combine with levels > 1 or host_bits (the "
+                            "raw head folds its BatchNorm into int8 weights)")
     for name in ("levels", "dup", "dup_input"):
         value = chosen.get(name, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -597,7 +610,8 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
     (``Method.defaults``, plus :data:`QUANTNET_DEFAULTS` with the QuantNet binarizer;
     unknown names raise :class:`TrainingError`).
     ``model_options``: :data:`MODEL_OPTIONS` (``levels``, ``dup``, ``dup_input``,
-    ``binarizer``, ``host_bits``, ``ifq``) for the ``plain`` model; docs/methods.md.
+    ``binarizer``, ``host_bits``, ``ifq``) for the ``plain`` model, and ``raw_last`` for
+    ``plain`` and ``ida``; docs/methods.md.
     ``widths``: the detector's channel widths, the stem's first, then each of the four
     binary blocks' (default :data:`DEFAULT_WIDTHS`, the model sized for the iCEBreaker
     preset); for every method, the ``fp`` teacher included (a distillation run's teacher

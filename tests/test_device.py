@@ -477,3 +477,26 @@ def test_detect_report_says_weights_are_streamed(tmp_path):
         report = run_detect([image], bundle=path, device=device, progress=False)
     assert report["device"]["mode"] == "resident" and report["device"]["weight_bytes"] == 0
     assert "streamed" not in format_report(report)
+
+
+def test_raw_last_layer_runs_on_the_host():
+    """A bundle whose last layer outputs raw P: the device runs the layers before it, the
+    driver computes P on the host (golden model) and the head map equals the reference."""
+    torch.manual_seed(3)
+    model = BinaryDetector(widths=(8, 16, 16), pools=(True, False), image_size=32,
+                           raw_last=True)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randint(0, 256, (8, 1, 32, 32)).float())
+    bundle = model.eval().export_bundle()
+    assert bundle.binary_layers[-1].thresholds is None
+    assert Device.fit_problems_for(load_config("tiny"), bundle) == []
+    with Device.open("emu", "tiny") as device:
+        plan = device.load(bundle)
+        assert [p.kind for p in plan] == ["conv", "pool"]      # bconv2 runs on the host
+        for image in images(2, 32):
+            result = check_detect(device, bundle, image)
+            assert result["maps"][-1].max() > 1               # P, not bits
+            assert torch.equal(result["head"], model(torch.from_numpy(
+                np.array(image)[None, None]).float()))

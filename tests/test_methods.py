@@ -301,9 +301,12 @@ def test_ida_losses_follow_the_equations():
     assert student.log_var.grad.abs().sum() > 0 and student.adapt.weight.grad.abs().sum() > 0
 
 
-def test_ida_trains_and_exports_bit_exactly(teacher, tmp_path):
-    result = train("ida", epochs=1, seed=2, teacher=teacher, out_dir=tmp_path, **TINY)
+@pytest.mark.parametrize("raw_last", [False, True])
+def test_ida_trains_and_exports_bit_exactly(raw_last, teacher, tmp_path):
+    result = train("ida", epochs=1, seed=2, teacher=teacher, out_dir=tmp_path,
+                   model_options={"raw_last": raw_last}, **TINY)
     assert isinstance(result.model, IDaDetector)
+    assert result.model.raw_last == raw_last
     assert {"train_p", "train_r"} <= set(result.history[-1])
     bundle = load(export_checkpoint(result.checkpoint, tmp_path / "ida.bitdet"))
     assert bundle.model["training"]["method"] == "ida"
@@ -425,7 +428,7 @@ def _test_pixels(count=6):
 
 
 @pytest.mark.parametrize("options", [{"binarizer": "quantnet"}, {"dup": 2, "dup_input": 2},
-                                     {"host_bits": 4, "ifq": True}])
+                                     {"host_bits": 4, "ifq": True}, {"raw_last": True}])
 def test_model_options_train_and_export_bit_exactly(options, tmp_path):
     result = train("plain", epochs=1, seed=4, model_options=options, out_dir=tmp_path, **TINY)
     model, ckpt = load_checkpoint(result.checkpoint)
@@ -504,7 +507,12 @@ def test_model_option_user_errors(teacher, tmp_path):
     with pytest.raises(TrainingError, match="available for method"):
         train("lws", epochs=1, teacher=teacher, model_options={"dup": 2}, out_dir=tmp_path,
               **TINY)
-    for bad, fragment in (({"dup": 0}, "positive"), ({"levels": 4}, "1, 2 or 3"),
+    with pytest.raises(TrainingError, match="raw_last is available for method"):
+        train("lws", epochs=1, teacher=teacher, model_options={"raw_last": True},
+              out_dir=tmp_path, **TINY)
+    for bad, fragment in (({"raw_last": True, "host_bits": 4}, "does not combine"),
+                          ({"raw_last": 1}, "true or false"),
+                          ({"dup": 0}, "positive"), ({"levels": 4}, "1, 2 or 3"),
                           ({"binarizer": "xnor"}, "binarizer"), ({"host_bits": 9}, "2 to 8"),
                           ({"colour": 1}, "unknown model option")):
         with pytest.raises(TrainingError, match=fragment):

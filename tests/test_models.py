@@ -295,3 +295,44 @@ def test_multilevel_head_folds_per_level_bit_exactly():
                 feat = torch.nn.functional.max_pool2d(feat, 2, 2)
             bits = (model.shared(feat, level) > 0).to(torch.int32)
             assert torch.equal(bits, run_layer(feat, layer))
+
+
+@pytest.mark.parametrize("options", [{"raw_last": True}, {"raw_last": True, "ifq": True}])
+def test_raw_last_exports_bit_exactly_after_training_steps(options, pixels, tmp_path):
+    """A raw last block: the bundle's last layer outputs P (no thresholds) and the host
+    head, with the BatchNorm folded in, reproduces the float head map exactly."""
+    from bitdet.sw.evaluate import run_bundle
+    torch.manual_seed(9)
+    model = BinaryDetector(**options)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(pixels).pow(2).mean().backward()
+        optimizer.step()
+    assert model.blocks[-1].bn.weight.grad is not None
+    assert bool(model.blocks[-1].bn.num_batches_tracked == 2)
+    _randomize_statistics(model, 4)
+    model.eval()
+    bundle = load(model.export_bundle().save(tmp_path / "raw.bitdet"))
+    assert bundle.binary_layers[-1].thresholds is None and bundle.requirements().raw_output
+    with torch.no_grad():
+        reference = model.intermediates(pixels)
+        x = reference[-3]
+        p = model.blocks[-1](x)
+    stem = bundle.host_layers[0].run(pixels.to(torch.int64))
+    outputs = bundle.run_binary(stem.to(torch.float32) * 2 - 1)
+    for i, (ref, got) in enumerate(zip(reference[:-2], [stem, *outputs[:-1]], strict=True)):
+        assert torch.equal((ref > 0).to(torch.int32), got), f"layer {i} differs"
+    assert torch.equal(p.to(torch.int64), outputs[-1].to(torch.int64))
+    assert int(p.min()) >= 0 and int(p.max()) <= bundle.binary_layers[-1].k
+    assert torch.equal(reference[-1], run_bundle(bundle, pixels)), "head outputs differ"
+
+
+def test_raw_last_refuses_what_it_cannot_fold():
+    with pytest.raises(ValueError, match="raw_last"):
+        BinaryDetector(raw_last=True, host_bits=4)
+    with pytest.raises(ValueError, match="raw_last"):
+        BinaryDetector(raw_last=True, levels=2)
+    with pytest.raises(ValueError, match="raw_last"):
+        BinaryDetector(raw_last=True, pools=(True, True, False, True))
