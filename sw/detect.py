@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .device import BundleDoesNotFit, Device, ImageError
+from .device import BundleDoesNotFit, Device, ImageError, device_layer_count
 
 __all__ = ["DEFAULT_BUNDLE", "SAMPLE_PATH", "SAMPLE_SEED", "frame_rates", "list_images",
            "make_sample", "pick_config", "run_detect"]
@@ -159,6 +159,8 @@ def run_detect(paths, *, bundle=None, backend: str = "emu", config=None, port=No
                 entry["annotated"] = str(target)
             images.append(entry)
         per_frame = stats.as_dict()
+        bundle = device.bundle
+        per_frame["host_layers"] = bundle.layer_names[device_layer_count(bundle):]
         per_frame.update(frame_rates(device.config, stats.busy_cycles,
                                      stats.bytes_out + stats.bytes_in))
         return {"backend": backend, "config": device.config.name,
@@ -189,6 +191,9 @@ def format_report(report: dict) -> str:
         lines.append(f"  {layer['name']:<14}{layer['kind']:<6}{layer['busy']:>10}"
                      f"{layer['stall']:>10}")
     lines.append(f"  {'total':<20}{dev['busy_cycles']:>10}")
+    for name in dev.get("host_layers", []):
+        lines.append(f"  {name:<14}raw P on the host (golden model; the device has no "
+                     "READ_RESULTS)")
     lines.append(f"link bytes per frame: {dev['bytes_out']} out, {dev['bytes_in']} in "
                  f"(bundle load: {report['load_bytes']})")
     if dev.get("mode") == "streamed":
