@@ -131,3 +131,17 @@ def test_config_mismatch_on_a_shared_device():
     with Device.open("emu", "ulx3s") as device:
         report = run_detect([SAMPLE_PATH], device=device)
     assert report["config"] == "ulx3s" and report["images"][0]["detections"]
+
+
+def test_report_names_a_raw_last_layer_run_on_the_host(tmp_path, capsys):
+    """`bitdet detect` with a --raw-last bundle: the table lists the raw layer on the host."""
+    from bitdet.sw.models import BinaryDetector
+    torch.manual_seed(1)
+    model = BinaryDetector(widths=(4, 8, 8, 8, 8), raw_last=True).eval()
+    path = model.export_bundle().save(tmp_path / "raw.bitdet")
+    report = run_detect([SAMPLE_PATH], bundle=path, config="icebreaker", out=None)
+    assert report["device"]["host_layers"] == ["bconv4"]
+    assert [layer["name"] for layer in report["device"]["layers"]][-1] == "bconv3"
+    assert main(["detect", str(SAMPLE_PATH), "--bundle", str(path), "--out",
+                 str(tmp_path / "o")]) == 0
+    assert "bconv4        raw P on the host" in capsys.readouterr().out
