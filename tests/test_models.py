@@ -51,6 +51,16 @@ def _assert_identical(model, bundle, pixels):
     assert torch.equal(reference[-1], exported[-1]), "head outputs differ"
 
 
+def _train_steps(model, pixels, steps: int = 2) -> None:
+    """A few Adam steps on a dummy loss (train mode), so BN and weights move."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(pixels).pow(2).mean().backward()
+        optimizer.step()
+
+
 @pytest.fixture(scope="module")
 def pixels():
     data = make_digitscenes("test", count=3, seed=1)
@@ -169,12 +179,7 @@ def test_lsq_quantizer_levels_and_step_gradient():
 def test_options_export_bit_exactly_after_training_steps(options, pixels, tmp_path):
     torch.manual_seed(8)
     model = BinaryDetector(**options)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(2):
-        optimizer.zero_grad()
-        model(pixels).pow(2).mean().backward()
-        optimizer.step()
+    _train_steps(model, pixels)
     missing = [name for name, p in model.named_parameters()
                if p.grad is None or not bool(p.grad.abs().sum() > 0)]
     assert not missing, f"no gradient reaches {missing}"
@@ -304,12 +309,7 @@ def test_raw_last_exports_bit_exactly_after_training_steps(options, pixels, tmp_
     from bitdet.sw.evaluate import run_bundle
     torch.manual_seed(9)
     model = BinaryDetector(**options)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(2):
-        optimizer.zero_grad()
-        model(pixels).pow(2).mean().backward()
-        optimizer.step()
+    _train_steps(model, pixels)
     assert model.blocks[-1].bn.weight.grad is not None
     assert bool(model.blocks[-1].bn.num_batches_tracked == 2)
     _randomize_statistics(model, 4)
