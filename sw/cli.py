@@ -86,7 +86,12 @@ def _cmd_hw_info(args) -> int:
                 print("  the host driver runs it with weights streamed per layer "
                       "(docs/driver.md)")
             return 1
-        print(f"{args.bundle} fits, every layer resident on chip")
+        if bundle.binary_layers[-1].thresholds is None:
+            print(f"{args.bundle} fits, every layer resident on chip; its raw last layer "
+                  f"{bundle.layer_names[-1]!r} runs on the host (the device has no "
+                  "READ_RESULTS; docs/driver.md)")
+        else:
+            print(f"{args.bundle} fits, every layer resident on chip")
     return 0
 
 

@@ -145,3 +145,5 @@ def test_report_names_a_raw_last_layer_run_on_the_host(tmp_path, capsys):
     assert main(["detect", str(SAMPLE_PATH), "--bundle", str(path), "--out",
                  str(tmp_path / "o")]) == 0
     assert "bconv4        raw P on the host" in capsys.readouterr().out
+    assert main(["hw", "info", "--config", "icebreaker", "--bundle", str(path)]) == 0
+    assert "raw last layer 'bconv4' runs on the host" in capsys.readouterr().out
