@@ -52,10 +52,15 @@ from .popcount import popcount
 from .threshold import ThresholdUnit
 from .window import WindowGenerator, WindowLayer
 
-__all__ = ["COUNTER_WIDTH", "LayerController"]
+__all__ = ["COUNTER_WIDTH", "LayerController", "THRESHOLD_PIPELINE"]
 
 COUNTER_WIDTH = 32
 """Bits of the performance counters (``busy_cycles``, ``stall_cycles``)."""
+
+THRESHOLD_PIPELINE = 2
+"""Registers from a result on the array's ``results`` to its bit in the output word (or
+on ``raw``): the threshold memory's output word and the result, registered together
+before the column multiplexer, and the threshold units' register."""
 
 
 def _ceil_div(value, divisor: int, max_value: int):
@@ -357,11 +362,21 @@ class LayerController(wiring.Component):
             self.thresholds.addr.eq(Mux(job_end, thr_next, thr_addr)),
             self.thresholds.en.eq(1),
         ]
+        # threshold stage 1: the memory's output word (every column's entry) and the result
+        # registered side by side, so that the column multiplexer and the comparison start
+        # from flip-flops, not from the block RAM's slow clock-to-out
+        thr_word = Signal.like(self.thresholds.data)
+        q_valid = Signal()
+        q_column = Signal(range(cols))
+        q_p = [Signal(c.acc_width, name=f"q_p{r}") for r in range(rows)]
+        m.d.sync += [thr_word.eq(self.thresholds.data), q_valid.eq(results.valid),
+                     q_column.eq(col)]
+        m.d.sync += [q_p[r].eq(results.payload.p[r]) for r in range(rows)]
         for r, unit in enumerate(units):
             m.d.comb += [
-                unit.i.valid.eq(results.valid),
-                unit.i.payload.p.eq(results.payload.p[r]),
-                unit.i.payload.thresholds[0].eq(self.thresholds.data[col][0]),
+                unit.i.valid.eq(q_valid),
+                unit.i.payload.p.eq(q_p[r]),
+                unit.i.payload.thresholds[0].eq(thr_word[q_column][0]),
                 unit.i.payload.raw.eq(desc.raw),
             ]
         with m.If(job_end):
@@ -376,27 +391,25 @@ class LayerController(wiring.Component):
                 with m.Else():
                     m.d.sync += slot.eq(slot + 1)
 
-        # stage 2 control, aligned with the threshold units' registered outputs
-        s_valid = Signal()
-        s_column = Signal(range(cols))
-        s_slot = Signal(range(slots))
-        s_word_done = Signal()
-        s_final = Signal()
-        s_addr = Signal(self._act_addr_width)
-        s_row_valid = Signal(rows)
-        s_channel = Signal(range(c.max_channels + cols))
-        s_pixel = Signal(pixel_shape)
-        m.d.sync += [
-            s_valid.eq(results.valid),
-            s_column.eq(col),
-            s_slot.eq(slot),
-            s_word_done.eq(job_end & ((slot == slots - 1) | res_last_tile)),
-            s_final.eq(job_end & res_last_tile & res_last_group),
-            s_addr.eq(group_addr + word_index),
-            s_row_valid.eq(Cat(res_n + r < pixels for r in range(rows))),
-            s_channel.eq(res_o + col),
-            s_pixel.eq(res_n),
-        ]
+        # output-side control, delayed by THRESHOLD_PIPELINE registers to align with the
+        # threshold units' outputs (the first register computes, the others pass it on)
+        def delayed(name, shape, value):
+            stages = [Signal(shape, name=f"{name}_d{i}") for i in range(THRESHOLD_PIPELINE)]
+            m.d.sync += stages[0].eq(value)
+            m.d.sync += [later.eq(earlier) for earlier, later in zip(stages, stages[1:])]
+            return stages[-1]
+
+        s_valid = delayed("s_valid", 1, results.valid)
+        s_column = delayed("s_column", range(cols), col)
+        s_slot = delayed("s_slot", range(slots), slot)
+        s_word_done = delayed("s_word_done", 1,
+                              job_end & ((slot == slots - 1) | res_last_tile))
+        s_final = delayed("s_final", 1, job_end & res_last_tile & res_last_group)
+        s_addr = delayed("s_addr", self._act_addr_width, group_addr + word_index)
+        s_row_valid = delayed("s_row_valid", rows,
+                              Cat(res_n + r < pixels for r in range(rows)))
+        s_channel = delayed("s_channel", range(c.max_channels + cols), res_o + col)
+        s_pixel = delayed("s_pixel", pixel_shape, res_n)
 
         # -- packing: bit slot·cols + column of each row's word ------------------------------
         word = [Signal(simd, name=f"word{r}") for r in range(rows)]

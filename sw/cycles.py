@@ -12,8 +12,8 @@ group and tile, all tiles of a group in one window-generator command)::
 
     J     = max(K, cols, rows)      (thresholded)    J = max(K, cols)    (raw)
     G     = max(tiles · J, rows + 4)
-    busy  = K + (groups − 1) · G + (tiles − 1) · J + 3·rows + 2·cols + 11  (thresholded)
-    busy  = K + (groups − 1) · G + (tiles − 1) · J + 2·rows + 2·cols + 11  (raw: no writes)
+    busy  = K + (groups − 1) · G + (tiles − 1) · J + 3·rows + 2·cols + 12  (thresholded)
+    busy  = K + (groups − 1) · G + (tiles − 1) · J + 2·rows + 2·cols + 12  (raw: no writes)
     stall = busy − groups · tiles · K                                       (= busy − ideal)
 
 ``J`` is the cycles per job within a group: ``K`` the job's own length, ``cols`` the
@@ -23,8 +23,8 @@ writes nothing). ``G`` is the cycles per group: ``rows + 4`` is the window gener
 setup per command (the next group's window is set up while the current group's jobs are
 read). The constant is the fixed cost of the layer (start-up, the array's latency with
 its ``ARRAY_PIPELINE`` = 2 pipeline registers, the window generator's address
-register, the threshold stage and the final output
-word writes). Both counters are ``COUNTER_WIDTH``
+register, the ``THRESHOLD_PIPELINE`` = 2 registers of the threshold stage and the final
+output word writes). Both counters are ``COUNTER_WIDTH``
 (32) bits wide and wrap like the hardware's.
 """
 
@@ -33,8 +33,8 @@ from __future__ import annotations
 import numbers
 from collections.abc import Mapping
 
-__all__ = ["ARRAY_PIPELINE", "COUNTER_WIDTH", "POOL_OVERHEAD_CYCLES", "ideal_cycles",
-           "layer_cycles", "pool_cycles"]
+__all__ = ["ARRAY_PIPELINE", "COUNTER_WIDTH", "POOL_OVERHEAD_CYCLES", "THRESHOLD_PIPELINE",
+           "ideal_cycles", "layer_cycles", "pool_cycles"]
 
 COUNTER_WIDTH = 32
 """Bits of the controller's ``busy_cycles`` / ``stall_cycles`` counters (as
@@ -43,6 +43,11 @@ COUNTER_WIDTH = 32
 ARRAY_PIPELINE = 2
 """Pipeline registers of the systolic array beyond its skew and drain (its input register
 and the PEs' popcount register: ``bitdet.hw.array.ARRAY_PIPELINE``)."""
+
+THRESHOLD_PIPELINE = 2
+"""Registers of the controller's threshold stage, from a result to its output bit (the
+threshold memory's word registered with the result, then the threshold units' register:
+``bitdet.hw.controller.THRESHOLD_PIPELINE``)."""
 
 _CONV_FIELDS = ("out_h", "out_w", "channels", "out_channels", "kernel")
 
@@ -133,7 +138,7 @@ def layer_cycles(config, descriptor: Mapping) -> tuple[int, int]:
     group_period = max(tiles * job_period, rows + 4)
     writes = 0 if raw else rows
     busy = (k_words + (groups - 1) * group_period + (tiles - 1) * job_period
-            + 2 * rows + 2 * cols + 9 + ARRAY_PIPELINE + writes)
+            + 2 * rows + 2 * cols + 8 + ARRAY_PIPELINE + THRESHOLD_PIPELINE + writes)
     stall = busy - groups * tiles * k_words
     mask = (1 << COUNTER_WIDTH) - 1
     return busy & mask, stall & mask

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from bitdet.hw.config import AcceleratorConfig, load_config
-from bitdet.sw.cycles import ARRAY_PIPELINE, COUNTER_WIDTH, ideal_cycles, layer_cycles, pool_cycles
+from bitdet.sw.cycles import (ARRAY_PIPELINE, COUNTER_WIDTH, THRESHOLD_PIPELINE, ideal_cycles,
+                              layer_cycles, pool_cycles)
 from bitdet.sw.protocol import decode_layer, encode_layer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -270,8 +271,8 @@ def event_model(rows, cols, k_words, groups, tiles, raw):
       thresholded, ≥ ``rows`` cycles (the writer's guard) after the previous one
       (``X = max(e + 2, X_prev + D)``); the last column leaves ``rows + 2·cols + 1``
       cycles after ``X``;
-    * controller: the threshold stage, then ``rows`` writes (not in raw mode), then DRAIN
-      sees the end.
+    * controller: the threshold stage (``THRESHOLD_PIPELINE`` registers), then ``rows``
+      writes (not in raw mode), then DRAIN sees the end.
     """
     spacing = cols if raw else max(cols, rows)
     offered, gen_idle = 3, 0
@@ -288,7 +289,8 @@ def event_model(rows, cols, k_words, groups, tiles, raw):
             e = s + k_words - 1
             x = max(e + 2, x_prev + spacing)
             e_prev, x_prev = e, x
-    return x_prev + rows + 2 * cols + 1 + ARRAY_PIPELINE + (0 if raw else rows)
+    return (x_prev + rows + 2 * cols + ARRAY_PIPELINE + THRESHOLD_PIPELINE
+            + (0 if raw else rows))
 
 
 def test_closed_form_matches_event_model():
@@ -325,12 +327,13 @@ def test_counter_width_is_the_controllers():
     from bitdet.hw import array, controller
     assert COUNTER_WIDTH == controller.COUNTER_WIDTH
     assert ARRAY_PIPELINE == array.ARRAY_PIPELINE
+    assert THRESHOLD_PIPELINE == controller.THRESHOLD_PIPELINE
 
 
 def test_known_counts():
     """Hand-derived: tiny (2×2×8), 4×4 map 32→4, 3×3 (K 36, 8 groups, 2 tiles): gapless, so busy =
-    16·36 + 3·2 + 2·2 + 11 (8 + the array's 2 pipeline registers + the window
-    generator's address register); a 2×4×16 array, 1×1 of 16
+    16·36 + 3·2 + 2·2 + 12 (8 + the array's 2 pipeline registers + the window
+    generator's address register + the threshold memory's word register); a 2×4×16 array, 1×1 of 16
     channels on a 2×3 map, 8 outputs (3 groups × 2 tiles of K 1): the two jobs of a group
     cols = 4 cycles apart (the array's drain), a group every max(2·4, rows + 4) = 8 cycles;
     tiny, the same map with 8 channels (K 1) and 2 outputs (1 tile): a group every rows + 4
@@ -340,30 +343,30 @@ def test_known_counts():
     tiny, ice = load_config("tiny"), small_config(2, 4, 16)
     conv = {"out_h": 4, "out_w": 4, "channels": 32, "out_channels": 4, "kernel": 3,
             "raw": 0}
-    assert layer_cycles(tiny, conv) == (576 + 21, 21)
-    assert layer_cycles(tiny, conv | {"raw": 1}) == (576 + 19, 19)
-    assert layer_cycles(tiny, {k: np.int64(v) for k, v in conv.items()}) == (576 + 21, 21)
+    assert layer_cycles(tiny, conv) == (576 + 22, 22)
+    assert layer_cycles(tiny, conv | {"raw": 1}) == (576 + 20, 20)
+    assert layer_cycles(tiny, {k: np.int64(v) for k, v in conv.items()}) == (576 + 22, 22)
     one = {"out_h": 2, "out_w": 3, "channels": 16, "out_channels": 8, "kernel": 1, "raw": 0}
     assert ideal_cycles(ice, one) == 6
-    assert layer_cycles(ice, one) == (1 + 2 * 8 + 4 + 3 * 2 + 2 * 4 + 11, 1 + 20 + 25 - 6)
+    assert layer_cycles(ice, one) == (1 + 2 * 8 + 4 + 3 * 2 + 2 * 4 + 12, 1 + 20 + 26 - 6)
     one8 = one | {"channels": 8}                          # K 1 on simd 8
-    assert layer_cycles(tiny, one8 | {"out_channels": 2}) == (1 + 2 * 6 + 3 * 2 + 2 * 2 + 11,
-                                                              1 + 12 + 21 - 3)
+    assert layer_cycles(tiny, one8 | {"out_channels": 2}) == (1 + 2 * 6 + 3 * 2 + 2 * 2 + 12,
+                                                              1 + 12 + 22 - 3)
     narrow = small_config(5, 1, 8)
     one9 = one8 | {"out_channels": 9}                     # 2 groups (6 px, 5 rows)
-    assert layer_cycles(narrow, one9) == (1 + 45 + 8 * 5 + 3 * 5 + 2 + 11,
-                                          1 + 45 + 40 + 28 - 18)
-    assert layer_cycles(narrow, one9 | {"raw": 1}) == (1 + 9 + 8 * 1 + 2 * 5 + 2 + 11,
-                                                       1 + 9 + 8 + 23 - 18)
+    assert layer_cycles(narrow, one9) == (1 + 45 + 8 * 5 + 3 * 5 + 2 + 12,
+                                          1 + 45 + 40 + 29 - 18)
+    assert layer_cycles(narrow, one9 | {"raw": 1}) == (1 + 9 + 8 * 1 + 2 * 5 + 2 + 12,
+                                                       1 + 9 + 8 + 24 - 18)
 
 
 def test_counters_wrap_like_the_hardware():
     config = small_config(1, 1, 8)
     huge = {"out_h": 4000, "out_w": 4000, "channels": 64, "out_channels": 64, "kernel": 7}
     busy, stall = layer_cycles(config, huge)
-    exact = 4000 * 4000 * 64 * 49 * 8 + 3 + 2 + 11
+    exact = 4000 * 4000 * 64 * 49 * 8 + 3 + 2 + 12
     assert busy == exact % 2 ** COUNTER_WIDTH < exact
-    assert stall == 3 + 2 + 11          # the stall counter itself does not reach 2**32
+    assert stall == 3 + 2 + 12          # the stall counter itself does not reach 2**32
 
 
 def test_errors():
@@ -403,4 +406,4 @@ def test_imports_without_amaranth():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "(597, 21)"
+    assert result.stdout.strip() == "(598, 22)"
