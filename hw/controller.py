@@ -39,6 +39,8 @@ apart); raw mode has no such guard.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, wiring
 from amaranth.lib.memory import ReadPort, WritePort
@@ -52,7 +54,7 @@ from .popcount import popcount
 from .threshold import ThresholdUnit
 from .window import WindowGenerator, WindowLayer
 
-__all__ = ["COUNTER_WIDTH", "LayerController", "THRESHOLD_PIPELINE"]
+__all__ = ["COUNTER_WIDTH", "THRESHOLD_PIPELINE", "LayerController"]
 
 COUNTER_WIDTH = 32
 """Bits of the performance counters (``busy_cycles``, ``stall_cycles``)."""
@@ -396,7 +398,7 @@ class LayerController(wiring.Component):
         def delayed(name, shape, value):
             stages = [Signal(shape, name=f"{name}_d{i}") for i in range(THRESHOLD_PIPELINE)]
             m.d.sync += stages[0].eq(value)
-            m.d.sync += [later.eq(earlier) for earlier, later in zip(stages, stages[1:])]
+            m.d.sync += [later.eq(earlier) for earlier, later in pairwise(stages)]
             return stages[-1]
 
         s_valid = delayed("s_valid", 1, results.valid)

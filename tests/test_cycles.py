@@ -19,8 +19,14 @@ import numpy as np
 import pytest
 
 from bitdet.hw.config import AcceleratorConfig, load_config
-from bitdet.sw.cycles import (ARRAY_PIPELINE, COUNTER_WIDTH, THRESHOLD_PIPELINE, ideal_cycles,
-                              layer_cycles, pool_cycles)
+from bitdet.sw.cycles import (
+    ARRAY_PIPELINE,
+    COUNTER_WIDTH,
+    THRESHOLD_PIPELINE,
+    ideal_cycles,
+    layer_cycles,
+    pool_cycles,
+)
 from bitdet.sw.protocol import decode_layer, encode_layer
 
 ROOT = Path(__file__).resolve().parent.parent
