@@ -53,7 +53,7 @@ def _cmd_hw_info(args) -> int:
     problems = streams = None
     if args.bundle:
         from .bundle import load
-        from .device import Device
+        from .device import Device, device_layer_count
         bundle = load(args.bundle)
         problems = config.fit_problems(bundle.requirements())
         streams = bool(problems) and not Device.fit_problems_for(config, bundle)
@@ -86,7 +86,7 @@ def _cmd_hw_info(args) -> int:
                 print("  the host driver runs it with weights streamed per layer "
                       "(docs/driver.md)")
             return 1
-        if bundle.binary_layers[-1].thresholds is None:
+        if device_layer_count(bundle) < len(bundle.binary_layers):
             print(f"{args.bundle} fits, every layer resident on chip; its raw last layer "
                   f"{bundle.layer_names[-1]!r} runs on the host (the device has no "
                   "READ_RESULTS; docs/driver.md)")
