@@ -40,7 +40,7 @@ from .pe import (
 __all__ = ["ARRAY_PIPELINE", "SystolicArray"]
 
 #: Pipeline registers a job's results pass beyond the systolic skew and drain: the
-#: array's input register and the PEs' popcount register (``PE_LATENCY − 1``).
+#: array's input register and the PEs' two popcount registers (``PE_LATENCY − 1``).
 ARRAY_PIPELINE = 1 + (PE_LATENCY - 1)
 
 
@@ -66,10 +66,10 @@ class SystolicArray(wiring.Component):
     ``results`` stream (no back-pressure), column 0 first: ``results.payload.p[r]`` is
     ``P`` of row ``r``, ``results.payload.column`` is ``c`` and ``results.payload.last``
     marks ``c = cols − 1``. If the job's ``last`` word was accepted in cycle ``t``, column
-    ``c`` is valid in cycle ``t + 2 + rows + cols + c`` (the 2: :data:`ARRAY_PIPELINE`,
-    the input register and the PEs' popcount register). With no idle cycles, a job of
+    ``c`` is valid in cycle ``t + 3 + rows + cols + c`` (the 3: :data:`ARRAY_PIPELINE`,
+    the input register and the PEs' two popcount registers). With no idle cycles, a job of
     ``K`` words whose first word was accepted in cycle ``t0`` delivers its final column in
-    cycle ``t0 + K + rows + 2·cols``.
+    cycle ``t0 + K + 1 + rows + 2·cols``.
 
     **Drain.** Each PE keeps its finished ``P`` in its result register. When the last PE
     of row ``r`` has written a job's result (its ``result_valid``; the row's other PEs
@@ -171,7 +171,7 @@ class SystolicArray(wiring.Component):
 
     def latency(self, k_words: int) -> int:
         """Cycles from accepting a job's first word to its final result column, when its
-        ``k_words`` words are accepted on consecutive cycles: ``K + rows + 2·cols``."""
+        ``k_words`` words are accepted on consecutive cycles: ``K + 1 + rows + 2·cols``."""
         return k_words - 1 + self.result_cycle(0, self._cols - 1)
 
     def elaborate(self, platform):

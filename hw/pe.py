@@ -9,17 +9,17 @@ makes the XNOR of padding 0, so no mask is needed.
 
 from __future__ import annotations
 
-from amaranth.hdl import Module, Mux, Signal
+from amaranth.hdl import Cat, Module, Mux, Signal
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from .popcount import POPCOUNT_TREES, popcount, popcount_rows, popcount_width
+from .popcount import POPCOUNT_TREES, popcount, popcount_rows, popcount_stages, popcount_width
 
 __all__ = ["PE_LATENCY", "XnorPopcountPE", "activation_layout", "valid_stream_signature"]
 
-#: Cycles from a word on ``a_in`` to its count in ``result`` (the tree's register, then
-#: the accumulator).
-PE_LATENCY = 2
+#: Cycles from a word on ``a_in`` to its count in ``result``: the register in the middle
+#: of the popcount tree, the register of its two rows, then the accumulator.
+PE_LATENCY = 3
 
 
 def _check_positive(name: str, value) -> int:
@@ -68,9 +68,12 @@ class XnorPopcountPE(wiring.Component):
     """One output-stationary XNOR-popcount PE with a double-buffered result.
 
     Every cycle, ``a_out`` ← ``a_in`` and ``w_out`` ← ``w_in`` (one register per hop). The
-    accumulation is a two-stage pipeline: in the cycle a word is presented, the XNOR and
-    the popcount tree run up to its two carry-save rows, which are registered with the
-    word's ``valid`` / ``first`` / ``last``; in the next cycle, for a valid word::
+    accumulation is a three-stage pipeline: in the cycle a word is presented, the XNOR
+    and the first half of the popcount tree's full-adder stages run
+    (:func:`~bitdet.hw.popcount.popcount_stages` ``// 2``: 4 of 9 for 64 bits) and the
+    bits they leave are registered; in the next cycle the rest of the tree reduces them
+    to its two carry-save rows, which are registered, each stage with the word's
+    ``valid`` / ``first`` / ``last``; in the cycle after that, for a valid word::
 
         acc ← (first ? 0 : acc) + row0 + row1        (row0 + row1 = popcount(~(word ^ w)))
 
@@ -78,12 +81,12 @@ class XnorPopcountPE(wiring.Component):
     next job may start (``first``) in the very next cycle while ``result`` keeps the
     finished ``P`` until the next job's ``last``. ``result_valid`` is 1 for the one cycle
     after ``result`` was written. Timing: the word presented in cycle ``t`` is counted in
-    ``result`` from cycle ``t + 2`` (:data:`PE_LATENCY`), and ``result_valid`` of a
-    ``last`` word presented in cycle ``t`` is 1 in cycle ``t + 2``. The register splits
-    the path from the operands to the accumulator (XNOR, tree, carry chain) in two for
-    fmax (docs/fpga.md). ``acc`` wraps modulo ``2**acc_width``; the
-    configuration (:class:`~bitdet.hw.config.AcceleratorConfig`) sizes ``acc_width`` so
-    that it never does.
+    ``result`` from cycle ``t + 3`` (:data:`PE_LATENCY`), and ``result_valid`` of a
+    ``last`` word presented in cycle ``t`` is 1 in cycle ``t + 3``. The two registers
+    split the path from the operands to the accumulator (XNOR, tree, carry chain) in
+    three for fmax (docs/fpga.md, ``bench/bench_array_fmax.py``). ``acc`` wraps modulo
+    ``2**acc_width``; the configuration (:class:`~bitdet.hw.config.AcceleratorConfig`)
+    sizes ``acc_width`` so that it never does.
 
     Parameters
     ----------
@@ -96,7 +99,7 @@ class XnorPopcountPE(wiring.Component):
         full adders whose two rows are added to the accumulator in one adder, see
         :func:`~bitdet.hw.popcount.popcount_rows`) or ``"adder"`` (the earlier balanced
         adder tree, then the accumulator add). Same results and timing (with ``adder`` the
-        registered stage is the count itself); only the
+        count itself is registered twice); only the
         area differs (``bench/bench_area.py``).
 
     Members
@@ -153,20 +156,28 @@ class XnorPopcountPE(wiring.Component):
         acc = Signal(self._acc_width)
         a = self.a_in
         matches = ~(a.word ^ self.w_in)
-        # stage 1: XNOR and the popcount tree, up to the carry-save rows (or, for the adder
-        # tree, the count), registered with the word's control bits
+        # stages 1 and 2: XNOR and the popcount tree, up to the carry-save rows (or, for
+        # the adder tree, the count), registered with the word's control bits. The tree
+        # has a register after half of its full-adder stages (4 of 9 for 64 bits: the
+        # whole tree in one cycle had been the array's critical path on the ECP5,
+        # bench/bench_array_fmax.py); the adder tree's count is delayed instead.
         width = popcount_width(self._simd)
         row0 = Signal(width)
         row1 = Signal(width)
         if self._popcount == "adder":
-            m.d.sync += [row0.eq(popcount(matches, tree="adder")), row1.eq(0)]
+            count = Signal(width)
+            m.d.sync += [count.eq(popcount(matches, tree="adder")), row0.eq(count),
+                         row1.eq(0)]
         else:
-            rows = popcount_rows(m, matches)
+            rows = popcount_rows(m, matches,
+                                 register_after=popcount_stages(self._simd) // 2)
             m.d.sync += [row0.eq(rows[0]), row1.eq(rows[1])]
+        control = Signal(3)
         valid = Signal()
         first = Signal()
         last = Signal()
-        m.d.sync += [valid.eq(a.valid), first.eq(a.first), last.eq(a.last)]
+        m.d.sync += [control.eq(Cat(a.valid, a.first, a.last)),
+                     Cat(valid, first, last).eq(control)]
 
         # stage 2: one three-operand add (yosys: one row of full adders and one carry
         # chain), instead of the popcount's own adder and then the accumulator's

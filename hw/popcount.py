@@ -19,14 +19,16 @@ structures are available (``tree=``):
     two counts added; every node is only as wide as the largest count it can hold, so the depth is
     ``ceil(log2(n))`` adders. Yosys turns such a chain of ``+`` into one multi-operand add.
 
-Nothing is registered; a pipelined variant is not provided.
+:func:`popcount` is purely combinational; :func:`popcount_rows` can register the tree
+after any of its full-adder stages (``register_after``), which the PE uses to split the
+tree into two pipeline stages.
 """
 
 from __future__ import annotations
 
 from amaranth.hdl import Cat, Const, Module, Signal, Value, ValueCastable
 
-__all__ = ["POPCOUNT_TREES", "popcount", "popcount_rows", "popcount_width"]
+__all__ = ["POPCOUNT_TREES", "popcount", "popcount_rows", "popcount_stages", "popcount_width"]
 
 #: The structures :func:`popcount` can build (its ``tree`` argument).
 POPCOUNT_TREES = ("compressor", "adder")
@@ -65,9 +67,43 @@ def _adder_tree(value: Value, lo: int, hi: int) -> Value:
     return total[:n.bit_length()]
 
 
-def _carry_save(m: Module, bits: list[Value], width: int, name: str):
+def _register(m: Module, columns: list[list[Value]], name: str) -> list[list[Value]]:
+    """Every bit of ``columns`` through a flip-flop of ``m``'s sync domain."""
+    registered = []
+    for weight, column in enumerate(columns):
+        flops = []
+        for i, bit in enumerate(column):
+            flop = Signal(name=f"{name}_r_{weight}_{i}")
+            m.d.sync += flop.eq(bit)
+            flops.append(flop)
+        registered.append(flops)
+    return registered
+
+
+def popcount_stages(bits: int) -> int:
+    """Full-adder stages of the carry-save tree of a ``bits``-wide operand (the depth of
+    :func:`popcount_rows`; 9 for 64 bits)."""
+    width = popcount_width(bits)
+    columns = [bits] + [0] * max(0, width - 1)
+    stages = 0
+    while any(count > 2 for count in columns):
+        reduced = [0] * width
+        for weight, count in enumerate(columns):
+            reduced[weight] += count // 3 + count % 3
+            if weight + 1 < width:
+                reduced[weight + 1] += count // 3
+        columns = reduced
+        stages += 1
+    return stages
+
+
+def _carry_save(m: Module, bits: list[Value], width: int, name: str,
+                register_after: int | None = None):
     """Reduce 1-bit ``bits`` (all of weight 1) to two rows of ``width`` bits, as lists of
     1-bit values (``None`` for a constant 0), whose sum is the count modulo ``2**width``.
+    With ``register_after = k``, the bits left after stage ``k`` (``0``: the operand
+    bits themselves) are registered before stage ``k + 1`` (at the end if the tree has
+    ``k`` stages or fewer).
 
     Wallace reduction with full adders only: in every stage each column (bits of one
     weight) is cut into groups of three, each group becomes a sum bit (same column) and a
@@ -79,7 +115,10 @@ def _carry_save(m: Module, bits: list[Value], width: int, name: str):
     """
     columns: list[list[Value]] = [list(bits)] + [[] for _ in range(width - 1)]
     stage = 0
+    registered = False
     while any(len(column) > 2 for column in columns):
+        if stage == register_after:
+            columns, registered = _register(m, columns, name), True
         reduced: list[list[Value]] = [[] for _ in range(width)]
         for weight, column in enumerate(columns):
             full = len(column) - len(column) % 3
@@ -96,6 +135,8 @@ def _carry_save(m: Module, bits: list[Value], width: int, name: str):
             reduced[weight].extend(column[full:])
         columns = reduced
         stage += 1
+    if register_after is not None and not registered:
+        columns = _register(m, columns, name)
     return ([column[0] if len(column) > 0 else None for column in columns],
             [column[1] if len(column) > 1 else None for column in columns])
 
@@ -104,8 +145,14 @@ def _row(bits: list) -> Value:
     return Cat(Const(0, 1) if bit is None else bit for bit in bits)
 
 
-def popcount_rows(m: Module, value, *, name: str = "csa") -> tuple[Value, Value]:
+def popcount_rows(m: Module, value, *, name: str = "csa", register_after: int | None = None
+                  ) -> tuple[Value, Value]:
     """Two addends whose sum is the number of 1 bits of ``value`` (carry-save form).
+
+    ``register_after`` (``None``: purely combinational) registers the tree's bits after
+    that many full-adder stages (``0``: the operand itself; see :func:`popcount_stages`),
+    so the rows belong to the ``value`` of the previous cycle: a pipeline stage inside
+    the tree (the PE's, docs/hardware.md).
 
     The full adders of the compressor tree are added to ``m`` (comb domain, signals named
     ``{name}_{stage}_{weight}_{n}_s`` / ``_c``). The rows are what the ``"compressor"``
@@ -131,7 +178,13 @@ def popcount_rows(m: Module, value, *, name: str = "csa") -> tuple[Value, Value]
     width = popcount_width(len(value))
     if width == 0:
         return Const(0, 0), Const(0, 0)
-    row0, row1 = _carry_save(m, [value[i] for i in range(len(value))], width, name)
+    if register_after is not None and (isinstance(register_after, bool)
+                                       or not isinstance(register_after, int)
+                                       or register_after < 0):
+        raise ValueError(f"register_after must be a non-negative integer or None, "
+                         f"not {register_after!r}")
+    row0, row1 = _carry_save(m, [value[i] for i in range(len(value))], width, name,
+                             register_after)
     return _row(row0), _row(row1)
 
 

@@ -22,7 +22,7 @@ controller's guard for the output writer (``rows`` cycles per completed word; ra
 writes nothing). ``G`` is the cycles per group: ``rows + 4`` is the window generator's
 setup per command (the next group's window is set up while the current group's jobs are
 read). The constant is the fixed cost of the layer (start-up, the array's latency with
-its ``ARRAY_PIPELINE`` = 2 pipeline registers, the window generator's address
+its ``ARRAY_PIPELINE`` = 3 pipeline registers, the window generator's address
 register, the ``THRESHOLD_PIPELINE`` = 2 registers of the threshold stage and the final
 output word writes). Both counters are ``COUNTER_WIDTH``
 (32) bits wide and wrap like the hardware's.
@@ -40,9 +40,10 @@ COUNTER_WIDTH = 32
 """Bits of the controller's ``busy_cycles`` / ``stall_cycles`` counters (as
 ``bitdet.hw.controller.COUNTER_WIDTH``, which cannot be imported without amaranth)."""
 
-ARRAY_PIPELINE = 2
+ARRAY_PIPELINE = 3
 """Pipeline registers of the systolic array beyond its skew and drain (its input register
-and the PEs' popcount register: ``bitdet.hw.array.ARRAY_PIPELINE``)."""
+and the PEs' two popcount registers, in the middle of the tree and after it:
+``bitdet.hw.array.ARRAY_PIPELINE``)."""
 
 THRESHOLD_PIPELINE = 2
 """Registers of the controller's threshold stage, from a result to its output bit (the

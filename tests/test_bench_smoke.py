@@ -56,3 +56,36 @@ def test_detect_bench_quick(tmp_path):
         assert r["bytes_out"] > 0 and r["bytes_in"] > 0 and r["emulator_fps"] > 0
         assert r["link_limited_fps"] == pytest.approx(r["baud"] / 10 / (r["bytes_out"]
                                                                         + r["bytes_in"]))
+
+
+def test_array_fmax_bench_ice40(tmp_path):
+    """The array-fmax harness places and routes a small array on the UP5K: the report has
+    a post-route fmax, resources of the right order and the clock's critical path."""
+    pytest.importorskip("amaranth")
+    from bitdet.hw.build import BuildError, fpga_environment
+    try:
+        fpga_environment()
+    except BuildError as err:
+        pytest.skip(str(err))
+    out = tmp_path / "fmax.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_array_fmax.py"), "--family", "ice40",
+         "--array", "1x2x4", "--acc-width", "4", "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [record] = json.loads(out.read_text())["results"]
+    assert (record["rows"], record["cols"], record["simd"], record["bits"]) == (1, 2, 4, 8)
+    assert record["fmax_mhz"] > 0
+    assert record["meets_target"] == (record["fmax_mhz"] >= record["target_mhz"] == 40.0)
+    # two PEs with 4-bit accumulators, the harness's shift register and XOR levels
+    assert 8 <= record["lut4"] < 400 and record["ff"] >= 2 * 4
+    assert record["critical_path"][0].startswith("Info: Critical path report for clock")
+    assert "ns routing" in record["critical_path"][-1]
+
+
+def test_array_fmax_bench_rejects_a_bad_array():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_array_fmax.py"), "--family", "ice40",
+         "--array", "8x8"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "ROWSxCOLSxSIMD" in result.stderr and "Traceback" not in result.stderr

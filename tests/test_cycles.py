@@ -338,7 +338,7 @@ def test_counter_width_is_the_controllers():
 
 def test_known_counts():
     """Hand-derived: tiny (2×2×8), 4×4 map 32→4, 3×3 (K 36, 8 groups, 2 tiles): gapless, so busy =
-    16·36 + 3·2 + 2·2 + 12 (8 + the array's 2 pipeline registers + the window
+    16·36 + 3·2 + 2·2 + 13 (8 + the array's 3 pipeline registers + the window
     generator's address register + the threshold memory's word register); a 2×4×16 array, 1×1 of 16
     channels on a 2×3 map, 8 outputs (3 groups × 2 tiles of K 1): the two jobs of a group
     cols = 4 cycles apart (the array's drain), a group every max(2·4, rows + 4) = 8 cycles;
@@ -349,30 +349,30 @@ def test_known_counts():
     tiny, ice = load_config("tiny"), small_config(2, 4, 16)
     conv = {"out_h": 4, "out_w": 4, "channels": 32, "out_channels": 4, "kernel": 3,
             "raw": 0}
-    assert layer_cycles(tiny, conv) == (576 + 22, 22)
-    assert layer_cycles(tiny, conv | {"raw": 1}) == (576 + 20, 20)
-    assert layer_cycles(tiny, {k: np.int64(v) for k, v in conv.items()}) == (576 + 22, 22)
+    assert layer_cycles(tiny, conv) == (576 + 23, 23)
+    assert layer_cycles(tiny, conv | {"raw": 1}) == (576 + 21, 21)
+    assert layer_cycles(tiny, {k: np.int64(v) for k, v in conv.items()}) == (576 + 23, 23)
     one = {"out_h": 2, "out_w": 3, "channels": 16, "out_channels": 8, "kernel": 1, "raw": 0}
     assert ideal_cycles(ice, one) == 6
-    assert layer_cycles(ice, one) == (1 + 2 * 8 + 4 + 3 * 2 + 2 * 4 + 12, 1 + 20 + 26 - 6)
+    assert layer_cycles(ice, one) == (1 + 2 * 8 + 4 + 3 * 2 + 2 * 4 + 13, 1 + 20 + 27 - 6)
     one8 = one | {"channels": 8}                          # K 1 on simd 8
-    assert layer_cycles(tiny, one8 | {"out_channels": 2}) == (1 + 2 * 6 + 3 * 2 + 2 * 2 + 12,
-                                                              1 + 12 + 22 - 3)
+    assert layer_cycles(tiny, one8 | {"out_channels": 2}) == (1 + 2 * 6 + 3 * 2 + 2 * 2 + 13,
+                                                              1 + 12 + 23 - 3)
     narrow = small_config(5, 1, 8)
     one9 = one8 | {"out_channels": 9}                     # 2 groups (6 px, 5 rows)
-    assert layer_cycles(narrow, one9) == (1 + 45 + 8 * 5 + 3 * 5 + 2 + 12,
-                                          1 + 45 + 40 + 29 - 18)
-    assert layer_cycles(narrow, one9 | {"raw": 1}) == (1 + 9 + 8 * 1 + 2 * 5 + 2 + 12,
-                                                       1 + 9 + 8 + 24 - 18)
+    assert layer_cycles(narrow, one9) == (1 + 45 + 8 * 5 + 3 * 5 + 2 + 13,
+                                          1 + 45 + 40 + 30 - 18)
+    assert layer_cycles(narrow, one9 | {"raw": 1}) == (1 + 9 + 8 * 1 + 2 * 5 + 2 + 13,
+                                                       1 + 9 + 8 + 25 - 18)
 
 
 def test_counters_wrap_like_the_hardware():
     config = small_config(1, 1, 8)
     huge = {"out_h": 4000, "out_w": 4000, "channels": 64, "out_channels": 64, "kernel": 7}
     busy, stall = layer_cycles(config, huge)
-    exact = 4000 * 4000 * 64 * 49 * 8 + 3 + 2 + 12
+    exact = 4000 * 4000 * 64 * 49 * 8 + 3 + 2 + 13
     assert busy == exact % 2 ** COUNTER_WIDTH < exact
-    assert stall == 3 + 2 + 12          # the stall counter itself does not reach 2**32
+    assert stall == 3 + 2 + 13          # the stall counter itself does not reach 2**32
 
 
 def test_errors():
@@ -412,4 +412,4 @@ def test_imports_without_amaranth():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "(598, 22)"
+    assert result.stdout.strip() == "(599, 23)"

@@ -199,7 +199,7 @@ def test_array_back_to_back_latency(rows, cols, simd):
         assert records[n * cols + cols - 1][0] - first == dut.latency(job.k_words)
     total = records[-1][0] - accepted[0][0]
     k_total = sum(job.k_words for job in jobs)
-    assert total == k_total + rows + 2 * cols
+    assert total == k_total + 1 + rows + 2 * cols
     # results of consecutive jobs are contiguous when K == cols: a full-bandwidth drain
     assert records[-1][0] - records[-cols - 1][0] == cols
 
@@ -238,10 +238,11 @@ def test_array_random_schedules(rows, cols, simd, jobs, idle_between, idle_insid
 
 def test_latency_formula():
     dut = SystolicArray(rows=3, cols=2, simd=8, acc_width=6)
-    # the input register and the PEs' popcount register: 2 cycles beyond skew and drain
-    assert ARRAY_PIPELINE == 2
-    assert dut.latency(5) == 5 + 3 + 2 * 2
-    assert dut.result_cycle(10, 0) == 17
+    # the input register and the PEs' two popcount registers: 3 cycles beyond skew and
+    # drain
+    assert ARRAY_PIPELINE == 3
+    assert dut.latency(5) == 5 + 1 + 3 + 2 * 2
+    assert dut.result_cycle(10, 0) == 18
     assert (dut.rows, dut.cols, dut.simd, dut.acc_width) == (3, 2, 8, 6)
 
 

@@ -189,8 +189,9 @@ def test_pe_first_restarts_mid_accumulation(tree):
             ctx.set(dut.w_in, 0xFF)
             await ctx.tick()
         ctx.set(dut.a_in, {"word": 0, "valid": 0, "first": 0, "last": 0})
-        assert not ctx.get(dut.result_valid)            # the last word is one stage in
-        await ctx.tick()
+        for _ in range(PE_LATENCY - 1):                 # the last word is in the pipeline
+            assert not ctx.get(dut.result_valid)
+            await ctx.tick()
         assert ctx.get(dut.result) == 8 + 1
         assert ctx.get(dut.result_valid)
 

@@ -226,7 +226,7 @@ def test_two_layers_over_the_link():
     for name in ("a", "b"):
         busy, stall, ideal = measured[name]
         assert busy - stall == ideal
-        assert busy == ideal + 3 * rows + 2 * cols + 12         # K_words 18 ≥ rows + 4
+        assert busy == ideal + 3 * rows + 2 * cols + 13         # K_words 18 ≥ rows + 4
     print("measured (busy, stall, ideal):", measured)
 
 
