@@ -5,9 +5,11 @@ critical paths are in the control logic and the memories (docs/fpga.md). This be
 measures the array's own paths: the XNOR-popcount tree, the accumulator and the drain.
 The harness is:
 
-* a shift register fed from one input pin, one bit per cycle. It drives every operand
-  bit of the array (``activations``, ``weights``, ``first``, ``last``, ``valid``), so
-  every array input comes straight from a flip-flop;
+* a chain of flip-flops fed from one input pin (each stage takes the XOR of its own bit
+  and the previous stage's, so that no stage is a delayed copy of another and yosys
+  keeps the array's skew and hop registers). It drives every operand bit of the array
+  (``activations``, ``weights``, ``first``, ``last``, ``valid``), so every array input
+  comes straight from a flip-flop;
 * a pipelined XOR reduction of every array output (``results`` and ``operands.ready``),
   with a register after each level of 4-input XORs, into one output pin.
 
@@ -79,7 +81,7 @@ FAMILIES = {
 
 
 class ArrayHarness(Elaboratable):
-    """The array between an input shift register and a pipelined XOR reduction.
+    """The array between an input flip-flop chain and a pipelined XOR reduction.
 
     Ports: ``clk`` (the ``sync`` clock, no reset), ``din`` (one bit into the shift
     register), ``dout`` (the parity of every array output, ``levels`` cycles later).
@@ -99,8 +101,11 @@ class ArrayHarness(Elaboratable):
 
         operands = array.operands
         inputs = Cat(operands.payload.as_value(), operands.valid)
+        # each stage XORs its own bit with the previous stage's: no input bit is a delayed
+        # copy of another, so yosys cannot merge the array's skew and hop registers with
+        # the chain (a plain shift register would make them duplicates of chain stages)
         chain = Signal(len(inputs))
-        m.d.sync += chain.eq(Cat(self.din, chain[:-1]))
+        m.d.sync += chain.eq(Cat(self.din, chain[:-1]) ^ chain)
         m.d.comb += inputs.eq(chain)
 
         level = list(Cat(array.results.payload.as_value(), array.results.valid,
@@ -227,7 +232,7 @@ def main(argv=None) -> int:
 
     print(f"bitdet array fmax bench  {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
           f"  python {platform.python_version()}")
-    print("the array alone between an input shift register and a pipelined XOR "
+    print("the array alone between an input flip-flop chain and a pipelined XOR "
           "(nextpnr post-route fmax, one seed)")
     header = (f"{'family':7} {'array':9} {'acc':>3} {'LUT4':>6} {'FF':>6} {'carry':>6} "
               f"{'LUT4/bit':>8} {'fmax MHz':>8} {'target':>6} {'met':>4} {'synth s':>7} "
