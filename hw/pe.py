@@ -179,7 +179,7 @@ class XnorPopcountPE(wiring.Component):
         m.d.sync += [control.eq(Cat(a.valid, a.first, a.last)),
                      Cat(valid, first, last).eq(control)]
 
-        # stage 2: one three-operand add (yosys: one row of full adders and one carry
+        # stage 3: one three-operand add (yosys: one row of full adders and one carry
         # chain), instead of the popcount's own adder and then the accumulator's
         restart = Mux(first, 0, acc)
         total = Signal(self._acc_width)

@@ -1,6 +1,8 @@
 # amaranth: UnusedElaboratable=no
 """XNOR-popcount PE and popcount tree against the golden model (amaranth.sim)."""
 
+import itertools
+
 import pytest
 
 pytest.importorskip("amaranth", reason="the hw tests need the `hw` extra (amaranth)")
@@ -11,7 +13,13 @@ from amaranth.hdl import Elaboratable, Module, Signal
 from amaranth.sim import Simulator
 
 from bitdet.hw.pe import PE_LATENCY, XnorPopcountPE, activation_layout
-from bitdet.hw.popcount import POPCOUNT_TREES, popcount, popcount_rows, popcount_width
+from bitdet.hw.popcount import (
+    POPCOUNT_TREES,
+    popcount,
+    popcount_rows,
+    popcount_stages,
+    popcount_width,
+)
 from bitdet.sw import golden
 from bitdet.sw.packing import pack_activations, pack_weights
 
@@ -90,6 +98,44 @@ def test_popcount_rows_sum_to_the_count(width):
     sim = Simulator(_Wrap(total, m))
     sim.add_testbench(testbench)
     sim.run()
+
+
+def test_popcount_stages():
+    """Full-adder stages of the Wallace tree (each stage cuts every column into threes)."""
+    assert [popcount_stages(n) for n in (0, 1, 2, 3, 4, 8, 16, 32, 64, 128)] == \
+        [0, 0, 0, 1, 1, 3, 5, 7, 9, 10]
+
+
+@pytest.mark.parametrize(("width", "register_after"), [(16, 0), (16, 2), (16, 5), (16, 9),
+                                                        (64, 4), (5, 1)])
+def test_popcount_rows_registered(width, register_after):
+    """With ``register_after``, the rows of cycle ``t`` sum to the count of the value of
+    cycle ``t − 1`` (a register after that many stages; past the last stage, at the end)."""
+    rng = np.random.default_rng(200 + width + register_after)
+    value = Signal(width)
+    m = Module()
+    row0, row1 = popcount_rows(m, value, register_after=register_after)
+    total = row0 + row1
+    samples = [0, (1 << width) - 1] + [int.from_bytes(rng.bytes(-(-width // 8)), "little")
+                                       % (1 << width) for _ in range(40)]
+
+    async def testbench(ctx):
+        for v, following in itertools.pairwise(samples):
+            ctx.set(value, v)
+            await ctx.tick()
+            ctx.set(value, following)           # the operand moves on, the rows do not
+            assert ctx.get(total) == bin(v).count("1"), (v, following)
+
+    sim = Simulator(_Wrap(total, m))
+    sim.add_clock(1e-6)
+    sim.add_testbench(testbench)
+    sim.run()
+
+
+def test_popcount_rows_rejects_a_bad_register_stage():
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="register_after must be a non-negative"):
+            popcount_rows(Module(), Signal(8), register_after=bad)
 
 
 def test_popcount_rejects_non_values():
