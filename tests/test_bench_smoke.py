@@ -83,9 +83,14 @@ def test_array_fmax_bench_ice40(tmp_path):
     assert "ns routing" in record["critical_path"][-1]
 
 
-def test_array_fmax_bench_rejects_a_bad_array():
+@pytest.mark.parametrize(("args", "message"), [
+    (["--array", "8x8"], "ROWSxCOLSxSIMD"),
+    (["--array", "0x1x1"], "must be positive"),
+    (["--acc-width", "0"], "--acc-width must be at least 1"),
+])
+def test_array_fmax_bench_rejects_bad_arguments(args, message):
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bench_array_fmax.py"), "--family", "ice40",
-         "--array", "8x8"], capture_output=True, text=True, timeout=120)
+         *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert "ROWSxCOLSxSIMD" in result.stderr and "Traceback" not in result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
