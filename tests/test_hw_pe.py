@@ -245,3 +245,30 @@ def test_pe_first_restarts_mid_accumulation(tree):
     sim.add_clock(1e-6)
     sim.add_testbench(testbench)
     sim.run()
+
+
+@pytest.mark.parametrize("tree", POPCOUNT_TREES)
+def test_pe_single_word_jobs_back_to_back(tree):
+    """Jobs of one word (`first` and `last` together) in consecutive cycles: each result
+    is that word's count alone, whatever the accumulator held (it is cleared while the
+    next `first` word is in the second stage, as the previous one reaches the adder)."""
+    dut = XnorPopcountPE(simd=8, acc_width=5, popcount=tree)
+    words = [0xFF, 0x0F, 0x00, 0x7F, 0x01]          # w = 0xFF: the count is popcount(word)
+
+    async def testbench(ctx):
+        ctx.set(dut.w_in, 0xFF)
+        seen = []
+        for word in words + [None] * PE_LATENCY:
+            if word is None:
+                ctx.set(dut.a_in, {"word": 0, "valid": 0, "first": 0, "last": 0})
+            else:
+                ctx.set(dut.a_in, {"word": word, "valid": 1, "first": 1, "last": 1})
+            await ctx.tick()
+            if ctx.get(dut.result_valid):
+                seen.append(ctx.get(dut.result))
+        assert seen == [bin(w).count("1") for w in words]
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(testbench)
+    sim.run()
