@@ -376,7 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     trn = sub.add_parser(
         "train", help="train a detector on generated DigitScenes (checkpoint every epoch)",
         description="Train a detector on generated DigitScenes with AdamW and a cosine "
-        "schedule; writes OUT/epoch_NNN.pt and OUT/last.pt after every epoch. Methods: "
+        "schedule; writes OUT/epoch_NNN.pt and OUT/last.pt after every epoch, and OUT/best.pt "
+        "whenever an epoch's validation mAP@0.5 is the run's highest so far (ties: the later "
+        "epoch; none with --val-images 0). Methods: "
         + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + ".")
     trn.add_argument("--method", choices=list(METHODS),
                      help="training method (required unless --resume)")

@@ -78,6 +78,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingError",
+    "best_epoch",
     "build_model",
     "export_checkpoint",
     "load_checkpoint",
@@ -304,6 +305,18 @@ def _device(device: str | torch.device) -> torch.device:
 def _cosine_lr(base: float, step: int, total: int) -> float:
     """Cosine decay from ``base`` to 0 over ``total`` steps (per optimizer step)."""
     return base * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def best_epoch(history: Sequence[dict]) -> int | None:
+    """The epoch of ``history`` with the highest validation mAP@0.5 (``val_mAP50``), ties
+    to the later epoch; None when no entry has one (a run with ``val_count=0``). The epoch
+    that :func:`train` saves as ``best.pt``."""
+    best, score = None, None
+    for entry in history:
+        value = entry.get("val_mAP50")
+        if value is not None and (score is None or value >= score):
+            best, score = int(entry["epoch"]), value
+    return best
 
 
 def _save(obj: dict, path: Path) -> None:
@@ -592,7 +605,10 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
     seed)``; the optimizer is AdamW with a per-step cosine decay of ``lr`` to 0 over all
     epochs. After each epoch ``out_dir/epoch_NNN.pt`` and ``out_dir/last.pt`` hold the
     model, optimizer, epoch, step, history and config; the history entry has the mean train
-    losses and, with ``val_count > 0``, the validation mAP@0.5 and mAP@[.5:.95].
+    losses and, with ``val_count > 0``, the validation mAP@0.5 and mAP@[.5:.95]. With
+    validation, ``out_dir/best.pt`` is also written whenever the epoch's mAP@0.5 is at least
+    every earlier entry's (:func:`best_epoch`: ties go to the later epoch); a resumed run
+    writes it only when one of its new epochs is the history's best.
 
     ``resume``: continue from a checkpoint; the data and optimizer settings come from it
     (the arguments for those are ignored), ``epochs`` may extend the run (the cosine
@@ -801,6 +817,9 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
                  "optimizer": optimizer.state_dict()}
         _save(state, out_dir / f"epoch_{epoch + 1:03d}.pt")
         _save(state, last)
+        is_best = "val_mAP50" in entry and best_epoch(history) == epoch + 1
+        if is_best:
+            _save(state, out_dir / "best.pt")
         if log is not None:
             text = (f"epoch {epoch + 1}/{config.epochs}: loss {entry['train_loss']:.4f} (obj "
                     f"{entry['train_obj']:.3f} box {entry['train_box']:.3f} cls "
@@ -809,6 +828,6 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
             if "val_mAP50" in entry:
                 text += (f", val mAP@0.5 {entry['val_mAP50']:.4f} mAP@[.5:.95] "
                          f"{entry['val_mAP']:.4f}")
-            log(text + f", {entry['seconds']:.1f} s")
+            log(text + f", {entry['seconds']:.1f} s" + (" (best.pt)" if is_best else ""))
     model.eval()
     return TrainResult(model.cpu(), last, history, config)

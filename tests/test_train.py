@@ -15,6 +15,7 @@ from bitdet.sw.train import (
     METHODS,
     CheckpointError,
     TrainingError,
+    best_epoch,
     export_checkpoint,
     load_checkpoint,
     train,
@@ -60,6 +61,51 @@ def test_checkpoints_every_epoch(runs):
     assert [h["epoch"] for h in ckpt["history"]] == [1, 2]
     assert len(first.history) == 1 and first.history[0]["train_loss"] > 0
     assert sorted(p.name for p in (root / "resumed").iterdir()) == ["epoch_002.pt", "last.pt"]
+    assert not any("val_mAP50" in h for h in straight.history)  # no validation, no best.pt
+
+
+def test_best_epoch_is_the_highest_validation_map_ties_to_the_later():
+    def history(*scores):
+        return [{"epoch": i + 1, "train_loss": 1.0,
+                 **({} if v is None else {"val_mAP50": v})} for i, v in enumerate(scores)]
+
+    assert best_epoch(history(0.5, 0.7, 0.6)) == 2
+    assert best_epoch(history(0.5, 0.7, 0.7, 0.6)) == 3
+    assert best_epoch(history(0.0, 0.0)) == 2
+    assert best_epoch(history(0.9, 0.1, 0.2)) == 1
+    assert best_epoch(history(None, None)) is None
+    assert best_epoch([]) is None
+
+
+def test_best_checkpoint_follows_the_validation_history(tmp_path, monkeypatch):
+    """With validation images, best.pt is the epoch best_epoch() names, in the same format;
+    a resumed run writes it only for a new epoch that is the history's best. The validation
+    scores are scripted (a tiny run scores 0 every epoch, which would only test ties)."""
+    import bitdet.sw.evaluate as evaluate
+
+    scores = []
+    monkeypatch.setattr(evaluate, "evaluate_predictions",
+                        lambda *_: {"mAP50": scores.pop(0), "mAP": 0.0})
+    run = dict(TINY, val_count=4)
+    scores[:] = [0.3, 0.5, 0.4]
+    result = train("plain", epochs=3, seed=3, out_dir=tmp_path / "a", **run)
+    assert [h["val_mAP50"] for h in result.history] == [0.3, 0.5, 0.4]
+    assert best_epoch(result.history) == 2
+    best = torch.load(tmp_path / "a" / "best.pt", weights_only=True)
+    same = torch.load(tmp_path / "a" / "epoch_002.pt", weights_only=True)
+    last = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    assert best["epoch"] == 2 and last["epoch"] == 3 and best["history"] == same["history"]
+    assert all(torch.equal(best["model"][k], same["model"][k]) for k in same["model"])
+    assert not all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+    _, loaded = load_checkpoint(tmp_path / "a" / "best.pt")
+    assert loaded["epoch"] == 2
+
+    scores[:] = [0.4]  # the history's best (epoch 2) came before the resume: no best.pt
+    train(resume=tmp_path / "a" / "epoch_002.pt", out_dir=tmp_path / "b", **run)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["epoch_003.pt", "last.pt"]
+    scores[:] = [0.5, 0.4]  # epoch 2 is new and ties nothing earlier
+    train(resume=tmp_path / "a" / "epoch_001.pt", out_dir=tmp_path / "c", **run)
+    assert torch.load(tmp_path / "c" / "best.pt", weights_only=True)["epoch"] == 2
 
 
 def test_resume_reproduces_the_uninterrupted_run(runs):
