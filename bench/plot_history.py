@@ -62,9 +62,8 @@ def read_series(run: str | Path, metric: str) -> tuple[list[int], list[float]]:
 
 def summary(label: str, epochs: list[int], values: list[float], lower_is_better: bool) -> str:
     """``label: N epochs, last V (epoch E), best V (epoch E)``; ties go to the later epoch."""
-    pick = min if lower_is_better else max
-    best = pick(range(len(values)), key=lambda i: (values[i], i if not lower_is_better
-                                                   else -i))
+    sign = -1 if lower_is_better else 1
+    best = max(range(len(values)), key=lambda i: (sign * values[i], i))
     return (f"{label}: {len(values)} epochs, last {values[-1]:.4f} (epoch {epochs[-1]}), "
             f"best {values[best]:.4f} (epoch {epochs[best]})")
 
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.label is not None and len(args.label) != len(args.runs):
         parser.error(f"--label gives {len(args.label)} names for {len(args.runs)} runs")
     labels = args.label or [default_label(run) for run in args.runs]
-    lower = "loss" in args.metric or args.metric.startswith("train_")
+    lower = args.metric.startswith("train_")  # the train_* keys are losses
     try:
         curves = [(label, *read_series(run, args.metric))
                   for label, run in zip(labels, args.runs, strict=True)]
