@@ -407,8 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="NAME=VALUE", action="append",
                      help="set a method option: the weight of one of the method's extra loss "
                      "terms or another of its settings (lws: ang, amp, w, lim, psi, init_std; "
-                     "ida: p, r, gamma, score, top; bidet: reg, prior, sigma, score; rbcn: "
-                     "kernel, adv; --binarizer quantnet: quant); the detection loss "
+                     "ida: p, r, gamma, score, top, kd, kd_t; bidet: reg, prior, sigma, "
+                     "score; rbcn: kernel, adv; --binarizer quantnet: quant); the detection loss "
                      "itself has no weight here; repeatable; --loss-weight is the old "
                      "spelling. With --resume the checkpoint's values are kept: a different "
                      "value is an error")

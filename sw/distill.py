@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .detection import BOX_PRIOR, box_iou, decode, head_boxes, nms
+from .detection import BOX_PRIOR, box_iou, decode, generalized_box_iou, head_boxes, nms
 from .models import PIXEL_MAX, BinaryDetector, RealDetector
 
 __all__ = [
@@ -46,6 +46,8 @@ __all__ = [
     "SearchedBinaryConv2d",
     "bidet_losses",
     "fgfi_mask",
+    "head_distillation",
+    "ida_check_options",
     "ida_losses",
     "ida_selection",
     "lws_losses",
@@ -263,10 +265,13 @@ class IDaDetector(BinaryDetector):
         self.log_var = nn.Parameter(torch.zeros(width))
 
 
-#: Default options of ``ida``: ``L = L_GT + p·L_P + r·L_R``; ``gamma`` the fraction of
-#: proposal pairs distilled, ``score`` the detection score a proposal needs, ``top`` the most
-#: proposals per model and image. docs/methods.md explains the choices.
-IDA_DEFAULTS = {"p": 1.0, "r": 1e-4, "gamma": 0.4, "score": 0.5, "top": 20.0}
+#: Default options of ``ida``: ``L = L_GT + p·L_P + r·L_R + kd·L_KD``; ``gamma`` the fraction
+#: of proposal pairs distilled, ``score`` the detection score a proposal needs, ``top`` the
+#: most proposals per model and image; ``kd`` (0: off, the paper's method) weighs the
+#: head-output distillation :func:`head_distillation` at temperature ``kd_t``.
+#: docs/methods.md explains the choices.
+IDA_DEFAULTS = {"p": 1.0, "r": 1e-4, "gamma": 0.4, "score": 0.5, "top": 20.0, "kd": 0.0,
+                "kd_t": 1.0}
 
 
 def _proposal_cells(boxes: torch.Tensor, grid: tuple[int, int], stride: int) -> list[tuple]:
@@ -327,10 +332,48 @@ def ida_selection(teacher_head: torch.Tensor, student_head: torch.Tensor,
     return mask, discrepancies
 
 
+def ida_check_options(options: dict) -> None:
+    """``ValueError`` for ``ida`` options that cannot work (checked before training)."""
+    if options.get("kd", 0.0) < 0:
+        raise ValueError(f"ida option kd (the head distillation weight) must be >= 0, not "
+                         f"{options['kd']!r}")
+    if options.get("kd_t", 1.0) <= 0:
+        raise ValueError(f"ida option kd_t (the distillation temperature) must be > 0, not "
+                         f"{options['kd_t']!r}")
+
+
+def head_distillation(student_head: torch.Tensor, teacher_head: torch.Tensor, stride: int,
+                      num_objects: int, *, temperature: float = 1.0,
+                      prior: float = BOX_PRIOR) -> torch.Tensor:
+    """Distillation of the teacher's head map into the student's (not part of IDa-Det).
+
+    The detection loss's three terms with the teacher's outputs as soft targets, on every
+    cell: objectness ``KL(Bernoulli(σ(o_t)) ‖ Bernoulli(σ(o_s)))``; for the classes
+    ``q_t · T² · KL(softmax(c_t/T) ‖ softmax(c_s/T))`` and for the box ``q_t · (1 − GIoU)``
+    between the two decoded boxes, each weighted by the teacher's objectness ``q_t = σ(o_t)``
+    (the cells the teacher calls objects). Summed over cells and divided by
+    ``num_objects`` (≥ 1), as the detection loss divides by its responsible cells. The
+    teacher's map is a constant (no gradient reaches the teacher).
+    """
+    if temperature <= 0:
+        raise ValueError(f"the distillation temperature must be positive, not {temperature!r}")
+    t = teacher_head.detach()
+    q_t = torch.sigmoid(t[:, 0])
+    obj = (F.binary_cross_entropy_with_logits(student_head[:, 0], q_t, reduction="none")
+           - F.binary_cross_entropy_with_logits(t[:, 0], q_t, reduction="none"))
+    log_p_s = F.log_softmax(student_head[:, 5:] / temperature, dim=1)
+    log_p_t = F.log_softmax(t[:, 5:] / temperature, dim=1)
+    cls = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1) * temperature ** 2
+    box = 1 - generalized_box_iou(head_boxes(student_head, stride, prior=prior),
+                                  head_boxes(t, stride, prior=prior))
+    return (obj + q_t * (cls + box)).sum() / max(num_objects, 1)
+
+
 def ida_losses(student: IDaDetector, teacher: RealDetector, pixels: torch.Tensor,
                targets: list[dict[str, torch.Tensor]], options: dict,
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Student head map and the weighted IDa-Det terms ``{"p": λ·L_P, "r": μ·L_R}``.
+    """Student head map and the weighted IDa-Det terms ``{"p": λ·L_P, "r": μ·L_R}``, and
+    ``"kd": kd·L_KD`` (:func:`head_distillation`) when the ``kd`` option is not 0.
 
     ``L_P`` (entropy distillation) is the Gaussian negative log-likelihood of the teacher's
     features given the adapted student's on the selected cells, per channel ``c`` with the
@@ -355,7 +398,12 @@ def ida_losses(student: IDaDetector, teacher: RealDetector, pixels: torch.Tensor
         w = block.conv.weight
         alpha = block.conv.alpha().reshape(-1, 1, 1, 1)
         loss_r = loss_r + ((w - alpha * torch.where(w >= 0, 1.0, -1.0)) ** 2).mean()
-    return head, {"p": weights["p"] * loss_p, "r": weights["r"] * loss_r}
+    terms = {"p": weights["p"] * loss_p, "r": weights["r"] * loss_r}
+    if weights["kd"]:
+        objects = sum(len(target["boxes"]) for target in targets)
+        terms["kd"] = weights["kd"] * head_distillation(
+            head, t_maps[-1], student.stride, objects, temperature=weights["kd_t"])
+    return head, terms
 
 
 # ----------------------------------------------------------------------------------- BiDet

@@ -59,6 +59,7 @@ from .distill import (
     LWSDetector,
     RBCNDetector,
     bidet_losses,
+    ida_check_options,
     ida_losses,
     lws_losses,
     lws_prepare,
@@ -122,6 +123,8 @@ class Method:
     prepare: Callable[[nn.Module, dict], None] | None = None
     #: whether ``losses`` needs the ``fp`` teacher (``teacher=`` / ``--teacher``)
     needs_teacher: bool = False
+    #: ``check(options)``: raises ``ValueError`` for option values that cannot work
+    check: Callable[[dict], None] | None = None
 
 
 #: Training methods by name. Add an entry to make a new method available to
@@ -137,7 +140,8 @@ METHODS: dict[str, Method] = {
                   needs_teacher=True),
     "ida": Method("ida", "IDa-Det: max-discrepancy proposal pairs, entropy distillation "
                   "from an fp teacher (--teacher)", IDaDetector, exportable=True,
-                  losses=ida_losses, defaults=IDA_DEFAULTS, needs_teacher=True),
+                  losses=ida_losses, defaults=IDA_DEFAULTS, needs_teacher=True,
+                  check=ida_check_options),
     "bidet": Method("bidet", "BiDet: information bottleneck (sampled boxes, L2 on the "
                     "pre-activations) + sparse object prior; no teacher", BiDetDetector,
                     exportable=True, losses=bidet_losses, defaults=BIDET_DEFAULTS),
@@ -708,6 +712,11 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
         if init_from is not None and not chosen.exportable:
             raise TrainingError(f"init_from initialises a binary model, not {chosen.name!r}")
     spec = _method(config.method)
+    if spec.check is not None:
+        try:
+            spec.check(config.options)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
     for name in ("epochs", "batch_size", "train_count", "image_size"):
         if getattr(config, name) < 1:
             raise TrainingError(f"{name} must be positive, not {getattr(config, name)}")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from bitdet.sw.bundle import load
 from bitdet.sw.cli import main
 from bitdet.sw.data import make_digitscenes
-from bitdet.sw.detection import perfect_head_map
+from bitdet.sw.detection import generalized_box_iou, head_boxes, perfect_head_map
 from bitdet.sw.distill import (
     BiDetDetector,
     IDaDetector,
@@ -18,6 +18,7 @@ from bitdet.sw.distill import (
     SearchedBinaryConv2d,
     bidet_losses,
     fgfi_mask,
+    head_distillation,
     ida_losses,
     ida_selection,
     lws_losses,
@@ -299,6 +300,63 @@ def test_ida_losses_follow_the_equations():
         assert torch.allclose(terms["r"], r)
     sum(terms.values()).backward()
     assert student.log_var.grad.abs().sum() > 0 and student.adapt.weight.grad.abs().sum() > 0
+
+
+def test_head_distillation_is_the_soft_detection_loss():
+    torch.manual_seed(8)
+    teacher_head = torch.randn(2, 15, 4, 4) * 2
+    assert float(head_distillation(teacher_head.clone(), teacher_head, 8, 3)) == \
+        pytest.approx(0.0, abs=1e-5)
+    student_head = torch.randn(2, 15, 4, 4, requires_grad=True)
+    loss = head_distillation(student_head, teacher_head, 8, 3, temperature=2.0)
+    value = float(loss.detach())
+    # the same terms, one cell at a time
+    expected = 0.0
+    boxes_s = head_boxes(student_head.detach(), 8)
+    boxes_t = head_boxes(teacher_head, 8)
+    for n in range(2):
+        for y in range(4):
+            for x in range(4):
+                s, t = student_head.detach()[n, :, y, x], teacher_head[n, :, y, x]
+                q = torch.sigmoid(t[0])
+                p_s = torch.sigmoid(s[0])
+                obj = q * torch.log(q / p_s) + (1 - q) * torch.log((1 - q) / (1 - p_s))
+                pt, ps = torch.softmax(t[5:] / 2, 0), torch.softmax(s[5:] / 2, 0)
+                cls = 4 * (pt * torch.log(pt / ps)).sum()
+                giou = generalized_box_iou(boxes_s[n, y, x], boxes_t[n, y, x])
+                expected += obj + q * (cls + 1 - giou)
+    assert value == pytest.approx(float(expected) / 3, rel=1e-4)
+    assert value > 0
+    loss.backward()
+    assert student_head.grad.abs().sum() > 0
+    # no objects in the batch: divided by 1, not 0
+    assert float(head_distillation(student_head.detach(), teacher_head, 8, 0, temperature=2.0)) == \
+        pytest.approx(value * 3, rel=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        head_distillation(student_head, teacher_head, 8, 3, temperature=0.0)
+
+
+def test_ida_kd_option_adds_the_head_distillation_term(teacher, tmp_path):
+    torch.manual_seed(4)
+    kwargs = {"widths": (4, 6, 8), "pools": (True, False), "image_size": 32}
+    student, real = IDaDetector(**kwargs), RealDetector(**kwargs).eval()
+    pixels = torch.rand(2, 1, 32, 32) * 255
+    boxes = [{"boxes": torch.tensor([[4.0, 4.0, 20.0, 20.0], [1.0, 2.0, 9.0, 9.0]])},
+             {"boxes": torch.tensor([[0.0, 0.0, 12.0, 12.0]])}]
+    _, off = ida_losses(student, real, pixels, boxes, IDA)
+    assert "kd" not in off                          # the paper's method: no such term
+    head, on = ida_losses(student, real, pixels, boxes, {**IDA, "kd": 0.5, "kd_t": 2.0})
+    with torch.no_grad():
+        expected = 0.5 * head_distillation(head, real(pixels), student.stride, 3,
+                                           temperature=2.0)
+    assert torch.allclose(on["kd"], expected)
+    assert torch.allclose(on["p"], off["p"]) and torch.allclose(on["r"], off["r"])
+    for bad, fragment in (({"kd": -1.0}, "kd .* must be >= 0"), ({"kd_t": 0.0}, "kd_t")):
+        with pytest.raises(TrainingError, match=fragment):
+            train("ida", epochs=1, teacher=teacher, options=bad, out_dir=tmp_path, **TINY)
+    result = train("ida", epochs=1, seed=2, teacher=teacher, out_dir=tmp_path / "kd",
+                   options={"kd": 1.0}, **TINY)
+    assert result.config.options["kd"] == 1.0 and "train_kd" in result.history[-1]
 
 
 @pytest.mark.parametrize("raw_last", [False, True])
