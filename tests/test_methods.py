@@ -330,13 +330,13 @@ def test_head_distillation_is_the_soft_detection_loss():
     loss.backward()
     assert student_head.grad.abs().sum() > 0
     # no objects in the batch: divided by 1, not 0
-    assert float(head_distillation(student_head.detach(), teacher_head, 8, 0, temperature=2.0)) == \
-        pytest.approx(value * 3, rel=1e-5)
+    unnormalised = head_distillation(student_head.detach(), teacher_head, 8, 0, temperature=2.0)
+    assert float(unnormalised) == pytest.approx(value * 3, rel=1e-5)
     with pytest.raises(ValueError, match="temperature"):
         head_distillation(student_head, teacher_head, 8, 3, temperature=0.0)
 
 
-def test_ida_kd_option_adds_the_head_distillation_term(teacher, tmp_path):
+def test_ida_kd_option_adds_the_head_distillation_term(capsys, teacher, tmp_path):
     torch.manual_seed(4)
     kwargs = {"widths": (4, 6, 8), "pools": (True, False), "image_size": 32}
     student, real = IDaDetector(**kwargs), RealDetector(**kwargs).eval()
@@ -354,6 +354,11 @@ def test_ida_kd_option_adds_the_head_distillation_term(teacher, tmp_path):
     for bad, fragment in (({"kd": -1.0}, "kd .* must be >= 0"), ({"kd_t": 0.0}, "kd_t")):
         with pytest.raises(TrainingError, match=fragment):
             train("ida", epochs=1, teacher=teacher, options=bad, out_dir=tmp_path, **TINY)
+    status = main(["train", "--method", "ida", "--teacher", str(teacher), "--method-option",
+                   "kd_t=0", "--out", str(tmp_path / "x")])
+    out, err = capsys.readouterr()
+    assert status == 2 and out == "" and err.strip() == (
+        "bitdet: error: ida option kd_t (the distillation temperature) must be > 0, not 0.0")
     result = train("ida", epochs=1, seed=2, teacher=teacher, out_dir=tmp_path / "kd",
                    options={"kd": 1.0}, **TINY)
     assert result.config.options["kd"] == 1.0 and "train_kd" in result.history[-1]
