@@ -420,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--init-from", metavar="CKPT",
                      help="initialise the binary convolutions' latent weights from an fp "
                      "checkpoint of the same widths (typically the --teacher); new runs of "
-                     "plain, ida, bidet, rbcn (docs/methods.md)")
+                     "plain, ida, bidet, rbcn (docs/methods.md). With --method fp: a warm "
+                     "start from all of that fp checkpoint's weights")
     trn.add_argument("--levels", type=_positive,
                      help="pyramid levels of the head (plain only; default 1): 2 or 3 add a "
                      "shared binary head block with one BN per level (AQD multi-level BN); "

@@ -639,7 +639,8 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
     ``init_from``: an ``fp`` checkpoint of the student's topology (typically the teacher)
     whose conv weights initialise the binary model (:func:`init_from_teacher`; new runs of
     the ``plain``, ``ida``, ``bidet`` and ``rbcn`` methods; not with ``dup`` or the QuantNet
-    binarizer).
+    binarizer). For an ``fp`` run it is a warm start: the new run begins with all of that
+    checkpoint's weights and BN statistics (its optimizer state and schedule start afresh).
     On ``resume`` the run's ``options``, model options and widths are the checkpoint's:
     giving different values raises :class:`TrainingError` (equal ones are accepted).
     The history entries of a distillation run gain the mean weighted terms
@@ -709,8 +710,6 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
             teacher=None if teacher is None else str(teacher),
             options={**defaults, **(options or {})},
             init_from=None if init_from is None else str(init_from))
-        if init_from is not None and not chosen.exportable:
-            raise TrainingError(f"init_from initialises a binary model, not {chosen.name!r}")
     spec = _method(config.method)
     if spec.check is not None:
         try:
@@ -730,8 +729,11 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
         if spec.prepare is not None and ckpt is None:
             spec.prepare(model, config.options)
     if ckpt is None and config.init_from is not None:
-        init_from_teacher(model, load_teacher(config.init_from, config.model,
-                                              role="--init-from checkpoint"))
+        source = load_teacher(config.init_from, config.model, role="--init-from checkpoint")
+        if spec.exportable:
+            init_from_teacher(model, source)
+        else:       # fp: a warm start, every weight and BN statistic of the checkpoint
+            model.load_state_dict(source.state_dict())
     model.to(dev)
     teacher_model = None
     if spec.needs_teacher:

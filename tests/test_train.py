@@ -200,8 +200,14 @@ def test_init_from_copies_the_teachers_conv_signs(tmp_path):
     with pytest.raises(TrainingError, match="dup 2"):
         train("plain", epochs=1, init_from=teacher.checkpoint, model_options={"dup": 2},
               out_dir=tmp_path / "d", **TINY)
-    with pytest.raises(TrainingError, match="not 'fp'"):
-        train("fp", epochs=1, init_from=teacher.checkpoint, out_dir=tmp_path / "f", **TINY)
+    # fp: a warm start from every weight of the checkpoint (lr 0: the parameters stay)
+    warm = train("fp", epochs=1, seed=5, init_from=teacher.checkpoint, out_dir=tmp_path / "f",
+                 lr=0.0, **TINY)
+    theirs = dict(t_model.named_parameters())
+    for name, param in warm.model.named_parameters():
+        assert torch.equal(param, theirs[name]), name
+    cold = train("fp", epochs=1, seed=5, out_dir=tmp_path / "g", lr=0.0, **TINY)
+    assert not torch.equal(cold.model.stem[0].weight, t_model.stem[0].weight)
     with pytest.raises(TrainingError, match="new run only"):
         train(resume=result.checkpoint, init_from=teacher.checkpoint, out_dir=tmp_path / "s",
               **TINY)
