@@ -94,3 +94,45 @@ def test_array_fmax_bench_rejects_bad_arguments(args, message):
          *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_make_default_writes_a_record_the_shipped_checks_accept(tmp_path, monkeypatch):
+    """bench/make_default.py on a tiny run (recipe shrunk to it): the record matches the
+    bundle (size, sha256, method/seed/epoch), the bundle fits the iCEBreaker preset, checkpoint
+    and bundle score alike, and a checkpoint of another epoch count is refused."""
+    import hashlib
+    import importlib.util
+
+    from bitdet.sw.bundle import load
+    from bitdet.sw.train import train
+    spec = importlib.util.spec_from_file_location("make_default",
+                                                  ROOT / "bench" / "make_default.py")
+    make_default = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_default)
+    run = train("plain", epochs=1, seed=3, batch_size=16, train_count=32, val_count=8,
+                progress=False, threads=1, out_dir=tmp_path / "run")
+    monkeypatch.setitem(make_default.RECIPE, "epochs", 1)
+    monkeypatch.setitem(make_default.TEST, "images", 24)
+    monkeypatch.setattr(make_default, "SUBSET_IMAGES", 8)
+    assets = tmp_path / "assets"
+    assert make_default.main(["--run", str(run.checkpoint.parent), "--assets", str(assets),
+                              "--seed", "3", "--wall-seconds", "12.5"]) == 0
+    record = json.loads((assets / "default.json").read_text())
+    data = (assets / "default.bitdet").read_bytes()
+    assert record["bundle_bytes"] == len(data)
+    assert record["bundle_sha256"] == hashlib.sha256(data).hexdigest()
+    assert load(assets / "default.bitdet").model["training"] == {"method": "plain", "seed": 3,
+                                                                 "epoch": 1}
+    assert record["train_wall_seconds"] == 12.5 and len(record["val_history"]) == 1
+    assert "--seed 3 --threads 2" in record["commands"][0]
+    for part in ("test", "test_subset"):
+        assert record[part]["checkpoint"] == record[part]["bundle"]
+    assert record["test"]["images"] == 24 and record["test_subset"]["images"] == 8
+    monkeypatch.setitem(make_default.RECIPE, "epochs", 16)
+    with pytest.raises(SystemExit, match="not the recipe's plain epoch 16"):
+        make_default.main(["--run", str(run.checkpoint.parent), "--assets", str(assets),
+                           "--wall-seconds", "1"])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "last.pt").write_bytes(b"not a checkpoint")
+    assert make_default.main(["--run", str(tmp_path / "bad"), "--assets", str(assets),
+                              "--wall-seconds", "1"]) == 2
