@@ -70,6 +70,7 @@ def build_record(run: Path, assets: Path, seed: int, wall_seconds: float, note: 
     from bitdet.hw.config import load_config
     from bitdet.sw.bundle import load
     from bitdet.sw.data import make_digitscenes
+    from bitdet.sw.device import device_layer_count
     from bitdet.sw.train import export_checkpoint, load_checkpoint
 
     torch.set_num_threads(1)
@@ -110,7 +111,8 @@ def build_record(run: Path, assets: Path, seed: int, wall_seconds: float, note: 
             f"bitdet eval --bundle {rel} --split test --images {TEST['images']} "
             f"--seed {TEST['seed']} --json",
             f"bitdet hw info --config {CONFIG} --bundle {rel}",
-            "python bench/make_default.py --run /tmp/runs/default_plain --assets sw/assets",
+            f"python bench/make_default.py --run /tmp/runs/default_plain --assets sw/assets "
+            f"--wall-seconds {wall_seconds:.1f}",
         ],
         "train_wall_seconds": round(wall_seconds, 1),
         "train_wall_note": note,
@@ -123,7 +125,9 @@ def build_record(run: Path, assets: Path, seed: int, wall_seconds: float, note: 
                         "checkpoint": _scores(model, subset, prior=prior),
                         "bundle": _scores(bundle, subset)},
         "fits": {"config": CONFIG, "command": f"bitdet hw info --config {CONFIG} --bundle {rel}",
-                 "result": "fits, every layer resident on chip"},
+                 "result": "fits, every layer resident on chip"
+                           + ("" if device_layer_count(bundle) == len(bundle.binary_layers)
+                              else "; its raw last layer runs on the host")},
         "machine": f"{platform.machine()} {_cpu_name()}",
         "versions": _versions(),
     }

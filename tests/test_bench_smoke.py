@@ -125,6 +125,8 @@ def test_make_default_writes_a_record_the_shipped_checks_accept(tmp_path, monkey
                                                                  "epoch": 1}
     assert record["train_wall_seconds"] == 12.5 and len(record["val_history"]) == 1
     assert "--seed 3 --threads 2" in record["commands"][0]
+    assert record["commands"][-1].endswith("--wall-seconds 12.5")
+    assert record["fits"]["result"] == "fits, every layer resident on chip"
     for part in ("test", "test_subset"):
         assert record[part]["checkpoint"] == record[part]["bundle"]
     assert record["test"]["images"] == 24 and record["test_subset"]["images"] == 8
