@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .bundle import Bundle
+from .bundle import MANIFEST, Bundle
 from .data import DIGIT_CLASSES, make_digitscenes
 from .detection import BOX_PRIOR, LossWeights, decode, detection_loss, encode_targets, nms
 from .distill import (
@@ -332,6 +333,29 @@ def _save(obj: dict, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _is_bundle(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return MANIFEST in z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _load_failure(e: Exception) -> str:
+    """The cause of a failed ``torch.load``, without torch's advice to load unsafely.
+
+    For a file that is not a tensors-only pickle torch explains that ``weights_only=False``
+    "will likely succeed"; for a corrupt or foreign file that is wrong and unsafe, so only
+    the unpickler's own finding is kept.
+    """
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        detail = text.split(marker, 1)[1].strip().split("\n", 1)[0].strip()
+        return f"not a tensors-only torch file: {detail}"
+    return f"{type(e).__name__}: {text.strip().splitlines()[0][:200] if text.strip() else ''}"
+
+
 def _read_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -339,8 +363,12 @@ def _read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for corrupt / foreign files
+        if _is_bundle(path):
+            raise CheckpointError(f"{path}: a deployment bundle, not a training checkpoint "
+                                  "(give the .pt that `bitdet train` wrote; a bundle is "
+                                  "read with --bundle)") from None
         raise CheckpointError(f"{path}: not a readable checkpoint "
-                              f"({type(e).__name__}: {str(e)[:200]})") from None
+                              f"({_load_failure(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a bitdet training checkpoint")
     if ckpt.get("version") != CHECKPOINT_VERSION:

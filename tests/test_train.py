@@ -233,8 +233,12 @@ def test_methods_registry_and_user_errors(tmp_path):
             train("plain", epochs=1, device="cuda", out_dir=tmp_path, **TINY)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable checkpoint") as err:
         load_checkpoint(bad)
+    assert "weights_only" not in str(err.value)  # not torch's advice to load unsafely
+    assert "tensors-only" in str(err.value)
+    with pytest.raises(CheckpointError, match="a deployment bundle, not a training checkpoint"):
+        load_checkpoint(_default_asset()[0])
     torch.save({"hello": 1}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a bitdet training checkpoint"):
         export_checkpoint(tmp_path / "other.pt", tmp_path / "o.bitdet")
