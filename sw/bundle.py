@@ -52,6 +52,7 @@ __all__ = [
 FORMAT = "bitdet-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the zip format's earliest date: reproducible bytes
 #: Word width of the packed weights stored in a bundle (the byte is the common divisor of
 #: every SIMD width; the driver repacks for the device).
 STORAGE_WORD_BITS = 8
@@ -379,15 +380,23 @@ class Bundle:
         tmp = path.with_name(path.name + ".tmp")
         try:
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                zf.writestr(MANIFEST, json.dumps(manifest, indent=1))
+                zf.writestr(_member(MANIFEST), json.dumps(manifest, indent=1))
                 for member, a in arrays.items():
                     buffer = io.BytesIO()
                     np.save(buffer, np.ascontiguousarray(a), allow_pickle=False)
-                    zf.writestr(member, buffer.getvalue())
+                    zf.writestr(_member(member), buffer.getvalue())
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
         return path
+
+
+def _member(name: str) -> zipfile.ZipInfo:
+    """A zip member with a fixed date, so that the same model always writes the same bytes."""
+    info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = 0o644 << 16
+    return info
 
 
 def _check_json(value, where: str) -> None:

@@ -367,6 +367,17 @@ def test_save_overwrites_and_default_names(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.bitdet"]
 
 
+def test_save_is_reproducible(tmp_path):
+    """The same bundle writes the same bytes whenever it is saved (no clock in the zip)."""
+    bundle = small_bundle("2bit", host=True, seed=3)
+    a = bundle.save(tmp_path / "a.bitdet").read_bytes()
+    with zipfile.ZipFile(tmp_path / "a.bitdet") as zf:
+        assert {info.date_time for info in zf.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+        assert all(info.compress_type == zipfile.ZIP_DEFLATED for info in zf.infolist())
+    assert bundle.save(tmp_path / "b.bitdet").read_bytes() == a
+    assert load(tmp_path / "a.bitdet").save(tmp_path / "c.bitdet").read_bytes() == a
+
+
 # --------------------------------------------------------------------------- Bundle.save refuses
 
 
