@@ -344,16 +344,17 @@ def _is_bundle(path: Path) -> bool:
 def _load_failure(e: Exception) -> str:
     """The cause of a failed ``torch.load``, without torch's advice to load unsafely.
 
-    For a file that is not a tensors-only pickle torch explains that ``weights_only=False``
-    "will likely succeed"; for a corrupt or foreign file that is wrong and unsafe, so only
-    the unpickler's own finding is kept.
+    When a file is not a tensors-only pickle, torch adds that ``weights_only=False`` "will
+    likely succeed"; for a corrupt or foreign file that is wrong and unsafe, so only the
+    unpickler's own finding is kept (else the first line of the message).
     """
     text = str(e)
     marker = "WeightsUnpickler error:"
     if marker in text:
         detail = text.split(marker, 1)[1].strip().split("\n", 1)[0].strip()
         return f"not a tensors-only torch file: {detail}"
-    return f"{type(e).__name__}: {text.strip().splitlines()[0][:200] if text.strip() else ''}"
+    lines = text.strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 def _read_checkpoint(path: str | os.PathLike) -> dict:
