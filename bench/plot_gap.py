@@ -24,7 +24,8 @@ import statistics
 import sys
 from pathlib import Path
 
-PLOT_HINT = "matplotlib is not installed: pip install -e '.[bench]' for the plot"
+from _plotting import pyplot, save
+
 METRICS = {"mAP50": "mAP@0.5", "mAP": "mAP@[.5:.95]"}
 
 
@@ -92,12 +93,8 @@ def gap_table(groups: dict[str, list[tuple[str, float]]], student: str, label: s
 def plot(groups: dict[str, list[tuple[str, float]]], student: str, target: float, label: str,
          path: Path, title: str = "") -> bool:
     """Write the PNG; ``False`` (and a hint on stderr) without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(PLOT_HINT, file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
     names = list(groups)
     fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(names) + 1.6), dpi=110)
@@ -118,12 +115,7 @@ def plot(groups: dict[str, list[tuple[str, float]]], student: str, target: float
     ax.set_xlabel(f"test {label} (dots: runs, bars: means)")
     ax.grid(True, axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save(plt, fig, ax, path, title)
     return True
 
 

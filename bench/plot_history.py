@@ -22,9 +22,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from bitdet.sw.train import CheckpointError, _read_checkpoint
+from _plotting import pyplot, save
 
-PLOT_HINT = "matplotlib is not installed: pip install -e '.[bench]' for the plot"
+from bitdet.sw.train import CheckpointError, _read_checkpoint
 
 
 class HistoryError(ValueError):
@@ -71,12 +71,8 @@ def summary(label: str, epochs: list[int], values: list[float], lower_is_better:
 def plot(curves: list[tuple[str, list[int], list[float]]], refs: list[tuple[str, float]],
          metric: str, path: Path, title: str = "") -> bool:
     """Write the PNG; ``False`` (and a hint on stderr) without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(PLOT_HINT, file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for label, epochs, values in curves:
@@ -88,12 +84,7 @@ def plot(curves: list[tuple[str, list[int], list[float]]], refs: list[tuple[str,
     ax.set_ylabel(metric)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save(plt, fig, ax, path, title)
     return True
 
 
