@@ -45,6 +45,7 @@ from pathlib import Path
 from amaranth.back import rtlil
 from amaranth.hdl import Cat, ClockDomain, Elaboratable, Module, Signal
 
+from bitdet.core.config import load_config
 from bitdet.hw.array import SystolicArray
 from bitdet.hw.build import (
     BuildError,
@@ -53,7 +54,6 @@ from bitdet.hw.build import (
     parse_nextpnr_utilisation,
     parse_yosys_stat,
 )
-from bitdet.hw.config import load_config
 
 
 @dataclass(frozen=True)

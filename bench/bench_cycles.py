@@ -6,7 +6,7 @@ Runs a fixed set of conv layers on the ``tiny`` and ``icebreaker`` presets, a mi
 ``LayerController`` with its activation buffer, weight and threshold memories, and prints
 per layer the ``busy_cycles`` / ``stall_cycles`` the controller reports, the ideal cycles
 (K-words fed to the array), the utilization ``ideal / busy`` and the prediction of
-``bitdet.sw.cycles.layer_cycles``, which must match exactly (exit status 1 otherwise).
+``bitdet.core.cycles.layer_cycles``, which must match exactly (exit status 1 otherwise).
 
     python bench/bench_cycles.py [--quick] [--csv FILE]
 """
@@ -26,11 +26,11 @@ from amaranth.hdl import Elaboratable, Module
 from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
-from bitdet.hw.config import AcceleratorConfig, load_config
+from bitdet.core.config import AcceleratorConfig, load_config
+from bitdet.core.cycles import ideal_cycles, layer_cycles
 from bitdet.hw.controller import LayerController
 from bitdet.hw.memory import activation_buffer, threshold_memory, weight_memory
 from bitdet.hw.window import WindowLayer
-from bitdet.sw.cycles import ideal_cycles, layer_cycles
 
 UTILIZATION_BAR = 0.9
 """The issue's bar for compute-bound layers (``kernel²·C ≥ 8·simd``, ``O % cols == 0``)."""
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     print(f"bitdet cycle bench  {datetime.datetime.now(datetime.timezone.utc).isoformat()}"
           f"  python {platform.python_version()}, amaranth {amaranth.__version__}")
     print("busy/stall: the controller's counters in amaranth.sim; ideal: K-words fed to the "
-          "array; util = ideal / busy; model: bitdet.sw.cycles.layer_cycles")
+          "array; util = ideal / busy; model: bitdet.core.cycles.layer_cycles")
     header = ("config", "array", "layer", "input", "C->O", "k/s/p", "K_words", "tiles",
               "jobs", "busy", "stall", "ideal", "util", "model busy", "model stall", "match",
               "compute-bound", "sim s")

@@ -3,7 +3,7 @@ frame rates they imply at each preset's clock and baud rate, side by side.
 
 For each preset (tiny, icebreaker, ulx3s) the bundle (default: the shipped detector) is
 planned onto the device (``bitdet.sw.device.plan_bundle``) and its device cycles per frame
-come from the cycle model (``bitdet.sw.cycles.layer_cycles``, the RTL's exact counts).
+come from the cycle model (``bitdet.core.cycles.layer_cycles``, the RTL's exact counts).
 Where the bundle fits, it is loaded into the emulator and ``Device.detect`` runs on
 DigitScenes test images: emulator frames/s (host wall clock, the whole pipeline), link
 bytes per frame each way, and the cycles the emulated device reported (checked equal to
@@ -37,9 +37,9 @@ import time
 
 import torch
 
-from bitdet.hw.config import load_config
-from bitdet.sw.bundle import load as load_bundle
-from bitdet.sw.cycles import layer_cycles, pool_cycles
+from bitdet.core.bundle import load as load_bundle
+from bitdet.core.config import load_config
+from bitdet.core.cycles import layer_cycles, pool_cycles
 from bitdet.sw.data import make_digitscenes
 from bitdet.sw.detect import DEFAULT_BUNDLE, frame_rates
 from bitdet.sw.device import Device, plan_bundle

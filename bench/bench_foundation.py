@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bitdet.sw.golden import binary_conv2d
-from bitdet.sw.packing import (
+from bitdet.core.golden import binary_conv2d
+from bitdet.core.packing import (
     pack_activations,
     pack_weights,
     packed_width,

@@ -35,8 +35,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bitdet.core.config import AcceleratorConfig, ConfigError, load_config
 from bitdet.hw import build
-from bitdet.hw.config import AcceleratorConfig, ConfigError, load_config
 
 FAMILIES = {
     # family: (board, default base preset, default sweep rows, cols, simd)

@@ -43,7 +43,7 @@ def train_command(run: Path, seed: int) -> list[str]:
 
 
 def _scores(model_or_bundle, dataset, *, prior=None) -> dict:
-    from bitdet.sw.bundle import Bundle
+    from bitdet.core.bundle import Bundle
     from bitdet.sw.evaluate import evaluate_predictions, predict_bundle, predict_model
     if isinstance(model_or_bundle, Bundle):
         predictions = predict_bundle(model_or_bundle, dataset)
@@ -67,8 +67,8 @@ def _versions() -> dict:
 def build_record(run: Path, assets: Path, seed: int, wall_seconds: float, note: str) -> dict:
     import torch
 
-    from bitdet.hw.config import load_config
-    from bitdet.sw.bundle import load
+    from bitdet.core.bundle import load
+    from bitdet.core.config import load_config
     from bitdet.sw.data import make_digitscenes
     from bitdet.sw.device import device_layer_count
     from bitdet.sw.train import export_checkpoint, load_checkpoint

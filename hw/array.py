@@ -29,8 +29,9 @@ from amaranth.hdl import Module, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from bitdet.core.cycles import ARRAY_PIPELINE
+
 from .pe import (
-    PE_LATENCY,
     XnorPopcountPE,
     _check_popcount,
     _check_positive,
@@ -39,9 +40,6 @@ from .pe import (
 
 __all__ = ["ARRAY_PIPELINE", "SystolicArray"]
 
-#: Pipeline registers a job's results pass beyond the systolic skew and drain: the
-#: array's input register and the PEs' two popcount registers (``PE_LATENCY − 1``).
-ARRAY_PIPELINE = 1 + (PE_LATENCY - 1)
 
 
 def _delayed(m: Module, value, shape, cycles: int, name: str):

@@ -29,7 +29,8 @@ from amaranth.lib import io, wiring
 from amaranth.lib.cdc import FFSynchronizer
 from amaranth.lib.wiring import In, Out
 
-from .config import AcceleratorConfig
+from bitdet.core.config import AcceleratorConfig
+
 from .top import CommandExecutor
 from .uart import UART
 

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import AcceleratorConfig
+from bitdet.core.config import AcceleratorConfig
 
 __all__ = [
     "NEXTPNR_RESOURCES",

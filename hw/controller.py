@@ -14,13 +14,13 @@ ThresholdUnit` s and the output packer — and reaches the memories through thei
 
 **Loop order.** For each group of ``rows`` consecutive output pixels (row-major), for each
 tile of ``cols`` output channels: one window-generator job whose ``tag`` is the tile's
-weight address ``weight_base + t·K_words`` (:func:`~bitdet.sw.packing.pack_weights`
+weight address ``weight_base + t·K_words`` (:func:`~bitdet.core.packing.pack_weights`
 layout). All tiles of a group are **one** generator command (``tiles = ceil(O/cols)``,
 ``tag = weight_base``, ``tag_step = K_words``): the window is set up once per group and
 its jobs follow each other directly, while the next group's window is set up. The array
 returns each job's ``cols`` result columns in job order, so a second set of counters
 (pixel group, tile) follows the results without any tag: it reads the tile's thresholds
-at ``threshold_base + t`` (:func:`~bitdet.sw.packing.pack_thresholds`) and places the
+at ``threshold_base + t`` (:func:`~bitdet.core.packing.pack_thresholds`) and places the
 bits.
 
 **Packing.** ``simd % cols == 0`` (checked by :class:`LayerController`; all presets have it),
@@ -29,7 +29,7 @@ so tile ``t``'s channels ``t·cols … t·cols + cols − 1`` fall into one outp
 when a word is complete (its last slot, or the layer's last tile) the ``rows`` words go to
 a shadow register and are written one per cycle to
 ``output_base + pixel·ceil(O/simd) + word`` — the layout of
-:func:`~bitdet.sw.packing.pack_activations` — skipping rows that are not real pixels. Fill
+:func:`~bitdet.core.packing.pack_activations` — skipping rows that are not real pixels. Fill
 channels beyond ``O`` get ``T = K + 1`` from the host and therefore 0 bits, the channel
 padding of ``pack_activations``. The writer needs ``rows`` cycles per completed word, so
 in thresholded mode the controller passes a job's ``last`` K-word to the array only
@@ -46,8 +46,10 @@ from amaranth.lib import data, wiring
 from amaranth.lib.memory import ReadPort, WritePort
 from amaranth.lib.wiring import In, Out
 
+from bitdet.core.config import AcceleratorConfig
+from bitdet.core.cycles import COUNTER_WIDTH, THRESHOLD_PIPELINE
+
 from .array import SystolicArray
-from .config import AcceleratorConfig
 from .memory import threshold_layout
 from .pe import valid_stream_signature
 from .popcount import popcount
@@ -56,13 +58,6 @@ from .window import WindowGenerator, WindowLayer
 
 __all__ = ["COUNTER_WIDTH", "THRESHOLD_PIPELINE", "LayerController"]
 
-COUNTER_WIDTH = 32
-"""Bits of the performance counters (``busy_cycles``, ``stall_cycles``)."""
-
-THRESHOLD_PIPELINE = 2
-"""Registers from a result on the array's ``results`` to its bit in the output word (or
-on ``raw``): the threshold memory's output word and the result, registered together
-before the column multiplexer, and the threshold units' register."""
 
 
 def _ceil_div(value, divisor: int, max_value: int):

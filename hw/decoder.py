@@ -1,10 +1,10 @@
-"""Command decoder and response encoder of the host link (the frames of ``sw/protocol.py``).
+"""Command decoder and response encoder of the host link (the frames of ``core/protocol.py``).
 
 :class:`CommandDecoder` turns the byte stream from the UART (or a simulation) into a
 stream of *events* for the layer controller, and answers framing errors itself;
 :class:`ResponseEncoder` frames the controller's responses, and the decoder's errors,
 onto the transmit byte stream. Both use :func:`crc16_update_value`, a network of XOR
-gates generated from :func:`bitdet.sw.protocol.crc16_update`, so the hardware CRC is the
+gates generated from :func:`bitdet.core.protocol.crc16_update`, so the hardware CRC is the
 host's by construction (and tested to be). The protocol is described in
 ``docs/protocol.md``.
 """
@@ -18,7 +18,7 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from bitdet.sw.protocol import (
+from bitdet.core.protocol import (
     COMMAND_PAYLOAD_LIMITS,
     CRC_INIT,
     ERROR_OPCODE,
@@ -46,7 +46,7 @@ def crc16_update_value(crc, byte) -> Value:
     """The CRC-16 register after shifting in ``byte``, as a combinational XOR network.
 
     Each output bit is the XOR of the input bits (of ``crc`` and ``byte``) that reach it;
-    the sets are found by applying :func:`bitdet.sw.protocol.crc16_update`, which is
+    the sets are found by applying :func:`bitdet.core.protocol.crc16_update`, which is
     linear over GF(2), to every unit vector. About 2–5 inputs per output bit.
     """
     crc, byte = Value.cast(crc), Value.cast(byte)
@@ -91,7 +91,7 @@ decoder_event_layout = data.StructLayout({
 frame in every event; ``data`` and ``last`` only mean something in DATA events."""
 
 error_layout = data.StructLayout({"code": 8, "opcode": 8})
-"""A framing error: the :class:`~bitdet.sw.protocol.ErrorCode` and the opcode byte
+"""A framing error: the :class:`~bitdet.core.protocol.ErrorCode` and the opcode byte
 received (0 if none)."""
 
 response_layout = data.StructLayout({"opcode": 8, "status": 8, "length": 16})
@@ -140,7 +140,7 @@ class CommandDecoder(wiring.Component):
 
     Framing errors are answered on ``error`` (for :class:`ResponseEncoder`), and the
     decoder then hunts for the next MAGIC from the next byte on, as
-    :class:`bitdet.sw.protocol.FrameParser` does:
+    :class:`bitdet.core.protocol.FrameParser` does:
 
     * BAD_LENGTH, as soon as the length has arrived: above ``max_payload``, or outside
       the range of a known opcode (no START is emitted);
@@ -161,10 +161,10 @@ class CommandDecoder(wiring.Component):
         Inter-byte timeout inside a frame, in clock cycles (:func:`timeout_cycles`).
     payload_limits : mapping of int to (int, int)
         Known opcodes (1..127) and their payload length ranges; by default
-        :data:`bitdet.sw.protocol.COMMAND_PAYLOAD_LIMITS`.
+        :data:`bitdet.core.protocol.COMMAND_PAYLOAD_LIMITS`.
     max_payload : int
         Largest length a frame may declare; by default
-        :data:`bitdet.sw.protocol.MAX_PAYLOAD`.
+        :data:`bitdet.core.protocol.MAX_PAYLOAD`.
 
     Members
     -------

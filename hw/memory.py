@@ -1,4 +1,5 @@
-"""On-chip memories of the accelerator, sized from an :class:`~bitdet.hw.config.AcceleratorConfig`.
+"""On-chip memories of the accelerator, sized from an
+:class:`~bitdet.core.config.AcceleratorConfig`.
 
 Three memories, all built on :class:`amaranth.lib.memory.Memory` with synchronous read
 ports (the address presented in cycle ``t`` is read out in cycle ``t + 1``; a port whose
@@ -6,14 +7,14 @@ ports (the address presented in cycle ``t`` is read out in cycle ``t + 1``; a po
 
 * **weights** (:func:`weight_memory`): one ``simd``-bit × ``weight_depth`` memory per
   array column. Column ``c`` holds the K-words of output channels ``t·cols + c``, in the
-  order of :func:`bitdet.sw.packing.pack_weights` (``packed[t, j, c]``). All columns are
+  order of :func:`bitdet.core.packing.pack_weights` (``packed[t, j, c]``). All columns are
   read at the same address in the same cycle (the array skews the columns itself).
 * **thresholds** (:func:`threshold_memory`): one memory per column, ``threshold_depth``
   entries of ``thresholds_per_channel`` values of ``threshold_width`` bits
-  (:func:`bitdet.sw.packing.pack_thresholds`, ``[t, c]``).
+  (:func:`bitdet.core.packing.pack_thresholds`, ``[t, c]``).
 * **activations** (:class:`ActivationBuffer`): two ping-pong banks of ``activation_depth``
   ``simd``-bit words (pixels row-major, channel words innermost, as
-  :func:`bitdet.sw.packing.pack_activations`). ``select`` chooses the bank that is read
+  :func:`bitdet.core.packing.pack_activations`). ``select`` chooses the bank that is read
   (the current layer's input); the one write port writes the other bank (its output).
 
 The read ports use the signature of :class:`amaranth.lib.memory.ReadPort`
@@ -28,7 +29,8 @@ from amaranth.lib import data, wiring
 from amaranth.lib.memory import Memory, ReadPort, WritePort
 from amaranth.lib.wiring import In, Out
 
-from .config import AcceleratorConfig
+from bitdet.core.config import AcceleratorConfig
+
 from .pe import _check_positive
 
 __all__ = [

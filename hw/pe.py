@@ -3,7 +3,7 @@
 One PE multiplies one ``simd``-bit activation word with one ``simd``-bit weight word per
 cycle (``P += popcount(XNOR(a, w))``) and passes both words on to its neighbours through
 registers: activations (with their control bits) to the right, weights downwards. The
-padding convention of :mod:`bitdet.sw.packing` (activation pad bits 0, weight pad bits 1)
+padding convention of :mod:`bitdet.core.packing` (activation pad bits 0, weight pad bits 1)
 makes the XNOR of padding 0, so no mask is needed.
 """
 
@@ -13,13 +13,11 @@ from amaranth.hdl import Cat, Module, Signal
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
+from bitdet.core.cycles import PE_LATENCY
+
 from .popcount import POPCOUNT_TREES, popcount, popcount_rows, popcount_stages, popcount_width
 
 __all__ = ["PE_LATENCY", "XnorPopcountPE", "activation_layout", "valid_stream_signature"]
-
-#: Cycles from a word on ``a_in`` to its count in ``result``: the register in the middle
-#: of the popcount tree, the register of its two rows, then the accumulator.
-PE_LATENCY = 3
 
 
 def _check_positive(name: str, value) -> int:
@@ -88,7 +86,7 @@ class XnorPopcountPE(wiring.Component):
     ``last`` word presented in cycle ``t`` is 1 in cycle ``t + 3``. The two registers
     split the path from the operands to the accumulator (XNOR, tree, carry chain) in
     three for fmax (docs/fpga.md, ``bench/bench_array_fmax.py``). ``acc`` wraps modulo
-    ``2**acc_width``; the configuration (:class:`~bitdet.hw.config.AcceleratorConfig`)
+    ``2**acc_width``; the configuration (:class:`~bitdet.core.config.AcceleratorConfig`)
     sizes ``acc_width`` so that it never does.
 
     Parameters

@@ -2,8 +2,8 @@
 from one activation bank into the other.
 
 After a thresholded binary layer a max-pool is the OR of the bits in the window
-(docs/numerics.md, :func:`bitdet.sw.golden.binary_maxpool2d`). The map is stored as
-:func:`~bitdet.sw.packing.pack_activations` lays it out (pixels row-major, ``W =
+(docs/numerics.md, :func:`bitdet.core.golden.binary_maxpool2d`). The map is stored as
+:func:`~bitdet.core.packing.pack_activations` lays it out (pixels row-major, ``W =
 ceil(C / simd)`` channel words per pixel, channel padding bits 0), so a pool needs no
 unpacking: word ``w`` of an output pixel is the OR of word ``w`` of the ``kernel²`` input
 pixels of its window, and the padding bits stay 0.
@@ -32,10 +32,14 @@ from amaranth.lib import data, wiring
 from amaranth.lib.memory import ReadPort, WritePort
 from amaranth.lib.wiring import In, Out
 
-from bitdet.sw.cycles import POOL_OVERHEAD_CYCLES, pool_cycles  # the one cycle model
+from bitdet.core.config import AcceleratorConfig
+from bitdet.core.cycles import (  # the one cycle model
+    COUNTER_WIDTH,
+    POOL_OVERHEAD_CYCLES,
+    pool_cycles,
+)
 
-from .config import AcceleratorConfig
-from .controller import COUNTER_WIDTH, _ceil_div
+from .controller import _ceil_div
 from .window import mul_small
 
 __all__ = ["POOL_OVERHEAD_CYCLES", "PoolEngine", "pool_busy_cycles", "pool_max_kernel"]

@@ -1,6 +1,6 @@
 """Threshold unit: ``P`` → n-bit activation level (count of thresholds reached), or raw ``P``.
 
-Numerics (ARCHITECTURE.md §3, :func:`bitdet.sw.golden.threshold`): an n-bit output uses
+Numerics (ARCHITECTURE.md §3, :func:`bitdet.core.golden.threshold`): an n-bit output uses
 ``2**n − 1`` sorted thresholds ``T_j`` and outputs ``#{j : P ≥ T_j}``; a 1-bit output is
 ``P ≥ T``. A constant channel is ``T = 0`` (always reached) or ``T = K + 1`` (never).
 Because ``K`` may be as large as ``2**acc_width − 1``, ``K + 1`` needs one bit more than

@@ -6,13 +6,13 @@ the ping-pong :class:`~bitdet.hw.memory.ActivationBuffer`, the
 :class:`~bitdet.hw.controller.LayerController` (binary convolutions), the
 :class:`~bitdet.hw.pool.PoolEngine` (binary max-pool passes) and a layer table, and
 executes the commands of ``docs/protocol.md`` (payload layouts there and in
-:mod:`bitdet.sw.protocol`):
+:mod:`bitdet.core.protocol`):
 
-* ``IDENTIFY`` → :class:`~bitdet.sw.protocol.IdentifyReply` of the config (constant bytes);
+* ``IDENTIFY`` → :class:`~bitdet.core.protocol.IdentifyReply` of the config (constant bytes);
 * ``WRITE_WEIGHTS`` / ``WRITE_THRESHOLDS`` / ``WRITE_ACTIVATIONS``: address u32 LE, then
   whole entries, written to memory as the bytes arrive (provisionally: a frame that ends
   in ABORT has written what it carried, the host resends it);
-* ``CONFIGURE_LAYER``: a 32-byte descriptor (:func:`~bitdet.sw.protocol.encode_layer`),
+* ``CONFIGURE_LAYER``: a 32-byte descriptor (:func:`~bitdet.core.protocol.encode_layer`),
   a convolution or (flag ``LAYER_FLAG_POOL``) a pool pass, checked against the build's
   limits and stored in entry 0 of the layer table; 33 bytes ``[index] + descriptor``
   store it in entry ``index`` (``LAYER_TABLE_ENTRIES`` entries);
@@ -37,7 +37,8 @@ from amaranth.lib import stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from bitdet.sw.protocol import (
+from bitdet.core.config import AcceleratorConfig
+from bitdet.core.protocol import (
     COUNTERS_SIZE,
     LAYER_DESCRIPTOR_SIZE,
     LAYER_FLAG_PAD_BIT,
@@ -51,7 +52,6 @@ from bitdet.sw.protocol import (
     weight_entry_bytes,
 )
 
-from .config import AcceleratorConfig
 from .controller import LayerController
 from .decoder import CommandDecoder, DecoderEvent, ResponseEncoder, timeout_cycles
 from .memory import activation_buffer, threshold_memory, weight_memory
@@ -122,7 +122,7 @@ class CommandExecutor(wiring.Component):
 
     @property
     def layer_table_entries(self) -> int:
-        """Entries of the layer table (:data:`~bitdet.sw.protocol.LAYER_TABLE_ENTRIES`)."""
+        """Entries of the layer table (:data:`~bitdet.core.protocol.LAYER_TABLE_ENTRIES`)."""
         return LAYER_TABLE_ENTRIES
 
     def elaborate(self, platform):

@@ -203,7 +203,7 @@ class UART(wiring.Component):
     ----------
     divisor : int, Fraction or float
         Clock cycles per bit; ``uart_divisor(config.clock_hz, config.baud)`` for an
-        :class:`~bitdet.hw.config.AcceleratorConfig`.
+        :class:`~bitdet.core.config.AcceleratorConfig`.
 
     Members
     -------
@@ -233,7 +233,7 @@ class UART(wiring.Component):
 
     @classmethod
     def for_config(cls, config) -> "UART":
-        """The UART of an :class:`~bitdet.hw.config.AcceleratorConfig` (its clock and
+        """The UART of an :class:`~bitdet.core.config.AcceleratorConfig` (its clock and
         baud rate)."""
         return cls(divisor=uart_divisor(config.clock_hz, config.baud))
 

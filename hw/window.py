@@ -5,7 +5,7 @@ One **job** is one group of up to ``rows`` consecutive output pixels (row-major 
 output map) of one layer; one **command** runs ``tiles`` jobs over the same group (one per
 tile of output channels, each with its own tag), so the group's window is set up once.
 The generator emits each job's ``K = kernel²·words`` K-words in
-exactly the order of :func:`bitdet.sw.packing.pack_weights`: taps ``(ky, kx)`` row-major,
+exactly the order of :func:`bitdet.core.packing.pack_weights`: taps ``(ky, kx)`` row-major,
 then channel word ``m`` of the tap; K-word ``j = (ky·kernel + kx)·words + m`` carries, for
 every array row ``r``, word ``m`` of the input pixel
 ``(oy_r·stride + ky − padding, ox_r·stride + kx − padding)`` of output pixel ``r``.
@@ -43,7 +43,8 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import ReadPort
 from amaranth.lib.wiring import In, Out
 
-from .config import AcceleratorConfig
+from bitdet.core.config import AcceleratorConfig
+
 from .pe import _check_positive
 
 __all__ = ["WindowGenerator", "WindowLayer", "mul_small", "window_generator"]
@@ -150,7 +151,7 @@ class WindowGenerator(wiring.Component):
 
     **Output.** ``words`` carries one K-word per transfer: ``activations[r]``, ``first``
     (K-word 0), ``last`` (K-word ``K − 1``), ``index`` (the K-word number ``j``, the
-    second index of :func:`~bitdet.sw.packing.pack_weights`) and ``row_valid`` (bit ``r``:
+    second index of :func:`~bitdet.core.packing.pack_weights`) and ``row_valid`` (bit ``r``:
     row ``r`` is a real pixel). ``activations[r]`` is the read port's data through one
     multiplexer (its other input, the padding word or 0, comes from registers), so it is
     nearly as early as a register output; the array registers it on entry.
@@ -308,7 +309,7 @@ class WindowGenerator(wiring.Component):
         map starts at word ``base`` of the read bank: ``tiles`` jobs over the same window,
         job ``t`` tagged ``tag + t · tag_step`` (``tag_step`` defaults to the layer's
         ``K``, so that with the weight base as ``tag`` job ``t`` reads tile ``t``'s
-        weights in the :func:`~bitdet.sw.packing.pack_weights` layout; the payload of a
+        weights in the :func:`~bitdet.core.packing.pack_weights` layout; the payload of a
         single job has ``tag_step = 0``).
 
         Raises

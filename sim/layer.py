@@ -2,12 +2,12 @@
 """One binary layer through the top-level RTL, over the byte protocol, against the golden model.
 
 What ``bitdet sim layer`` runs. A :class:`LayerCase` is a ±1 input map and a folded
-:class:`~bitdet.sw.golden.BinaryConvLayer` (random, or a bundle's layer). :func:`run_case`
+:class:`~bitdet.core.golden.BinaryConvLayer` (random, or a bundle's layer). :func:`run_case`
 loads it into a device through any link with ``write`` / ``read`` (an
 :class:`~bitdet.sim.link.RtlLink` here) using the protocol's frames only —
-WRITE_ACTIVATIONS, WRITE_WEIGHTS, WRITE_THRESHOLDS (packed by :mod:`bitdet.sw.packing`),
+WRITE_ACTIVATIONS, WRITE_WEIGHTS, WRITE_THRESHOLDS (packed by :mod:`bitdet.core.packing`),
 CONFIGURE_LAYER, RUN_LAYER, READ_ACTIVATIONS — and compares the map it reads back with
-:func:`bitdet.sw.golden.run_layer`, bit for bit (channel padding bits included).
+:func:`bitdet.core.golden.run_layer`, bit for bit (channel padding bits included).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bitdet.sw import golden
-from bitdet.sw.packing import pack_activations, pack_thresholds, pack_weights
-from bitdet.sw.protocol import (
+from bitdet.core import golden
+from bitdet.core.packing import pack_activations, pack_thresholds, pack_weights
+from bitdet.core.protocol import (
     MAX_PAYLOAD,
     DeviceError,
     ErrorCode,
@@ -150,7 +150,7 @@ def random_case(*, cin: int, cout: int, hw: tuple[int, int], kernel: int, stride
 def bundle_case(path, index: int, *, seed: int = 0) -> LayerCase:
     """Binary layer ``index`` of a bundle (with its max-pool, if any), on a random ±1
     input of its input shape."""
-    from bitdet.sw.bundle import BundleError, load
+    from bitdet.core.bundle import BundleError, load
     bundle = load(path)
     layers = bundle.binary_layers
     if not 0 <= index < len(layers):
@@ -177,8 +177,8 @@ def load_case(host: LinkHost, config, case: LayerCase, *, input_base: int = 0,
     Returns the descriptor. Raises ``ValueError`` (from the controller's host-side check)
     if the layer does not fit the config.
     """
+    from bitdet.core.protocol import threshold_entry_bytes, weight_entry_bytes
     from bitdet.hw.controller import LayerController
-    from bitdet.sw.protocol import threshold_entry_bytes, weight_entry_bytes
     simd, cols = config.simd, config.cols
     layer = case.layer
     k = layer.k

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from bitdet.hw.config import AcceleratorConfig, load_config
+from bitdet.core.config import AcceleratorConfig, load_config
 
 from .layer import random_case, run_case
 from .link import RtlLink

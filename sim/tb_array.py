@@ -3,9 +3,9 @@
 Parameters come from the environment (set by :func:`bitdet.sim.runner.run_cocotb`):
 ``BITDET_ROWS``, ``BITDET_COLS``, ``BITDET_SIMD``, ``BITDET_ACC_WIDTH``, ``BITDET_SEED``,
 ``BITDET_JOBS``. Each job is a random receptive field per row and weights per column,
-packed with :mod:`bitdet.sw.packing` (channel counts not a multiple of ``simd``, so the
+packed with :mod:`bitdet.core.packing` (channel counts not a multiple of ``simd``, so the
 padding convention is exercised), fed with random idle cycles; every result column is
-compared with :func:`bitdet.sw.golden.xnor_popcount`. The measured cycles from the first
+compared with :func:`bitdet.core.golden.xnor_popcount`. The measured cycles from the first
 word to the last result are written to ``BITDET_REPORT`` (JSON) for the pytest side.
 """
 
@@ -20,8 +20,8 @@ import numpy as np
 from cocotb.clock import Clock
 from cocotb.triggers import ReadOnly, RisingEdge
 
+from bitdet.core import golden, packing
 from bitdet.hw.array import SystolicArray
-from bitdet.sw import golden, packing
 
 
 def _params():

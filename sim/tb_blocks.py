@@ -1,6 +1,6 @@
 # amaranth: UnusedElaboratable=no
 """cocotb testbenches: the PE, threshold units, pool engine and window generator, each on
-its generated Verilog, against :mod:`bitdet.sw.golden`.
+its generated Verilog, against :mod:`bitdet.core.golden`.
 
 One design, :class:`BlockBench`, holds the blocks side by side, each with its own ports and
 all on one clock (one Verilator build serves every testbench here): an
@@ -38,14 +38,15 @@ from amaranth.lib.wiring import In, Out, flipped
 from cocotb.clock import Clock
 from cocotb.triggers import ReadOnly, RisingEdge
 
-from bitdet.hw.config import AcceleratorConfig, load_config
+from bitdet.core import golden
+from bitdet.core.config import AcceleratorConfig, load_config
+from bitdet.core.cycles import PE_LATENCY
+from bitdet.core.packing import pack_activations, pack_weights
 from bitdet.hw.memory import ActivationBuffer
-from bitdet.hw.pe import PE_LATENCY, XnorPopcountPE, activation_layout
+from bitdet.hw.pe import XnorPopcountPE, activation_layout
 from bitdet.hw.pool import PoolEngine, pool_busy_cycles
 from bitdet.hw.threshold import ThresholdUnit
 from bitdet.hw.window import WindowLayer, window_generator
-from bitdet.sw import golden
-from bitdet.sw.packing import pack_activations, pack_weights
 
 __all__ = ["BLOCK_TESTS", "TOPLEVEL", "BlockBench", "PeTB", "PoolTB", "Scoreboard",
            "ThresholdTB", "WindowTB", "threshold_shapes"]

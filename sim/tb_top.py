@@ -42,7 +42,7 @@ from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, FallingEdge, First, ReadOnly, RisingEdge, Timer
 from cocotb.utils import get_sim_time
 
-from bitdet.sw.protocol import COMMAND_PAYLOAD_LIMITS, FrameParser
+from bitdet.core.protocol import COMMAND_PAYLOAD_LIMITS, FrameParser
 
 HEADER = struct.Struct("<cI")
 QUIET_CYCLES = 64          # cycles without any activity before the host is waited for

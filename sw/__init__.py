@@ -1,1 +1,1 @@
-"""bitdet host software: golden model, packing, folding, bundle, driver, CLI."""
+"""bitdet application: data, models, training, evaluation, the host driver and its links, CLI."""

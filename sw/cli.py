@@ -19,11 +19,11 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_bundle_info(args) -> int:
-    from .bundle import load
+    from bitdet.core.bundle import load
     bundle = load(args.bundle)
     requirements = bundle.requirements()
     if args.json:
-        from .bundle import _requirements_json
+        from bitdet.core.bundle import _requirements_json
         print(json.dumps({"model": bundle.model, "input_shape": list(bundle.input_shape),
                           "layers": bundle.layer_names,
                           "host_layers": [h.name for h in bundle.host_layers],
@@ -48,11 +48,12 @@ def _cmd_bundle_info(args) -> int:
 
 
 def _cmd_hw_info(args) -> int:
-    from bitdet.hw.config import load_config
+    from bitdet.core.config import load_config
     config = load_config(args.config)
     problems = streams = None
     if args.bundle:
-        from .bundle import load
+        from bitdet.core.bundle import load
+
         from .device import Device, device_layer_count
         bundle = load(args.bundle)
         problems = config.fit_problems(bundle.requirements())
@@ -96,8 +97,8 @@ def _cmd_hw_info(args) -> int:
 
 
 def _cmd_hw_verilog(args) -> int:
+    from bitdet.core.config import load_config
     from bitdet.hw.build import write_verilog
-    from bitdet.hw.config import load_config
     config = load_config(args.config)
     try:
         paths = write_verilog(config, args.out)
@@ -113,8 +114,8 @@ def _cmd_hw_verilog(args) -> int:
 def _cmd_hw_build(args) -> int:
     from pathlib import Path
 
+    from bitdet.core.config import load_config
     from bitdet.hw.build import BuildError, ToolFailure, build_bitstream
-    from bitdet.hw.config import load_config
     config = load_config(args.config)
     if config.board is not None and config.board != args.board:
         print(f"bitdet: warning: config {config.name!r} targets board {config.board!r}, "
@@ -191,7 +192,8 @@ def _cmd_train(args) -> int:
 
 @_user_errors
 def _cmd_export(args) -> int:
-    from .bundle import load
+    from bitdet.core.bundle import load
+
     from .train import export_checkpoint
     path = export_checkpoint(args.checkpoint, args.out)
     bundle = load(path)
@@ -206,7 +208,7 @@ def _cmd_eval(args) -> int:
     from .data import make_digitscenes
     from .evaluate import evaluate_predictions, predict_bundle, predict_model
     if args.bundle is not None:
-        from .bundle import load
+        from bitdet.core.bundle import load
         bundle = load(args.bundle)
         size = (bundle.model.get("input") or [1, 64, 64])[1:]
         dataset = make_digitscenes(args.split, count=args.images, image_size=tuple(size),
@@ -237,9 +239,10 @@ def _cmd_eval(args) -> int:
 
 def _cmd_detect(args) -> int:
     """`bitdet detect`: a bundle on images through the host driver (bitdet.sw.detect)."""
+    from bitdet.core.protocol import ProtocolError
+
     from .detect import format_report, run_detect
     from .device import DeviceError, DriverError
-    from .protocol import ProtocolError
     if args.backend == "serial" and not args.port:
         print("bitdet: error: --backend serial needs --port (e.g. /dev/ttyUSB1)",
               file=sys.stderr)
@@ -260,7 +263,7 @@ def _cmd_sim_layer(args) -> int:
     import shutil
     import tempfile
 
-    from bitdet.hw.config import load_config
+    from bitdet.core.config import load_config
     try:
         from bitdet.sim.layer import bundle_case, random_case, simulate_layer
         from bitdet.sim.link import RtlLinkError
@@ -584,9 +587,8 @@ def _probability(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from bitdet.hw.config import ConfigError
-
-    from .bundle import BundleError
+    from bitdet.core.bundle import BundleError
+    from bitdet.core.config import ConfigError
     try:
         return args.func(args)
     except (BundleError, ConfigError, FileNotFoundError, PermissionError, IsADirectoryError) as e:

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .bundle import Bundle, HostLayer
-from .bundle import load as load_bundle
-from .fold import BatchNormSign, bn_sign_preactivation, fold_binary_conv
+from bitdet.core.bundle import Bundle, HostLayer
+from bitdet.core.bundle import load as load_bundle
+from bitdet.core.fold import BatchNormSign, bn_sign_preactivation, fold_binary_conv
 
 __all__ = ["DEMO_LAYERS", "FloatBinaryBlock", "build_demo", "float_forward", "run_demo"]
 

@@ -74,7 +74,7 @@ def pick_config(bundle, config=None):
     :data:`AUTO_PRESETS` that holds ``bundle`` resident, else the first that runs it with
     weights streamed per layer (raises :class:`BundleDoesNotFit` naming
     each preset's problems if none does)."""
-    from bitdet.hw.config import load_config
+    from bitdet.core.config import load_config
     if config is not None:
         return load_config(config) if isinstance(config, (str, Path)) else config
     problems, streamed = [], None
@@ -124,7 +124,7 @@ def run_detect(paths, *, bundle=None, backend: str = "emu", config=None, port=No
     """
     from tqdm import tqdm
 
-    from .bundle import load as load_bundle
+    from bitdet.core.bundle import load as load_bundle
     bundle_path = Path(bundle) if bundle is not None else DEFAULT_BUNDLE
     loaded = load_bundle(bundle_path)
     files = list_images(paths)

@@ -1,6 +1,6 @@
 """Host driver: one API for every backend of the accelerator (docs/driver.md).
 
-:class:`Device` speaks the command protocol of :mod:`bitdet.sw.protocol` over a *link*, an
+:class:`Device` speaks the command protocol of :mod:`bitdet.core.protocol` over a *link*, an
 object with ``write(data)``, ``read(n, timeout)`` (raises :class:`LinkTimeout`) and
 ``close()``:
 
@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import packing
-from .protocol import (
+from bitdet.core import packing
+from bitdet.core.protocol import (
     LAYER_TABLE_ENTRIES,
     MAGIC,
     MAX_PAYLOAD,
@@ -52,7 +52,7 @@ from .protocol import (
     threshold_entry_bytes,
     weight_entry_bytes,
 )
-from .protocol import DeviceError as _ProtocolDeviceError
+from bitdet.core.protocol import DeviceError as _ProtocolDeviceError
 
 __all__ = [
     "BACKENDS",
@@ -398,7 +398,7 @@ class RunStats:
 
 
 def _resolve_config(config):
-    from bitdet.hw.config import AcceleratorConfig, load_config
+    from bitdet.core.config import AcceleratorConfig, load_config
     if isinstance(config, AcceleratorConfig):
         return config
     if isinstance(config, (str, Path)):
@@ -722,7 +722,7 @@ class Device:
         (the accumulator), maps (input, before its pool, output), its own weights and
         thresholds, the pool engine's kernel, 1-bit thresholded output, padding; the layer
         table's size; plus the config's own checks
-        (:meth:`~bitdet.hw.config.AcceleratorConfig.fit_problems`) other than the total
+        (:meth:`~bitdet.core.config.AcceleratorConfig.fit_problems`) other than the total
         weights and thresholds, which streaming lifts (``mode="auto"``, ``"streamed"``;
         with ``mode="resident"`` they stay problems). ``weight_depth`` /
         ``threshold_depth`` limit the memory a plan may use."""
@@ -821,8 +821,8 @@ class Device:
             Before anything is sent, with every problem found (a layer that does not fit
             even alone is named with the quantity and the limit).
         """
-        from .bundle import Bundle
-        from .bundle import load as load_bundle
+        from bitdet.core.bundle import Bundle
+        from bitdet.core.bundle import load as load_bundle
         if not isinstance(bundle, Bundle):
             bundle = load_bundle(bundle)
         problems = self.fit_problems(bundle, mode=mode, weight_depth=weight_depth,
@@ -903,7 +903,7 @@ class Device:
         ``bits``: the first binary layer's input, ``C×H×W`` or ``1×C×H×W``, 0/1 bits or
         ±1. Returns int32 0/1 maps ``1×C×H×W``: the last layer's output only, or with
         ``trace`` every binary layer's output (after its pool, as
-        :meth:`bitdet.sw.bundle.Bundle.run_binary`), each read back from the device.
+        :meth:`bitdet.core.bundle.Bundle.run_binary`), each read back from the device.
         A raw (popcount) last layer of the bundle is not run here (the device has no
         READ_RESULTS): the maps end with the layer before it, and :meth:`run_host_tail`
         computes its ``P`` on the host.
@@ -946,7 +946,7 @@ class Device:
             raise DriverError("no bundle loaded: call Device.load(bundle) first")
         if device_layer_count(self.bundle) == len(self.bundle.binary_layers):
             return None
-        from .golden import run_layer
+        from bitdet.core.golden import run_layer
         return run_layer(bits.to(torch.float32) * 2 - 1, self.bundle.binary_layers[-1])
 
     def _read_map(self, shape) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Bit-exact emulator of the accelerator's command interface (:class:`bitdet.hw.top.
 CommandExecutor`), in numpy, without amaranth.
 
-:class:`Emulator` consumes the same command frames as the device (:mod:`bitdet.sw.protocol`,
+:class:`Emulator` consumes the same command frames as the device (:mod:`bitdet.core.protocol`,
 docs/protocol.md) and produces the same response bytes: framing errors through
-:class:`~bitdet.sw.protocol.FrameParser`, IDENTIFY with the config hash, RESET, the
+:class:`~bitdet.core.protocol.FrameParser`, IDENTIFY with the config hash, RESET, the
 WRITE_* commands (entries written as they arrive, so a frame dropped with BAD_CRC or
 TIMEOUT leaves what it carried in memory, as on the device), CONFIGURE_LAYER with the
 device's checks in the device's order, the layer table (CONFIGURE_LAYER of 32 bytes for
@@ -20,7 +20,7 @@ computed on the unpacked words with one integer matrix product per layer: for ev
 output pixel and tile column, ``P`` = popcount of ``XNOR`` over all ``K`` words of the
 receptive field (channel padding included, exactly what the array sums), then
 ``bit = P ≥ T``, packed into the output words like the controller (unfilled bits 0).
-Cycle counts come from :func:`bitdet.sw.cycles.layer_cycles`, the RTL's exact model.
+Cycle counts come from :func:`bitdet.core.cycles.layer_cycles`, the RTL's exact model.
 
 Addresses wrap like the hardware's registers (modulo ``2**address_bits``); a memory
 word outside a non-power-of-two memory reads as 0 and is not written (the RTL leaves
@@ -33,8 +33,8 @@ import struct
 
 import numpy as np
 
-from . import protocol
-from .protocol import (
+from bitdet.core import protocol
+from bitdet.core.protocol import (
     COMMAND_PAYLOAD_LIMITS,
     COUNTERS_SIZE,
     LAYER_DESCRIPTOR_SIZE,
@@ -318,7 +318,7 @@ class Emulator:
 
     def _run(self, d: dict) -> tuple[int, int]:
         """Run one checked descriptor, flip the banks; its ``(busy, stall)`` cycles."""
-        from . import cycles
+        from bitdet.core import cycles
         if d["pool"]:
             self._run_pool(d)
             busy, stall = cycles.pool_cycles(self.config, d)

@@ -20,7 +20,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .bundle import Bundle, BundleError
+from bitdet.core.bundle import Bundle, BundleError
+
 from .data import DetectionDataset
 from .detection import BOX_PRIOR, decode
 

@@ -4,7 +4,7 @@ Every block computes, in eval mode, exactly what its exported form computes on t
 (fixed point) or on the accelerator (XNOR-popcount + thresholds):
 
 * :class:`BinaryBlock` — ``sign(BN(α·conv(sign x, sign W)) − b)`` with ±1 padding bits and
-  an optional max-pool; its epilogue is :func:`bitdet.sw.fold.bn_sign_preactivation`, so
+  an optional max-pool; its epilogue is :func:`bitdet.core.fold.bn_sign_preactivation`, so
   :meth:`BinaryBlock.export` (the threshold compiler) is exact by construction.
 * :class:`QuantStem` — the first layer on the real-valued image: int8 weights (per-channel
   scale, straight-through rounding) on raw pixel values 0..255, so the accumulator is an
@@ -13,7 +13,7 @@ Every block computes, in eval mode, exactly what its exported form computes on t
   bias on the ±1 features, times a per-channel scale.
 
 :class:`BinaryDetector` chains them into a Tinier-YOLO-style single-stage detector and
-exports a deployment :class:`~bitdet.sw.bundle.Bundle`.
+exports a deployment :class:`~bitdet.core.bundle.Bundle`.
 
 Opt-in trainer options (all off by default; docs/methods.md, "Trainer options"):
 :class:`SharedHeadBlock` (AQD multi-level BN, ``levels``), :class:`LSQQuantizer` (AQD / LSQ
@@ -29,9 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bundle import Bundle, HostLayer
-from .fold import BatchNormSign, bn_sign_preactivation, fold_binary_conv, fold_integer_epilogue
-from .golden import BinaryConvLayer
+from bitdet.core.bundle import Bundle, HostLayer
+from bitdet.core.fold import (
+    BatchNormSign,
+    bn_sign_preactivation,
+    fold_binary_conv,
+    fold_integer_epilogue,
+)
+from bitdet.core.golden import BinaryConvLayer
 
 __all__ = [
     "BINARIZERS",
@@ -195,7 +200,8 @@ class BinaryConv2d(nn.Module):
     """Binary convolution: sign of latent weights, XNOR-Net scale α = mean |W| per channel.
 
     ``dot(x)`` returns the integer dot products (as float) of ±1 input with ±1 weights,
-    padding filled with the ``pad_value`` bit, exactly like :func:`bitdet.sw.golden.binary_conv2d`.
+    padding filled with the ``pad_value`` bit, exactly like
+    :func:`bitdet.core.golden.binary_conv2d`.
 
     Options (defaults: the ``plain`` layer):
 

@@ -47,7 +47,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .bundle import MANIFEST, Bundle
+from bitdet.core.bundle import MANIFEST, Bundle
+
 from .data import DIGIT_CLASSES, make_digitscenes
 from .detection import BOX_PRIOR, LossWeights, decode, detection_loss, encode_targets, nms
 from .distill import (
@@ -585,8 +586,9 @@ def run_bundle_fixed_point(bundle: Bundle, pixels: torch.Tensor,
     :func:`bitdet.sw.evaluate.run_bundle` exactly. Raises :class:`ValueError` for a head
     whose scales are not powers of two.
     """
+    from bitdet.core.golden import fixed_point_conv2d
+
     from .evaluate import _host_layer
-    from .golden import fixed_point_conv2d
     head = _host_layer(bundle, "head")
     scale = torch.from_numpy(head.arrays["scale"]).to(torch.float64)
     frac = -torch.log2(scale)

@@ -5,8 +5,8 @@ import csv
 
 import pytest
 
+from bitdet.core.config import AcceleratorConfig, load_config
 from bitdet.hw.build import parse_yosys_stat
-from bitdet.hw.config import AcceleratorConfig, load_config
 
 pytest.importorskip("amaranth")
 

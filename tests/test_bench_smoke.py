@@ -103,7 +103,7 @@ def test_make_default_writes_a_record_the_shipped_checks_accept(tmp_path, monkey
     import hashlib
     import importlib.util
 
-    from bitdet.sw.bundle import load
+    from bitdet.core.bundle import load
     from bitdet.sw.train import train
     spec = importlib.util.spec_from_file_location("make_default",
                                                   ROOT / "bench" / "make_default.py")

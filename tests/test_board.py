@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from amaranth.sim import Simulator
 
+from bitdet.core.config import AcceleratorConfig, load_config
+from bitdet.core.protocol import FrameParser, IdentifyReply, Opcode, encode_frame, parse_response
 from bitdet.hw.board import (
     BOARDS,
     PLLError,
@@ -30,9 +32,7 @@ from bitdet.hw.build import (
     parse_nextpnr_utilisation,
     parse_yosys_stat,
 )
-from bitdet.hw.config import AcceleratorConfig, load_config
 from bitdet.sw.cli import main
-from bitdet.sw.protocol import FrameParser, IdentifyReply, Opcode, encode_frame, parse_response
 
 MHZ = 1_000_000
 

@@ -1,4 +1,4 @@
-"""Tests of the deployment bundle (bitdet.sw.bundle): round trips, corrupt files, host layers.
+"""Tests of the deployment bundle (bitdet.core.bundle): round trips, corrupt files, host layers.
 
 The corruption tests edit a saved bundle byte by byte or rewrite its ZIP with an edited
 manifest or replaced members (:func:`rewrite`); every such file must be rejected by
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from bitdet.sw import packing
-from bitdet.sw.bundle import (
+from bitdet.core import packing
+from bitdet.core.bundle import (
     FORMAT,
     FORMAT_VERSION,
     Bundle,
@@ -32,8 +32,8 @@ from bitdet.sw.bundle import (
     Requirements,
     load,
 )
+from bitdet.core.golden import BinaryConvLayer
 from bitdet.sw.demo import build_demo
-from bitdet.sw.golden import BinaryConvLayer
 
 # Geometry of the demo bundle (bitdet.sw.demo.DEMO_LAYERS on a 13×32×32 input).
 DEMO_K = [117, 216, 297, 40]

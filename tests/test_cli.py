@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitdet.sw.bundle import FORMAT, _requirements_json, load
+from bitdet.core.bundle import FORMAT, _requirements_json, load
 from bitdet.sw.cli import main
 from bitdet.sw.demo import build_demo
 
@@ -119,8 +119,8 @@ def test_bundle_info_table(capsys, bundle_file):
 
 
 def test_bundle_info_raw_last_layer(capsys, demo_bundle, tmp_path):
-    from bitdet.sw.bundle import Bundle
-    from bitdet.sw.golden import BinaryConvLayer
+    from bitdet.core.bundle import Bundle
+    from bitdet.core.golden import BinaryConvLayer
     last = demo_bundle.binary_layers[-1]
     layers = [*demo_bundle.binary_layers[:-1],
               BinaryConvLayer(last.weights, None, stride=last.stride, padding=last.padding,

@@ -1,9 +1,9 @@
 # amaranth: UnusedElaboratable=no
-"""Cycle model (``bitdet.sw.cycles``) against ``amaranth.sim`` of the layer controller.
+"""Cycle model (``bitdet.core.cycles``) against ``amaranth.sim`` of the layer controller.
 
 The controller runs with the real activation buffer, weight and threshold memories (left
 as they are: the controller's timing does not depend on the data) and the counters it
-reports after ``done`` must equal :func:`~bitdet.sw.cycles.layer_cycles` exactly. The fast
+reports after ``done`` must equal :func:`~bitdet.core.cycles.layer_cycles` exactly. The fast
 tier runs a handful of shapes, the slow tier ≥ 30 random ones on several array shapes.
 A job-level event model written from the RTL's handshakes checks the closed form on
 thousands of sizes without simulating.
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitdet.hw.config import AcceleratorConfig, load_config
-from bitdet.sw.cycles import (
+from bitdet.core.config import AcceleratorConfig, load_config
+from bitdet.core.cycles import (
     ARRAY_PIPELINE,
     COUNTER_WIDTH,
     THRESHOLD_PIPELINE,
@@ -27,7 +27,7 @@ from bitdet.sw.cycles import (
     layer_cycles,
     pool_cycles,
 )
-from bitdet.sw.protocol import decode_layer, encode_layer
+from bitdet.core.protocol import decode_layer, encode_layer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,8 +201,7 @@ def run_layer_over_the_link(config, desc) -> tuple[int, int]:
     idle cycles): the counters of RUN_LAYER's response."""
     from amaranth.sim import Simulator
 
-    from bitdet.hw.top import CommandExecutor
-    from bitdet.sw.protocol import (
+    from bitdet.core.protocol import (
         ErrorCode,
         FrameParser,
         Opcode,
@@ -210,6 +209,7 @@ def run_layer_over_the_link(config, desc) -> tuple[int, int]:
         encode_frame,
         parse_response,
     )
+    from bitdet.hw.top import CommandExecutor
     dut = CommandExecutor(config)
     counters = []
 
@@ -398,12 +398,12 @@ def test_errors():
 
 
 def test_imports_without_amaranth():
-    """``bitdet.sw.cycles`` (and the config it takes) work where amaranth is missing."""
+    """``bitdet.core.cycles`` (and the config it takes) work where amaranth is missing."""
     code = textwrap.dedent("""
         import sys
         sys.modules["amaranth"] = None
-        from bitdet.hw.config import load_config
-        from bitdet.sw.cycles import layer_cycles
+        from bitdet.core.config import load_config
+        from bitdet.core.cycles import layer_cycles
         desc = {"out_h": 4, "out_w": 4, "channels": 32, "out_channels": 4, "kernel": 3}
         print(layer_cycles(load_config("tiny"), desc))
         assert not any(name.startswith("amaranth") and sys.modules[name] is not None

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bitdet.hw.config import load_config
+from bitdet.core.config import load_config
 from bitdet.sw.cli import main
 from bitdet.sw.data import make_digitscenes
 from bitdet.sw.detect import (
@@ -52,7 +52,7 @@ def test_cli_on_the_sample(tmp_path, capsys):
     annotated = read(image["annotated"])
     assert annotated.size[0] >= 6 * 64 and annotated.mode == "RGB"
     # the detections are those of the integer reference pipeline
-    from bitdet.sw.bundle import load
+    from bitdet.core.bundle import load
     from bitdet.sw.detection import decode
     bundle = load(DEFAULT_BUNDLE)
     pixels = torch.from_numpy(np.array(read(SAMPLE_PATH))[None, None]).to(torch.int64)

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from bitdet.hw.config import load_config
-from bitdet.sw.bundle import load as load_bundle
+from bitdet.core.bundle import load as load_bundle
+from bitdet.core.config import load_config
+from bitdet.core.protocol import ErrorCode, Opcode, decode_layer_entry
 from bitdet.sw.data import make_digitscenes
 from bitdet.sw.detection import decode
 from bitdet.sw.device import (
@@ -37,7 +38,6 @@ from bitdet.sw.device import (
 from bitdet.sw.emulator import Emulator
 from bitdet.sw.evaluate import _host_layer, bundle_decode_settings, run_bundle
 from bitdet.sw.models import BinaryDetector
-from bitdet.sw.protocol import ErrorCode, Opcode, decode_layer_entry
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "sw" / "assets" / "default.bitdet"
 
@@ -303,7 +303,7 @@ class RecordingLink(EmuLink):
         self.commands = []
 
     def write(self, data):
-        from bitdet.sw.protocol import FrameParser
+        from bitdet.core.protocol import FrameParser
         self.commands += [(f.opcode, f.payload)
                           for f in FrameParser(payload_limits=None).feed(bytes(data))]
         super().write(data)

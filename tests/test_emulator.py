@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from bitdet.hw.config import AcceleratorConfig, load_config
-from bitdet.sw import golden
-from bitdet.sw.emulator import Emulator
-from bitdet.sw.packing import pack_activations, pack_thresholds, pack_weights
-from bitdet.sw.protocol import (
+from bitdet.core import golden
+from bitdet.core.config import AcceleratorConfig, load_config
+from bitdet.core.packing import pack_activations, pack_thresholds, pack_weights
+from bitdet.core.protocol import (
     LAYER_TABLE_ENTRIES,
     MAGIC,
     ErrorCode,
@@ -31,6 +30,7 @@ from bitdet.sw.protocol import (
     encode_write,
     parse_response,
 )
+from bitdet.sw.emulator import Emulator
 
 TINY = AcceleratorConfig(name="difftest", rows=2, cols=2, simd=8, weight_depth=64,
                          threshold_depth=16, activation_depth=64, max_channels=16,
@@ -90,7 +90,7 @@ def test_conv_then_pool_matches_golden(preset, geometry):
                            input_base=3, output_base=40, weight_base=5, threshold_base=2)
     command(emu, Opcode.CONFIGURE_LAYER, encode_layer(**desc))
     counters = decode_counters(command(emu, Opcode.RUN_LAYER))
-    from bitdet.sw.cycles import layer_cycles
+    from bitdet.core.cycles import layer_cycles
     assert counters == layer_cycles(config, dict(desc, raw=0))
     assert decode_counters(command(emu, Opcode.READ_COUNTERS)) == counters
     oh, ow = conv.shape[2:]

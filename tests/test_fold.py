@@ -1,4 +1,4 @@
-"""Tests of the threshold compiler (bitdet.sw.fold).
+"""Tests of the threshold compiler (bitdet.core.fold).
 
 The acceptance property (ARCHITECTURE.md §3): the folded integer layer reproduces the
 float layer's activations *exactly* — on random BN statistics, γ < 0, γ = 0, α < 0 and
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
-from bitdet.sw import fold, golden
-from bitdet.sw.fold import BatchNormSign
+from bitdet.core import fold, golden
+from bitdet.core.fold import BatchNormSign
 
 HYPOTHESIS = settings(max_examples=80, deadline=None)
 

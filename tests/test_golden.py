@@ -1,4 +1,4 @@
-"""Tests of the golden model (bitdet.sw.golden) against independent references.
+"""Tests of the golden model (bitdet.core.golden) against independent references.
 
 The references here are deliberately naive: explicit Python loops over output pixels and
 windows, with the padding filled in by index checks (not ``F.pad``), so that they share
@@ -15,9 +15,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bitdet.sw import golden
-from bitdet.sw.golden import BinaryConvLayer
-from bitdet.sw.packing import pack_activations, pack_bits, pack_weights, pm1_to_bits
+from bitdet.core import golden
+from bitdet.core.golden import BinaryConvLayer
+from bitdet.core.packing import pack_activations, pack_bits, pack_weights, pm1_to_bits
 
 ODD_CHANNELS = [1, 3, 13, 33, 65, 70]
 HYPOTHESIS = settings(max_examples=60, deadline=None)

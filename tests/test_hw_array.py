@@ -2,8 +2,8 @@
 """Systolic array: random conv tiles back to back against the golden model (amaranth.sim).
 
 Every job is a real binary convolution tile: ``rows`` output pixels × ``cols`` output
-channels of a random layer, packed with :mod:`bitdet.sw.packing` (so channel padding is
-exercised), and every ``P`` is compared with :func:`bitdet.sw.golden.popcount_conv2d`.
+channels of a random layer, packed with :mod:`bitdet.core.packing` (so channel padding is
+exercised), and every ``P`` is compared with :func:`bitdet.core.golden.popcount_conv2d`.
 Cycle numbers count testbench cycles: the inputs set in cycle ``t`` are those sampled by
 the clock edge that ends cycle ``t``; outputs are read in the cycle they are valid.
 """
@@ -21,9 +21,10 @@ from amaranth.sim import Simulator
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bitdet.hw.array import ARRAY_PIPELINE, SystolicArray
-from bitdet.sw import golden
-from bitdet.sw.packing import WEIGHT_PAD_BIT, pack_activations, pack_bits, pack_weights
+from bitdet.core import golden
+from bitdet.core.cycles import ARRAY_PIPELINE
+from bitdet.core.packing import WEIGHT_PAD_BIT, pack_activations, pack_bits, pack_weights
+from bitdet.hw.array import SystolicArray
 
 
 def words_to_ints(packed: np.ndarray, simd: int) -> list[int]:

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from bitdet.hw.config import PRESETS_DIR, AcceleratorConfig, ConfigError, load_config
-from bitdet.sw.bundle import Bundle
-from bitdet.sw.golden import BinaryConvLayer
+from bitdet.core.bundle import Bundle
+from bitdet.core.config import PRESETS_DIR, AcceleratorConfig, ConfigError, load_config
+from bitdet.core.golden import BinaryConvLayer
 
 
 @pytest.mark.parametrize("preset", ["icebreaker", "ulx3s", "tiny"])

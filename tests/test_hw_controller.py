@@ -2,12 +2,12 @@
 """Layer controller (amaranth.sim): one binary conv layer from a descriptor to the packed
 output map, with the real memories, window generator, array and threshold units.
 
-The input bank is loaded with :func:`~bitdet.sw.packing.pack_activations` of a random ±1
-map, the weight and threshold memories with :func:`~bitdet.sw.packing.pack_weights` /
-:func:`~bitdet.sw.packing.pack_thresholds`; the output bank (pre-filled with junk) must
-then hold exactly ``pack_activations`` of :func:`bitdet.sw.golden.run_layer`'s bits, and
+The input bank is loaded with :func:`~bitdet.core.packing.pack_activations` of a random ±1
+map, the weight and threshold memories with :func:`~bitdet.core.packing.pack_weights` /
+:func:`~bitdet.core.packing.pack_thresholds`; the output bank (pre-filled with junk) must
+then hold exactly ``pack_activations`` of :func:`bitdet.core.golden.run_layer`'s bits, and
 the junk around the map must be untouched. Raw mode is compared with
-:func:`bitdet.sw.golden.popcount_conv2d`.
+:func:`bitdet.core.golden.popcount_conv2d`.
 """
 
 import pytest
@@ -23,13 +23,13 @@ from amaranth.sim import Simulator
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bitdet.hw.config import AcceleratorConfig
+from bitdet.core import golden
+from bitdet.core.config import AcceleratorConfig
+from bitdet.core.cycles import layer_cycles
+from bitdet.core.packing import pack_activations, pack_thresholds, pack_weights
 from bitdet.hw.controller import LayerController
 from bitdet.hw.memory import activation_buffer, threshold_memory, weight_memory
 from bitdet.hw.window import WindowLayer
-from bitdet.sw import golden
-from bitdet.sw.cycles import layer_cycles
-from bitdet.sw.packing import pack_activations, pack_thresholds, pack_weights
 
 
 def to_ints(words: np.ndarray, simd: int) -> list[int]:

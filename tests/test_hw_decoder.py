@@ -1,10 +1,10 @@
 # amaranth: UnusedElaboratable=no
-"""Command decoder and response encoder against sw/protocol.py (amaranth.sim).
+"""Command decoder and response encoder against core/protocol.py (amaranth.sim).
 
-The decoder is fed the bytes of :func:`bitdet.sw.protocol.encode_frame` mixed with
+The decoder is fed the bytes of :func:`bitdet.core.protocol.encode_frame` mixed with
 garbage, corrupted, truncated, unknown-opcode and bad-length frames, with idle gaps and
 back-pressure; what it commits and the errors it reports must be exactly those of
-:class:`bitdet.sw.protocol.FrameParser` (with ``expire()`` where a gap exceeds the
+:class:`bitdet.core.protocol.FrameParser` (with ``expire()`` where a gap exceeds the
 timeout), and every valid frame that starts while the parser is hunting must be served.
 """
 
@@ -21,16 +21,8 @@ from amaranth.sim import Simulator
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bitdet.hw.config import AcceleratorConfig
-from bitdet.hw.decoder import (
-    CommandDecoder,
-    DecoderEvent,
-    ResponseEncoder,
-    crc16_update_value,
-    timeout_cycles,
-)
-from bitdet.hw.uart import UART
-from bitdet.sw.protocol import (
+from bitdet.core.config import AcceleratorConfig
+from bitdet.core.protocol import (
     COMMAND_PAYLOAD_LIMITS,
     CRC_INIT,
     MAGIC,
@@ -48,6 +40,14 @@ from bitdet.sw.protocol import (
     encode_response,
     parse_response,
 )
+from bitdet.hw.decoder import (
+    CommandDecoder,
+    DecoderEvent,
+    ResponseEncoder,
+    crc16_update_value,
+    timeout_cycles,
+)
+from bitdet.hw.uart import UART
 
 TIMEOUT = 48          # decoder timeout in the tests, in cycles
 SHORT_GAP = 12        # gaps that never time out (stalls of the decoder do not count)

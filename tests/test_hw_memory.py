@@ -14,7 +14,7 @@ import numpy as np
 from amaranth.back import verilog
 from amaranth.sim import Simulator
 
-from bitdet.hw.config import AcceleratorConfig
+from bitdet.core.config import AcceleratorConfig
 from bitdet.hw.memory import (
     ActivationBuffer,
     ColumnMemory,

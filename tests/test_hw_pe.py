@@ -12,7 +12,10 @@ import torch
 from amaranth.hdl import Elaboratable, Module, Signal
 from amaranth.sim import Simulator
 
-from bitdet.hw.pe import PE_LATENCY, XnorPopcountPE, activation_layout
+from bitdet.core import golden
+from bitdet.core.cycles import PE_LATENCY
+from bitdet.core.packing import pack_activations, pack_weights
+from bitdet.hw.pe import XnorPopcountPE, activation_layout
 from bitdet.hw.popcount import (
     POPCOUNT_TREES,
     popcount,
@@ -20,8 +23,6 @@ from bitdet.hw.popcount import (
     popcount_stages,
     popcount_width,
 )
-from bitdet.sw import golden
-from bitdet.sw.packing import pack_activations, pack_weights
 
 
 def words_to_ints(packed: np.ndarray, simd: int) -> list[int]:

@@ -14,11 +14,11 @@ from amaranth.hdl import Module
 from amaranth.lib.memory import Memory
 from amaranth.sim import Simulator
 
-from bitdet.hw.config import AcceleratorConfig, load_config
+from bitdet.core import golden
+from bitdet.core.config import AcceleratorConfig, load_config
+from bitdet.core.packing import pack_activations
+from bitdet.core.protocol import decode_layer, encode_layer
 from bitdet.hw.pool import POOL_OVERHEAD_CYCLES, PoolEngine, pool_busy_cycles
-from bitdet.sw import golden
-from bitdet.sw.packing import pack_activations
-from bitdet.sw.protocol import decode_layer, encode_layer
 
 
 def words_of(packed: np.ndarray, simd: int) -> list[int]:

@@ -10,8 +10,8 @@ import torch
 from amaranth.back import verilog
 from amaranth.sim import Simulator
 
+from bitdet.core import golden
 from bitdet.hw.threshold import ThresholdUnit
-from bitdet.sw import golden
 
 
 def run_unit(dut: ThresholdUnit, inputs):

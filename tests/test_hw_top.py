@@ -1,7 +1,7 @@
 # amaranth: UnusedElaboratable=no
-"""Top level without the UART (amaranth.sim): command frames of sw/protocol.py go in as
+"""Top level without the UART (amaranth.sim): command frames of core/protocol.py go in as
 bytes on ``CommandExecutor.i``, responses come back on ``o`` and are parsed with
-:class:`~bitdet.sw.protocol.FrameParser` / :func:`~bitdet.sw.protocol.parse_response`.
+:class:`~bitdet.core.protocol.FrameParser` / :func:`~bitdet.core.protocol.parse_response`.
 
 Two binary conv layers are loaded with WRITE_WEIGHTS / WRITE_THRESHOLDS /
 WRITE_ACTIVATIONS (the packing helpers' bytes), configured and run; the first layer's
@@ -21,14 +21,10 @@ import torch
 from amaranth.back import verilog
 from amaranth.sim import Simulator
 
-from bitdet.hw.config import AcceleratorConfig, load_config
-from bitdet.hw.controller import LayerController
-from bitdet.hw.pool import PoolEngine
-from bitdet.hw.top import CommandExecutor
-from bitdet.hw.window import WindowLayer
-from bitdet.sw import golden
-from bitdet.sw.packing import pack_activations, pack_thresholds, pack_weights
-from bitdet.sw.protocol import (
+from bitdet.core import golden
+from bitdet.core.config import AcceleratorConfig, load_config
+from bitdet.core.packing import pack_activations, pack_thresholds, pack_weights
+from bitdet.core.protocol import (
     LAYER_FLAG_POOL,
     LAYER_TABLE_ENTRIES,
     MAGIC,
@@ -49,6 +45,10 @@ from bitdet.sw.protocol import (
     encode_write,
     parse_response,
 )
+from bitdet.hw.controller import LayerController
+from bitdet.hw.pool import PoolEngine
+from bitdet.hw.top import CommandExecutor
+from bitdet.hw.window import WindowLayer
 
 
 class Driver:

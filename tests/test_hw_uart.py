@@ -15,7 +15,7 @@ from amaranth.back import verilog
 from amaranth.hdl import Module
 from amaranth.sim import Simulator
 
-from bitdet.hw.config import AcceleratorConfig
+from bitdet.core.config import AcceleratorConfig
 from bitdet.hw.uart import UART, UARTReceiver, UARTTransmitter, uart_divisor
 
 DIVISORS = [16, Fraction(21, 2)]          # 16× and a non-integer 10.5× clock per bit

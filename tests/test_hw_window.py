@@ -2,10 +2,10 @@
 """Window generator (amaranth.sim) with the ping-pong activation buffer it reads.
 
 Every emitted K-word is compared with a model built from
-:func:`bitdet.sw.packing.pack_activations` of the *spatially padded* input (padded with the
+:func:`bitdet.core.packing.pack_activations` of the *spatially padded* input (padded with the
 layer's pad value, so a padding tap is a packed all-+1 or all-−1 pixel) in the tap order
-of :func:`~bitdet.sw.packing.pack_weights`; and the words of every job, XNOR-popcounted
-with ``pack_weights`` words, give :func:`bitdet.sw.golden.popcount_conv2d`.
+of :func:`~bitdet.core.packing.pack_weights`; and the words of every job, XNOR-popcounted
+with ``pack_weights`` words, give :func:`bitdet.core.golden.popcount_conv2d`.
 """
 
 import pytest
@@ -22,12 +22,12 @@ from amaranth.sim import Simulator
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bitdet.core import golden
+from bitdet.core.config import AcceleratorConfig
+from bitdet.core.packing import pack_activations, pack_weights
 from bitdet.hw.array import SystolicArray
-from bitdet.hw.config import AcceleratorConfig
 from bitdet.hw.memory import ActivationBuffer, ColumnMemory, activation_buffer
 from bitdet.hw.window import WindowGenerator, WindowLayer, window_generator
-from bitdet.sw import golden
-from bitdet.sw.packing import pack_activations, pack_weights
 
 
 def to_ints(words: np.ndarray, simd: int) -> list[int]:

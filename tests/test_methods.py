@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bitdet.sw.bundle import load
+from bitdet.core.bundle import load
 from bitdet.sw.cli import main
 from bitdet.sw.data import make_digitscenes
 from bitdet.sw.detection import generalized_box_iou, head_boxes, perfect_head_map

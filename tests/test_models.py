@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from bitdet.hw.config import load_config
-from bitdet.sw.bundle import load
+from bitdet.core.bundle import load
+from bitdet.core.config import load_config
+from bitdet.core.golden import run_layer
 from bitdet.sw.data import make_digitscenes
-from bitdet.sw.golden import run_layer
 from bitdet.sw.models import (
     BinaryBlock,
     BinaryConv2d,

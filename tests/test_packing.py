@@ -1,4 +1,4 @@
-"""Tests of the host ↔ device bit layout (bitdet.sw.packing).
+"""Tests of the host ↔ device bit layout (bitdet.core.packing).
 
 The layout is checked bit by bit against the documented rule (channel ``c`` is bit
 ``c % word_bits`` of word ``c // word_bits``, words little-endian), read back here with
@@ -15,8 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bitdet.sw import packing
-from bitdet.sw.packing import (
+from bitdet.core import packing
+from bitdet.core.packing import (
     ACTIVATION_PAD_BIT,
     WEIGHT_PAD_BIT,
     bits_to_pm1,

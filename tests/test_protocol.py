@@ -1,4 +1,4 @@
-"""Host-link framing (bitdet.sw.protocol): CRC, round trips, parser resync, responses."""
+"""Host-link framing (bitdet.core.protocol): CRC, round trips, parser resync, responses."""
 
 import struct
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from bitdet.hw.config import AcceleratorConfig
-from bitdet.sw.protocol import (
+from bitdet.core.config import AcceleratorConfig
+from bitdet.core.protocol import (
     COMMAND_PAYLOAD_LIMITS,
     CRC_CHECK,
     CRC_INIT,

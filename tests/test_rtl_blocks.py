@@ -14,7 +14,7 @@ pytest.importorskip("cocotb_tools", reason="install the sim extra: pip install -
 
 from amaranth.back import verilog
 
-from bitdet.hw.config import load_config
+from bitdet.core.config import load_config
 from bitdet.sim.link import icarus_time_zero_fix
 from bitdet.sim.runner import run_cocotb
 from bitdet.sim.tb_blocks import BLOCK_TESTS, TOPLEVEL, BlockBench

@@ -19,20 +19,10 @@ pytest.importorskip("cocotb_tools", reason="install the sim extra: pip install -
 
 from amaranth.sim import Simulator
 
-from bitdet.hw.config import load_config
-from bitdet.hw.top import CommandExecutor
-from bitdet.sim.layer import (
-    LinkHost,
-    compare_maps,
-    expected_map,
-    load_case,
-    random_case,
-    run_case,
-)
-from bitdet.sim.link import RtlLink, RtlLinkError, RtlLinkTimeout
-from bitdet.sw import golden
-from bitdet.sw.packing import pack_activations
-from bitdet.sw.protocol import (
+from bitdet.core import golden
+from bitdet.core.config import load_config
+from bitdet.core.packing import pack_activations
+from bitdet.core.protocol import (
     MAGIC,
     MAX_PAYLOAD,
     ErrorCode,
@@ -46,6 +36,16 @@ from bitdet.sw.protocol import (
     encode_write,
     parse_response,
 )
+from bitdet.hw.top import CommandExecutor
+from bitdet.sim.layer import (
+    LinkHost,
+    compare_maps,
+    expected_map,
+    load_case,
+    random_case,
+    run_case,
+)
+from bitdet.sim.link import RtlLink, RtlLinkError, RtlLinkTimeout
 
 CONFIG = load_config("tiny")          # rows 2, cols 2, simd 8
 
@@ -259,7 +259,7 @@ class _Recorder:
         else:           # a plausible OK so that the host carries on while recording
             op = data[1]
             payload = bytes(8) if op == Opcode.RUN_LAYER else b""
-            from bitdet.sw.protocol import encode_response
+            from bitdet.core.protocol import encode_response
             self._out += encode_response(op, ErrorCode.OK, payload)
 
     def read(self, n, timeout):

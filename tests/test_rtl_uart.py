@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("cocotb_tools", reason="install the sim extra: pip install -e .[sim]")
 
-from bitdet.hw.config import load_config
+from bitdet.core.config import load_config
 from bitdet.hw.uart import uart_divisor
 from bitdet.sim.runner import run_cocotb
 from bitdet.sim.tb_uart import loopback_verilog

@@ -14,9 +14,9 @@ import torch
 
 pytest.importorskip("cocotb_tools", reason="install the sim extra: pip install -e .[sim]")
 
+from bitdet.core import golden
+from bitdet.core.bundle import Bundle
 from bitdet.sim.runner import fst_available
-from bitdet.sw import golden
-from bitdet.sw.bundle import Bundle
 from bitdet.sw.cli import main
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from bitdet.sw.bundle import load
+from bitdet.core.bundle import load
 from bitdet.sw.cli import main
 from bitdet.sw.data import make_digitscenes
 from bitdet.sw.evaluate import evaluate_predictions, predict_bundle, predict_model, run_bundle
@@ -325,7 +325,7 @@ def _eval_default(images):
 
 
 def test_default_bundle_loads_fits_icebreaker_and_is_described():
-    from bitdet.hw.config import load_config
+    from bitdet.core.config import load_config
     path, record = _default_asset()
     bundle = load(path)
     assert path.stat().st_size == record["bundle_bytes"] < 64 * 1024

@@ -7,8 +7,8 @@ format; :data:`FORMAT_VERSION` is its version.
 
 What it holds:
 
-* the binary layers the accelerator runs, folded (:class:`bitdet.sw.golden.BinaryConvLayer`):
-  weights packed with :func:`bitdet.sw.packing.pack_weights` in 8-bit words (the driver
+* the binary layers the accelerator runs, folded (:class:`bitdet.core.golden.BinaryConvLayer`):
+  weights packed with :func:`bitdet.core.packing.pack_weights` in 8-bit words (the driver
   repacks them for the device's SIMD width), integer thresholds, geometry;
 * the host-side layers in fixed point (:class:`HostLayer`): the first conv on the image
   and the real-valued head;

@@ -171,7 +171,7 @@ def dot_from_popcount(p: torch.Tensor, k: int) -> torch.Tensor:
 def xnor_popcount(a_words: np.ndarray, w_words: np.ndarray) -> np.ndarray:
     """Popcount of XNOR over packed uint8 words (the last axis), as a PE computes it.
 
-    With the padding convention of :mod:`bitdet.sw.packing` (activation padding 0, weight
+    With the padding convention of :mod:`bitdet.core.packing` (activation padding 0, weight
     padding 1) the padding bits contribute nothing, so no mask is needed.
     """
     a_words = np.asarray(a_words, dtype=np.uint8)

@@ -400,7 +400,7 @@ class IdentifyReply:
 
         version (u8) | max_payload (u16 LE) | config hash (8 bytes)
 
-    ``config_hash`` is :meth:`bitdet.hw.config.AcceleratorConfig.config_hash` (16 hex
+    ``config_hash`` is :meth:`bitdet.core.config.AcceleratorConfig.config_hash` (16 hex
     digits) as 8 raw bytes, most significant first.
     """
 
@@ -488,7 +488,7 @@ def threshold_entry_bytes(threshold_width: int, thresholds_per_channel: int, col
 
 
 def encode_weights(packed) -> bytes:
-    """WRITE_WEIGHTS data of :func:`bitdet.sw.packing.pack_weights` output (uint8
+    """WRITE_WEIGHTS data of :func:`bitdet.core.packing.pack_weights` output (uint8
     ``tiles × K-words × cols × word bytes``): entry ``t·K_words + j`` relative to the
     address is ``[t, j]``, column 0's word first, each word little-endian. This is just
     the array's bytes in C order."""
@@ -501,7 +501,7 @@ def encode_weights(packed) -> bytes:
 
 
 def encode_thresholds(packed, *, threshold_width: int, thresholds_per_channel: int) -> bytes:
-    """WRITE_THRESHOLDS data of :func:`bitdet.sw.packing.pack_thresholds` output (integers
+    """WRITE_THRESHOLDS data of :func:`bitdet.core.packing.pack_thresholds` output (integers
     ``tiles × cols × L``): per entry (tile), per column, the ``L ≤ thresholds_per_channel``
     thresholds as one little-endian bit field (threshold ``l`` at bits
     ``l·threshold_width``), in ``ceil(thresholds_per_channel · threshold_width / 8)``

@@ -8,11 +8,11 @@ Memory organisation the sizes refer to (all words are ``simd`` bits wide):
 
 * weights: one memory per array column, ``weight_depth`` words each; column ``c`` holds
   the K-words of output channels ``t·cols + c`` for every tile ``t`` of every resident
-  layer (the order of :func:`bitdet.sw.packing.pack_weights`);
+  layer (the order of :func:`bitdet.core.packing.pack_weights`);
 * thresholds: one memory per column, ``threshold_depth`` entries of
   ``(2**output_bits − 1)`` thresholds, each ``acc_width + 1`` bits (``T = K + 1``);
 * activations: two ping-pong buffers of ``activation_depth`` words (pixels row-major,
-  channel words innermost, as :func:`bitdet.sw.packing.pack_activations`).
+  channel words innermost, as :func:`bitdet.core.packing.pack_activations`).
 """
 
 from __future__ import annotations
@@ -21,11 +21,14 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, fields
+from importlib.resources import files
 from pathlib import Path
 
 __all__ = ["PRESETS_DIR", "AcceleratorConfig", "ConfigError", "load_config"]
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESETS_DIR = Path(str(files("bitdet.configs")))
+"""The folder of the preset YAML files (``configs/`` of the checkout, package data of an
+install: ``bitdet.configs``)."""
 
 
 class ConfigError(ValueError):
@@ -142,6 +145,12 @@ class AcceleratorConfig:
         return min(self.max_channels * self.max_kernel ** 2, self.weight_depth * self.simd)
 
     @property
+    def pool_max_kernel(self) -> int:
+        """Largest kernel (and stride) of a pool pass: ``max(3, max_kernel)`` (the pool
+        engine's window counters are at least 2 bits wide)."""
+        return max(3, self.max_kernel)
+
+    @property
     def pes(self) -> int:
         return self.rows * self.cols
 
@@ -173,7 +182,7 @@ class AcceleratorConfig:
         }
 
     def fit_problems(self, requirements) -> list[str]:
-        """Why a bundle's :class:`~bitdet.sw.bundle.Requirements` do not fit this build.
+        """Why a bundle's :class:`~bitdet.core.bundle.Requirements` do not fit this build.
 
         Empty when the network runs with every layer's weights and thresholds resident.
         """

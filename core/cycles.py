@@ -33,22 +33,27 @@ from __future__ import annotations
 import numbers
 from collections.abc import Mapping
 
-__all__ = ["ARRAY_PIPELINE", "COUNTER_WIDTH", "POOL_OVERHEAD_CYCLES", "THRESHOLD_PIPELINE",
+__all__ = ["ARRAY_PIPELINE", "COUNTER_WIDTH", "PE_LATENCY", "POOL_OVERHEAD_CYCLES",
+           "THRESHOLD_PIPELINE",
            "ideal_cycles", "layer_cycles", "pool_cycles"]
 
 COUNTER_WIDTH = 32
-"""Bits of the controller's ``busy_cycles`` / ``stall_cycles`` counters (as
-``bitdet.hw.controller.COUNTER_WIDTH``, which cannot be imported without amaranth)."""
+"""Bits of the controller's ``busy_cycles`` / ``stall_cycles`` counters (the RTL's
+counters are this wide: ``bitdet.hw.controller`` imports it)."""
 
-ARRAY_PIPELINE = 3
+PE_LATENCY = 3
+"""Cycles from a PE's input to its ``result`` (its popcount registers, in the middle of the
+tree and after it, plus the accumulator): ``bitdet.hw.pe`` imports it."""
+
+ARRAY_PIPELINE = 1 + (PE_LATENCY - 1)
 """Pipeline registers of the systolic array beyond its skew and drain (its input register
 and the PEs' two popcount registers, in the middle of the tree and after it:
-``bitdet.hw.array.ARRAY_PIPELINE``)."""
+``bitdet.hw.array`` imports it)."""
 
 THRESHOLD_PIPELINE = 2
 """Registers of the controller's threshold stage, from a result to its output bit (the
 threshold memory's word registered with the result, then the threshold units' register:
-``bitdet.hw.controller.THRESHOLD_PIPELINE``)."""
+``bitdet.hw.controller`` imports it)."""
 
 _CONV_FIELDS = ("out_h", "out_w", "channels", "out_channels", "kernel")
 
@@ -100,7 +105,7 @@ def ideal_cycles(config, descriptor: Mapping) -> int:
     number as ``LayerController.ideal_cycles`` and ``busy − stall`` of the counters.
 
     ``K`` counts packed words per tap (``ceil(C / simd)`` per kernel position, the layout
-    of :func:`bitdet.sw.packing.pack_weights`), so with ``C`` not a multiple of ``simd``
+    of :func:`bitdet.core.packing.pack_weights`), so with ``C`` not a multiple of ``simd``
     it is more than ``ceil(kernel²·C / simd)``: the channel padding of every tap word is
     fed to the array like real channels.
 
@@ -120,7 +125,7 @@ def ideal_cycles(config, descriptor: Mapping) -> int:
 def layer_cycles(config, descriptor: Mapping) -> tuple[int, int]:
     """``(busy_cycles, stall_cycles)`` of one layer exactly as the controller counts them
     (and RUN_LAYER reports them), for a descriptor of
-    :func:`bitdet.sw.protocol.decode_layer` / ``LayerController.descriptor``.
+    :func:`bitdet.core.protocol.decode_layer` / ``LayerController.descriptor``.
 
     Only ``out_h``, ``out_w``, ``channels``, ``out_channels``, ``kernel`` and ``raw``
     matter: the controller's timing does not depend on the data, the bases, the stride,

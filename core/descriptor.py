@@ -1,0 +1,350 @@
+"""The layer descriptor: one device pass (a binary convolution or a max-pool pass).
+
+:class:`LayerDescriptor` is the one home of the descriptor. Its dataclass fields *are*
+the field table: each carries its width in bits (``metadata["bits"]``), and the fields'
+order is their order in the CONFIGURE_LAYER payload, least significant bit first
+(docs/protocol.md, "CONFIGURE_LAYER"). Everything else is derived from that table:
+
+* :meth:`LayerDescriptor.encode` / :meth:`LayerDescriptor.decode`, the 32-byte payload;
+* :func:`descriptor_layout`, the Amaranth ``data.StructLayout`` the hardware views its
+  argument register through (:mod:`bitdet.hw.top`);
+* :meth:`LayerDescriptor.problems`, every reason a build refuses the pass, each a
+  :class:`FitProblem` naming the field, the limit and the value, and the error code the
+  device answers (the emulator's CONFIGURE_LAYER check) or none where only the host can
+  tell (a map that runs off the end of its memory from its base).
+
+Adding a field is one line in :class:`LayerDescriptor` (taking its bits from
+``reserved``) plus the logic that uses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+__all__ = [
+    "LAYER_DESCRIPTOR_SIZE",
+    "FitProblem",
+    "LayerDescriptor",
+    "descriptor_fields",
+    "descriptor_layout",
+    "output_size",
+]
+
+LAYER_DESCRIPTOR_SIZE = 32
+"""Bytes of a layer descriptor (the CONFIGURE_LAYER payload without its table index)."""
+
+
+def _bits(n: int, doc: str, default=dataclasses.MISSING):
+    return field(default=default, metadata={"bits": n, "doc": doc})
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int = 0) -> int:
+    """Output rows (or columns) of a ``kernel``/``stride`` window over ``size`` inputs with
+    ``padding`` on each side: ``(size + 2·padding − kernel) // stride + 1`` (docs/numerics.md).
+    The one implementation of the formula: convolutions, pool passes, the golden model's
+    shapes and the driver's plan all call it."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+@dataclass(frozen=True)
+class FitProblem:
+    """One reason a device pass does not fit a build.
+
+    Members
+    -------
+    field : str
+        The descriptor field (or ``"K"``, ``"out_words"``, ...) at fault.
+    limit : str
+        The limit, as the config names it (``"max_kernel = 3"``).
+    value : int
+        The descriptor's value.
+    message : str
+        One line for a person.
+    code : str or None
+        The :class:`~bitdet.core.protocol.ErrorCode` name the device answers at
+        CONFIGURE_LAYER (``"BAD_ARGUMENT"``, ``"LAYER_DOES_NOT_FIT"``), or ``None`` for a
+        problem only the host checks.
+    stage : int
+        The order in which the device's checks answer (1: a zero size or a bad flag, 2: a
+        size beyond the build, 3: an output size that does not match the window); 0 for
+        the host's checks.
+    """
+
+    field: str
+    limit: str
+    value: int
+    message: str
+    code: str | None = None
+    stage: int = 0
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class LayerDescriptor:
+    """One pass of the device: a binary convolution (``pool = 0``) or a binary max-pool
+    (``pool = 1``). Bases are in entries of their memory (words of the activation bank,
+    K-words of the weight memory, entries of the threshold memory).
+
+    Build one with :meth:`conv` or :meth:`pool_pass`, which derive the output shape; the
+    constructor checks only that every field fits its bits.
+    """
+
+    in_h: int = _bits(16, "input rows")
+    in_w: int = _bits(16, "input columns")
+    channels: int = _bits(16, "input channels")
+    out_h: int = _bits(16, "output rows")
+    out_w: int = _bits(16, "output columns")
+    out_channels: int = _bits(16, "output channels (= channels for a pool pass)")
+    kernel: int = _bits(8, "kernel size (square)")
+    stride: int = _bits(8, "stride")
+    padding: int = _bits(8, "padding on each side (convolution only)")
+    pad_bit: int = _bits(1, "the bit padding reads (0 = −1, 1 = +1)", 0)
+    raw: int = _bits(1, "output raw P instead of thresholded bits (not on the device yet)", 0)
+    pool: int = _bits(1, "a max-pool pass, not a convolution", 0)
+    reserved: int = _bits(5, "must be 0", 0)
+    input_base: int = _bits(32, "first activation word of the input map", 0)
+    output_base: int = _bits(32, "first activation word of the output map", 0)
+    weight_base: int = _bits(32, "first weight entry (0 for a pool pass)", 0)
+    threshold_base: int = _bits(32, "first threshold entry (0 for a pool pass)", 0)
+
+    def __post_init__(self):
+        for f in descriptor_fields():
+            value = getattr(self, f.name)
+            if isinstance(value, bool):
+                object.__setattr__(self, f.name, int(value))
+                value = int(value)
+            top = (1 << f.metadata["bits"]) - 1
+            if not isinstance(value, int) or not 0 <= value <= top:
+                raise ValueError(f"{f.name} must be an integer in 0 … {top}, not {value!r}")
+
+    # -- constructors ----------------------------------------------------------------------
+    @classmethod
+    def conv(cls, *, in_h: int, in_w: int, channels: int, out_channels: int, kernel: int,
+             stride: int = 1, padding: int = 0, pad_bit: int = 0, raw: int = 0,
+             input_base: int = 0, output_base: int = 0, weight_base: int = 0,
+             threshold_base: int = 0) -> LayerDescriptor:
+        """A binary convolution; the output size by :func:`output_size`."""
+        return cls(in_h=in_h, in_w=in_w, channels=channels,
+                   out_h=output_size(in_h, kernel, stride, padding),
+                   out_w=output_size(in_w, kernel, stride, padding),
+                   out_channels=out_channels, kernel=kernel, stride=stride, padding=padding,
+                   pad_bit=pad_bit, raw=raw, input_base=input_base, output_base=output_base,
+                   weight_base=weight_base, threshold_base=threshold_base)
+
+    @classmethod
+    def pool_pass(cls, *, in_h: int, in_w: int, channels: int, kernel: int,
+                  stride: int | None = None, input_base: int = 0,
+                  output_base: int = 0) -> LayerDescriptor:
+        """A max-pool pass (``stride`` defaults to ``kernel``): no padding, no weights."""
+        stride = kernel if stride is None else stride
+        return cls(in_h=in_h, in_w=in_w, channels=channels,
+                   out_h=output_size(in_h, kernel, stride), out_w=output_size(in_w, kernel, stride),
+                   out_channels=channels, kernel=kernel, stride=stride, pool=1,
+                   input_base=input_base, output_base=output_base)
+
+    # -- the payload ----------------------------------------------------------------------
+    def encode(self, index: int | None = None) -> bytes:
+        """The CONFIGURE_LAYER payload: the fields packed least significant bit first in
+        :data:`LAYER_DESCRIPTOR_SIZE` bytes, little-endian; with ``index`` the layer table
+        entry precedes them (33 bytes)."""
+        value, shift = 0, 0
+        for f in descriptor_fields():
+            value |= getattr(self, f.name) << shift
+            shift += f.metadata["bits"]
+        payload = value.to_bytes(LAYER_DESCRIPTOR_SIZE, "little")
+        return payload if index is None else bytes([index]) + payload
+
+    @classmethod
+    def decode(cls, payload: bytes) -> LayerDescriptor:
+        """Inverse of :meth:`encode` (without the index byte)."""
+        payload = bytes(payload)
+        if len(payload) != LAYER_DESCRIPTOR_SIZE:
+            from .protocol import ProtocolError
+            raise ProtocolError(f"layer descriptor of {len(payload)} bytes, expected "
+                                f"{LAYER_DESCRIPTOR_SIZE}")
+        value, values = int.from_bytes(payload, "little"), {}
+        for f in descriptor_fields():
+            bits = f.metadata["bits"]
+            values[f.name] = value & ((1 << bits) - 1)
+            value >>= bits
+        return cls(**values)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> LayerDescriptor:
+        return dataclasses.replace(self, **changes)
+
+    # -- shapes ------------------------------------------------------------------------------
+    @property
+    def in_shape(self) -> tuple[int, int, int]:
+        """``(channels, in_h, in_w)``."""
+        return self.channels, self.in_h, self.in_w
+
+    @property
+    def out_shape(self) -> tuple[int, int, int]:
+        """``(out_channels, out_h, out_w)``."""
+        return self.out_channels, self.out_h, self.out_w
+
+    @property
+    def k(self) -> int:
+        """Products per output of a convolution, ``channels · kernel²``."""
+        return self.channels * self.kernel ** 2
+
+    def map_words(self, simd: int, *, output: bool = True) -> int:
+        """Activation words of the output (or input) map: one ``simd``-bit word per pixel
+        and group of ``simd`` channels."""
+        c, h, w = self.out_shape if output else self.in_shape
+        return h * w * -(-c // simd)
+
+    # -- fit -------------------------------------------------------------------------------
+    def problems(self, config) -> list[FitProblem]:
+        """Every reason a build of ``config`` (an
+        :class:`~bitdet.core.config.AcceleratorConfig`) refuses or cannot run this pass.
+
+        The problems with a ``code`` are the device's own CONFIGURE_LAYER checks (the
+        emulator answers with the first code in the order BAD_ARGUMENT for a zero size or
+        a bad flag, LAYER_DOES_NOT_FIT for a size beyond the build, BAD_ARGUMENT for an
+        inconsistent output size); those without one the host adds (a map, the weights
+        or the thresholds running past the end of their memory from their base, ``K``
+        beyond the accumulator).
+        """
+        c = config
+        out: list[FitProblem] = []
+
+        def add(name, limit, value, message, stage):
+            out.append(FitProblem(name, limit, value, message, _STAGE_CODES[stage], stage))
+
+        refused, too_large, misfit = 1, 2, 3
+        what = "pool pass" if self.pool else "layer"
+        for name in ("in_h", "in_w", "channels", "out_h", "out_w", "out_channels", "kernel",
+                     "stride"):
+            if getattr(self, name) == 0:
+                add(name, "≥ 1", 0, f"the {what}'s {name} is 0", refused)
+        if self.reserved:
+            add("reserved", "0", self.reserved, f"reserved flag bits {self.reserved:#x} set",
+                refused)
+        depth = c.activation_depth
+        if self.pool:
+            pk = c.pool_max_kernel
+            for name in ("pad_bit", "raw"):
+                if getattr(self, name):
+                    add(name, "0 in a pool pass", 1, f"a pool pass has no {name}", refused)
+            for name in ("weight_base", "threshold_base"):
+                if getattr(self, name):
+                    add(name, "0 in a pool pass", getattr(self, name),
+                        f"a pool pass has no weights: {name} must be 0", refused)
+            if self.out_channels != self.channels:
+                add("out_channels", f"channels = {self.channels}", self.out_channels,
+                    f"a pool pass keeps its {self.channels} channels, not "
+                    f"{self.out_channels}", refused)
+            for name in ("kernel", "stride"):
+                if getattr(self, name) > pk:
+                    add(name, f"pool kernel ≤ {pk}", getattr(self, name),
+                        f"pool {name} {getattr(self, name)}, the pool engine allows up to "
+                        f"{pk}", too_large)
+            if self.padding:
+                add("padding", "0 in a pool pass", self.padding,
+                    f"a pool pass has no padding, not {self.padding}", too_large)
+        else:
+            if self.raw:
+                add("raw", "0", 1, "the layer controller thresholds every output (raw P "
+                    "runs on the host)", refused)
+            for name, limit in (("kernel", c.max_kernel), ("stride", c.max_stride),
+                                ("padding", c.max_kernel - 1),
+                                ("out_channels", c.max_channels)):
+                value = getattr(self, name)
+                if value > limit:
+                    add(name, f"{limit}", value, f"{name} {value} exceeds the accelerator's "
+                        f"{_limit_name(name)} {limit}", too_large)
+            for name, depth_name in (("weight_base", "weight_depth"),
+                                     ("threshold_base", "threshold_depth")):
+                value, limit = getattr(self, name), getattr(c, depth_name)
+                if value >= limit:
+                    add(name, f"{depth_name} = {limit}", value,
+                        f"{name} {value} is past the end of the memory ({depth_name} is "
+                        f"{limit})", too_large)
+        if self.channels > c.max_channels:
+            add("channels", f"max_channels = {c.max_channels}", self.channels,
+                f"{self.channels} input channels, max_channels is {c.max_channels}", too_large)
+        for name in ("in_h", "in_w", "out_h", "out_w", "input_base", "output_base"):
+            value = getattr(self, name)
+            if (value >= depth) if name.endswith("base") else (value > depth):
+                add(name, f"activation_depth = {depth}", value,
+                    f"{name} {value} is beyond activation_depth {depth}", too_large)
+        for name, (h, w) in (("in", (self.in_h, self.in_w)), ("out", (self.out_h, self.out_w))):
+            if h * w > depth:
+                add(f"{name}_h", f"{name}_h·{name}_w ≤ activation_depth = {depth}", h * w,
+                    f"the {name}put map has {h}×{w} pixels, activation_depth is {depth}",
+                    too_large)
+        pad = 0 if self.pool else self.padding
+        if self.stride and self.kernel:
+            for name, size, got in (("out_h", self.in_h, self.out_h),
+                                    ("out_w", self.in_w, self.out_w)):
+                span = size + 2 * pad
+                reach = got * self.stride
+                if not reach - self.stride + self.kernel <= span < reach + self.kernel:
+                    want = output_size(size, self.kernel, self.stride, pad)
+                    add(name, f"{want}", got, f"{name} {got} does not match a {self.kernel}×"
+                        f"{self.kernel} / {self.stride} window over {size} (padding {pad}): "
+                        f"it is {want}", misfit)
+        # the host's checks: whole maps, weights and thresholds inside their memories
+        return out + self._memory_problems(c)
+
+    def _memory_problems(self, c) -> list[FitProblem]:
+        out = []
+        spans = [("input_base", "input map", self.input_base,
+                  self.map_words(c.simd, output=False), c.activation_depth,
+                  "activation_depth"),
+                 ("output_base", "output map", self.output_base, self.map_words(c.simd),
+                  c.activation_depth, "activation_depth")]
+        if not self.pool:
+            tiles = -(-self.out_channels // c.cols)
+            k_words = self.kernel ** 2 * -(-self.channels // c.simd)
+            spans += [("weight_base", "weights", self.weight_base, tiles * k_words,
+                       c.weight_depth, "weight_depth"),
+                      ("threshold_base", "thresholds", self.threshold_base, tiles,
+                       c.threshold_depth, "threshold_depth")]
+            if self.k > c.max_k:
+                out.append(FitProblem("K", f"max_k = {c.max_k}", self.k,
+                                      f"K = {self.k} exceeds the accelerator's max_k {c.max_k}"))
+        for name, what, base, size, limit, limit_name in spans:
+            if base + size > limit:
+                out.append(FitProblem(name, f"{limit_name} = {limit}", base + size,
+                                      f"the {what} needs entries {base} … {base + size - 1}, "
+                                      f"{limit_name} is {limit}"))
+        return out
+
+    def refusal(self, config) -> str | None:
+        """The :class:`~bitdet.core.protocol.ErrorCode` name the device answers to this
+        descriptor at CONFIGURE_LAYER (``None``: it accepts it): the code of the
+        problem of the earliest stage (:class:`FitProblem`)."""
+        checked = [p for p in self.problems(config) if p.stage]
+        return min(checked, key=lambda p: p.stage).code if checked else None
+
+
+_STAGE_CODES = {1: "BAD_ARGUMENT", 2: "LAYER_DOES_NOT_FIT", 3: "BAD_ARGUMENT"}
+
+
+def _limit_name(name: str) -> str:
+    return {"kernel": "max_kernel", "stride": "max_stride", "padding": "max_kernel − 1",
+            "out_channels": "max_channels"}[name]
+
+
+def descriptor_fields() -> tuple[dataclasses.Field, ...]:
+    """The field table: :class:`LayerDescriptor`'s fields in payload order, each with its
+    ``metadata["bits"]`` and ``metadata["doc"]``."""
+    return dataclasses.fields(LayerDescriptor)
+
+
+def descriptor_layout():
+    """The Amaranth ``data.StructLayout`` of a descriptor (field ``i`` at the bits after
+    field ``i − 1``, as :meth:`LayerDescriptor.encode` packs them); needs amaranth."""
+    from amaranth.lib import data
+    return data.StructLayout({f.name: f.metadata["bits"] for f in descriptor_fields()})
+
+
+assert sum(f.metadata["bits"] for f in descriptor_fields()) == 8 * LAYER_DESCRIPTOR_SIZE
