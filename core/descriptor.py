@@ -20,6 +20,7 @@ Adding a field is one line in :class:`LayerDescriptor` (taking its bits from
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -82,14 +83,18 @@ class FitProblem:
         return self.message
 
 
-@dataclass(frozen=True)
-class LayerDescriptor:
+@dataclass(frozen=True, eq=False)
+class LayerDescriptor(Mapping):
     """One pass of the device: a binary convolution (``pool = 0``) or a binary max-pool
     (``pool = 1``). Bases are in entries of their memory (words of the activation bank,
     K-words of the weight memory, entries of the threshold memory).
 
     Build one with :meth:`conv` or :meth:`pool_pass`, which derive the output shape; the
     constructor checks only that every field fits its bits.
+
+    It is also a read-only mapping of its fields (but ``reserved``, which a valid
+    descriptor leaves 0): ``desc["kernel"]``, ``dict(desc)``, ``f(**desc)``, and equal to a
+    dict with the same items.
     """
 
     in_h: int = _bits(16, "input rows")
@@ -173,7 +178,27 @@ class LayerDescriptor:
         return cls(**values)
 
     def as_dict(self) -> dict:
+        """Every field, ``reserved`` too."""
         return dataclasses.asdict(self)
+
+    def __getitem__(self, name: str) -> int:
+        if name not in _MAPPED:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def __iter__(self):
+        return iter(_MAPPED)
+
+    def __len__(self) -> int:
+        return len(_MAPPED)
+
+    def __eq__(self, other):
+        if isinstance(other, LayerDescriptor):
+            return self.as_dict() == other.as_dict()
+        return Mapping.__eq__(self, other)
+
+    def __hash__(self):
+        return hash(tuple(self.as_dict().values()))
 
     def replace(self, **changes) -> LayerDescriptor:
         return dataclasses.replace(self, **changes)
@@ -346,5 +371,7 @@ def descriptor_layout():
     from amaranth.lib import data
     return data.StructLayout({f.name: f.metadata["bits"] for f in descriptor_fields()})
 
+
+_MAPPED = tuple(f.name for f in descriptor_fields() if f.name != "reserved")
 
 assert sum(f.metadata["bits"] for f in descriptor_fields()) == 8 * LAYER_DESCRIPTOR_SIZE

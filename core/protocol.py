@@ -29,6 +29,8 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from .descriptor import LAYER_DESCRIPTOR_SIZE, LayerDescriptor
+
 __all__ = [
     "COMMAND_PAYLOAD_LIMITS",
     "COUNTERS_SIZE",
@@ -431,13 +433,6 @@ class IdentifyReply:
 
 # -- command payloads (layouts in docs/protocol.md, executed by bitdet.hw.top) ---------------
 
-LAYER_DESCRIPTOR_SIZE = 32
-"""Bytes of the CONFIGURE_LAYER payload (:func:`encode_layer`)."""
-
-_LAYER_FORMAT = "<6H4B4I"
-_LAYER_FIELDS = ("in_h", "in_w", "channels", "out_h", "out_w", "out_channels",
-                 "kernel", "stride", "padding")
-_LAYER_BASES = ("input_base", "output_base", "weight_base", "threshold_base")
 LAYER_FLAG_PAD_BIT = 0x01
 LAYER_FLAG_RAW = 0x02
 LAYER_FLAG_POOL = 0x04
@@ -528,71 +523,25 @@ def encode_thresholds(packed, *, threshold_width: int, thresholds_per_channel: i
     return bytes(out)
 
 
-def encode_layer(*, in_h: int, in_w: int, channels: int, out_h: int, out_w: int,
-                 out_channels: int, kernel: int, stride: int, padding: int, pad_bit: int,
-                 input_base: int, output_base: int, weight_base: int, threshold_base: int,
-                 raw: int | bool = False, pool: int | bool = False,
-                 index: int | None = None) -> bytes:
-    """CONFIGURE_LAYER payload (32 bytes) of a layer descriptor: takes exactly the dict of
-    :meth:`bitdet.hw.controller.LayerController.descriptor` or
-    :meth:`bitdet.hw.pool.PoolEngine.descriptor` (which check the layer against a build),
-    ``encode_layer(**descriptor)``.
-
-    Layout: ``in_h, in_w, channels, out_h, out_w, out_channels`` (u16 LE each),
-    ``kernel, stride, padding, flags`` (u8; flags bit 0 = pad_bit, bit 1 = raw, bit 2 =
-    pool), ``input_base, output_base, weight_base, threshold_base`` (u32 LE each).
-
-    A pool descriptor (``pool=True``) has ``out_channels = channels``, ``out = (in −
-    kernel) // stride + 1``, ``padding = pad_bit = raw = 0`` and ``weight_base =
-    threshold_base = 0`` (the device checks them; this function only checks ranges).
-
-    With ``index`` (``0 … LAYER_TABLE_ENTRIES − 1``) the payload is 33 bytes, ``[index] +
-    descriptor``: it configures that entry of the layer table (RUN_LAYER ``[index]``,
-    RUN_NETWORK); the 32-byte payload configures entry 0.
-    """
+def encode_layer(*, index: int | None = None, **fields) -> bytes:
+    """CONFIGURE_LAYER payload of a descriptor given as its fields
+    (:class:`~bitdet.core.descriptor.LayerDescriptor` is the layout, docs/protocol.md):
+    ``encode_layer(**descriptor)``. With ``index`` (``0 … LAYER_TABLE_ENTRIES − 1``) the
+    payload is 33 bytes, ``[index] + descriptor``: it configures that entry of the layer
+    table (RUN_LAYER ``[index]``, RUN_NETWORK); the 32-byte payload configures entry 0."""
     if index is not None and (isinstance(index, bool) or not isinstance(index, int)
                               or not 0 <= index < LAYER_TABLE_ENTRIES):
         raise ValueError(f"index must be an integer in 0 … {LAYER_TABLE_ENTRIES - 1}, "
                          f"not {index!r}")
-    values = dict(in_h=in_h, in_w=in_w, channels=channels, out_h=out_h, out_w=out_w,
-                  out_channels=out_channels, kernel=kernel, stride=stride, padding=padding)
-    for name, value in values.items():
-        top = 0xFF if name in ("kernel", "stride", "padding") else 0xFFFF
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
-            raise ValueError(f"{name} must be an integer in 0 … {top}, not {value!r}")
-    bases = dict(input_base=input_base, output_base=output_base, weight_base=weight_base,
-                 threshold_base=threshold_base)
-    for name, value in bases.items():
-        if isinstance(value, bool) or not isinstance(value, int) \
-                or not 0 <= value <= 0xFFFFFFFF:
-            raise ValueError(f"{name} must be an integer in 0 … 2**32 − 1, not {value!r}")
-    if pad_bit not in (0, 1):
-        raise ValueError(f"pad_bit must be 0 or 1, not {pad_bit!r}")
-    flags = ((LAYER_FLAG_PAD_BIT if pad_bit else 0) | (LAYER_FLAG_RAW if raw else 0)
-             | (LAYER_FLAG_POOL if pool else 0))
-    payload = struct.pack(_LAYER_FORMAT, *(values[n] for n in _LAYER_FIELDS), flags,
-                          *(bases[n] for n in _LAYER_BASES))
-    return payload if index is None else bytes([index]) + payload
+    return LayerDescriptor(**fields).encode(index)
 
 
-def decode_layer(payload: bytes) -> dict:
-    """Inverse of :func:`encode_layer` (for the emulator); ``raw`` and ``pool`` are 0/1.
-    Flag bits other than pad_bit, raw and pool are ignored here (the device refuses
-    them)."""
-    if len(payload) != LAYER_DESCRIPTOR_SIZE:
-        raise ProtocolError(f"layer descriptor of {len(payload)} bytes, expected "
-                            f"{LAYER_DESCRIPTOR_SIZE}")
-    fields = struct.unpack(_LAYER_FORMAT, bytes(payload))
-    out = dict(zip(_LAYER_FIELDS, fields[:9], strict=True))
-    flags = fields[9]
-    out["pad_bit"] = flags & LAYER_FLAG_PAD_BIT
-    out["raw"] = int(bool(flags & LAYER_FLAG_RAW))
-    out["pool"] = int(bool(flags & LAYER_FLAG_POOL))
-    out.update(zip(_LAYER_BASES, fields[10:], strict=True))
-    return out
+def decode_layer(payload: bytes) -> LayerDescriptor:
+    """Inverse of :func:`encode_layer`, without the index byte."""
+    return LayerDescriptor.decode(payload)
 
 
-def decode_layer_entry(payload: bytes) -> tuple[int, dict]:
+def decode_layer_entry(payload: bytes) -> tuple[int, LayerDescriptor]:
     """``(table index, descriptor)`` of a CONFIGURE_LAYER payload of 32 bytes (entry 0) or
     33 bytes (``[index] + descriptor``); the index is not range-checked (the device
     answers BAD_ARGUMENT for ``index ≥ LAYER_TABLE_ENTRIES``)."""
