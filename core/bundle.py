@@ -328,13 +328,62 @@ class Bundle:
 
     # -- running ------------------------------------------------------------------------
     def run_binary(self, x: torch.Tensor, *, method: str = "fast") -> list[torch.Tensor]:
-        """Run the binary layers on ±1 input with the golden model (every layer's output)."""
+        """Run the binary layers on ±1 input with the golden model (every layer's output:
+        0/1 bits, or raw ``P`` for a layer without thresholds)."""
         from .golden import run_network
         if tuple(x.shape[1:]) != self.input_shape:
             shape = "×".join(map(str, self.input_shape))
             raise ValueError(f"the bundle's binary layers take N×{shape} input, "
                              f"not {tuple(x.shape)}")
         return run_network(x, self.binary_layers, method=method)
+
+    # -- the host part: stem, head, decoding settings, one forward pass -----------------
+    def host_layer(self, name: str) -> HostLayer:
+        """The host layer called ``name`` (``"stem"``, ``"head"``)."""
+        for layer in self.host_layers:
+            if layer.name == name:
+                return layer
+        raise BundleError(f"the bundle has no host layer {name!r} (has: "
+                          f"{', '.join(h.name for h in self.host_layers) or 'none'})")
+
+    def stem(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The host stem in fixed point on integer pixels ``N×C×H×W`` (0 … 255): the first
+        binary layer's input as 0/1 bits."""
+        return self.host_layer("stem").run(pixels.to(torch.int64))
+
+    def head(self, last: torch.Tensor) -> torch.Tensor:
+        """The host head in fixed point on the last binary layer's output (0/1 bits, or
+        raw ``P`` when that layer has no thresholds): the head map."""
+        if self.binary_layers[-1].thresholds is not None:
+            last = last.to(torch.float32) * 2 - 1          # bits as ±1; raw P as it is
+        return self.host_layer("head").run(last)
+
+    def forward(self, pixels: torch.Tensor, binary=None) -> torch.Tensor:
+        """Head map of the whole detector on integer pixels ``N×C×H×W``: :meth:`stem`, the
+        binary layers, :meth:`head`. ``binary`` runs the binary layers: a function of the
+        stem's 0/1 bits returning the list of maps whose last is the last layer's output
+        (a device: :meth:`bitdet.sw.device.Device.run_bundle_layers`); by default the
+        golden model (:meth:`run_binary`)."""
+        bits = self.stem(pixels)
+        if binary is None:
+            maps = self.run_binary(bits.to(torch.float32) * 2 - 1)
+        else:
+            maps = binary(bits)
+        return self.head(maps[-1])
+
+    def decode_settings(self) -> dict:
+        """The decoding settings the model metadata carries: ``{"stride": grid_stride}``
+        and ``"prior"`` where ``decode.prior`` is given (the decoder's defaults for the
+        rest)."""
+        stride = self.model.get("grid_stride")
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+            raise BundleError("the bundle's model metadata has no valid 'grid_stride': it "
+                              "does not describe a detector")
+        settings = {"stride": stride}
+        decode = self.model.get("decode", {})
+        if isinstance(decode, dict) and "prior" in decode:
+            settings["prior"] = float(decode["prior"])
+        return settings
 
     # -- files --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:

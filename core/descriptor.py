@@ -147,7 +147,7 @@ class LayerDescriptor(Mapping):
         stride = kernel if stride is None else stride
         return cls(in_h=in_h, in_w=in_w, channels=channels,
                    out_h=output_size(in_h, kernel, stride), out_w=output_size(in_w, kernel, stride),
-                   out_channels=channels, kernel=kernel, stride=stride, pool=1,
+                   out_channels=channels, kernel=kernel, stride=stride, padding=0, pool=1,
                    input_base=input_base, output_base=output_base)
 
     # -- the payload ----------------------------------------------------------------------
@@ -237,87 +237,77 @@ class LayerDescriptor(Mapping):
         or the thresholds running past the end of their memory from their base, ``K``
         beyond the accumulator).
         """
-        c = config
-        out: list[FitProblem] = []
+        return (self._flag_problems() + self._size_problems(config)
+                + self._window_problems() + self._memory_problems(config))
 
-        def add(name, limit, value, message, stage):
-            out.append(FitProblem(name, limit, value, message, _STAGE_CODES[stage], stage))
-
-        refused, too_large, misfit = 1, 2, 3
+    def _flag_problems(self) -> list[FitProblem]:
+        """Stage 1: zero sizes, reserved or misplaced flags (BAD_ARGUMENT)."""
         what = "pool pass" if self.pool else "layer"
-        for name in ("in_h", "in_w", "channels", "out_h", "out_w", "out_channels", "kernel",
-                     "stride"):
-            if getattr(self, name) == 0:
-                add(name, "≥ 1", 0, f"the {what}'s {name} is 0", refused)
+        out = [_problem(name, "≥ 1", 0, f"the {what}'s {name} is 0", 1)
+               for name in ("in_h", "in_w", "channels", "out_h", "out_w", "out_channels",
+                            "kernel", "stride") if getattr(self, name) == 0]
         if self.reserved:
-            add("reserved", "0", self.reserved, f"reserved flag bits {self.reserved:#x} set",
-                refused)
-        depth = c.activation_depth
-        if self.pool:
-            pk = c.pool_max_kernel
-            for name in ("pad_bit", "raw"):
-                if getattr(self, name):
-                    add(name, "0 in a pool pass", 1, f"a pool pass has no {name}", refused)
-            for name in ("weight_base", "threshold_base"):
-                if getattr(self, name):
-                    add(name, "0 in a pool pass", getattr(self, name),
-                        f"a pool pass has no weights: {name} must be 0", refused)
-            if self.out_channels != self.channels:
-                add("out_channels", f"channels = {self.channels}", self.out_channels,
-                    f"a pool pass keeps its {self.channels} channels, not "
-                    f"{self.out_channels}", refused)
-            for name in ("kernel", "stride"):
-                if getattr(self, name) > pk:
-                    add(name, f"pool kernel ≤ {pk}", getattr(self, name),
-                        f"pool {name} {getattr(self, name)}, the pool engine allows up to "
-                        f"{pk}", too_large)
-            if self.padding:
-                add("padding", "0 in a pool pass", self.padding,
-                    f"a pool pass has no padding, not {self.padding}", too_large)
-        else:
+            out.append(_problem("reserved", "0", self.reserved,
+                                f"reserved flag bits {self.reserved:#x} set", 1))
+        if not self.pool:
             if self.raw:
-                add("raw", "0", 1, "the layer controller thresholds every output (raw P "
-                    "runs on the host)", refused)
-            for name, limit in (("kernel", c.max_kernel), ("stride", c.max_stride),
-                                ("padding", c.max_kernel - 1),
-                                ("out_channels", c.max_channels)):
-                value = getattr(self, name)
-                if value > limit:
-                    add(name, f"{limit}", value, f"{name} {value} exceeds the accelerator's "
-                        f"{_limit_name(name)} {limit}", too_large)
-            for name, depth_name in (("weight_base", "weight_depth"),
-                                     ("threshold_base", "threshold_depth")):
-                value, limit = getattr(self, name), getattr(c, depth_name)
-                if value >= limit:
-                    add(name, f"{depth_name} = {limit}", value,
-                        f"{name} {value} is past the end of the memory ({depth_name} is "
-                        f"{limit})", too_large)
-        if self.channels > c.max_channels:
-            add("channels", f"max_channels = {c.max_channels}", self.channels,
-                f"{self.channels} input channels, max_channels is {c.max_channels}", too_large)
-        for name in ("in_h", "in_w", "out_h", "out_w", "input_base", "output_base"):
-            value = getattr(self, name)
-            if (value >= depth) if name.endswith("base") else (value > depth):
-                add(name, f"activation_depth = {depth}", value,
-                    f"{name} {value} is beyond activation_depth {depth}", too_large)
-        for name, (h, w) in (("in", (self.in_h, self.in_w)), ("out", (self.out_h, self.out_w))):
+                out.append(_problem("raw", "0", 1, "the layer controller thresholds every "
+                                    "output (raw P runs on the host)", 1))
+            return out
+        out += [_problem(name, "0 in a pool pass", getattr(self, name),
+                         f"a pool pass has no {name.replace('_base', ' memory')}", 1)
+                for name in ("pad_bit", "raw", "weight_base", "threshold_base")
+                if getattr(self, name)]
+        if self.out_channels != self.channels:
+            out.append(_problem("out_channels", f"channels = {self.channels}",
+                                self.out_channels, f"a pool pass keeps its {self.channels} "
+                                f"channels, not {self.out_channels}", 1))
+        return out
+
+    def _size_problems(self, c) -> list[FitProblem]:
+        """Stage 2: sizes beyond the build (LAYER_DOES_NOT_FIT)."""
+        if self.pool:
+            limits = [("kernel", c.pool_max_kernel, "the pool engine's largest kernel"),
+                      ("stride", c.pool_max_kernel, "the pool engine's largest stride"),
+                      ("padding", 0, "a pool pass's padding")]
+        else:
+            limits = [("kernel", c.max_kernel, "max_kernel"),
+                      ("stride", c.max_stride, "max_stride"),
+                      ("padding", c.max_kernel - 1, "max_kernel − 1"),
+                      ("out_channels", c.max_channels, "max_channels"),
+                      ("weight_base", c.weight_depth - 1, "weight_depth − 1"),
+                      ("threshold_base", c.threshold_depth - 1, "threshold_depth − 1")]
+        depth = c.activation_depth
+        limits += [("channels", c.max_channels, "max_channels"),
+                   *((name, depth, "activation_depth")
+                     for name in ("in_h", "in_w", "out_h", "out_w")),
+                   ("input_base", depth - 1, "activation_depth − 1"),
+                   ("output_base", depth - 1, "activation_depth − 1")]
+        out = [_problem(name, f"{label} = {limit}", getattr(self, name),
+                        f"{name} {getattr(self, name)} exceeds {label} ({limit})", 2)
+               for name, limit, label in limits if getattr(self, name) > limit]
+        for side, h, w in (("in", self.in_h, self.in_w), ("out", self.out_h, self.out_w)):
             if h * w > depth:
-                add(f"{name}_h", f"{name}_h·{name}_w ≤ activation_depth = {depth}", h * w,
-                    f"the {name}put map has {h}×{w} pixels, activation_depth is {depth}",
-                    too_large)
+                out.append(_problem(f"{side}_h", f"{side}_h·{side}_w ≤ activation_depth = "
+                                    f"{depth}", h * w, f"the {side}put map has {h}×{w} "
+                                    f"pixels, activation_depth is {depth}", 2))
+        return out
+
+    def _window_problems(self) -> list[FitProblem]:
+        """Stage 3: an output size that does not match the window (BAD_ARGUMENT)."""
+        if not (self.stride and self.kernel):
+            return []
         pad = 0 if self.pool else self.padding
-        if self.stride and self.kernel:
-            for name, size, got in (("out_h", self.in_h, self.out_h),
-                                    ("out_w", self.in_w, self.out_w)):
-                span = size + 2 * pad
-                reach = got * self.stride
-                if not reach - self.stride + self.kernel <= span < reach + self.kernel:
-                    want = output_size(size, self.kernel, self.stride, pad)
-                    add(name, f"{want}", got, f"{name} {got} does not match a {self.kernel}×"
-                        f"{self.kernel} / {self.stride} window over {size} (padding {pad}): "
-                        f"it is {want}", misfit)
-        # the host's checks: whole maps, weights and thresholds inside their memories
-        return out + self._memory_problems(c)
+        out = []
+        for name, size, got in (("out_h", self.in_h, self.out_h),
+                                ("out_w", self.in_w, self.out_w)):
+            span, reach = size + 2 * pad, got * self.stride
+            if not reach - self.stride + self.kernel <= span < reach + self.kernel:
+                want = output_size(size, self.kernel, self.stride, pad)
+                out.append(_problem(name, f"{want}", got, f"{name} {got} does not match a "
+                                    f"{self.kernel}×{self.kernel} / {self.stride} window over "
+                                    f"{size} (padding {pad}): it is {want}", 3))
+        return out
 
     def _memory_problems(self, c) -> list[FitProblem]:
         out = []
@@ -354,9 +344,8 @@ class LayerDescriptor(Mapping):
 _STAGE_CODES = {1: "BAD_ARGUMENT", 2: "LAYER_DOES_NOT_FIT", 3: "BAD_ARGUMENT"}
 
 
-def _limit_name(name: str) -> str:
-    return {"kernel": "max_kernel", "stride": "max_stride", "padding": "max_kernel − 1",
-            "out_channels": "max_channels"}[name]
+def _problem(name: str, limit: str, value: int, message: str, stage: int) -> FitProblem:
+    return FitProblem(name, limit, value, message, _STAGE_CODES[stage], stage)
 
 
 def descriptor_fields() -> tuple[dataclasses.Field, ...]:

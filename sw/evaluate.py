@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from bitdet.core.bundle import Bundle, BundleError
+from bitdet.core.bundle import Bundle
 
 from .data import DetectionDataset
 from .detection import BOX_PRIOR, decode
@@ -139,32 +139,20 @@ def predict_model(model: torch.nn.Module, dataset: DetectionDataset, *, batch_si
 
 
 def bundle_decode_settings(bundle: Bundle) -> dict:
-    """Decoding settings stored in a bundle's model metadata (``grid_stride``,
-    ``decode.prior``), with the evaluation defaults for the rest."""
-    stride = bundle.model.get("grid_stride")
-    if not isinstance(stride, int) or stride < 1:
-        raise BundleError("the bundle's model metadata has no valid 'grid_stride': it does not "
-                          "describe a detector")
-    prior = bundle.model.get("decode", {}).get("prior", BOX_PRIOR)
-    return decode_settings(stride, prior)
+    """Decoding settings of a bundle (:meth:`~bitdet.core.bundle.Bundle.decode_settings`:
+    ``grid_stride``, ``decode.prior``), with the evaluation defaults for the rest."""
+    return decode_settings(**bundle.decode_settings())
 
 
-def _host_layer(bundle: Bundle, name: str):
-    for layer in bundle.host_layers:
-        if layer.name == name:
-            return layer
-    raise BundleError(f"the bundle has no host layer {name!r} (has: "
-                      f"{', '.join(h.name for h in bundle.host_layers) or 'none'})")
+def _host_layer(bundle: Bundle, name: str):   # until the driver calls Bundle.host_layer
+    return bundle.host_layer(name)
 
 
 def run_bundle(bundle: Bundle, pixels: torch.Tensor) -> torch.Tensor:
     """Head map of a bundle on integer pixels ``N×C×H×W`` (0..255), as the driver computes
-    it: fixed-point host stem, golden-model binary layers, fixed-point host head."""
-    stem = _host_layer(bundle, "stem").run(pixels.to(torch.int64))
-    outputs = bundle.run_binary(stem.to(torch.float32) * 2 - 1)
-    last = outputs[-1] if bundle.binary_layers[-1].thresholds is None \
-        else outputs[-1].to(torch.float32) * 2 - 1      # raw P as it is; bits as ±1
-    return _host_layer(bundle, "head").run(last)
+    it (:meth:`~bitdet.core.bundle.Bundle.forward`: fixed-point host stem, golden-model
+    binary layers, fixed-point host head)."""
+    return bundle.forward(pixels)
 
 
 def predict_bundle(bundle: Bundle, dataset: DetectionDataset, *, batch_size: int = 64,

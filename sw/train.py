@@ -326,12 +326,9 @@ def best_epoch(history: Sequence[dict]) -> int | None:
 
 
 def _save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    from .files import atomic_path
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _is_bundle(path: Path) -> bool:
@@ -396,12 +393,17 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     return model, ckpt
 
 
-def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *,
+                      force: bool = False) -> Path:
     """Fold a binary checkpoint into a deployment bundle file; returns its path.
 
     The bundle's model metadata gains ``decode`` (box prior, score rule) and ``training``
-    (method, epoch). Raises :class:`CheckpointError` for a non-exportable (``fp``) method.
+    (method, epoch). Raises :class:`CheckpointError` for a non-exportable (``fp``) method,
+    and :class:`~bitdet.sw.files.OutputExists` when ``out`` is the checkpoint itself, or
+    exists and ``force`` is not given. The bundle is written atomically.
     """
+    from .files import atomic_path, check_new_file
+    check_new_file(out, force=force, inputs=[path])
     ckpt = _read_checkpoint(path)
     method = METHODS[ckpt["method"]]
     if not method.exportable:
@@ -420,7 +422,9 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
         "score": "sigmoid(objectness) * max softmax(class logits)"}
     bundle.model["training"] = {"method": ckpt["method"], "epoch": int(ckpt["epoch"]),
                                 "seed": int(ckpt["config"]["seed"])}
-    return bundle.save(out)
+    with atomic_path(out) as tmp:
+        bundle.save(tmp)
+    return Path(out)
 
 
 def load_teacher(path: str | os.PathLike, model_kwargs: dict, *,
@@ -588,14 +592,13 @@ def run_bundle_fixed_point(bundle: Bundle, pixels: torch.Tensor,
     """
     from bitdet.core.golden import fixed_point_conv2d
 
-    from .evaluate import _host_layer
-    head = _host_layer(bundle, "head")
+    head = bundle.host_layer("head")
     scale = torch.from_numpy(head.arrays["scale"]).to(torch.float64)
     frac = -torch.log2(scale)
     if not bool(((frac == torch.round(frac)) & (scale > 0)).all()):
         raise ValueError("the bundle's head scales are not powers of two: it was not trained "
                          "with --ifq (fixed point)")
-    stem = _host_layer(bundle, "stem").run(pixels.to(torch.int64))
+    stem = bundle.stem(pixels)
     bits = bundle.run_binary(stem.to(torch.float32) * 2 - 1)[-1].to(torch.int64) * 2 - 1
     weight = torch.from_numpy(head.arrays["weight"].astype(np.int64))
     acc = fixed_point_conv2d(bits, weight, stride=head.stride, padding=head.padding,
@@ -622,16 +625,43 @@ def predict_bundle_fixed_point(bundle: Bundle, dataset, *, batch_size: int = 64,
     return out
 
 
-def train(method: str | None = None, epochs: int | None = None, batch_size: int = 32,
-          lr: float = 2e-3, seed: int = 0, image_size: int = 64, train_count: int = 2048,
-          val_count: int = 256, out_dir: str | os.PathLike = "runs/train",
+#: The settings of a new run that ``train`` fills in when not given; on resume each given
+#: one must equal the checkpoint's (``TrainConfig`` field, default, the CLI's option).
+RUN_DEFAULTS = {"batch_size": (32, "--batch-size"), "lr": (2e-3, "--lr"),
+                "seed": (0, "--seed"), "train_count": (2048, "--train-images"),
+                "val_count": (256, "--val-images"), "image_size": (64, "image_size"),
+                "weight_decay": (1e-4, "weight_decay")}
+DEFAULT_OUT = "runs/train"
+
+
+def _check_run_folder(out_dir: Path, *, force: bool, resume_epoch: int | None = None) -> None:
+    """Refuse to mix runs: a new run's folder must be missing or empty; a resumed run in
+    its own folder must not overwrite checkpoints of epochs after the one it resumes from
+    (unless ``force``)."""
+    from .files import OutputExists, check_new_folder
+    if resume_epoch is None:
+        check_new_folder(out_dir, force=force, what="run")
+        return
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputExists(f"{out_dir}: is a file, not a folder")
+    later = sorted(p.name for p in out_dir.glob("epoch_*.pt")
+                   if p.stem[6:].isdigit() and int(p.stem[6:]) > resume_epoch)
+    if later and not force:
+        raise OutputExists(f"{out_dir}: resuming from epoch {resume_epoch} would overwrite "
+                           f"{', '.join(later)} (pass --force, or --out a new folder)")
+
+
+def train(method: str | None = None, epochs: int | None = None,
+          batch_size: int | None = None, lr: float | None = None, seed: int | None = None,
+          image_size: int | None = None, train_count: int | None = None,
+          val_count: int | None = None, out_dir: str | os.PathLike | None = None,
           device: str | torch.device = "cpu", resume: str | os.PathLike | None = None, *,
-          weight_decay: float = 1e-4, progress: bool | None = None,
+          weight_decay: float | None = None, progress: bool | None = None,
           log: Callable[[str], None] | None = None, threads: int | None = None,
           teacher: str | os.PathLike | None = None, options: dict | None = None,
           model_options: dict | None = None,
           widths: Sequence[int] | None = None,
-          init_from: str | os.PathLike | None = None) -> TrainResult:
+          init_from: str | os.PathLike | None = None, force: bool = False) -> TrainResult:
     """Train ``method`` on generated DigitScenes and write a checkpoint after every epoch.
 
     ``method`` defaults to ``"plain"`` (or the checkpoint's when resuming); ``epochs`` is
@@ -645,8 +675,17 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
     every earlier entry's (:func:`best_epoch`: ties go to the later epoch); a resumed run
     writes it only when one of its new epochs is the history's best.
 
+    ``batch_size``, ``lr``, ``seed``, ``image_size``, ``train_count``, ``val_count`` and
+    ``weight_decay`` default to :data:`RUN_DEFAULTS` for a new run.
+
+    ``out_dir``: the run's folder (default ``runs/train``; with ``resume``, the checkpoint's
+    own folder). A new run refuses a folder that already holds files, and a resumed run
+    refuses to overwrite checkpoints of later epochs than the one it resumes from
+    (:class:`~bitdet.sw.files.OutputExists`), unless ``force``.
+
     ``resume``: continue from a checkpoint; the data and optimizer settings come from it
-    (the arguments for those are ignored), ``epochs`` may extend the run (the cosine
+    (giving a different value for one of them raises :class:`TrainingError` naming it;
+    equal ones are accepted), ``epochs`` may extend the run (the cosine
     schedule is then recomputed over the new total, so only a resume with the same total
     reproduces an uninterrupted run exactly).
 
@@ -688,14 +727,24 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
         finally:
             torch.set_num_threads(previous)
     dev = _device(device)
-    out_dir = Path(out_dir)
     ckpt = None
+    given = {"batch_size": batch_size, "lr": lr, "seed": seed, "train_count": train_count,
+             "val_count": val_count, "image_size": image_size, "weight_decay": weight_decay}
     if resume is not None:
         ckpt = _read_checkpoint(resume)
         if method is not None and method != ckpt["method"]:
             raise CheckpointError(f"{resume}: is a {ckpt['method']!r} checkpoint, not "
                                   f"{method!r}")
         config = TrainConfig(**ckpt["config"])
+        for name, value in given.items():
+            if value is not None and value != getattr(config, name):
+                option = RUN_DEFAULTS[name][1]
+                raise TrainingError(f"{resume}: a resumed run keeps the checkpoint's {option} "
+                                    f"{getattr(config, name)!r}; cannot change it to {value!r} "
+                                    "(start a new run instead)")
+        out_dir = Path(resume).parent if out_dir is None else Path(out_dir)
+        same = out_dir.resolve() == Path(resume).resolve().parent
+        resume_epoch = int(ckpt["epoch"]) if same else None
         for name, value in (options or {}).items():
             if config.options.get(name) != value:
                 raise TrainingError(
@@ -718,6 +767,12 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
         if teacher is not None:          # the teacher file moved since the run started
             config.teacher = str(teacher)
     else:
+        given = {k: RUN_DEFAULTS[k][0] if v is None else v for k, v in given.items()}
+        batch_size, lr, seed = given["batch_size"], given["lr"], given["seed"]
+        train_count, val_count = given["train_count"], given["val_count"]
+        image_size, weight_decay = given["image_size"], given["weight_decay"]
+        out_dir = Path(DEFAULT_OUT if out_dir is None else out_dir)
+        resume_epoch = None
         chosen = _method(method or "plain")
         if chosen.needs_teacher and teacher is None:
             raise TrainingError(f"method {chosen.name!r} distils from a real-valued teacher: "
@@ -769,6 +824,7 @@ def train(method: str | None = None, epochs: int | None = None, batch_size: int 
     teacher_model = None
     if spec.needs_teacher:
         teacher_model = load_teacher(config.teacher, config.model).to(dev)
+    _check_run_folder(out_dir, force=force, resume_epoch=resume_epoch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
     start_epoch, step, history = 0, 0, []
