@@ -22,14 +22,12 @@ import time
 from dataclasses import dataclass
 
 import amaranth
-from amaranth.hdl import Elaboratable, Module
-from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
 from bitdet.core.config import AcceleratorConfig, load_config
 from bitdet.core.cycles import ideal_cycles, layer_cycles
 from bitdet.hw.controller import LayerController
-from bitdet.hw.memory import activation_buffer, threshold_memory, weight_memory
+from bitdet.hw.harness import ControllerHarness
 from bitdet.hw.window import WindowLayer
 
 UTILIZATION_BAR = 0.9
@@ -83,32 +81,9 @@ SHAPES = [
 ]
 
 
-class Harness(Elaboratable):
-    """The controller with the memories it reads and writes (left as they are: the
-    controller's timing does not depend on the data)."""
-
-    def __init__(self, config: AcceleratorConfig):
-        self.config = config
-        self.ctrl = LayerController(config=config)
-        self.buf = activation_buffer(config)
-        self.weights = weight_memory(config)
-        self.thresholds = threshold_memory(config)
-
-    def elaborate(self, platform):
-        m = Module()
-        m.submodules.ctrl, m.submodules.buf = self.ctrl, self.buf
-        m.submodules.weights, m.submodules.thresholds = self.weights, self.thresholds
-        for r in range(self.config.rows):
-            wiring.connect(m, self.ctrl.act_read[r], self.buf.read[r])
-        wiring.connect(m, self.ctrl.act_write, self.buf.write)
-        wiring.connect(m, self.ctrl.weights, self.weights.read)
-        wiring.connect(m, self.ctrl.thresholds, self.thresholds.read)
-        return m
-
-
 def simulate(config: AcceleratorConfig, desc: dict) -> tuple[int, int]:
     """``(busy_cycles, stall_cycles)`` the controller reports after one layer."""
-    dut = Harness(config)
+    dut = ControllerHarness(config)
     ctrl = dut.ctrl
     counters = []
 

@@ -12,8 +12,8 @@ group and tile, all tiles of a group in one window-generator command)::
 
     J     = max(K, cols, rows)      (thresholded)    J = max(K, cols)    (raw)
     G     = max(tiles · J, rows + 4)
-    busy  = K + (groups − 1) · G + (tiles − 1) · J + 3·rows + 2·cols + 12  (thresholded)
-    busy  = K + (groups − 1) · G + (tiles − 1) · J + 2·rows + 2·cols + 12  (raw: no writes)
+    busy  = K + (groups − 1) · G + (tiles − 1) · J + 3·rows + 2·cols + 13  (thresholded)
+    busy  = K + (groups − 1) · G + (tiles − 1) · J + 2·rows + 2·cols + 13  (raw: no writes)
     stall = busy − groups · tiles · K                                       (= busy − ideal)
 
 ``J`` is the cycles per job within a group: ``K`` the job's own length, ``cols`` the
@@ -21,11 +21,12 @@ array's minimum distance between two jobs' last words (its drain), ``rows`` the
 controller's guard for the output writer (``rows`` cycles per completed word; raw mode
 writes nothing). ``G`` is the cycles per group: ``rows + 4`` is the window generator's
 setup per command (the next group's window is set up while the current group's jobs are
-read). The constant is the fixed cost of the layer (start-up, the array's latency with
-its ``ARRAY_PIPELINE`` = 3 pipeline registers, the window generator's address
-register, the ``THRESHOLD_PIPELINE`` = 2 registers of the threshold stage and the final
-output word writes). Both counters are ``COUNTER_WIDTH``
-(32) bits wide and wrap like the hardware's.
+read). The constant ``13 = 8 + ARRAY_PIPELINE + THRESHOLD_PIPELINE`` is, with the
+``rows`` and ``cols`` terms, the fixed cost of the layer: start-up, the window generator's
+set-up and address register, the array's skew, drain and ``ARRAY_PIPELINE`` = 3 pipeline
+registers, the ``THRESHOLD_PIPELINE`` = 2 registers of the threshold stage and (the third
+``rows``) the output word writes. Both counters are ``COUNTER_WIDTH`` (32) bits wide and
+wrap like the hardware's.
 """
 
 from __future__ import annotations

@@ -311,17 +311,17 @@ class LayerDescriptor(Mapping):
 
     def _memory_problems(self, c) -> list[FitProblem]:
         out = []
-        spans = [("input_base", "input map", self.input_base,
+        spans = [("input_base", "input map needs", self.input_base,
                   self.map_words(c.simd, output=False), c.activation_depth,
                   "activation_depth"),
-                 ("output_base", "output map", self.output_base, self.map_words(c.simd),
+                 ("output_base", "output map needs", self.output_base, self.map_words(c.simd),
                   c.activation_depth, "activation_depth")]
         if not self.pool:
             tiles = -(-self.out_channels // c.cols)
             k_words = self.kernel ** 2 * -(-self.channels // c.simd)
-            spans += [("weight_base", "weights", self.weight_base, tiles * k_words,
+            spans += [("weight_base", "weights need", self.weight_base, tiles * k_words,
                        c.weight_depth, "weight_depth"),
-                      ("threshold_base", "thresholds", self.threshold_base, tiles,
+                      ("threshold_base", "thresholds need", self.threshold_base, tiles,
                        c.threshold_depth, "threshold_depth")]
             if self.k > c.max_k:
                 out.append(FitProblem("K", f"max_k = {c.max_k}", self.k,
@@ -329,7 +329,7 @@ class LayerDescriptor(Mapping):
         for name, what, base, size, limit, limit_name in spans:
             if base + size > limit:
                 out.append(FitProblem(name, f"{limit_name} = {limit}", base + size,
-                                      f"the {what} needs entries {base} … {base + size - 1}, "
+                                      f"the {what} entries {base} … {base + size - 1}, "
                                       f"{limit_name} is {limit}"))
         return out
 

@@ -1,6 +1,6 @@
 """Golden model of the accelerator, in the number domain of the hardware (PyTorch).
 
-Numerics (ARCHITECTURE.md §3): bit 1 is +1 and bit 0 is −1, ``sign(0) = +1``. A binary
+Numerics (docs/numerics.md): bit 1 is +1 and bit 0 is −1, ``sign(0) = +1``. A binary
 dot product over ``K`` elements is ``dot = 2·P − K`` with ``P = popcount(XNOR(a, w))``.
 Convolution padding is a *bit* (``pad_value`` −1 or +1) that takes part in ``P`` and ``K``
 like any other input. Thresholded outputs are ``P ≥ T`` (n-bit: the number of sorted

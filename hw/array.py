@@ -31,24 +31,15 @@ from amaranth.lib.wiring import In, Out
 
 from bitdet.core.cycles import ARRAY_PIPELINE
 
+from ._util import _check_positive, delayed
 from .pe import (
     XnorPopcountPE,
     _check_popcount,
-    _check_positive,
     valid_stream_signature,
 )
 
 __all__ = ["ARRAY_PIPELINE", "SystolicArray"]
 
-
-
-def _delayed(m: Module, value, shape, cycles: int, name: str):
-    """``value`` delayed by ``cycles`` registers (``value`` itself when ``cycles == 0``)."""
-    for k in range(cycles):
-        reg = Signal(shape, name=f"{name}_d{k + 1}")
-        m.d.sync += reg.eq(value)
-        value = reg
-    return value
 
 
 class SystolicArray(wiring.Component):
@@ -217,7 +208,7 @@ class SystolicArray(wiring.Component):
         for r in range(rows):
             west = pes[r][0].a_in
             m.d.comb += [
-                west.word.eq(_delayed(m, activations[r], simd, r, f"act{r}")),
+                west.word.eq(delayed(m, activations[r], simd, r, f"act{r}")),
                 west.valid.eq(control.valid),
                 west.first.eq(control.first),
                 west.last.eq(control.last),
@@ -231,7 +222,7 @@ class SystolicArray(wiring.Component):
         # -- column skew: column c's weight word is delayed c cycles -------------------------
         for c in range(cols):
             m.d.comb += pes[0][c].w_in.eq(
-                _delayed(m, weights[c], simd, c, f"weight{c}"))
+                delayed(m, weights[c], simd, c, f"weight{c}"))
 
         # -- neighbour links: one register per hop (inside each PE) --------------------------
         for r in range(rows):
@@ -258,7 +249,7 @@ class SystolicArray(wiring.Component):
                     with m.Else():
                         m.d.sync += drain[c].eq(drain[c + 1])
             row_outputs.append(
-                _delayed(m, drain[0], self._acc_width, rows - 1 - r, f"deskew{r}"))
+                delayed(m, drain[0], self._acc_width, rows - 1 - r, f"deskew{r}"))
 
         # -- output valid / column index, timed by the last row (which has no de-skew) -------
         busy = Signal()

@@ -2,9 +2,9 @@
 packed output map in the other activation bank (or raw ``P`` values on a stream).
 
 The controller owns the compute path — :class:`~bitdet.hw.window.WindowGenerator`,
-:class:`~bitdet.hw.array.SystolicArray`, ``rows`` :class:`~bitdet.hw.threshold.
-ThresholdUnit` s and the output packer — and reaches the memories through their ports
-(the top level joins them with :func:`amaranth.lib.wiring.connect`):
+:class:`~bitdet.hw.array.SystolicArray`, the :class:`~bitdet.hw.output.ThresholdStage`
+and the :class:`~bitdet.hw.output.OutputWriter` (the packer) — and reaches the memories
+through their ports (the top level joins them with :func:`amaranth.lib.wiring.connect`):
 
 * ``act_read[r]``: row ``r``'s read port on the :class:`~bitdet.hw.memory.ActivationBuffer`
   (bank ``select``, the layer's input);
@@ -39,8 +39,6 @@ apart); raw mode has no such guard.
 
 from __future__ import annotations
 
-from itertools import pairwise
-
 from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, wiring
 from amaranth.lib.memory import ReadPort, WritePort
@@ -48,25 +46,16 @@ from amaranth.lib.wiring import In, Out
 
 from bitdet.core.config import AcceleratorConfig
 from bitdet.core.cycles import COUNTER_WIDTH, THRESHOLD_PIPELINE
+from bitdet.core.descriptor import LayerDescriptor, descriptor_fields
 
+from ._util import _ceil_div, delayed
 from .array import SystolicArray
 from .memory import threshold_layout
+from .output import OutputWriter, ThresholdStage
 from .pe import valid_stream_signature
-from .popcount import popcount
-from .threshold import ThresholdUnit
 from .window import WindowGenerator, WindowLayer
 
 __all__ = ["COUNTER_WIDTH", "THRESHOLD_PIPELINE", "LayerController"]
-
-
-
-def _ceil_div(value, divisor: int, max_value: int):
-    """``ceil(value / divisor)`` for a constant ``divisor``: a shift for a power of two,
-    otherwise the number of multiples of ``divisor`` below ``value`` (constant compares)."""
-    if divisor & (divisor - 1) == 0:
-        return (value + divisor - 1) >> (divisor.bit_length() - 1)
-    n = -(-max_value // divisor)
-    return popcount(Cat(value > i * divisor for i in range(n)))
 
 
 class LayerController(wiring.Component):
@@ -137,35 +126,24 @@ class LayerController(wiring.Component):
                              f"packed into one simd-bit output word")
         self._config = c = config
         self._embedded = bool(embedded)
-        # built here so that `descriptor` can use its checks; the caller's file decides
-        # about unused-elaboratable warnings, as for the controller itself
-        self._gen = WindowGenerator(
-            rows=c.rows, simd=c.simd, depth=c.activation_depth, max_channels=c.max_channels,
-            max_kernel=c.max_kernel, max_stride=c.max_stride,
-            tag_width=max(1, (c.weight_depth - 1).bit_length()),
-            max_tiles=-(-c.max_channels // c.cols), fixed_layer=True,
-            src_loc_at=1 + src_loc_at)
         self._act_addr_width = max(1, (c.activation_depth - 1).bit_length())
         self._weight_addr_width = max(1, (c.weight_depth - 1).bit_length())
         self._threshold_addr_width = max(1, (c.threshold_depth - 1).bit_length())
         dim = range(c.activation_depth + 1)
-        self._descriptor_layout = data.StructLayout({
-            "in_h": dim,
-            "in_w": dim,
-            "channels": range(c.max_channels + 1),
-            "out_h": dim,
-            "out_w": dim,
-            "out_channels": range(c.max_channels + 1),
-            "kernel": range(c.max_kernel + 1),
-            "stride": range(c.max_stride + 1),
-            "padding": range(c.max_kernel),
-            "pad_bit": 1,
-            "input_base": self._act_addr_width,
-            "output_base": self._act_addr_width,
+        # the descriptor's fields (LayerDescriptor's, in its order), each narrowed to
+        # the build's limits; `pool` is always 0 here (it lets a LayerDescriptor be
+        # assigned whole)
+        narrowed = {
+            "in_h": dim, "in_w": dim, "channels": range(c.max_channels + 1),
+            "out_h": dim, "out_w": dim, "out_channels": range(c.max_channels + 1),
+            "kernel": range(c.max_kernel + 1), "stride": range(c.max_stride + 1),
+            "padding": range(c.max_kernel), "pad_bit": 1, "raw": 1, "pool": 1,
+            "input_base": self._act_addr_width, "output_base": self._act_addr_width,
             "weight_base": self._weight_addr_width,
             "threshold_base": self._threshold_addr_width,
-            "raw": 1,
-        })
+        }
+        self._descriptor_layout = data.StructLayout(
+            {f.name: narrowed[f.name] for f in descriptor_fields() if f.name in narrowed})
         self._raw_layout = data.StructLayout({
             "pixel": range(c.activation_depth + c.rows),
             "channel": range(c.max_channels + c.cols),
@@ -213,47 +191,34 @@ class LayerController(wiring.Component):
 
     def descriptor(self, layer: WindowLayer, out_channels: int, *, input_base: int = 0,
                    output_base: int = 0, weight_base: int = 0, threshold_base: int = 0,
-                   raw: bool = False) -> dict:
-        """The ``layer`` descriptor of a convolution with ``out_channels`` outputs.
+                   raw: bool = False) -> LayerDescriptor:
+        """The ``layer`` descriptor of a convolution with ``out_channels`` outputs
+        (:meth:`LayerDescriptor.conv <bitdet.core.descriptor.LayerDescriptor.conv>`; assign
+        it to ``layer`` as it is, or ``encode_layer(**descriptor)``).
 
         Raises
         ------
         ValueError
-            If the layer does not fit the accelerator: the window generator's limits and
-            the input map (see :meth:`~bitdet.hw.window.WindowGenerator.command_payload`),
-            the output map in its bank, the weights, the thresholds or ``K``.
+            If the layer does not fit the accelerator: every
+            :meth:`~bitdet.core.descriptor.LayerDescriptor.problems` of the descriptor
+            but raw mode (which the controller runs and only the device refuses): the
+            window generator's limits, the maps in their bank, the weights, the
+            thresholds or ``K``.
         """
         c = self._config
-        self._gen.command_payload(layer, 0, base=input_base)       # input side checks
-        problems = []
-        if isinstance(out_channels, bool) or not isinstance(out_channels, int) \
-                or not 1 <= out_channels <= c.max_channels:
-            problems.append(f"out_channels must be in 1 … {c.max_channels}, "
-                            f"not {out_channels!r}")
-            out_channels = 1
-        tiles = -(-out_channels // c.cols)
-        k_words = layer.k_words(c.simd)
-        out_words = layer.out_h * layer.out_w * -(-out_channels // c.simd)
-        for what, base, size, depth, field in (
-                ("output map", output_base, out_words, c.activation_depth, "activation_depth"),
-                ("weights", weight_base, tiles * k_words, c.weight_depth, "weight_depth"),
-                ("thresholds", threshold_base, tiles, c.threshold_depth, "threshold_depth")):
-            if base < 0 or base + size > depth:
-                problems.append(f"the {what} need entries {base} … {base + size - 1}, "
-                                f"{field} is {depth}")
-        k = layer.channels * layer.kernel ** 2
-        if k > c.max_k:
-            problems.append(f"K = {k} exceeds the accelerator's max_k {c.max_k}")
+        if isinstance(out_channels, bool) or not isinstance(out_channels, int):
+            raise ValueError(f"out_channels must be an integer, not {out_channels!r}")
+        desc = LayerDescriptor.conv(
+            in_h=layer.in_h, in_w=layer.in_w, channels=layer.channels,
+            out_channels=out_channels, kernel=layer.kernel, stride=layer.stride,
+            padding=layer.padding, pad_bit=layer.pad_bit, raw=int(raw),
+            input_base=input_base, output_base=output_base, weight_base=weight_base,
+            threshold_base=threshold_base)
+        problems = [str(p) for p in desc.problems(c) if p.field != "raw"]
         if problems:
             raise ValueError(f"layer {layer} with {out_channels} outputs does not fit: "
                              + "; ".join(problems))
-        return {
-            "in_h": layer.in_h, "in_w": layer.in_w, "channels": layer.channels,
-            "out_h": layer.out_h, "out_w": layer.out_w, "out_channels": out_channels,
-            "kernel": layer.kernel, "stride": layer.stride, "padding": layer.padding,
-            "pad_bit": layer.pad_bit, "input_base": input_base, "output_base": output_base,
-            "weight_base": weight_base, "threshold_base": threshold_base, "raw": int(raw),
-        }
+        return desc
 
     # -- hardware ---------------------------------------------------------------------------
     def elaborate(self, platform):
@@ -266,12 +231,15 @@ class LayerController(wiring.Component):
         # and CONFIGURE_LAYER's check)
         pixel_shape = range(c.activation_depth + rows)
 
-        gen = m.submodules.window = self._gen
+        gen = m.submodules.window = WindowGenerator(
+            rows=rows, simd=simd, depth=c.activation_depth, max_channels=c.max_channels,
+            max_kernel=c.max_kernel, max_stride=c.max_stride,
+            tag_width=self._weight_addr_width, max_tiles=-(-c.max_channels // cols),
+            fixed_layer=True)
         array = m.submodules.array = SystolicArray(rows=rows, cols=cols, simd=simd,
                                                    acc_width=c.acc_width)
-        units = [ThresholdUnit(acc_width=c.acc_width, output_bits=1) for _ in range(rows)]
-        for r, unit in enumerate(units):
-            m.submodules[f"threshold{r}"] = unit
+        stage = m.submodules.thresholds = ThresholdStage(config=c)
+        writer = m.submodules.writer = OutputWriter(config=c)
 
         # the running layer: latched at `start`, or (embedded) the `layer` input itself,
         # which the executor holds while the layer runs
@@ -359,23 +327,15 @@ class LayerController(wiring.Component):
             self.thresholds.addr.eq(Mux(job_end, thr_next, thr_addr)),
             self.thresholds.en.eq(1),
         ]
-        # threshold stage 1: the memory's output word (every column's entry) and the result
-        # registered side by side, so that the column multiplexer and the comparison start
-        # from flip-flops, not from the block RAM's slow clock-to-out
-        thr_word = Signal.like(self.thresholds.data)
-        q_valid = Signal()
-        q_column = Signal(range(cols))
-        q_p = [Signal(c.acc_width, name=f"q_p{r}") for r in range(rows)]
-        m.d.sync += [thr_word.eq(self.thresholds.data), q_valid.eq(results.valid),
-                     q_column.eq(col)]
-        m.d.sync += [q_p[r].eq(results.payload.p[r]) for r in range(rows)]
-        for r, unit in enumerate(units):
-            m.d.comb += [
-                unit.i.valid.eq(q_valid),
-                unit.i.payload.p.eq(q_p[r]),
-                unit.i.payload.thresholds[0].eq(thr_word[q_column][0]),
-                unit.i.payload.raw.eq(desc.raw),
-            ]
+        # the threshold stage: the memory's word and the results, THRESHOLD_PIPELINE
+        # cycles to the output bits
+        m.d.comb += [
+            stage.results.valid.eq(results.valid),
+            stage.results.payload.column.eq(col),
+            stage.results.payload.p.eq(results.payload.p),
+            stage.thresholds.eq(self.thresholds.data),
+            stage.raw.eq(desc.raw),
+        ]
         with m.If(job_end):
             m.d.sync += thr_addr.eq(thr_next)
             with m.If(res_last_tile):
@@ -389,65 +349,34 @@ class LayerController(wiring.Component):
                     m.d.sync += slot.eq(slot + 1)
 
         # output-side control, delayed by THRESHOLD_PIPELINE registers to align with the
-        # threshold units' outputs (the first register computes, the others pass it on)
-        def delayed(name, shape, value):
-            stages = [Signal(shape, name=f"{name}_d{i}") for i in range(THRESHOLD_PIPELINE)]
-            m.d.sync += stages[0].eq(value)
-            m.d.sync += [later.eq(earlier) for earlier, later in pairwise(stages)]
-            return stages[-1]
+        # threshold stage's outputs (the first register computes, the others pass it on)
+        def delay(name, shape, value):
+            return delayed(m, value, shape, THRESHOLD_PIPELINE, name)
 
-        s_valid = delayed("s_valid", 1, results.valid)
-        s_column = delayed("s_column", range(cols), col)
-        s_slot = delayed("s_slot", range(slots), slot)
-        s_word_done = delayed("s_word_done", 1,
-                              job_end & ((slot == slots - 1) | res_last_tile))
-        s_final = delayed("s_final", 1, job_end & res_last_tile & res_last_group)
-        s_addr = delayed("s_addr", self._act_addr_width, group_addr + word_index)
-        s_row_valid = delayed("s_row_valid", rows,
-                              Cat(res_n + r < pixels for r in range(rows)))
-        s_channel = delayed("s_channel", range(c.max_channels + cols), res_o + col)
-        s_pixel = delayed("s_pixel", pixel_shape, res_n)
+        s_valid = delay("s_valid", 1, results.valid)
+        s_column = delay("s_column", range(cols), col)
+        s_slot = delay("s_slot", range(slots), slot)
+        s_word_done = delay("s_word_done", 1, job_end & ((slot == slots - 1) | res_last_tile))
+        s_final = delay("s_final", 1, job_end & res_last_tile & res_last_group)
+        s_addr = delay("s_addr", self._act_addr_width, group_addr + word_index)
+        s_row_valid = delay("s_row_valid", rows, Cat(res_n + r < pixels for r in range(rows)))
+        s_channel = delay("s_channel", range(c.max_channels + cols), res_o + col)
+        s_pixel = delay("s_pixel", pixel_shape, res_n)
 
-        # -- packing: bit slot·cols + column of each row's word ------------------------------
-        word = [Signal(simd, name=f"word{r}") for r in range(rows)]
-        shadow = [Signal(simd, name=f"shadow{r}") for r in range(rows)]
-        wr_count = Signal(range(rows + 1))
-        wr_mask = Signal(rows)
-        wr_addr = Signal(self._act_addr_width)
-        slot_hot = Signal(slots)
-        col_hot = Signal(cols)
-        m.d.comb += [slot_hot.eq(Cat(s_slot == i for i in range(slots))),
-                     col_hot.eq(Cat(s_column == j for j in range(cols)))]
-        pack = Signal()
-        m.d.comb += pack.eq(s_valid & ~desc.raw)
-        wr_active = Signal()
-        m.d.comb += wr_active.eq(wr_count != 0)
-        with m.If(wr_active):                             # the writer's shift (below) …
-            for r in range(rows - 1):
-                m.d.sync += shadow[r].eq(shadow[r + 1])
-        for r, unit in enumerate(units):
-            bit = unit.o.payload.value[0]
-            word_next = Cat(Mux(slot_hot[i // cols] & col_hot[i % cols], bit, word[r][i])
-                            for i in range(simd))
-            with m.If(pack):
-                with m.If(s_word_done):                   # … yields to a new word
-                    m.d.sync += [shadow[r].eq(word_next), word[r].eq(0)]
-                with m.Else():
-                    m.d.sync += word[r].eq(word_next)
-
-        # -- writer: the shadow words of the rows that are real pixels, one per cycle --------
+        # -- output writer: bit slot·cols + column of each row's word, the completed words
+        # of the real pixels into the write bank ----------------------------------------------
+        wiring.connect(m, writer.act_write, wiring.flipped(self.act_write))
+        wr_active = writer.busy
         m.d.comb += [
-            self.act_write.en.eq(wr_active & wr_mask[0]),
-            self.act_write.addr.eq(wr_addr),
-            self.act_write.data.eq(shadow[0]),
+            writer.i.valid.eq(s_valid & ~desc.raw),
+            writer.i.payload.bits.eq(Cat(stage.o.payload.value[r][0] for r in range(rows))),
+            writer.i.payload.slot.eq(s_slot),
+            writer.i.payload.column.eq(s_column),
+            writer.i.payload.word_done.eq(s_word_done),
+            writer.i.payload.addr.eq(s_addr),
+            writer.i.payload.row_valid.eq(s_row_valid),
+            writer.step.eq(out_words),
         ]
-        with m.If(wr_active):
-            m.d.sync += [wr_count.eq(wr_count - 1), wr_mask.eq(wr_mask >> 1),
-                         wr_addr.eq(wr_addr + out_words)]
-        # a word completes at most once per job, and jobs' last words are ≥ rows cycles
-        # apart (`may_pass` above), so the writer is at its last word (or done) here
-        with m.If(pack & s_word_done):
-            m.d.sync += [wr_count.eq(rows), wr_mask.eq(s_row_valid), wr_addr.eq(s_addr)]
         with m.If(s_valid & s_final):
             m.d.sync += finishing.eq(1)
 
@@ -458,8 +387,7 @@ class LayerController(wiring.Component):
             self.raw.payload.channel.eq(s_channel),
             self.raw.payload.row_valid.eq(s_row_valid),
         ]
-        for r, unit in enumerate(units):
-            m.d.comb += self.raw.payload.p[r].eq(unit.o.payload.value)
+        m.d.comb += self.raw.payload.p.eq(stage.o.payload.value)
 
         # -- sequencer --------------------------------------------------------------------------
         m.d.sync += self.done.eq(0)

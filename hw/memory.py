@@ -31,7 +31,7 @@ from amaranth.lib.wiring import In, Out
 
 from bitdet.core.config import AcceleratorConfig
 
-from .pe import _check_positive
+from ._util import _check_positive
 
 __all__ = [
     "ActivationBuffer",

@@ -15,17 +15,10 @@ from amaranth.lib.wiring import In, Out
 
 from bitdet.core.cycles import PE_LATENCY
 
+from ._util import _check_positive
 from .popcount import POPCOUNT_TREES, popcount, popcount_rows, popcount_stages, popcount_width
 
 __all__ = ["PE_LATENCY", "XnorPopcountPE", "activation_layout", "valid_stream_signature"]
-
-
-def _check_positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, not {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, not {value!r}")
-    return value
 
 
 def _check_popcount(value) -> str:

@@ -38,16 +38,11 @@ from bitdet.core.cycles import (  # the one cycle model
     POOL_OVERHEAD_CYCLES,
     pool_cycles,
 )
+from bitdet.core.descriptor import LayerDescriptor
 
-from .controller import _ceil_div
-from .window import mul_small
+from ._util import _ceil_div, mul_small
 
-__all__ = ["POOL_OVERHEAD_CYCLES", "PoolEngine", "pool_busy_cycles", "pool_max_kernel"]
-
-
-def pool_max_kernel(config: AcceleratorConfig) -> int:
-    """Largest pool kernel (and stride) of a build: ``max(3, max_kernel)``."""
-    return max(3, config.max_kernel)
+__all__ = ["POOL_OVERHEAD_CYCLES", "PoolEngine", "pool_busy_cycles"]
 
 
 def pool_busy_cycles(config: AcceleratorConfig, descriptor) -> tuple[int, int]:
@@ -63,8 +58,8 @@ class PoolEngine(wiring.Component):
     :meth:`descriptor`): ``in_h``, ``in_w``, ``channels`` (C), ``out_h``, ``out_w``,
     ``kernel``, ``stride``, ``input_base`` (word of input pixel 0 in the read bank),
     ``output_base`` (word of output pixel 0 in the write bank). There is no padding:
-    ``out = (in − kernel) // stride + 1`` (the hardware does not check it; the top level
-    does at CONFIGURE_LAYER).
+    ``out = output_size(in, kernel, stride)`` (:func:`~bitdet.core.descriptor.output_size`;
+    the hardware does not check it, the top level does at CONFIGURE_LAYER).
 
     **Status.** As :class:`~bitdet.hw.controller.LayerController`: ``busy`` from the cycle
     after ``start`` until the last word is written, ``done`` pulses in the first idle
@@ -103,7 +98,7 @@ class PoolEngine(wiring.Component):
         self._config = c = config
         self._embedded = bool(embedded)
         self._addr_width = max(1, (c.activation_depth - 1).bit_length())
-        self._max_kernel = pool_max_kernel(c)
+        self._max_kernel = c.pool_max_kernel
         dim = range(c.activation_depth + 1)
         self._descriptor_layout = data.StructLayout({
             "in_h": dim,
@@ -138,51 +133,40 @@ class PoolEngine(wiring.Component):
 
     @property
     def max_kernel(self) -> int:
-        """Largest kernel and stride (:func:`pool_max_kernel`)."""
+        """Largest kernel and stride (``config.pool_max_kernel``)."""
         return self._max_kernel
 
     def descriptor(self, *, in_h: int, in_w: int, channels: int, kernel: int,
                    stride: int | None = None, input_base: int = 0,
-                   output_base: int = 0) -> dict:
-        """The CONFIGURE_LAYER descriptor of a pool pass (``encode_layer(**descriptor)``;
-        ``stride`` defaults to ``kernel``), with every field the device checks and the
-        ones it cannot (both maps fit from their bases on).
+                   output_base: int = 0) -> LayerDescriptor:
+        """The CONFIGURE_LAYER descriptor of a pool pass
+        (:meth:`LayerDescriptor.pool_pass <bitdet.core.descriptor.LayerDescriptor.pool_pass>`,
+        ``stride`` defaults to ``kernel``), checked for every field the device checks and
+        the ones it cannot (both maps fit from their bases on):
+        :meth:`~bitdet.core.descriptor.LayerDescriptor.problems`.
 
         Raises
         ------
         ValueError
             If the pass does not fit this build or its geometry is empty.
         """
-        c = self._config
         stride = kernel if stride is None else stride
-        problems = []
-        for name, value, top in (("in_h", in_h, c.activation_depth),
-                                 ("in_w", in_w, c.activation_depth),
-                                 ("channels", channels, c.max_channels),
-                                 ("kernel", kernel, self._max_kernel),
-                                 ("stride", stride, self._max_kernel)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
-                problems.append(f"{name} must be an integer in 1 … {top}, not {value!r}")
+        problems = [f"{name} must be a positive integer, not {value!r}"
+                    for name, value in (("in_h", in_h), ("in_w", in_w),
+                                        ("channels", channels), ("kernel", kernel),
+                                        ("stride", stride))
+                    if isinstance(value, bool) or not isinstance(value, int) or value < 1]
         if problems:
             raise ValueError("pool pass does not fit: " + "; ".join(problems))
         if kernel > in_h or kernel > in_w:
             raise ValueError(f"pool kernel {kernel} is larger than the {in_h}×{in_w} map")
-        out_h, out_w = (in_h - kernel) // stride + 1, (in_w - kernel) // stride + 1
-        words = -(-channels // c.simd)
-        for what, base, size in (("input map", input_base, in_h * in_w * words),
-                                 ("output map", output_base, out_h * out_w * words)):
-            if isinstance(base, bool) or not isinstance(base, int) or base < 0 \
-                    or base + size > c.activation_depth:
-                problems.append(f"the {what} needs words {base!r} … {base + size - 1}, "
-                                f"activation_depth is {c.activation_depth}")
+        desc = LayerDescriptor.pool_pass(in_h=in_h, in_w=in_w, channels=channels,
+                                         kernel=kernel, stride=stride,
+                                         input_base=input_base, output_base=output_base)
+        problems = desc.problems(self._config)
         if problems:
-            raise ValueError("pool pass does not fit: " + "; ".join(problems))
-        return {
-            "in_h": in_h, "in_w": in_w, "channels": channels, "out_h": out_h,
-            "out_w": out_w, "out_channels": channels, "kernel": kernel, "stride": stride,
-            "padding": 0, "pad_bit": 0, "input_base": input_base, "output_base": output_base,
-            "weight_base": 0, "threshold_base": 0, "raw": 0, "pool": 1,
-        }
+            raise ValueError("pool pass does not fit: " + "; ".join(map(str, problems)))
+        return desc
 
     def elaborate(self, platform):
         m = Module()

@@ -1,6 +1,6 @@
 """Threshold unit: ``P`` → n-bit activation level (count of thresholds reached), or raw ``P``.
 
-Numerics (ARCHITECTURE.md §3, :func:`bitdet.core.golden.threshold`): an n-bit output uses
+Numerics (docs/numerics.md, :func:`bitdet.core.golden.threshold`): an n-bit output uses
 ``2**n − 1`` sorted thresholds ``T_j`` and outputs ``#{j : P ≥ T_j}``; a 1-bit output is
 ``P ≥ T``. A constant channel is ``T = 0`` (always reached) or ``T = K + 1`` (never).
 Because ``K`` may be as large as ``2**acc_width − 1``, ``K + 1`` needs one bit more than
@@ -13,7 +13,8 @@ from amaranth.hdl import Cat, Module, Mux
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from .pe import _check_positive, valid_stream_signature
+from ._util import _check_positive
+from .pe import valid_stream_signature
 from .popcount import popcount
 
 __all__ = ["ThresholdUnit"]

@@ -38,30 +38,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from amaranth.hdl import Const, Module, Mux, Signal, Value, signed
+from amaranth.hdl import Module
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import ReadPort
 from amaranth.lib.wiring import In, Out
 
 from bitdet.core.config import AcceleratorConfig
+from bitdet.core.descriptor import output_size
 
-from .pe import _check_positive
+from ._util import _check_positive
+from .window_engines import IssueEngine, SetupEngine
 
-__all__ = ["WindowGenerator", "WindowLayer", "mul_small", "window_generator"]
-
-
-def mul_small(value, factor):
-    """``value · factor`` (both unsigned) for a narrow ``factor`` (a stride, a padding, a kernel)
-    as a sum of shifted copies of ``value``: a ``$mul`` cell of that size would take one of
-    the iCE40's few DSP blocks (``synth_ice40 -dsp``), an adder or two is cheaper."""
-    factor = Value.cast(factor)
-    value = Value.cast(value)
-    width = len(value) + len(factor)
-    terms = [Mux(factor[i], value << i, 0) for i in range(len(factor))]
-    total = terms[0]
-    for term in terms[1:]:
-        total = total + term
-    return total[:width]
+__all__ = ["WindowGenerator", "WindowLayer", "window_generator"]
 
 
 @dataclass(frozen=True)
@@ -107,11 +95,11 @@ class WindowLayer:
 
     @property
     def out_h(self) -> int:
-        return (self.in_h + 2 * self.padding - self.kernel) // self.stride + 1
+        return output_size(self.in_h, self.kernel, self.stride, self.padding)
 
     @property
     def out_w(self) -> int:
-        return (self.in_w + 2 * self.padding - self.kernel) // self.stride + 1
+        return output_size(self.in_w, self.kernel, self.stride, self.padding)
 
     def words(self, simd: int) -> int:
         """Channel words per pixel, ``ceil(C / simd)``."""
@@ -138,8 +126,9 @@ class WindowGenerator(wiring.Component):
     (modulo ``2**tag_width``). :meth:`command_payload` builds the payload from a
     :class:`WindowLayer` and a group number. ``command.ready`` is high while no command
     is being set up: a command is taken while the previous command's jobs are still
-    being read, set up in ``rows + 3`` cycles, and started as soon as the last K-word of
-    its last job is read (:attr:`setup_cycles`, :meth:`job_cycles`); the jobs of one
+    being read, set up (its first K-word can be read :attr:`setup_cycles` ``= rows + 4``
+    cycles after its acceptance), and started as soon as the last K-word of the previous
+    command's last job is read (:meth:`job_cycles`); the jobs of one
     command follow each other directly. Commands run in order; each may describe a
     different layer.
 
@@ -370,302 +359,24 @@ class WindowGenerator(wiring.Component):
     # -- hardware ---------------------------------------------------------------------------
     def elaborate(self, platform):
         m = Module()
-        rows, simd, aw = self._rows, self._simd, self._addr_width
-        # a tap of a real pixel of a valid command lies in −padding … in_h + padding − 1
-        # (rows beyond `count` may wrap: their words are masked by row_valid)
-        coord = signed((self._depth + self._max_kernel).bit_length() + 1)
-        ones = Const((1 << simd) - 1, simd)
-
-        # Two engines: *setup* turns a command into per-row window origins (in shadow
-        # registers) while *issue* reads the running command's K-words; after the last
-        # K-word of its last job the shadow registers become the running ones, so setup
-        # hides behind the running command. A command's later jobs (tiles) reuse the
-        # running window: only the tag and the K-word counters restart.
-
-        # -- setup engine state --------------------------------------------------------------
-        cmd = Signal(self._command_layout)              # the command being set up
-        # addresses are computed modulo 2**aw: a negative base (window in the top/left
-        # padding) wraps, and base + offset is exact for the taps inside the image
-        row_words = Signal(aw)                          # in_w · words
-        stride_words = Signal(aw)                       # stride · words
-        pad_words = Signal(aw)                          # padding · words
-        stride_rows = Signal(aw)                        # stride · in_w · words
-        pad_mask = Signal(simd)                         # real channels of the last word
-        walk_y = Signal(coord)                          # walker: top-left tap of a window
-        walk_x = Signal(coord)
-        walk_ox = Signal(range(self._depth + 1))
-        walk_base = Signal(aw)
-        walk_row_base = Signal(aw)                      # base of output pixel (oy, 0)
-        walk_n = Signal(range(rows + 1))
-        # per-row window of the next job, shifted in from the walker (row 0 first): the
-        # address of its top-left tap and which of its tap rows / columns lie inside the
-        # image (bit k of the y mask: tap row ky = k is inside). The masks are computed
-        # from the walker's coordinates during setup, so the issue engine's bounds check
-        # is a mask bit selected by ky / kx, not a comparison of (y + ky) in the cycle
-        # that drives the read address (it had been the iCE40 critical path).
-        kmax = self._max_kernel
-        walk_ymask = Signal(kmax)
-        walk_xmask = Signal(kmax)
-        next_ymask = [Signal(kmax, name=f"next{r}_ymask") for r in range(rows)]
-        next_xmask = [Signal(kmax, name=f"next{r}_xmask") for r in range(rows)]
-        next_base = [Signal(aw, name=f"next{r}_base") for r in range(rows)]
-        next_valid = Signal(rows)
-        setup_done = Signal()                           # the shadow registers hold a job
-
-        # -- issue engine state (the running command and its current job) ----------------------
-        run = Signal(self._command_layout)
-        # fixed_layer: the layer's fields (all but oy, ox, count) are read from `command`
-        # itself, which the controller holds for the whole layer; otherwise from the
-        # latched copies of the command being set up and of the running one
-        cmd_geo = self.command.payload if self._fixed_layer else cmd
-        run_geo = self.command.payload if self._fixed_layer else run
-        if self._fixed_layer:
-            run_row_words, run_pad_mask = row_words, pad_mask
-        else:
-            run_row_words = Signal(aw)
-            run_pad_mask = Signal(simd)
-        row_ymask = [Signal(kmax, name=f"row{r}_ymask") for r in range(rows)]
-        row_xmask = [Signal(kmax, name=f"row{r}_xmask") for r in range(rows)]
-        row_base = [Signal(aw, name=f"row{r}_base") for r in range(rows)]
-        row_valid = Signal(rows)
-        running = Signal()
-        tile = Signal(range(self._max_tiles + 1))      # job of the running command
-        tag = Signal(self._tag_width)                   # its tag, run_geo.tag + tile·tag_step
-        ky = Signal(range(self._max_kernel))
-        kx = Signal(range(self._max_kernel))
-        word = Signal(range(max(1, self._max_words)))
-        index = Signal(range(self._max_k_words))
-        offset = Signal(aw)                             # (ky·in_w + kx)·words + word
-        offset_row = Signal(aw)                         # ky·in_w·words
-
-        # -- address stage: the read addresses are registered (the tap-mask select and the
-        # row's address adder into eight bank copies had been the ULX3S' critical path),
-        # with what the output stage needs of the K-word
-        word_meta = data.StructLayout({"row_valid": rows, "first": 1, "last": 1,
-                                       "index": range(self._max_k_words),
-                                       "tag": self._tag_width})
-        a_valid = Signal()
-        a_addr = [Signal(aw, name=f"a{r}_addr") for r in range(rows)]
-        a_use = Signal(rows)
-        a_pad = Signal(rows)
-        a_pad_word = Signal(simd)
-        a_meta = Signal(word_meta)
-        a_fetch_addr = Signal(self._tag_width)          # tag + index of the K-word at a_addr
-
-        # -- output stage (valid together with the read ports' data) ---------------------------
-        out_valid = Signal()
-        out_use = Signal(rows)                          # row r: the read port's word
-        out_pad = Signal(rows)                          # row r: the padding word
-        out_pad_word = Signal(simd)
-        out_meta = Signal(word_meta)
-
-        # the running command's last counter values, set at the hand-over: the K-word
-        # counters compare with registers of their own width (an equality of a few bits)
-        # instead of subtracting from the layer's fields in the cycle that issues a read
-        words_m1 = Signal(range(max(1, self._max_words)))
-        kernel_m1 = Signal(range(self._max_kernel))
-        tiles_m1 = Signal(range(self._max_tiles))
-        word_at_last = Signal()
-        kx_at_last = Signal()
-        m.d.comb += [word_at_last.eq(word == words_m1), kx_at_last.eq(kx == kernel_m1)]
-
-        advance = Signal()
-        issue = Signal()
-        # the K-word about to be read is the job's last: a register, set a cycle ahead
-        # from the counters' next values (it had been compared in the issuing cycle, at
-        # the head of the hand-over's enable logic)
-        last_word = Signal()
-        word_n = Mux(word_at_last, 0, word + 1)
-        kx_n = Mux(word_at_last, Mux(kx_at_last, 0, kx + 1), kx)
-        ky_n = Mux(word_at_last & kx_at_last, ky + 1, ky)
-        next_is_last = Signal()
-        m.d.comb += next_is_last.eq((word_n == words_m1) & (kx_n == kernel_m1)
-                                    & (ky_n == kernel_m1))
-        last_tile = Signal()
-        handoff = Signal()
-        m.d.comb += [
-            # the two stages (address, then data) move together: when the output stage
-            # is empty or being taken
-            advance.eq(~out_valid | self.words.ready),
-            issue.eq(running & advance),
-            last_tile.eq(tile == tiles_m1),                 # (tiles = 0 runs one job)
-            handoff.eq(setup_done & (~running | (issue & last_word & last_tile))),
-        ]
-
-        # window origin of the group's first pixel; signed first, so that the padding
-        # subtraction below goes negative instead of wrapping
-        origin_y = Signal(coord)
-        origin_x = Signal(coord)
-        row_start = Signal(aw)                          # address of the walker's (y, 0)
-        # modulo 2**aw: the low bits of the signed walker times the row length
-        m.d.comb += row_start.eq(cmd_geo.base + (walk_y[:aw] * row_words)[:aw] - pad_words)
-        m.d.comb += [origin_y.eq(mul_small(cmd.oy, cmd_geo.stride)),
-                     origin_x.eq(mul_small(cmd.ox, cmd_geo.stride))]
-        for k in range(kmax):
-            tap_y = walk_y + k
-            tap_x = walk_x + k
-            m.d.comb += [walk_ymask[k].eq((tap_y >= 0) & (tap_y < cmd_geo.in_h)),
-                         walk_xmask[k].eq((tap_x >= 0) & (tap_x < cmd_geo.in_w))]
-
-        with m.FSM(name="setup"):
-            with m.State("IDLE"):
-                m.d.comb += self.command.ready.eq(1)
-                with m.If(self.command.valid):
-                    m.d.sync += cmd.eq(self.command.payload)
-                    m.next = "PREPARE"
-            with m.State("PREPARE"):
-                m.d.sync += [
-                    row_words.eq(cmd_geo.in_w * cmd_geo.words),
-                    stride_words.eq(mul_small(cmd_geo.words, cmd_geo.stride)),
-                    pad_words.eq(mul_small(cmd_geo.words, cmd_geo.padding)),
-                    walk_y.eq(origin_y - cmd_geo.padding),
-                    walk_x.eq(origin_x - cmd_geo.padding),
-                    walk_ox.eq(cmd.ox),
-                    # channel-padding bits of the last word: words·simd − channels
-                    pad_mask.eq(ones >> (cmd_geo.words * simd
-                                         - cmd_geo.channels)[:simd.bit_length()]),
-                ]
-                m.next = "BASE"
-            with m.State("BASE"):
-                m.d.sync += [
-                    stride_rows.eq(mul_small(row_words, cmd_geo.stride)),
-                    walk_row_base.eq(row_start),
-                    walk_base.eq(row_start + cmd.ox * stride_words),
-                    walk_n.eq(0),
-                ]
-                m.next = "WALK"
-            with m.State("WALK"):
-                # shift the walker's pixel into the shadow registers, then step one pixel
-                m.d.sync += [
-                    next_ymask[rows - 1].eq(walk_ymask),
-                    next_xmask[rows - 1].eq(walk_xmask),
-                    next_base[rows - 1].eq(walk_base),
-                    next_valid.eq((next_valid >> 1) | ((walk_n < cmd.count) << (rows - 1))),
-                    walk_n.eq(walk_n + 1),
-                ]
-                for r in range(rows - 1):
-                    m.d.sync += [next_ymask[r].eq(next_ymask[r + 1]),
-                                 next_xmask[r].eq(next_xmask[r + 1]),
-                                 next_base[r].eq(next_base[r + 1])]
-                with m.If(walk_ox == cmd_geo.out_w - 1):
-                    m.d.sync += [
-                        walk_ox.eq(0),
-                        walk_x.eq(-cmd_geo.padding),
-                        walk_y.eq(walk_y + cmd_geo.stride),
-                        walk_row_base.eq(walk_row_base + stride_rows),
-                        walk_base.eq(walk_row_base + stride_rows),
-                    ]
-                with m.Else():
-                    m.d.sync += [
-                        walk_ox.eq(walk_ox + 1),
-                        walk_x.eq(walk_x + cmd_geo.stride),
-                        walk_base.eq(walk_base + stride_words),
-                    ]
-                with m.If(walk_n == rows - 1):
-                    m.next = "READY"
-            with m.State("READY"):
-                m.d.comb += setup_done.eq(1)
-                with m.If(handoff):
-                    m.next = "IDLE"
-
-        # -- issue engine: K-word counters -----------------------------------------------------
-        with m.If(issue):
-            m.d.sync += [index.eq(index + 1), offset.eq(offset + 1)]
-            with m.If(word_at_last):
-                m.d.sync += word.eq(0)
-                with m.If(kx_at_last):
-                    m.d.sync += [
-                        kx.eq(0),
-                        ky.eq(ky + 1),
-                        offset_row.eq(offset_row + run_row_words),
-                        offset.eq(offset_row + run_row_words),
-                    ]
-                with m.Else():
-                    m.d.sync += kx.eq(kx + 1)
-            with m.Else():
-                m.d.sync += word.eq(word + 1)
-            m.d.sync += last_word.eq(next_is_last)
-            with m.If(last_word):
-                m.d.sync += last_word.eq((words_m1 == 0) & (kernel_m1 == 0))
-                with m.If(last_tile):
-                    m.d.sync += running.eq(0)
-                with m.Else():
-                    # the command's next job: same window (row registers), next tag
-                    m.d.sync += [
-                        tile.eq(tile + 1),
-                        tag.eq(tag + run_geo.tag_step),
-                        ky.eq(0), kx.eq(0), word.eq(0), index.eq(0), offset.eq(0),
-                        offset_row.eq(0),
-                    ]
-        with m.If(handoff):                             # overrides the counting above
-            m.d.sync += [
-                running.eq(1),
-                run.eq(cmd),
-                tile.eq(0),
-                tag.eq(cmd_geo.tag),
-                row_valid.eq(next_valid),
-                ky.eq(0), kx.eq(0), word.eq(0), index.eq(0), offset.eq(0), offset_row.eq(0),
-                words_m1.eq(cmd_geo.words - 1),
-                last_word.eq((cmd_geo.words == 1) & (cmd_geo.kernel == 1)),
-                kernel_m1.eq(cmd_geo.kernel - 1),
-                tiles_m1.eq(Mux(cmd_geo.tiles == 0, 0, cmd_geo.tiles - 1)),
-            ]
-            if not self._fixed_layer:
-                m.d.sync += [run_row_words.eq(row_words), run_pad_mask.eq(pad_mask)]
-            for r in range(rows):
-                m.d.sync += [row_ymask[r].eq(next_ymask[r]), row_xmask[r].eq(next_xmask[r]),
-                             row_base[r].eq(next_base[r])]
-
-        # -- read issue: one address per row --------------------------------------------------
-        use = Signal(rows)
-        pad = Signal(rows)
-        for r in range(rows):
-            inside = row_ymask[r].bit_select(ky, 1) & row_xmask[r].bit_select(kx, 1)
-            m.d.comb += [
-                use[r].eq(row_valid[r] & inside),
-                pad[r].eq(row_valid[r] & ~inside),
-                self.read[r].addr.eq(a_addr[r]),
-                self.read[r].en.eq(advance),
-            ]
-        pad_word = Mux(run_geo.pad_bit, Mux(word_at_last, run_pad_mask, ones),
-                       0)
-        m.d.comb += [self.fetch.en.eq(advance & a_valid), self.fetch.index.eq(a_meta.index),
-                     self.fetch.tag.eq(a_meta.tag), self.fetch.addr.eq(a_fetch_addr)]
-
-        with m.If(advance):
-            m.d.sync += [
-                a_valid.eq(issue),
-                a_use.eq(use),
-                a_pad.eq(pad),
-                a_pad_word.eq(pad_word),
-                a_meta.row_valid.eq(row_valid),
-                a_meta.first.eq(index == 0),
-                a_meta.last.eq(last_word),
-                a_meta.index.eq(index),
-                a_meta.tag.eq(tag),
-                a_fetch_addr.eq(tag + index),
-                out_valid.eq(a_valid),
-                out_use.eq(a_use),
-                out_pad.eq(a_pad),
-                out_pad_word.eq(a_pad_word),
-                out_meta.eq(a_meta),
-            ]
-            for r in range(rows):
-                m.d.sync += a_addr[r].eq(Mux(use[r], row_base[r] + offset, 0))
-
-        # -- output: the read ports' words, the padding word, or 0 for unused rows ----------
-        payload = self.words.payload
-        m.d.comb += [
-            self.words.valid.eq(out_valid),
-            payload.row_valid.eq(out_meta.row_valid),
-            payload.first.eq(out_meta.first),
-            payload.last.eq(out_meta.last),
-            payload.index.eq(out_meta.index),
-            payload.tag.eq(out_meta.tag),
-        ]
-        for r in range(rows):
-            m.d.comb += payload.activations[r].eq(
-                Mux(out_use[r], self.read[r].data, Mux(out_pad[r], out_pad_word, 0)))
+        # two engines (window_engines.py): *setup* turns a command into per-row window
+        # origins while *issue* reads the running command's K-words; the set-up window
+        # passes from one to the other after the last K-word of the running command
+        setup = m.submodules.setup = SetupEngine(
+            command_layout=self._command_layout, rows=self._rows, simd=self._simd,
+            depth=self._depth, max_kernel=self._max_kernel, fixed_layer=self._fixed_layer)
+        issue = m.submodules.issue = IssueEngine(
+            window_layout=setup.window_layout, word_layout=self._word_layout,
+            rows=self._rows, simd=self._simd, depth=self._depth,
+            max_kernel=self._max_kernel, max_words=self._max_words,
+            max_tiles=self._max_tiles, tag_width=self._tag_width,
+            fixed_layer=self._fixed_layer)
+        wiring.connect(m, wiring.flipped(self.command), setup.command)
+        wiring.connect(m, setup.window, issue.window)
+        for r in range(self._rows):
+            wiring.connect(m, issue.read[r], wiring.flipped(self.read[r]))
+        wiring.connect(m, issue.words, wiring.flipped(self.words))
+        wiring.connect(m, issue.fetch, wiring.flipped(self.fetch))
         return m
 
 

@@ -60,32 +60,11 @@ def descriptor(config, geometry, out_channels, *, raw=False, seed=0):
 def simulate(config, desc) -> tuple[int, int, int]:
     """Run one layer in amaranth.sim: ``(busy_cycles, stall_cycles, cycles from start to
     done)`` as the controller reports them."""
-    from amaranth.hdl import Elaboratable, Module
-    from amaranth.lib import wiring
     from amaranth.sim import Simulator
 
-    from bitdet.hw.controller import LayerController
-    from bitdet.hw.memory import activation_buffer, threshold_memory, weight_memory
+    from bitdet.hw.harness import ControllerHarness
 
-    class Harness(Elaboratable):
-        def __init__(self):
-            self.ctrl = LayerController(config=config)
-            self.buf = activation_buffer(config)
-            self.weights = weight_memory(config)
-            self.thresholds = threshold_memory(config)
-
-        def elaborate(self, platform):
-            m = Module()
-            m.submodules.ctrl, m.submodules.buf = self.ctrl, self.buf
-            m.submodules.weights, m.submodules.thresholds = self.weights, self.thresholds
-            for r in range(config.rows):
-                wiring.connect(m, self.ctrl.act_read[r], self.buf.read[r])
-            wiring.connect(m, self.ctrl.act_write, self.buf.write)
-            wiring.connect(m, self.ctrl.weights, self.weights.read)
-            wiring.connect(m, self.ctrl.thresholds, self.thresholds.read)
-            return m
-
-    dut = Harness()
+    dut = ControllerHarness(config)
     ctrl = dut.ctrl
     result = {}
 

@@ -1,6 +1,6 @@
 """Tests of the threshold compiler (bitdet.core.fold).
 
-The acceptance property (ARCHITECTURE.md §3): the folded integer layer reproduces the
+The acceptance property (docs/numerics.md): the folded integer layer reproduces the
 float layer's activations *exactly* — on random BN statistics, γ < 0, γ = 0, α < 0 and
 ties at the threshold. The float layer here is the model zoo's arithmetic:
 ``golden.binary_conv2d`` dots → ``bn_sign_preactivation`` → ``≥ 0`` (1-bit) or

@@ -17,8 +17,6 @@ pytest.importorskip("amaranth", reason="the hw tests need the `hw` extra (amaran
 import numpy as np
 import torch
 from amaranth.back import verilog
-from amaranth.hdl import Elaboratable, Module, Mux, Signal
-from amaranth.lib import wiring
 from amaranth.sim import Simulator
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,7 +26,7 @@ from bitdet.core.config import AcceleratorConfig
 from bitdet.core.cycles import layer_cycles
 from bitdet.core.packing import pack_activations, pack_thresholds, pack_weights
 from bitdet.hw.controller import LayerController
-from bitdet.hw.memory import activation_buffer, threshold_memory, weight_memory
+from bitdet.hw.harness import ControllerHarness as Harness
 from bitdet.hw.window import WindowLayer
 
 
@@ -45,46 +43,15 @@ def small_config(rows=2, cols=2, simd=8, **kwargs) -> AcceleratorConfig:
     return AcceleratorConfig(rows=rows, cols=cols, simd=simd, **fields)
 
 
-class Harness(Elaboratable):
-    """Controller + activation buffer (one extra read port for the testbench) + weight and
-    threshold memories; ``load_*`` writes the buffer while the controller is idle."""
-
-    def __init__(self, config: AcceleratorConfig):
-        self.ctrl = LayerController(config=config)
-        self.buf = activation_buffer(config, read_ports=config.rows + 1)
-        self.weights = weight_memory(config)
-        self.thresholds = threshold_memory(config)
-        self.probe = self.buf.read[config.rows]
-        self.load_en = Signal()
-        self.load_addr = Signal(self.buf.addr_width)
-        self.load_data = Signal(config.simd)
-
-    def elaborate(self, platform):
-        m = Module()
-        ctrl, buf = self.ctrl, self.buf
-        m.submodules.ctrl, m.submodules.buf = ctrl, buf
-        m.submodules.weights, m.submodules.thresholds = self.weights, self.thresholds
-        for r in range(ctrl.config.rows):
-            wiring.connect(m, ctrl.act_read[r], buf.read[r])
-        wiring.connect(m, ctrl.weights, self.weights.read)
-        wiring.connect(m, ctrl.thresholds, self.thresholds.read)
-        m.d.comb += [
-            buf.write.en.eq(ctrl.act_write.en | self.load_en),
-            buf.write.addr.eq(Mux(self.load_en, self.load_addr, ctrl.act_write.addr)),
-            buf.write.data.eq(Mux(self.load_en, self.load_data, ctrl.act_write.data)),
-        ]
-        return m
-
-
 async def write_buffer(ctx, dut, select, words):
     """Write ``(addr, word)`` pairs to bank ``1 − select`` through the load port."""
     ctx.set(dut.buf.select, select)
     for a, v in words:
-        ctx.set(dut.load_en, 1)
-        ctx.set(dut.load_addr, a)
-        ctx.set(dut.load_data, v)
+        ctx.set(dut.load.en, 1)
+        ctx.set(dut.load.addr, a)
+        ctx.set(dut.load.data, v)
         await ctx.tick()
-    ctx.set(dut.load_en, 0)
+    ctx.set(dut.load.en, 0)
 
 
 async def write_parameters(ctx, dut, w_packed, t_packed, *, weight_base, threshold_base):
@@ -323,17 +290,20 @@ def test_descriptor_checks():
     assert ctrl.descriptor(layer, 3, input_base=5, output_base=7, raw=True) == {
         "in_h": 4, "in_w": 4, "channels": 10, "out_h": 4, "out_w": 4, "out_channels": 3,
         "kernel": 3, "stride": 1, "padding": 1, "pad_bit": 0, "input_base": 5,
-        "output_base": 7, "weight_base": 0, "threshold_base": 0, "raw": 1}
+        "output_base": 7, "weight_base": 0, "threshold_base": 0, "raw": 1, "pool": 0}
     assert ctrl.ideal_cycles(layer, 3) == 8 * 2 * 18
-    with pytest.raises(ValueError, match=r"output map need entries 60 … 75"):
+    with pytest.raises(ValueError, match=r"output map needs? entries 60 … 75"):
         ctrl.descriptor(layer, 3, output_base=60)
-    with pytest.raises(ValueError, match=r"weights need entries 30 … 65, weight_depth is 64"):
+    with pytest.raises(ValueError, match=r"weights needs? entries 30 … 65, weight_depth is 64"):
         ctrl.descriptor(layer, 3, weight_base=30)
-    with pytest.raises(ValueError, match=r"thresholds need entries 0 … 4"):
+    with pytest.raises(ValueError, match=r"thresholds needs? entries 0 … 4"):
         ctrl.descriptor(layer, 9)
-    with pytest.raises(ValueError, match="out_channels must be in 1 … 64"):
+    with pytest.raises(ValueError, match="out_channels is 0"):
         ctrl.descriptor(layer, 0)
-    with pytest.raises(ValueError, match="a bank holds 64"):
+    with pytest.raises(ValueError, match="out_channels 65 exceeds"):
+        ctrl.descriptor(layer, 65)
+    with pytest.raises(ValueError,
+                       match=r"input map needs? entries 0 … 127, activation_depth is 64"):
         ctrl.descriptor(WindowLayer(8, 8, 10, 3), 3)
     with pytest.raises(ValueError, match=r"simd \(8\) to be a multiple of cols \(3\)"):
         LayerController(config=small_config(cols=3))

@@ -534,7 +534,7 @@ def test_mul_small_is_the_product():
     factor of its width and values up to the top of theirs."""
     from amaranth.hdl import Signal
 
-    from bitdet.hw.window import mul_small
+    from bitdet.hw._util import mul_small
     m = Module()
     value, factor = Signal(11), Signal(3)
     product = Signal(14)
