@@ -7,13 +7,19 @@ and is tested against :class:`FrameParser`. The format is documented in
 
 Frame (both directions)::
 
-    MAGIC | opcode | length (u16 LE) | payload (length bytes) | CRC (u16 BIG-endian)
+    MAGIC | opcode | length (u16 LE) | seq | payload (length bytes) | CRC (u16 BIG-endian)
 
 ``CRC`` is CRC-16/IBM-3740 (a.k.a. CRC-16/CCITT-FALSE: polynomial 0x1021, init 0xFFFF,
-no reflection, no final XOR) over ``opcode``, ``length`` and ``payload``. It is sent most
-significant byte first, so that running the same CRC over the whole frame after MAGIC,
-CRC bytes included, leaves 0: the decoder checks that residue and needs no comparator
-against a stored CRC.
+no reflection, no final XOR) over ``opcode``, ``length``, ``seq`` and ``payload``. It is
+sent most significant byte first, so that running the same CRC over the whole frame after
+MAGIC, CRC bytes included, leaves 0: the decoder checks that residue and needs no
+comparator against a stored CRC. :data:`MAX_PAYLOAD` keeps every frame short enough for
+the CRC to detect all 1-, 2- and 3-bit errors.
+
+``seq`` is the host's sequence byte: the device echoes it in the response to the command
+(and in an error response to a frame that had got as far as its seq byte), so that the
+host can tell the answer to the command it waits for from a late or stale one. Hosts use
+1 … 255; 0 in a response means "no seq received".
 
 Responses use the same frame. A response to command ``op`` has opcode
 ``RESPONSE_FLAG | op`` and a payload of one status byte (:class:`ErrorCode`) followed by
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import enum
 import struct
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -35,9 +42,12 @@ __all__ = [
     "COMMAND_PAYLOAD_LIMITS",
     "COUNTERS_SIZE",
     "CRC_CHECK",
+    "CRC_COVERED_HEADER",
     "CRC_INIT",
+    "CRC_PERIOD",
     "CRC_POLY",
     "ERROR_OPCODE",
+    "FRAME_OVERHEAD",
     "LAYER_DESCRIPTOR_SIZE",
     "LAYER_FLAG_PAD_BIT",
     "LAYER_FLAG_POOL",
@@ -45,7 +55,9 @@ __all__ = [
     "LAYER_TABLE_ENTRIES",
     "MAGIC",
     "MAX_PAYLOAD",
+    "NOT_REPEATABLE",
     "PROTOCOL_VERSION",
+    "RESENDABLE",
     "RESPONSE_FLAG",
     "TIMEOUT_BYTE_TIMES",
     "DeviceError",
@@ -53,6 +65,7 @@ __all__ = [
     "Frame",
     "FrameError",
     "FrameParser",
+    "HostSession",
     "IdentifyReply",
     "Opcode",
     "ProtocolError",
@@ -71,18 +84,34 @@ __all__ = [
     "encode_weights",
     "encode_write",
     "parse_response",
+    "read_chunk_words",
     "threshold_entry_bytes",
     "weight_entry_bytes",
+    "write_chunk_bytes",
+    "write_cost",
 ]
 
 MAGIC = 0xB1
 """First byte of every frame; the decoder hunts for it after an error."""
 
-PROTOCOL_VERSION = 1
-"""Reported by IDENTIFY; bumped on any incompatible change of this module."""
+PROTOCOL_VERSION = 2
+"""Reported by IDENTIFY; bumped on any incompatible change of this module (2: the seq
+byte, MAX_PAYLOAD capped for the CRC)."""
 
-MAX_PAYLOAD = 4096
-"""Largest payload of any frame, in bytes (a response's status byte counts)."""
+CRC_PERIOD = 32767
+"""Order of ``x`` modulo the CRC polynomial: 0x1021 is ``(x + 1)·p(x)`` with ``p``
+primitive of degree 15, so two bit flips ``d`` bits apart escape the CRC exactly when
+``d`` is a multiple of 32767 (odd numbers of flips never do, by the ``x + 1`` factor). In
+a codeword (CRC-covered bits plus the 16 CRC bits) of at most 32767 bits every 1-, 2-
+and 3-bit error is detected."""
+
+CRC_COVERED_HEADER = 4
+"""Header bytes the CRC covers besides the payload: opcode, length (2), seq."""
+
+MAX_PAYLOAD = (CRC_PERIOD - 16) // 8 - CRC_COVERED_HEADER
+"""Largest payload of any frame, in bytes (a response's status byte counts): 4089, the
+most for which a whole frame's codeword, ``8·(CRC_COVERED_HEADER + length) + 16`` bits,
+stays within :data:`CRC_PERIOD`. The hardware decoder takes its limit from here."""
 
 RESPONSE_FLAG = 0x80
 """Set in the opcode of a response; command opcodes are below 0x80."""
@@ -99,8 +128,10 @@ CRC_INIT = 0xFFFF
 CRC_CHECK = 0x29B1
 """CRC of ``b"123456789"`` (the catalogue's check value of CRC-16/IBM-3740)."""
 
-HEADER_SIZE = 4          # MAGIC, opcode, length
+HEADER_SIZE = 5          # MAGIC, opcode, length, seq
 CRC_SIZE = 2
+FRAME_OVERHEAD = HEADER_SIZE + CRC_SIZE
+"""Bytes of a frame besides its payload (7)."""
 
 
 class Opcode(enum.IntEnum):
@@ -183,34 +214,41 @@ def crc16(data: bytes | Iterable[int], crc: int = CRC_INIT) -> int:
 
 # -- encoding ----------------------------------------------------------------------------------
 
-def encode_frame(opcode: int, payload: bytes = b"") -> bytes:
-    """The bytes of one frame carrying ``payload`` under ``opcode``.
+def encode_frame(opcode: int, payload: bytes = b"", *, seq: int = 0) -> bytes:
+    """The bytes of one frame carrying ``payload`` under ``opcode`` with sequence byte
+    ``seq``.
 
     Raises
     ------
     ValueError
-        If ``opcode`` is not a byte or ``payload`` is longer than :data:`MAX_PAYLOAD`.
+        If ``opcode`` or ``seq`` is not a byte or ``payload`` is longer than
+        :data:`MAX_PAYLOAD`.
     """
     if isinstance(opcode, bool) or not isinstance(opcode, int) or not 0 <= opcode <= 0xFF:
         raise ValueError(f"opcode must be an integer in 0..255, not {opcode!r}")
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= 0xFF:
+        raise ValueError(f"seq must be an integer in 0..255, not {seq!r}")
     payload = bytes(payload)
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"payload of {len(payload)} bytes exceeds MAX_PAYLOAD ({MAX_PAYLOAD})")
-    body = struct.pack("<BH", opcode, len(payload)) + payload
+    body = struct.pack("<BHB", opcode, len(payload), seq) + payload
     return bytes([MAGIC]) + body + crc16(body).to_bytes(2, "big")
 
 
-def encode_response(opcode: int, status: int = ErrorCode.OK, data: bytes = b"") -> bytes:
-    """A response frame to command ``opcode``: ``[status, *data]`` under
-    ``RESPONSE_FLAG | opcode``."""
+def encode_response(opcode: int, status: int = ErrorCode.OK, data: bytes = b"", *,
+                    seq: int = 0) -> bytes:
+    """A response frame to command ``opcode`` with sequence byte ``seq``:
+    ``[status, *data]`` under ``RESPONSE_FLAG | opcode``, seq echoed."""
     if not 0 <= opcode < RESPONSE_FLAG:
         raise ValueError(f"command opcode must be in 0..127, not {opcode!r}")
-    return encode_frame(RESPONSE_FLAG | opcode, bytes([ErrorCode(status)]) + bytes(data))
+    return encode_frame(RESPONSE_FLAG | opcode, bytes([ErrorCode(status)]) + bytes(data),
+                        seq=seq)
 
 
-def encode_error(code: int, opcode: int = 0) -> bytes:
-    """An error response (opcode :data:`ERROR_OPCODE`, payload ``[code, opcode]``)."""
-    return encode_frame(ERROR_OPCODE, bytes([ErrorCode(code), opcode]))
+def encode_error(code: int, opcode: int = 0, *, seq: int = 0) -> bytes:
+    """An error response (opcode :data:`ERROR_OPCODE`, payload ``[code, opcode]``) to a
+    frame whose seq byte was ``seq`` (0 if it broke off before it)."""
+    return encode_frame(ERROR_OPCODE, bytes([ErrorCode(code), opcode]), seq=seq)
 
 
 # -- parsing -----------------------------------------------------------------------------------
@@ -221,15 +259,17 @@ class Frame:
 
     opcode: int
     payload: bytes
+    seq: int = 0
 
 
 @dataclass(frozen=True)
 class FrameError:
     """A frame the parser dropped: the code its error response carries, and the opcode
-    byte it had received (0 if none)."""
+    and seq bytes it had received (0 if none)."""
 
     code: ErrorCode
     opcode: int
+    seq: int = 0
 
 
 class FrameParser:
@@ -237,7 +277,8 @@ class FrameParser:
 
     Bytes outside a frame are skipped until :data:`MAGIC`. After MAGIC come the opcode,
     the length (checked at once: above ``max_payload``, or, for an opcode in
-    ``payload_limits``, outside its range, is BAD_LENGTH), the payload and the CRC. A CRC
+    ``payload_limits``, outside its range, is BAD_LENGTH), the seq byte, the payload and
+    the CRC. A CRC
     residue other than 0 is BAD_CRC; a correct frame whose opcode is not in
     ``payload_limits`` is UNKNOWN_OPCODE (so the corrupt opcode of a damaged frame is
     reported as BAD_CRC). After an error the parser hunts for MAGIC from the next byte
@@ -261,7 +302,7 @@ class FrameParser:
         self._limits = None if payload_limits is None else dict(payload_limits)
         self._max_payload = max_payload
         self._hunting = True                # looking for MAGIC
-        self._buffer = bytearray()          # opcode, length, payload, CRC received so far
+        self._buffer = bytearray()          # opcode, length, seq, payload, CRC so far
 
     @property
     def in_frame(self) -> bool:
@@ -297,24 +338,26 @@ class FrameParser:
                 self._hunt()
                 return FrameError(ErrorCode.BAD_LENGTH, opcode)
             return None
-        if len(buf) < 3 or len(buf) < 3 + (buf[1] | buf[2] << 8) + CRC_SIZE:
+        body = CRC_COVERED_HEADER
+        if len(buf) < body or len(buf) < body + (buf[1] | buf[2] << 8) + CRC_SIZE:
             return None
-        opcode, payload = buf[0], bytes(buf[3:-CRC_SIZE])
+        opcode, seq, payload = buf[0], buf[3], bytes(buf[body:-CRC_SIZE])
         residue = crc16(buf)
         self._hunt()
         if residue != 0:
-            return FrameError(ErrorCode.BAD_CRC, opcode)
+            return FrameError(ErrorCode.BAD_CRC, opcode, seq)
         if self._limits is not None and opcode not in self._limits:
-            return FrameError(ErrorCode.UNKNOWN_OPCODE, opcode)
-        return Frame(opcode, payload)
+            return FrameError(ErrorCode.UNKNOWN_OPCODE, opcode, seq)
+        return Frame(opcode, payload, seq)
 
     def expire(self) -> FrameError | None:
         """The inter-byte timeout ran out: drop a partial frame (TIMEOUT), else nothing."""
         if self._hunting:
             return None
         opcode = self._buffer[0] if self._buffer else 0
+        seq = self._buffer[3] if len(self._buffer) > 3 else 0
         self._hunt()
-        return FrameError(ErrorCode.TIMEOUT, opcode)
+        return FrameError(ErrorCode.TIMEOUT, opcode, seq)
 
 
 # -- host side ---------------------------------------------------------------------------------
@@ -356,13 +399,15 @@ class Response:
     """A decoded response frame.
 
     ``opcode`` is the command it answers (without :data:`RESPONSE_FLAG`); ``framing`` is
-    true for an error response of the decoder (opcode :data:`ERROR_OPCODE`).
+    true for an error response of the decoder (opcode :data:`ERROR_OPCODE`); ``seq`` the
+    sequence byte echoed (that of the frame the error response is about, 0 if none).
     """
 
     opcode: int
     status: int
     data: bytes
     framing: bool = False
+    seq: int = 0
 
     @property
     def ok(self) -> bool:
@@ -388,12 +433,14 @@ def parse_response(frame: Frame) -> Response:
         if len(frame.payload) != 2:
             raise ProtocolError(f"error response with {len(frame.payload)} payload bytes, "
                                 f"expected 2")
-        return Response(frame.payload[1], frame.payload[0], b"", framing=True)
+        return Response(frame.payload[1], frame.payload[0], b"", framing=True,
+                        seq=frame.seq)
     if not frame.opcode & RESPONSE_FLAG:
         raise ProtocolError(f"frame with opcode 0x{frame.opcode:02X} is not a response")
     if not frame.payload:
         raise ProtocolError(f"response 0x{frame.opcode:02X} without a status byte")
-    return Response(frame.opcode & ~RESPONSE_FLAG & 0xFF, frame.payload[0], frame.payload[1:])
+    return Response(frame.opcode & ~RESPONSE_FLAG & 0xFF, frame.payload[0], frame.payload[1:],
+                    seq=frame.seq)
 
 
 @dataclass(frozen=True)
@@ -429,6 +476,273 @@ class IdentifyReply:
             raise ProtocolError(f"IDENTIFY reply of {len(data)} bytes, expected {cls.SIZE}")
         version, max_payload = struct.unpack_from("<BH", data)
         return cls(version, max_payload, bytes(data[3:]).hex())
+
+
+# -- the host session --------------------------------------------------------------------------
+
+#: Commands the session does not repeat after a missing response: a lost RUN_* response
+#: may mean the device ran it (and flipped its banks), docs/protocol.md.
+NOT_REPEATABLE = frozenset({Opcode.RUN_LAYER, Opcode.RUN_NETWORK})
+
+#: Error responses that prove the frame was dropped unexecuted: the session resends it.
+RESENDABLE = frozenset({ErrorCode.BAD_CRC, ErrorCode.TIMEOUT})
+
+
+def write_chunk_bytes(entry_bytes: int) -> int:
+    """Data bytes per WRITE_* frame: the most whole entries of ``entry_bytes`` that fit
+    beside the 4-byte address in :data:`MAX_PAYLOAD`."""
+    if isinstance(entry_bytes, bool) or not isinstance(entry_bytes, int) \
+            or not 1 <= entry_bytes <= MAX_PAYLOAD - 4:
+        raise ValueError(f"entry_bytes must be an integer in 1 … {MAX_PAYLOAD - 4}, not "
+                         f"{entry_bytes!r}")
+    return (MAX_PAYLOAD - 4) // entry_bytes * entry_bytes
+
+
+def write_cost(data_bytes: int, entry_bytes: int) -> int:
+    """Host → device bytes of the WRITE_* frames that carry ``data_bytes`` as
+    :meth:`HostSession.write_memory` splits them (address and framing included)."""
+    return data_bytes + -(-data_bytes // write_chunk_bytes(entry_bytes)) * (4 + FRAME_OVERHEAD)
+
+
+def read_chunk_words(word_bytes: int) -> int:
+    """Words per READ_ACTIVATIONS frame: the most whose bytes fit a response beside its
+    status byte (``MAX_PAYLOAD − 1``)."""
+    if isinstance(word_bytes, bool) or not isinstance(word_bytes, int) \
+            or not 1 <= word_bytes <= MAX_PAYLOAD - 1:
+        raise ValueError(f"word_bytes must be an integer in 1 … {MAX_PAYLOAD - 1}, not "
+                         f"{word_bytes!r}")
+    return (MAX_PAYLOAD - 1) // word_bytes
+
+
+class HostSession:
+    """The host's side of the link: one command at a time, each answered or failed.
+
+    The one implementation of the host's framing, used by the driver
+    (:class:`bitdet.sw.driver.session.Session`, which raises the driver's typed errors)
+    and by the simulation's layer runs (:mod:`bitdet.sim.layer`). It owns
+
+    * **sequence numbers**: every frame it sends carries a fresh seq (1 … 255, then 1
+      again), and only a response that echoes that seq *and* the command's opcode is
+      taken as the answer; any other (a late reply to an earlier command, a reply to a
+      frame the device pieced together from noise, a corrupt frame) is discarded
+      (:attr:`stale`). So a late reply is never taken for a later command's;
+    * **retries**: a frame the device dropped as damaged (an error response BAD_CRC or
+      TIMEOUT echoing the frame's seq and opcode) was not executed and is resent, up to
+      :attr:`retries` times, each time under a new seq; a command without an answer
+      within ``timeout`` is resent too unless it is in :data:`NOT_REPEATABLE` (RUN_*);
+    * **resynchronisation**: after any failure the next command first waits until the
+      line has been quiet for the device's inter-byte timeout (``frame_timeout``; a
+      partial frame in the device's decoder expires, docs/protocol.md) and drops what
+      came meanwhile, so after garbage, a timeout or a device reset the next command
+      goes to a decoder that hunts for MAGIC;
+    * **chunking**: :meth:`write_memory` and :meth:`read_activations` split transfers
+      into frames of at most :data:`MAX_PAYLOAD` (:func:`write_chunk_bytes`,
+      :func:`read_chunk_words`).
+
+    Parameters
+    ----------
+    link : object with ``write(data)``, ``read(n, timeout)`` (raises a
+        :class:`TimeoutError` when fewer than ``n`` bytes come) and ``close()``
+    timeout : float
+        Seconds to wait for a command's response.
+    frame_timeout : float or None
+        Seconds of silence after which the device drops a partial frame; default the
+        link's ``frame_timeout`` attribute, else 1024 byte times at 115200 Bd.
+    port_name : str or None
+        Named in error messages (default: the link's ``name``).
+
+    Members
+    -------
+    bytes_out, bytes_in : int
+        Link traffic so far (resends and discarded bytes included).
+    stale : int
+        Frames received and discarded as not the awaited answer.
+    resyncs : int
+        Resynchronisations so far.
+    """
+
+    retries = 2
+    #: Resynchronisation waits this many times ``frame_timeout`` of silence.
+    quiet_margin = 1.5
+
+    def __init__(self, link, *, timeout: float = 2.0, frame_timeout: float | None = None,
+                 port_name: str | None = None):
+        self.link = link
+        self.timeout = timeout
+        if frame_timeout is None:
+            frame_timeout = getattr(link, "frame_timeout", None)
+        self.frame_timeout = (TIMEOUT_BYTE_TIMES * 10 / 115200 if frame_timeout is None
+                              else float(frame_timeout))
+        self.port_name = port_name or getattr(link, "name", type(link).__name__)
+        self.bytes_out = 0
+        self.bytes_in = 0
+        self.stale = 0
+        self.resyncs = 0
+        self._seq = 0
+        self._dirty = False
+
+    # -- the errors it raises (the driver's session raises its own types) ------------------
+    def _timeout_error(self, message: str) -> Exception:
+        return TimeoutError(message)
+
+    def _status_error(self, code: int, opcode: int) -> Exception:
+        return DeviceError(code, opcode)
+
+    # -- commands ---------------------------------------------------------------------------
+    @property
+    def seq(self) -> int:
+        """The seq of the last frame sent (0 before the first)."""
+        return self._seq
+
+    def _next_seq(self) -> int:
+        self._seq = self._seq % 255 + 1
+        return self._seq
+
+    def command(self, opcode: int, payload: bytes = b"", *, timeout: float | None = None,
+                check: bool = True, repeat: bool | None = None) -> bytes:
+        """Send one command and return its response data.
+
+        Raises
+        ------
+        DeviceError
+            (with ``check``) the device answered a status other than OK, or dropped the
+            frame ``retries + 1`` times (the error response's code).
+        TimeoutError
+            No answer within ``timeout`` (after the retries allowed by ``repeat``,
+            default: not for :data:`NOT_REPEATABLE`).
+        """
+        response = self.request(opcode, payload, timeout=timeout, repeat=repeat)
+        if check and not response.ok:
+            raise self._status_error(response.status, opcode)
+        return response.data
+
+    def request(self, opcode: int, payload: bytes = b"", *, timeout: float | None = None,
+                repeat: bool | None = None) -> Response:
+        """:meth:`command` without the status check: the response (OK or not)."""
+        timeout = self.timeout if timeout is None else timeout
+        repeat = opcode not in NOT_REPEATABLE if repeat is None else repeat
+        payload = bytes(payload)
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            if self._dirty:
+                self.resync()
+            seq = self._next_seq()
+            frame = encode_frame(opcode, payload, seq=seq)
+            self.link.write(frame)
+            self.bytes_out += len(frame)
+            try:
+                response = self._await(opcode, seq, timeout, repeat)
+            except TimeoutError as e:
+                self._dirty = True
+                if repeat and not last:
+                    continue
+                name = Opcode(opcode).name if opcode in Opcode._value2member_map_ \
+                    else f"0x{opcode:02X}"
+                raise self._timeout_error(f"no answer from the device on {self.port_name} "
+                                          f"to {name} within {timeout:g} s ({e})") from None
+            if response.framing:
+                self._dirty = True
+                if response.status in RESENDABLE and not last:
+                    continue
+                raise self._status_error(response.status, response.opcode)
+            return response
+        raise AssertionError("unreachable")          # pragma: no cover
+
+    def _await(self, opcode: int, seq: int, timeout: float, repeat: bool) -> Response:
+        """The response echoing ``seq`` and ``opcode``; others are discarded. After a
+        stale error response (the device dropped a frame, maybe this one) a repeatable
+        command waits only until the line has been quiet for the resync time: the device
+        would have started its answer by then, or the frame was lost."""
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self._receive_frame(deadline)
+            try:
+                response = None if frame is None else parse_response(frame)
+            except ProtocolError:
+                response = None
+            if response is not None and response.seq == seq and response.opcode == opcode:
+                return response
+            self.stale += 1
+            if repeat and (response is None or response.framing):
+                deadline = min(deadline, time.monotonic()
+                               + self.frame_timeout * self.quiet_margin)
+
+    def _receive_frame(self, deadline: float) -> Frame | None:
+        """The next frame from the link (None for a corrupt one). TimeoutError when no
+        frame has started by ``deadline``; a frame that has started gets ``timeout`` more
+        seconds to arrive in full."""
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        while True:                                    # hunt for MAGIC
+            byte = self.link.read(1, left())
+            self.bytes_in += 1
+            if byte[0] == MAGIC:
+                break
+        header = self.link.read(HEADER_SIZE - 1, self.timeout)
+        self.bytes_in += len(header)
+        length = header[1] | header[2] << 8
+        if length > MAX_PAYLOAD:
+            return None
+        rest = self.link.read(length + CRC_SIZE, self.timeout)
+        self.bytes_in += len(rest)
+        events = FrameParser(payload_limits=None).feed(bytes([MAGIC]) + header + rest)
+        return events[0] if len(events) == 1 and isinstance(events[0], Frame) else None
+
+    def resync(self) -> None:
+        """Wait until the line has been quiet for ``quiet_margin · frame_timeout`` (the
+        device's decoder is hunting for MAGIC again) and drop what came meanwhile."""
+        quiet = self.frame_timeout * self.quiet_margin
+        drained = 0
+        while drained < 4 * (MAX_PAYLOAD + FRAME_OVERHEAD):
+            try:
+                self.link.read(1, quiet)
+            except TimeoutError:
+                break
+            drained += 1
+        self.bytes_in += drained
+        self.resyncs += 1
+        self._dirty = False
+
+    def exchange(self, data: bytes, *, timeout: float | None = None) -> Response:
+        """Write raw bytes (a test's malformed or hand-made frame) and return the next
+        response frame whatever its seq.
+
+        Raises
+        ------
+        ProtocolError
+            If what comes is not a well-formed response frame.
+        """
+        timeout = self.timeout if timeout is None else timeout
+        self.link.write(bytes(data))
+        self.bytes_out += len(data)
+        frame = self._receive_frame(time.monotonic() + timeout)
+        if frame is None:
+            raise ProtocolError("a corrupt response frame")
+        return parse_response(frame)
+
+    # -- transfers ----------------------------------------------------------------------------
+    def write_memory(self, opcode: int, address: int, data: bytes, entry_bytes: int) -> None:
+        """WRITE_* of ``data`` from entry ``address``, in frames of whole entries."""
+        per_frame = write_chunk_bytes(entry_bytes)
+        for offset in range(0, len(data), per_frame):
+            self.command(opcode, encode_write(address + offset // entry_bytes,
+                                              data[offset:offset + per_frame]))
+
+    def read_activations(self, address: int, words: int, word_bytes: int) -> bytes:
+        """``words`` words of ``word_bytes`` from ``address`` (READ_ACTIVATIONS), in as
+        many frames as :data:`MAX_PAYLOAD` needs."""
+        per_frame = read_chunk_words(word_bytes)
+        out = bytearray()
+        for start in range(0, words, per_frame):
+            count = min(per_frame, words - start)
+            data = self.command(Opcode.READ_ACTIVATIONS, encode_read(address + start, count))
+            if len(data) != count * word_bytes:
+                raise ProtocolError(f"READ_ACTIVATIONS of {count} words answered "
+                                    f"{len(data)} bytes, expected {count * word_bytes}")
+            out += data
+        return bytes(out)
 
 
 # -- command payloads (layouts in docs/protocol.md, executed by bitdet.hw.top) ---------------

@@ -84,20 +84,22 @@ decoder_event_layout = data.StructLayout({
     "event": DecoderEvent,
     "opcode": 8,
     "length": 16,
+    "seq": 8,
     "data": 8,
     "last": 1,
 })
-"""Payload of :attr:`CommandDecoder.o`. ``opcode`` and ``length`` are those of the current
-frame in every event; ``data`` and ``last`` only mean something in DATA events."""
+"""Payload of :attr:`CommandDecoder.o`. ``opcode``, ``length`` and ``seq`` are those of
+the current frame in every event; ``data`` and ``last`` only mean something in DATA
+events."""
 
-error_layout = data.StructLayout({"code": 8, "opcode": 8})
-"""A framing error: the :class:`~bitdet.core.protocol.ErrorCode` and the opcode byte
-received (0 if none)."""
+error_layout = data.StructLayout({"code": 8, "opcode": 8, "seq": 8})
+"""A framing error: the :class:`~bitdet.core.protocol.ErrorCode`, and the opcode and seq
+bytes received (0 if none)."""
 
-response_layout = data.StructLayout({"opcode": 8, "status": 8, "length": 16})
-"""A response header: the command ``opcode`` it answers (below 0x80), the status byte,
-and the number of data bytes that follow on :attr:`ResponseEncoder.data` (at most
-``MAX_PAYLOAD − 1``)."""
+response_layout = data.StructLayout({"opcode": 8, "seq": 8, "status": 8, "length": 16})
+"""A response header: the command ``opcode`` it answers (below 0x80), the ``seq`` byte it
+echoes (:attr:`CommandDecoder.seq`), the status byte, and the number of data bytes that
+follow on :attr:`ResponseEncoder.data` (at most ``MAX_PAYLOAD − 1``)."""
 
 
 def _check_limits(payload_limits, max_payload) -> dict[int, tuple[int, int]]:
@@ -130,6 +132,10 @@ class CommandDecoder(wiring.Component):
 
         START, DATA × length (the last one with last=1), then COMMIT or ABORT
 
+    The frame's seq byte (after the length) is latched per frame and given in every event;
+    :attr:`seq` holds that of the last *committed* frame, for the response header, so that
+    bytes arriving while a command executes cannot change what its response echoes.
+
     The payload is **streamed, not buffered**: a DATA event is the byte as it arrives, so
     a consumer that writes memory (WRITE_WEIGHTS, …) must treat what it wrote as
     provisional until COMMIT; on ABORT (bad CRC, or the inter-byte timeout in the middle
@@ -143,7 +149,7 @@ class CommandDecoder(wiring.Component):
     :class:`bitdet.core.protocol.FrameParser` does:
 
     * BAD_LENGTH, as soon as the length has arrived: above ``max_payload``, or outside
-      the range of a known opcode (no START is emitted);
+      the range of a known opcode (no START is emitted; no seq received, 0 reported);
     * BAD_CRC, after the CRC (an ABORT ends the frame on ``o``);
     * UNKNOWN_OPCODE, after the CRC, for a correct frame with an opcode not in
       ``payload_limits`` (its payload is consumed and dropped; no event on ``o``);
@@ -174,6 +180,8 @@ class CommandDecoder(wiring.Component):
         Command events for the controller.
     error : ``Out(stream.Signature(error_layout))``
         Framing errors, for :attr:`ResponseEncoder.error`.
+    seq : ``Out(8)``
+        The seq byte of the last committed frame (the response to it echoes it).
 
     Raises
     ------
@@ -198,6 +206,7 @@ class CommandDecoder(wiring.Component):
             "i": In(stream.Signature(8)),
             "o": Out(stream.Signature(decoder_event_layout)),
             "error": Out(stream.Signature(error_layout)),
+            "seq": Out(8),
         })
 
     @property
@@ -218,6 +227,7 @@ class CommandDecoder(wiring.Component):
 
         opcode = Signal(8)
         length = Signal(16)
+        seq = Signal(8)             # the seq byte of the frame being received
         count = Signal(16)
         crc = Signal(16)
         known = Signal()            # the frame's opcode is in the table (events on `o`)
@@ -250,11 +260,13 @@ class CommandDecoder(wiring.Component):
             # Drop the new error if the previous one has not been taken yet.
             with m.If(~error.valid | error.ready):
                 m.d.sync += [error.valid.eq(1), error.payload.code.eq(code),
-                             error.payload.opcode.eq(reported_opcode)]
+                             error.payload.opcode.eq(reported_opcode),
+                             error.payload.seq.eq(seq)]
 
         m.d.comb += [
             o.payload.opcode.eq(opcode),
             o.payload.length.eq(length),
+            o.payload.seq.eq(seq),
             o.payload.data.eq(i.payload),
             o.payload.last.eq(count == length - 1),
         ]
@@ -271,7 +283,7 @@ class CommandDecoder(wiring.Component):
             with m.State("HUNT"):
                 m.d.comb += i.ready.eq(1)
                 with m.If(accepted & (i.payload == MAGIC)):
-                    m.d.sync += [crc.eq(CRC_INIT), opcode.eq(0), known.eq(0)]
+                    m.d.sync += [crc.eq(CRC_INIT), opcode.eq(0), seq.eq(0), known.eq(0)]
                     m.next = "OPCODE"
 
             for state, field, after in (("OPCODE", opcode, "LENGTH_LOW"),
@@ -293,9 +305,19 @@ class CommandDecoder(wiring.Component):
                     with m.If(bad_length):
                         report(ErrorCode.BAD_LENGTH, opcode)
                         m.next = "HUNT"
-                    with m.Elif(is_known):
+                    with m.Else():
+                        m.next = "SEQ"
+                with m.If(timed_out):
+                    report(ErrorCode.TIMEOUT, opcode)
+                    m.next = "HUNT"
+
+            with m.State("SEQ"):
+                m.d.comb += [i.ready.eq(1), waiting.eq(1)]
+                with m.If(accepted):
+                    m.d.sync += [seq.eq(i.payload), crc.eq(crc_next)]
+                    with m.If(known):
                         m.next = "START"
-                    with m.Elif(full_length == 0):
+                    with m.Elif(length == 0):
                         m.next = "CRC_HIGH"
                     with m.Else():
                         m.next = "PAYLOAD"
@@ -348,6 +370,8 @@ class CommandDecoder(wiring.Component):
                              o.payload.event.eq(Mux(commit, DecoderEvent.COMMIT,
                                                     DecoderEvent.ABORT))]
                 with m.If(o.ready):
+                    with m.If(commit):
+                        m.d.sync += self.seq.eq(seq)
                     m.next = "HUNT"
         return m
 
@@ -366,9 +390,9 @@ class ResponseEncoder(wiring.Component):
     """Frames responses and error responses onto a byte stream.
 
     A response is a header on ``response`` followed by ``length`` bytes on ``data``; the
-    encoder sends ``MAGIC, RESPONSE_FLAG | opcode, length + 1 (u16 LE), status, data…,
-    CRC (u16 BE)``. An error on ``error`` is sent as the error response ``MAGIC,
-    ERROR_OPCODE, 2, 0, code, opcode, CRC``. When both wait, ``response`` goes first.
+    encoder sends ``MAGIC, RESPONSE_FLAG | opcode, length + 1 (u16 LE), seq, status,
+    data…, CRC (u16 BE)``. An error on ``error`` is sent as the error response ``MAGIC,
+    ERROR_OPCODE, 2, 0, seq, code, opcode, CRC``. When both wait, ``response`` goes first.
     Headers are taken only between frames; ``data`` is read while the frame is sent, so
     its producer may stall (the link then idles).
 
@@ -394,6 +418,7 @@ class ResponseEncoder(wiring.Component):
         response, error, o = self.response, self.error, self.o
 
         opcode = Signal(8)
+        seq = Signal(8)
         status = Signal(8)
         frame_length = Signal(16)               # the length field: data bytes + status
         detail = Signal(8)                      # the data byte of an error response
@@ -411,12 +436,14 @@ class ResponseEncoder(wiring.Component):
                 m.d.comb += [response.ready.eq(1), error.ready.eq(~response.valid)]
                 with m.If(response.valid):
                     m.d.sync += [opcode.eq(response.payload.opcode | RESPONSE_FLAG),
+                                 seq.eq(response.payload.seq),
                                  status.eq(response.payload.status),
                                  frame_length.eq(response.payload.length + 1),
                                  from_error.eq(0)]
                     m.next = "MAGIC"
                 with m.Elif(error.valid):
                     m.d.sync += [opcode.eq(ERROR_OPCODE),
+                                 seq.eq(error.payload.seq),
                                  status.eq(error.payload.code),
                                  frame_length.eq(2),
                                  detail.eq(error.payload.opcode),
@@ -438,7 +465,8 @@ class ResponseEncoder(wiring.Component):
                     m.next = "OPCODE"
             send("OPCODE", opcode, "LENGTH_LOW")
             send("LENGTH_LOW", frame_length[:8], "LENGTH_HIGH")
-            send("LENGTH_HIGH", frame_length[8:], "STATUS")
+            send("LENGTH_HIGH", frame_length[8:], "SEQ")
+            send("SEQ", seq, "STATUS")
 
             with m.State("STATUS"):
                 m.d.comb += [o.valid.eq(1), o.payload.eq(status)]

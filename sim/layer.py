@@ -4,7 +4,8 @@
 What ``bitdet sim layer`` runs. A :class:`LayerCase` is a ±1 input map and a folded
 :class:`~bitdet.core.golden.BinaryConvLayer` (random, or a bundle's layer). :func:`run_case`
 loads it into a device through any link with ``write`` / ``read`` (an
-:class:`~bitdet.sim.link.RtlLink` here) using the protocol's frames only —
+:class:`~bitdet.sim.link.RtlLink` here), through the protocol's host session
+(:class:`LinkHost`, a :class:`~bitdet.core.protocol.HostSession`), using its frames only —
 WRITE_ACTIVATIONS, WRITE_WEIGHTS, WRITE_THRESHOLDS (packed by :mod:`bitdet.core.packing`),
 CONFIGURE_LAYER, RUN_LAYER, READ_ACTIVATIONS — and compares the map it reads back with
 :func:`bitdet.core.golden.run_layer`, bit for bit (channel padding bits included).
@@ -21,72 +22,32 @@ import torch
 from bitdet.core import golden
 from bitdet.core.packing import pack_activations, pack_thresholds, pack_weights
 from bitdet.core.protocol import (
-    MAX_PAYLOAD,
-    DeviceError,
-    ErrorCode,
-    Frame,
-    FrameParser,
+    HostSession,
     Opcode,
-    ProtocolError,
     Response,
     decode_counters,
-    encode_frame,
     encode_layer,
-    encode_read,
     encode_thresholds,
     encode_weights,
-    encode_write,
-    parse_response,
 )
 
 __all__ = ["LayerCase", "LinkHost", "bundle_case", "compare_maps", "load_case", "random_case",
            "run_case", "simulate_layer"]
 
 
-class LinkHost:
-    """Commands over a byte link (``write(data)``, ``read(n, timeout)``): one frame out,
-    one response back, as docs/protocol.md asks of a host."""
+class LinkHost(HostSession):
+    """The host session of :mod:`bitdet.core.protocol` (the one the driver uses,
+    :class:`bitdet.sw.driver.session.Session`) with the simulation's longer default
+    timeout: one frame out, the response echoing its seq back, retries and
+    resynchronisation as docs/protocol.md asks of a host. :meth:`transact` sends raw
+    bytes (a test's hand-made frame) and returns the next response whatever its seq."""
 
-    def __init__(self, link, *, timeout: float = 60.0):
-        self.link = link
-        self.timeout = timeout
+    def __init__(self, link, *, timeout: float = 60.0, frame_timeout: float | None = None):
+        super().__init__(link, timeout=timeout, frame_timeout=frame_timeout)
 
     def transact(self, frame: bytes, *, timeout: float | None = None) -> Response:
         """Send ``frame`` (any bytes) and return the next response frame from the device."""
-        timeout = self.timeout if timeout is None else timeout
-        self.link.write(frame)
-        header = self.link.read(4, timeout)
-        length = header[2] | header[3] << 8
-        rest = self.link.read(length + 2, timeout)
-        frames = FrameParser(payload_limits=None).feed(header + rest)
-        if len(frames) != 1 or not isinstance(frames[0], Frame):
-            raise ProtocolError(f"not one response frame: {(header + rest).hex()} → {frames}")
-        return parse_response(frames[0])
-
-    def command(self, opcode: int, payload: bytes = b"", *, timeout: float | None = None,
-                check: bool = True) -> bytes:
-        """One command; returns the response data (raises ``DeviceError`` unless OK)."""
-        response = self.transact(encode_frame(opcode, payload), timeout=timeout)
-        if response.framing or response.opcode != opcode:
-            raise ProtocolError(f"{Opcode(opcode).name}: unexpected reply {response}")
-        if check and response.status != ErrorCode.OK:
-            raise DeviceError(response.status, opcode)
-        return response.data
-
-    def write_memory(self, opcode: int, address: int, data: bytes, entry_bytes: int) -> None:
-        """WRITE_* of ``data`` from entry ``address``, split into frames of whole entries."""
-        per_frame = (MAX_PAYLOAD - 4) // entry_bytes * entry_bytes
-        for start in range(0, len(data), per_frame):
-            self.command(opcode, encode_write(address + start // entry_bytes,
-                                              data[start:start + per_frame]))
-
-    def read_activations(self, address: int, words: int, word_bytes: int) -> bytes:
-        per_frame = (MAX_PAYLOAD - 1) // word_bytes
-        out = bytearray()
-        for start in range(0, words, per_frame):
-            count = min(per_frame, words - start)
-            out += self.command(Opcode.READ_ACTIVATIONS, encode_read(address + start, count))
-        return bytes(out)
+        return self.exchange(frame, timeout=timeout)
 
 
 @dataclass

@@ -134,6 +134,8 @@ class RtlLink:
     timeout_cycles : int or None
         The decoder's inter-byte timeout (``CommandExecutor``'s argument); by default
         that of the config's clock and baud rate. Another value builds another design.
+        Read back as :attr:`timeout_cycles`; :attr:`frame_timeout` is its wall-clock
+        bound for a host session's resynchronisation.
     work_dir : path or None
         Folder for the simulator's log, results and trace; a temporary folder by default
         (removed by :meth:`close` unless ``waves``).
@@ -198,6 +200,7 @@ class RtlLink:
         if timeout_cycles is None:
             from bitdet.hw.decoder import timeout_cycles as default_timeout
             timeout_cycles = default_timeout(config.clock_hz, config.baud)
+        self.timeout_cycles = timeout_cycles
         self._start(seed, idle, backpressure, startup_timeout, timeout_cycles)
 
     # -- start and stop ----------------------------------------------------------------------
@@ -317,6 +320,15 @@ class RtlLink:
                 raise
 
     # -- byte stream -------------------------------------------------------------------------
+    @property
+    def frame_timeout(self) -> float:
+        """Wall-clock seconds of silence after which the simulated decoder has surely
+        dropped a partial frame: the testbench lets the clock run in chunks while a frame
+        is open (at least ~100 k cycles a second under Verilator), so a generous bound on
+        :attr:`timeout_cycles` (the host session waits this long when it
+        resynchronises)."""
+        return 2.0 + self.timeout_cycles / 100_000
+
     def write(self, data: bytes) -> None:
         """Send bytes to the device's input stream."""
         if self._closed:

@@ -33,38 +33,31 @@ import struct
 
 import numpy as np
 
-from bitdet.core import protocol
+from bitdet.core.descriptor import LayerDescriptor
 from bitdet.core.protocol import (
     COMMAND_PAYLOAD_LIMITS,
     COUNTERS_SIZE,
+    CRC_COVERED_HEADER,
     LAYER_DESCRIPTOR_SIZE,
-    LAYER_FLAG_PAD_BIT,
     LAYER_TABLE_ENTRIES,
     MAX_PAYLOAD,
+    TIMEOUT_BYTE_TIMES,
     ErrorCode,
     Frame,
     FrameError,
     FrameParser,
     IdentifyReply,
     Opcode,
-    decode_layer_entry,
     encode_error,
     encode_response,
     threshold_entry_bytes,
 )
 
-__all__ = ["Emulator", "pool_max_kernel"]
+__all__ = ["Emulator"]
 
-LAYER_FLAG_POOL = getattr(protocol, "LAYER_FLAG_POOL", 0x04)
 _ADDRESS_BYTES = 4
 _WRITES = (Opcode.WRITE_WEIGHTS, Opcode.WRITE_THRESHOLDS, Opcode.WRITE_ACTIVATIONS)
 _COUNTER_MASK = 0xFFFFFFFF
-
-
-def pool_max_kernel(config) -> int:
-    """Largest pool kernel and stride of a build, ``max(3, max_kernel)`` (as
-    ``bitdet.hw.pool.pool_max_kernel``)."""
-    return max(3, config.max_kernel)
 
 
 def _addr_bits(depth: int) -> int:
@@ -108,10 +101,12 @@ class Emulator:
         self.thresholds = np.zeros((c.threshold_depth, c.cols), dtype=np.int64)
         self.activations = np.zeros((2 * c.activation_depth, self._wbytes), dtype=np.uint8)
         self._parser = FrameParser()
-        self._frame = bytearray()          # opcode, length, payload, CRC of the open frame
+        self._frame = bytearray()          # opcode, length, seq, payload, CRC of the frame
+        self._idle = 0                     # byte times the line has been quiet in a frame
+        self._seq = 0                      # seq byte of the command being executed
         self.select = 0
-        #: the layer table: a checked descriptor (decode_layer's dict) or None per entry
-        self.table: list[dict | None] = [None] * LAYER_TABLE_ENTRIES
+        #: the layer table: an accepted LayerDescriptor or None per entry
+        self.table: list[LayerDescriptor | None] = [None] * LAYER_TABLE_ENTRIES
         self.last_busy = 0
         self.last_stall = 0
         self.frames = 0                    # commands executed (for statistics)
@@ -121,6 +116,7 @@ class Emulator:
         """Consume command bytes; return the response bytes they produce (possibly none)."""
         out = bytearray()
         for byte in bytes(data):
+            self._idle = 0
             was_in = self._parser.in_frame
             events = self._parser.feed(bytes([byte]))
             if was_in:
@@ -134,18 +130,36 @@ class Emulator:
     def expire(self) -> bytes:
         """The device's inter-byte timeout ran out (the host stalled inside a frame): the
         partial frame is dropped with TIMEOUT, what its payload wrote stays."""
+        self._idle = 0
         event = self._parser.expire()
         return b"" if event is None else self._handle(event)
+
+    def idle(self, byte_times: int) -> bytes:
+        """The line stays quiet for ``byte_times`` byte times (10 bit periods each): as the
+        decoder, once a frame has waited :data:`~bitdet.core.protocol.TIMEOUT_BYTE_TIMES`
+        in all since its last byte it is dropped with TIMEOUT (:meth:`expire`); outside a
+        frame nothing happens. Returns the response bytes (the error response, or none)."""
+        if isinstance(byte_times, bool) or not isinstance(byte_times, int) or byte_times < 0:
+            raise ValueError(f"byte_times must be a non-negative integer, not {byte_times!r}")
+        if not self._parser.in_frame:
+            return b""
+        self._idle += byte_times
+        return self.expire() if self._idle >= TIMEOUT_BYTE_TIMES else b""
 
     def _handle(self, event) -> bytes:
         frame = bytes(self._frame)
         self._frame = bytearray()
         if isinstance(event, FrameError):
             self._abort(frame, event)
-            return encode_error(event.code, event.opcode)
+            return encode_error(event.code, event.opcode, seq=event.seq)
         assert isinstance(event, Frame)
         self.frames += 1
+        self._seq = event.seq
         return self._execute(event.opcode, event.payload)
+
+    def _respond(self, opcode: int, status: int, data: bytes = b"") -> bytes:
+        """The response to the command being executed, its seq echoed."""
+        return encode_response(opcode, status, data, seq=self._seq)
 
     def _abort(self, frame: bytes, event: FrameError) -> None:
         # The decoder streamed the payload of a known opcode with a valid length before
@@ -158,21 +172,21 @@ class Emulator:
         low, high = COMMAND_PAYLOAD_LIMITS[opcode]
         if not low <= length <= high:
             return
-        self._write(opcode, frame[3:3 + length])
+        self._write(opcode, frame[CRC_COVERED_HEADER:CRC_COVERED_HEADER + length])
 
     # -- execution ---------------------------------------------------------------------------
     def _execute(self, opcode: int, payload: bytes) -> bytes:
         if opcode == Opcode.IDENTIFY:
-            return encode_response(opcode, ErrorCode.OK, self._identify)
+            return self._respond(opcode, ErrorCode.OK, self._identify)
         if opcode == Opcode.RESET:
             self.select = 0
             self.table = [None] * LAYER_TABLE_ENTRIES
             self.last_busy = self.last_stall = 0
-            return encode_response(opcode, ErrorCode.OK)
+            return self._respond(opcode, ErrorCode.OK)
         if opcode in _WRITES:
-            return encode_response(opcode, self._write(opcode, payload))
+            return self._respond(opcode, self._write(opcode, payload))
         if opcode == Opcode.CONFIGURE_LAYER:
-            return encode_response(opcode, self._configure(payload))
+            return self._respond(opcode, self._configure(payload))
         if opcode in (Opcode.RUN_LAYER, Opcode.RUN_NETWORK):
             if opcode == Opcode.RUN_LAYER:
                 first = payload[0] if payload else 0
@@ -182,29 +196,29 @@ class Emulator:
                 entries = range(payload[0])
                 bad = not 1 <= payload[0] <= LAYER_TABLE_ENTRIES
             if bad:
-                return encode_response(opcode, ErrorCode.BAD_ARGUMENT)
+                return self._respond(opcode, ErrorCode.BAD_ARGUMENT)
             if any(self.table[i] is None for i in entries):
-                return encode_response(opcode, ErrorCode.NOT_CONFIGURED)
+                return self._respond(opcode, ErrorCode.NOT_CONFIGURED)
             busy = stall = 0
             for i in entries:
                 b, s = self._run(self.table[i])
                 busy, stall = (busy + b) & _COUNTER_MASK, (stall + s) & _COUNTER_MASK
             self.last_busy, self.last_stall = busy, stall
-            return encode_response(opcode, ErrorCode.OK, struct.pack("<II", busy, stall))
+            return self._respond(opcode, ErrorCode.OK, struct.pack("<II", busy, stall))
         if opcode == Opcode.READ_ACTIVATIONS:
             address, words = struct.unpack("<IH", payload)
             if words * self._wbytes > MAX_PAYLOAD - 1:
-                return encode_response(opcode, ErrorCode.BAD_ARGUMENT)
+                return self._respond(opcode, ErrorCode.BAD_ARGUMENT)
             if address + words > self.config.activation_depth:
-                return encode_response(opcode, ErrorCode.BAD_ADDRESS)
+                return self._respond(opcode, ErrorCode.BAD_ADDRESS)
             base = self.select * self.config.activation_depth + address
-            return encode_response(opcode, ErrorCode.OK,
-                                   self.activations[base:base + words].tobytes())
+            return self._respond(opcode, ErrorCode.OK,
+                                 self.activations[base:base + words].tobytes())
         if opcode == Opcode.READ_COUNTERS:
             data = struct.pack("<II", self.last_busy, self.last_stall)
             assert len(data) == COUNTERS_SIZE
-            return encode_response(opcode, ErrorCode.OK, data)
-        return encode_response(opcode, ErrorCode.UNKNOWN_OPCODE)   # READ_RESULTS
+            return self._respond(opcode, ErrorCode.OK, data)
+        return self._respond(opcode, ErrorCode.UNKNOWN_OPCODE)   # READ_RESULTS
 
     def _write(self, opcode: int, payload: bytes) -> ErrorCode:
         """Write the whole entries of a WRITE_* payload (``address`` u32 LE, then entries);
@@ -256,48 +270,17 @@ class Emulator:
                 yield len(chunk), (int(address), chunk)
 
     def _configure(self, payload: bytes) -> ErrorCode:
-        c = self.config
+        """CONFIGURE_LAYER: the descriptor's own checks (:meth:`LayerDescriptor.refusal`,
+        the device's order and codes) decide; a refused descriptor clears its entry."""
         if len(payload) not in (LAYER_DESCRIPTOR_SIZE, LAYER_DESCRIPTOR_SIZE + 1):
             return ErrorCode.BAD_LENGTH
-        which, d = decode_layer_entry(payload)
+        which = payload[0] if len(payload) > LAYER_DESCRIPTOR_SIZE else 0
         if which >= LAYER_TABLE_ENTRIES:
             return ErrorCode.BAD_ARGUMENT
-        flags = payload[-LAYER_DESCRIPTOR_SIZE + 15]
-        pool = bool(flags & LAYER_FLAG_POOL)
-        pk = pool_max_kernel(c)
-        depth = c.activation_depth
-        zero = any(d[n] == 0 for n in ("in_h", "in_w", "channels", "out_h", "out_w",
-                                       "out_channels", "kernel", "stride"))
-        if pool:
-            bad_flags = (flags != LAYER_FLAG_POOL or d["weight_base"] != 0
-                         or d["threshold_base"] != 0 or d["out_channels"] != d["channels"])
-            too_big = d["kernel"] > pk or d["stride"] > pk or d["padding"] != 0
-        else:
-            bad_flags = flags & ~LAYER_FLAG_PAD_BIT & 0xFF != 0
-            too_big = (d["kernel"] > c.max_kernel or d["stride"] > c.max_stride
-                       or d["padding"] > c.max_kernel - 1 or d["out_channels"] > c.max_channels
-                       or d["weight_base"] >= c.weight_depth
-                       or d["threshold_base"] >= c.threshold_depth)
-        too_big = too_big or (d["channels"] > c.max_channels
-                              or max(d["in_h"], d["in_w"], d["out_h"], d["out_w"]) > depth
-                              or d["input_base"] >= depth or d["output_base"] >= depth)
-        area = d["in_h"] * d["in_w"] > depth or d["out_h"] * d["out_w"] > depth
-        geometry = True
-        pad = d["padding"] & 7
-        for size, out in ((d["in_h"], d["out_h"]), (d["in_w"], d["out_w"])):
-            span, reach = size + 2 * pad, out * d["stride"]
-            geometry &= reach - d["stride"] + d["kernel"] <= span < reach + d["kernel"]
-        if zero or bad_flags:
-            code = ErrorCode.BAD_ARGUMENT
-        elif too_big or area:
-            code = ErrorCode.LAYER_DOES_NOT_FIT
-        elif not geometry:
-            code = ErrorCode.BAD_ARGUMENT
-        else:
-            self.table[which] = d
-            return ErrorCode.OK
-        self.table[which] = None
-        return code
+        descriptor = LayerDescriptor.decode(payload[-LAYER_DESCRIPTOR_SIZE:])
+        refusal = descriptor.refusal(self.config)
+        self.table[which] = descriptor if refusal is None else None
+        return ErrorCode.OK if refusal is None else ErrorCode[refusal]
 
     # -- layers --------------------------------------------------------------------------------
     def _bank_read(self, addrs: np.ndarray, bank: int) -> np.ndarray:

