@@ -77,7 +77,7 @@ def measure(config, bundle, frames: list, *, backend="emu", load_args=None,
             "streamed_layers": device.streamed_layers, "host_seconds": stats.host_seconds}
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> int:  # noqa: C901
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 frames per preset")
     parser.add_argument("--frames", type=int, default=20, help="frames per preset")

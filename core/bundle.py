@@ -234,7 +234,7 @@ class Bundle:
             self.layer_names = [f"binary{i}" for i in range(len(self.binary_layers))]
 
     # -- geometry -----------------------------------------------------------------------
-    def layer_shapes(self) -> list[tuple]:
+    def layer_shapes(self) -> list[tuple]:  # noqa: C901
         """Per binary layer ``(C, O, kh, kw, (H, W) in, (H, W) out)``; validates the chain."""
         shapes = []
         if len(self.input_shape) != 3 or min(self.input_shape) < 1:
@@ -571,7 +571,7 @@ def load(path: str | os.PathLike) -> Bundle:
     return bundle
 
 
-def _from_manifest(manifest: dict, reader: _Reader) -> Bundle:
+def _from_manifest(manifest: dict, reader: _Reader) -> Bundle:  # noqa: C901
     source = reader.source
     where = f"{source}: manifest"
     word_bits = _get(manifest, "weight_word_bits", int, where)

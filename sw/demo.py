@@ -121,10 +121,18 @@ def float_forward(blocks: list[FloatBinaryBlock], x: torch.Tensor) -> list[torch
 
 
 def run_demo(out: str | Path = "demo.bitdet", *, seed: int = 0, images: int = 4,
-             echo=print) -> bool:
-    """Fold, bundle, reload and compare; prints a per-layer table. True when all match."""
+             echo=print, force: bool = False) -> bool:
+    """Fold, bundle, reload and compare; prints a per-layer table. True when all match.
+
+    The bundle is written atomically to ``out``; an existing ``out`` is refused
+    (:class:`~bitdet.sw.files.OutputExists`) unless ``force``.
+    """
+    from .files import atomic_path, check_new_file
+    check_new_file(out, force=force)
     stem, blocks, bundle = build_demo(seed)
-    path = bundle.save(out)
+    path = Path(out)
+    with atomic_path(path) as tmp:
+        bundle.save(tmp)
     loaded = load_bundle(path)
     generator = torch.Generator().manual_seed(seed + 1)
     pixels = torch.randint(0, 256, (images, *DEMO_INPUT), generator=generator)

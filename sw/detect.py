@@ -17,10 +17,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .device import BundleDoesNotFit, Device, ImageError, device_layer_count
+from .driver.device import Device, device_layer_count
+from .driver.errors import BundleDoesNotFit, DriverError, ImageError
+from .files import atomic_path
 
-__all__ = ["DEFAULT_BUNDLE", "SAMPLE_PATH", "SAMPLE_SEED", "frame_rates", "list_images",
-           "make_sample", "pick_config", "run_detect"]
+__all__ = ["DEFAULT_BUNDLE", "SAMPLE_PATH", "SAMPLE_SEED", "annotated_targets",
+           "check_score_threshold", "frame_rates", "list_images", "make_sample", "pick_config",
+           "run_detect"]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_BUNDLE = ASSETS / "default.bitdet"
@@ -111,10 +114,40 @@ def _annotate(result, scale_to: int = 512):
                            class_names=names, scale=scale)
 
 
+def check_score_threshold(value) -> float:
+    """``value`` as a score threshold: a number in [0, 1] (scores are probabilities);
+    raises ``ValueError`` naming the bound otherwise (NaN included)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"score threshold must be a number in [0, 1], not {value!r}") from None
+    if not 0.0 <= number <= 1.0:           # False for NaN too
+        raise ValueError(f"score threshold must be in [0, 1], not {value!r}")
+    return number
+
+
+def annotated_targets(files, out_dir: str | Path, *, force: bool = False) -> list[Path]:
+    """The annotated PNG of each of ``files`` in ``out_dir``: ``<stem>.detect.png``, made
+    unique when stems collide (:func:`bitdet.sw.files.unique_names`). Raises
+    :class:`~bitdet.sw.files.OutputExists` naming the first one that exists, unless
+    ``force``."""
+    from .files import check_new_file, unique_names
+    targets = [Path(out_dir) / name for name in unique_names(files, ".detect.png")]
+    for target in targets:
+        check_new_file(target, force=force, inputs=files)
+    return targets
+
+
 def run_detect(paths, *, bundle=None, backend: str = "emu", config=None, port=None,
                out: str | Path | None = None, score_threshold: float = 0.25,
-               progress: bool | None = None, device: Device | None = None) -> dict:
+               progress: bool | None = None, device: Device | None = None,
+               force: bool = False) -> dict:
     """Detect objects in the images of ``paths`` (files or folders).
+
+    Each image's annotated PNG is ``out/<stem>.detect.png`` (inputs with the same stem get
+    unique names, :func:`annotated_targets`); an existing one is an error unless ``force``,
+    checked before anything runs. ``score_threshold`` must be in [0, 1]. With ``device``
+    (opened elsewhere) a ``config`` that differs from the device's is an error.
 
     Returns ``{"backend", "config", "bundle", "load_bytes", "images": [{"file", "width",
     "height", "detections": [{"label", "class", "score", "box"}], "annotated"}], "device":
@@ -125,9 +158,21 @@ def run_detect(paths, *, bundle=None, backend: str = "emu", config=None, port=No
     from tqdm import tqdm
 
     from bitdet.core.bundle import load as load_bundle
+
+    from .images import read_image
+    score_threshold = check_score_threshold(score_threshold)
     bundle_path = Path(bundle) if bundle is not None else DEFAULT_BUNDLE
     loaded = load_bundle(bundle_path)
     files = list_images(paths)
+    out_dir = Path(out) if out is not None else None
+    targets = annotated_targets(files, out_dir, force=force) if out_dir is not None else None
+    if device is not None and config is not None:
+        wanted = pick_config(loaded, config)
+        if wanted.config_hash() != device.config.config_hash():
+            raise DriverError(f"config {wanted.name!r} ({wanted.config_hash()}) given, but the "
+                              f"device was opened with {device.config.name!r} "
+                              f"({device.config.config_hash()})")
+    in_channels = (loaded.model.get("input") or [1])[0]
     own = device is None
     if own:
         device = Device.open(backend, pick_config(loaded, config), port=port)
@@ -135,14 +180,14 @@ def run_detect(paths, *, bundle=None, backend: str = "emu", config=None, port=No
         sent = device.bytes_out + device.bytes_in
         device.load(loaded)
         load_bytes = device.bytes_out + device.bytes_in - sent
-        out_dir = Path(out) if out is not None else None
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
         images, stats = [], None
         disable = True if progress is False or len(files) < 2 else \
             (None if progress is None else False)          # None: only on a terminal
-        for path in tqdm(files, desc="detect", unit="image", disable=disable):
-            result = device.detect(path, score_threshold=score_threshold)
+        for k, path in enumerate(tqdm(files, desc="detect", unit="image", disable=disable)):
+            result = device.detect(read_image(path, in_channels),
+                                   score_threshold=score_threshold)
             stats = result["stats"]
             names = result["class_names"]
             detections = [
@@ -153,9 +198,10 @@ def run_detect(paths, *, bundle=None, backend: str = "emu", config=None, port=No
                                              result["labels"].tolist(), strict=True)]
             entry = {"file": str(path), "width": int(result["image"].shape[1]),
                      "height": int(result["image"].shape[0]), "detections": detections}
-            if out_dir is not None:
-                target = out_dir / f"{path.stem}.detect.png"
-                _annotate(result).save(target)
+            if targets is not None:
+                target = targets[k]
+                with atomic_path(target) as tmp:
+                    _annotate(result).save(tmp, format="PNG")
                 entry["annotated"] = str(target)
             images.append(entry)
         per_frame = stats.as_dict()

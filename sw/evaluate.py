@@ -144,10 +144,6 @@ def bundle_decode_settings(bundle: Bundle) -> dict:
     return decode_settings(**bundle.decode_settings())
 
 
-def _host_layer(bundle: Bundle, name: str):   # until the driver calls Bundle.host_layer
-    return bundle.host_layer(name)
-
-
 def run_bundle(bundle: Bundle, pixels: torch.Tensor) -> torch.Tensor:
     """Head map of a bundle on integer pixels ``N×C×H×W`` (0..255), as the driver computes
     it (:meth:`~bitdet.core.bundle.Bundle.forward`: fixed-point host stem, golden-model

@@ -651,7 +651,7 @@ def _check_run_folder(out_dir: Path, *, force: bool, resume_epoch: int | None = 
                            f"{', '.join(later)} (pass --force, or --out a new folder)")
 
 
-def train(method: str | None = None, epochs: int | None = None,
+def train(method: str | None = None, epochs: int | None = None,  # noqa: C901
           batch_size: int | None = None, lr: float | None = None, seed: int | None = None,
           image_size: int | None = None, train_count: int | None = None,
           val_count: int | None = None, out_dir: str | os.PathLike | None = None,

@@ -14,3 +14,10 @@ with warnings.catch_warnings():
         import libcst  # noqa: F401
     except ImportError:
         pass
+
+# Hypothesis's default 200 ms deadline per example fails tests on a loaded 2-core machine
+# for no fault of the code; the examples are bounded by max_examples instead.
+from hypothesis import settings
+
+settings.register_profile("bitdet", deadline=None)
+settings.load_profile("bitdet")

@@ -40,8 +40,6 @@ def test_detect_bench_quick(tmp_path):
     """The detection bench runs its quick set: every preset gets model cycles and an
     estimated frame rate; where the bundle fits, the emulator's reported cycles equal the
     model's (exit status 0) and link bytes are measured."""
-    if not (ROOT / "sw" / "assets" / "default.bitdet").exists():
-        pytest.skip("sw/assets/default.bitdet is not shipped yet")
     out = tmp_path / "detect.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bench_detect.py"), "--quick", "--json", str(out)],

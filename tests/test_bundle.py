@@ -467,8 +467,8 @@ def _object_array() -> Bundle:
 def test_save_refuses_unwritable_bundle_and_leaves_no_file(make, tmp_path):
     """A bundle that cannot be written must raise BundleError before anything is on disk.
 
-    Bundle.validate does not check JSON-serializability or extra host arrays, so today
-    save fails half-way (TypeError/ValueError) and leaves ``<name>.tmp`` behind.
+    Regression test: Bundle.validate once missed JSON-serializability and extra host arrays,
+    so save failed half-way (TypeError/ValueError) and left ``<name>.tmp`` behind.
     """
     bundle = make()
     try:
@@ -999,7 +999,7 @@ def test_member_that_is_an_npz_archive(member, demo_file, tmp_path):
 
 
 def test_extra_scalar_host_array(demo_file, tmp_path):
-    """An extra 0-d host array: HostLayer.validate indexes a.shape[0] (IndexError today)."""
+    """An extra 0-d host array is a BundleError (it was an IndexError from a.shape[0])."""
     path = rewrite(demo_file, tmp_path / "scalar.bitdet",
                    manifest=_set("host_layers/0/arrays/extra", "host/0/extra.npy"),
                    members={"host/0/extra.npy": np.array(5, dtype=np.int32)})

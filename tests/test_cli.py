@@ -210,7 +210,7 @@ BAD_FILES = {
     "threshold out of range": (lambda data: _with_member(
         data, "binary/3/thresholds.npy", _npy(np.full((70, 1), 42, dtype=np.int32))),
         "threshold 42 out of range"),
-    # the two below are load bugs (see tests/test_bundle.py): they end in a traceback
+    # the two below once ended in a traceback (load bugs, fixed; tests/test_bundle.py)
     "encrypted flag in the ZIP directory": (
         lambda data: _flip(data, _central_directory_offset(data, "manifest.json") + 8, 0x01),
         "manifest.json"),
@@ -300,3 +300,74 @@ def test_python_m_cli():
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert "bundle" in result.stdout
+
+
+# ----------------------------------------------------------- nothing lost, nothing silent
+
+
+def test_demo_refuses_to_replace_without_force(capsys, tmp_path):
+    out_path = tmp_path / "x.bitdet"
+    out_path.write_bytes(b"precious")
+    status, out, err = run_cli(capsys, "demo", "--out", out_path)
+    assert_one_line_error(status, out, err, "already exists (pass --force")
+    assert out_path.read_bytes() == b"precious"
+    status, out, err = run_cli(capsys, "demo", "--out", out_path, "--force")
+    assert status == 0, err
+    assert load(out_path).model["name"] == "bitdet-demo"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.bitdet"]
+
+
+def test_hw_verilog_refuses_to_replace_without_force(capsys, tmp_path):
+    pytest.importorskip("amaranth")
+    (tmp_path / "bitdet_top.v").write_text("// mine\n")
+    status, out, err = run_cli(capsys, "hw", "verilog", "--config", "tiny", "--out", tmp_path)
+    assert_one_line_error(status, out, err, "bitdet_top.v: already exists (pass --force")
+    assert (tmp_path / "bitdet_top.v").read_text() == "// mine\n"
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_help_does_not_import_torch():
+    """`bitdet --help` answers at once: the parser imports neither torch nor numpy."""
+    code = ("import sys; from bitdet.sw.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_method_help_is_the_registry():
+    from bitdet.sw.cli import METHOD_HELP
+    from bitdet.sw.train import METHODS
+    assert METHOD_HELP == {m.name: m.description for m in METHODS.values()}
+
+
+def test_default_threads_is_half_the_cores(monkeypatch):
+    import os
+
+    from bitdet.sw import cli
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    assert cli.default_threads() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert cli.default_threads() == 8
+    assert "half the CPU cores" in cli.build_parser()._subparsers._group_actions[0].choices[
+        "train"].format_help()
+
+
+def test_commands_name_their_extra_in_one_line(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cocotb", None)       # the sim extra is missing
+    status, out, err = run_cli(capsys, "detect", "x.png", "--backend", "rtl")
+    assert_one_line_error(status, out, err, 'pip install -e ".[sim]"')
+
+
+def test_rtl_backend_says_that_it_builds(capsys, monkeypatch):
+    pytest.importorskip("cocotb")
+    from bitdet.sw import detect
+    from bitdet.sw.driver.errors import DriverError
+
+    def stop(*args, **kwargs):
+        raise DriverError("stopped here")
+    monkeypatch.setattr(detect, "run_detect", stop)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)     # on a terminal
+    status, _out, err = run_cli(capsys, "detect", "x.png", "--backend", "rtl")
+    assert status == 2
+    assert err.splitlines()[0].startswith("bitdet: building the RTL simulation with Verilator")

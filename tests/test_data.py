@@ -465,3 +465,46 @@ def test_draw_detections():
     assert pil2.size == (64, 64)
     grid = render_preview(ds, n=2, cols=2, scale=1)
     assert grid.size == (64 * 2 + 2, 64)
+
+
+# --------------------------------------------------------------------------------------------
+# Loaders never drop labels silently
+# --------------------------------------------------------------------------------------------
+
+
+def test_yolo_missing_or_mistyped_label_folder_is_an_error(tmp_path):
+    lab_dir, img_dir = _yolo_fixture(tmp_path)
+    with pytest.raises(AnnotationError, match=r"lables: no such label folder"):
+        load_yolo(tmp_path / "lables", img_dir, ["zero", "one", "two"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(AnnotationError, match=r"empty: no label files .* for the 3 images"):
+        load_yolo(empty, img_dir, lab_dir / "classes.txt")
+    with pytest.raises(AnnotationError, match=r"imgs: no such image folder"):
+        load_yolo(lab_dir, tmp_path / "imgs", lab_dir / "classes.txt")
+
+
+def test_yolo_two_images_of_one_stem_is_an_error(tmp_path):
+    lab_dir, img_dir = _yolo_fixture(tmp_path)
+    Image.fromarray(np.full((50, 100), 9, np.uint8)).save(img_dir / "a.jpg")
+    with pytest.raises(AnnotationError, match=r"a\.(png|jpg): same stem as a\.(png|jpg)"):
+        load_yolo(lab_dir, img_dir, lab_dir / "classes.txt")
+
+
+def test_voc_class_names_unknown_is_an_error_and_found_is_reported(tmp_path):
+    ann_dir, img_dir = _voc_fixture(tmp_path)
+    (ann_dir / "000002.xml").write_text(_voc_xml(None, [("cra", (1, 1, 5, 5))]))
+    with pytest.raises(AnnotationError, match=r"000002\.xml: object #0 \('cra'\): unknown "
+                                              r"class name 'cra'"):
+        load_voc(ann_dir, img_dir, class_names=["car", "person"])
+    found = load_voc(ann_dir, img_dir)
+    assert found.class_names == ["car", "cra", "person"]
+    assert found.meta["class_source"] == "found in the annotation files"
+    assert load_voc(ann_dir, img_dir, ["car", "cra", "person"]).meta["class_source"] == "given"
+    with pytest.raises(AnnotationError, match=r"nope: no such annotation folder"):
+        load_voc(tmp_path / "nope", img_dir)
+
+
+def test_coco_annotation_path_that_is_a_folder(tmp_path):
+    with pytest.raises(AnnotationError, match=r"is a folder, not a COCO annotation file"):
+        load_coco(tmp_path)

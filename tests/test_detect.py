@@ -3,7 +3,9 @@ bundle on the emulator, folders, JSON, the frame-rate estimates, and one-line er
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +23,8 @@ from bitdet.sw.detect import (
     make_sample,
     run_detect,
 )
-from bitdet.sw.device import Device
+from bitdet.sw.driver.device import Device
+from bitdet.sw.driver.errors import DriverError
 from bitdet.sw.evaluate import bundle_decode_settings, run_bundle
 
 
@@ -31,8 +34,9 @@ def read(path):
         return image.copy()
 
 
-needs_default = pytest.mark.skipif(not DEFAULT_BUNDLE.exists(),
-                                   reason="sw/assets/default.bitdet is not shipped yet")
+def test_the_default_bundle_is_shipped():
+    """The tests below need the shipped detector; a missing one fails here (not a skip)."""
+    assert DEFAULT_BUNDLE.is_file(), f"{DEFAULT_BUNDLE} is missing (it is shipped)"
 
 
 def test_sample_is_the_documented_scene(tmp_path):
@@ -43,7 +47,6 @@ def test_sample_is_the_documented_scene(tmp_path):
     assert np.array_equal(scene.images[0], shipped)
 
 
-@needs_default
 def test_cli_on_the_sample(tmp_path, capsys):
     status = main(["detect", str(SAMPLE_PATH), "--out", str(tmp_path), "--json"])
     assert status == 0
@@ -72,7 +75,6 @@ def test_cli_on_the_sample(tmp_path, capsys):
     assert device["bytes_out"] > 32 * 32 * config.simd // 8 - 1
 
 
-@needs_default
 def test_folder_table_and_any_image_size(tmp_path, capsys):
     folder = tmp_path / "images"
     folder.mkdir()
@@ -94,7 +96,8 @@ def test_folder_table_and_any_image_size(tmp_path, capsys):
 
 
 def test_frame_rates():
-    config = load_config("icebreaker")
+    config = dataclasses.replace(load_config("icebreaker"), clock_hz=24_000_000,
+                                 baud=1_000_000)
     rates = frame_rates(config, 24_000, 1000)
     assert rates["estimated_fps"] == pytest.approx(1000.0)
     assert rates["link_limited_fps"] == pytest.approx(100.0)
@@ -111,8 +114,6 @@ def test_frame_rates():
      "/dev/nonexistent-tty"),
 ])
 def test_cli_errors_are_one_line(argv, message, tmp_path, capsys):
-    if "{sample}" in argv and not DEFAULT_BUNDLE.exists() and "--bundle" not in argv:
-        pytest.skip("needs the default bundle")
     bad = tmp_path / "bad.bitdet"
     bad.write_bytes(b"not a zip")
     bad_png = tmp_path / "bad.png"
@@ -125,12 +126,15 @@ def test_cli_errors_are_one_line(argv, message, tmp_path, capsys):
 
 
 def test_config_mismatch_on_a_shared_device():
-    """run_detect with a device opened elsewhere (any backend) uses that device."""
-    if not DEFAULT_BUNDLE.exists():
-        pytest.skip("needs the default bundle")
+    """run_detect with a device opened elsewhere (any backend) uses that device; a config
+    that differs from the device's is an error naming both, one that equals it is fine."""
     with Device.open("emu", "ulx3s") as device:
         report = run_detect([SAMPLE_PATH], device=device)
-    assert report["config"] == "ulx3s" and report["images"][0]["detections"]
+        assert report["config"] == "ulx3s" and report["images"][0]["detections"]
+        with pytest.raises(DriverError, match=r"config 'icebreaker' .* given, but the device "
+                                              r"was opened with 'ulx3s'"):
+            run_detect([SAMPLE_PATH], device=device, config="icebreaker")
+        assert run_detect([SAMPLE_PATH], device=device, config="ulx3s")["config"] == "ulx3s"
 
 
 def test_report_names_a_raw_last_layer_run_on_the_host(tmp_path, capsys):
@@ -147,3 +151,102 @@ def test_report_names_a_raw_last_layer_run_on_the_host(tmp_path, capsys):
     assert "bconv4        raw P on the host" in capsys.readouterr().out
     assert main(["hw", "info", "--config", "icebreaker", "--bundle", str(path)]) == 0
     assert "raw last layer 'bconv4' runs on the host" in capsys.readouterr().out
+
+
+# -- nothing lost, nothing silent ----------------------------------------------------------------
+
+def _one_line(status, err, fragment):
+    assert status == 2, err
+    assert err.count("\n") == 1 and err.startswith("bitdet: error:"), err
+    assert fragment in err, err
+
+
+def test_detect_refuses_to_replace_annotated_pngs(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["detect", str(SAMPLE_PATH), "--out", str(out)]) == 0
+    target = out / "sample.detect.png"
+    target.write_bytes(b"mine")
+    capsys.readouterr()
+    status = main(["detect", str(SAMPLE_PATH), "--out", str(out)])
+    _one_line(status, capsys.readouterr().err, f"{target}: already exists (pass --force")
+    assert target.read_bytes() == b"mine"
+    assert main(["detect", str(SAMPLE_PATH), "--out", str(out), "--force"]) == 0
+    assert read(target).mode == "RGB"
+    assert sorted(p.name for p in out.iterdir()) == ["sample.detect.png"]   # no temp files
+
+
+def test_detect_gives_inputs_of_one_stem_unique_outputs(tmp_path, capsys):
+    for name in ("d1/scene.png", "d2/scene.png", "d1/scene.jpg"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.open(SAMPLE_PATH).convert("RGB").save(tmp_path / name)
+    files = [tmp_path / n for n in ("d1/scene.png", "d2/scene.png", "d1/scene.jpg")]
+    out = tmp_path / "out"
+    assert main(["detect", *map(str, files), "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    annotated = [image["annotated"] for image in report["images"]]
+    assert len(set(annotated)) == 3 and all(Path(a).is_file() for a in annotated)
+    assert [image["file"] for image in report["images"]] == list(map(str, files))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "d1-scene.png.detect.png", "d2-scene.png.detect.png", "scene.jpg.detect.png"]
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "1.5", "inf", "x"])
+def test_score_threshold_must_be_in_the_unit_interval(value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["detect", str(SAMPLE_PATH), "--score-threshold", value])
+    assert exc.value.code == 2
+    assert "expected a number in [0, 1]" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"score threshold must"):
+        run_detect([SAMPLE_PATH], out=None, score_threshold=float(value)
+                   if value != "x" else value)
+
+
+def test_a_transparent_image_is_black_not_its_hidden_pixels(tmp_path):
+    """RGBA: alpha is composited over black (DigitScenes' background), so a fully
+    transparent copy of the sample has no detections, an opaque one the sample's."""
+    gray = np.asarray(read(SAMPLE_PATH))
+    rgba = np.stack([gray, gray, gray, np.zeros_like(gray)], axis=-1)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+    rgba[..., 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "opaque.png")
+    report = run_detect([tmp_path / "clear.png", tmp_path / "opaque.png"], out=None)
+    clear, opaque = report["images"]
+    assert clear["detections"] == []
+    assert opaque["detections"] == run_detect([SAMPLE_PATH], out=None)["images"][0][
+        "detections"]
+
+
+def _png_header_only(path, width, height):
+    """A PNG whose header claims width × height (no pixel data: never decoded)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(
+        ">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("side", [9000, 15000])      # below / above PIL's own bomb error
+def test_a_huge_image_is_a_one_line_error(side, tmp_path, capsys):
+    huge = tmp_path / "huge.png"
+    _png_header_only(huge, side, side)
+    status = main(["detect", str(huge), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    _one_line(status, err, "huge.png: image ")
+    assert "over the limit of 67108864 pixels" in err
+
+
+def test_annotated_labels_are_readable(tmp_path):
+    """Tags in a font of at least 12 px on the 512-px annotated image, "label: score"."""
+    from PIL import ImageDraw
+
+    from bitdet.sw.data import draw_detections, label_font
+    font = label_font((512, 512))
+    box = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), "1: 0.50", font=font)
+    assert box[3] - box[1] >= 11 and getattr(font, "size", 0) >= 16
+    image = draw_detections(np.zeros((64, 64), np.uint8), [[8, 20, 40, 50]], [1], [0.5],
+                            scale=8)
+    tag = np.asarray(image)[20 * 8 - 30:20 * 8, 8 * 8:8 * 8 + 80]
+    assert (tag != 0).any(axis=-1).sum() > 500       # a tag of a readable size was drawn

@@ -172,7 +172,13 @@ def test_map_is_one_for_perfect_predictions_and_lower_when_shifted(scenes):
     assert scores["mAP50"] == pytest.approx(1.0) and scores["mAP"] == pytest.approx(1.0)
     shifted = [{**p, "boxes": p["boxes"] + torch.tensor([3.0, 0, 3, 0])} for p in perfect]
     moved = evaluate_predictions(shifted, scenes)
-    assert moved["mAP"] < 0.9 and moved["mAP50"] <= 1.0
+    # a 3-px shift drops a few of the smallest digits below IoU 0.5, most stay above it
+    assert moved["mAP"] < 0.9 and moved["mAP"] < moved["mAP50"] < 1.0
+    nudged = [{**p, "boxes": p["boxes"] + torch.tensor([1.0, 0, 1, 0])} for p in perfect]
+    nudged_scores = evaluate_predictions(nudged, scenes)     # every IoU stays above 0.5
+    assert nudged_scores["mAP50"] == pytest.approx(1.0) and nudged_scores["mAP"] < 1.0
+    far = [{**p, "boxes": p["boxes"] + torch.tensor([100.0, 0, 100, 0])} for p in perfect]
+    assert evaluate_predictions(far, scenes)["mAP50"] == 0.0
     wrong = [{**p, "labels": (p["labels"] + 1) % CLASSES} for p in perfect]
     assert evaluate_predictions(wrong, scenes)["mAP50"] == 0.0
     empty = [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),

@@ -29,6 +29,7 @@ from bitdet.sw.device import (
     ConfigMismatch,
     Device,
     DeviceError,
+    DriverError,
     EmuLink,
     ImageError,
     LinkTimeout,
@@ -36,7 +37,7 @@ from bitdet.sw.device import (
     fit_image,
 )
 from bitdet.sw.emulator import Emulator
-from bitdet.sw.evaluate import _host_layer, bundle_decode_settings, run_bundle
+from bitdet.sw.evaluate import bundle_decode_settings, run_bundle
 from bitdet.sw.models import BinaryDetector
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "sw" / "assets" / "default.bitdet"
@@ -62,7 +63,7 @@ def images(count, size, seed=0):
 
 def reference(bundle, image, score_threshold):
     pixels = torch.from_numpy(np.array(image)[None, None]).to(torch.int64)
-    stem = _host_layer(bundle, "stem").run(pixels)
+    stem = bundle.stem(pixels)
     maps = bundle.run_binary(stem.to(torch.float32) * 2 - 1)
     head = run_bundle(bundle, pixels)
     settings = {**bundle_decode_settings(bundle), "score_threshold": score_threshold}
@@ -99,8 +100,6 @@ def test_emu_pipeline_equals_reference(preset):
 
 
 def test_default_bundle_on_the_emulator():
-    if not DEFAULT_BUNDLE.exists():
-        pytest.skip("sw/assets/default.bitdet is not shipped yet")
     bundle = load_bundle(DEFAULT_BUNDLE)
     with Device.open("emu", "ulx3s") as device:
         device.load(bundle)
@@ -197,8 +196,6 @@ def test_config_mismatch_names_both():
 
 
 def test_bundle_that_does_not_fit_streams_nothing():
-    if not DEFAULT_BUNDLE.exists():
-        pytest.skip("sw/assets/default.bitdet is not shipped yet")
     with Device.open("emu", "tiny") as device:
         sent = device.bytes_out
         with pytest.raises(BundleDoesNotFit) as info:
@@ -315,13 +312,41 @@ def narrow(preset, **fields):
     return dataclasses.replace(config, name=f"{config.name}-narrow", **fields)
 
 
+def test_resident_bundle_runs_as_one_network():
+    """All passes resident and no trace: one RUN_NETWORK instead of a RUN_LAYER per pass;
+    the per-pass cycles (from the cycle model) equal what RUN_LAYER reports pass by pass,
+    the detections are the same and fewer bytes cross the link."""
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    config = load_config("ulx3s")
+    link = RecordingLink(Emulator(config))
+    with Device(link, config) as device:
+        device.load(bundle)
+        image = images(1, 64, seed=3)[0]
+        traced = device.detect(image, trace=True, score_threshold=0.25)
+        link.commands.clear()
+        fast = device.detect(image, score_threshold=0.25)
+        ops = [op for op, _ in link.commands]
+        assert ops.count(Opcode.RUN_NETWORK) == 1 and Opcode.RUN_LAYER not in ops
+        for key in ("busy", "stall", "name"):
+            assert [x[key] for x in fast["stats"].layers] == \
+                [x[key] for x in traced["stats"].layers]
+        for key in ("boxes", "scores", "labels", "head"):
+            assert torch.equal(fast[key], traced[key])
+        assert fast["stats"].bytes_out < traced["stats"].bytes_out
+        # a device whose sums differ from the cycle model is caught, not reported
+        emulator = link.emulator
+        run = emulator._run
+        emulator._run = lambda d: (lambda busy, stall: (busy + 1, stall))(*run(d))
+        with pytest.raises(DriverError, match=r"the device ran the network in \d+ busy / "
+                                              r"\d+ stall cycles, the cycle model says"):
+            device.detect(image)
+
+
 def test_streamed_default_bundle_equals_resident():
     """ulx3s with a weight memory of 320 words per column: the shipped detector's 540 do
     not fit, its largest layer (bconv4, 288) does. Every layer is streamed through one
     slot; maps, head and detections equal the resident run on ulx3s bit for bit, and only
     the first input and the last output cross the link besides the weights."""
-    if not DEFAULT_BUNDLE.exists():
-        pytest.skip("sw/assets/default.bitdet is not shipped yet")
     bundle = load_bundle(DEFAULT_BUNDLE)
     config = narrow("ulx3s", weight_depth=320)
     with pytest.raises(BundleDoesNotFit, match="resident weights need 540 words per column, "
@@ -372,8 +397,6 @@ def test_partly_resident_plan_streams_the_fewest_bytes():
     """With 512 weight words per column the shipped detector (layers of 36, 72, 144, 288
     words) keeps bconv3 and bconv4 resident and streams bconv1 and bconv2 through a 72-word
     slot after them: the fewest bytes per frame of all plans that fit. Same results."""
-    if not DEFAULT_BUNDLE.exists():
-        pytest.skip("sw/assets/default.bitdet is not shipped yet")
     bundle = load_bundle(DEFAULT_BUNDLE)
     config = narrow("ulx3s", weight_depth=512)
     link = RecordingLink(Emulator(config))

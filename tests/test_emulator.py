@@ -151,7 +151,7 @@ def test_identify_errors_and_table():
 
 # -- differential test against the RTL (amaranth.sim) --------------------------------------
 
-def random_session(rng, config, steps):
+def random_session(rng, config, steps):  # noqa: C901
     """A list of byte chunks: commands (mostly valid, some refused), garbage and corrupt
     frames. After each chunk the host waits until the device is idle (so a partial frame
     ends in TIMEOUT)."""

@@ -104,3 +104,33 @@ def test_fit_problems():
     assert any("largest feature map needs 144 words" in p for p in problems)
     problems = config.fit_problems(_bundle(8, 4, kernel=5).requirements())
     assert any("max_kernel is 3" in p for p in problems)
+
+
+# -- YAML loading and bounds ("Nothing lost, nothing silent") ------------------------------------
+
+@pytest.mark.parametrize(("text", "message"), [
+    (b"1: 2\n", r"field names must be strings, not 1"),
+    (b"rows: 2\nrows: 4\n", r"not valid YAML \(line 2: duplicate key 'rows' \(first on line 1\)"),
+    (b"", r"empty config"),
+    (b"# only a comment\n", r"empty config"),
+    (b"rows: \xff\n", r"not UTF-8 text \(byte 6"),
+    (b"activation_depth: 1000000000000\n", r"activation_depth must be at most 4194304, not "
+                                           r"1000000000000"),
+    (b"weight_depth: 4194304\ncols: 256\nsimd: 1024\n", r"more than the limit of 4294967296 "
+                                                        r"bits \(MAX_MEMORY_BITS\)"),
+], ids=["int key", "duplicate key", "empty", "comment only", "not utf-8", "huge depth",
+        "total memory"])
+def test_yaml_config_problems_are_one_line_errors(tmp_path, text, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(text)
+    with pytest.raises(ConfigError, match=message) as exc:
+        load_config(bad)
+    assert str(bad) in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("field", ["rows", "cols", "weight_depth", "threshold_depth",
+                                   "activation_depth", "max_channels", "clock_hz", "baud"])
+def test_every_bounded_field_names_its_bound(field):
+    from bitdet.core.config import FIELD_MAX
+    with pytest.raises(ConfigError, match=rf"{field} must be at most {FIELD_MAX[field]}, not "):
+        AcceleratorConfig(**{field: FIELD_MAX[field] + 1})

@@ -75,7 +75,7 @@ class Harness(Elaboratable):
         return m
 
 
-def run_maps(maps, schedule, *, rows: int, simd: int, depth: int, rng,
+def run_maps(maps, schedule, *, rows: int, simd: int, depth: int, rng,  # noqa: C901
              ready_rate: float = 1.0, command_gap: int = 0, max_kernel: int = 3):
     """Load every ``(layer, x, base)`` of ``maps`` into bank 1 at word ``base`` (bank 0 holds
     junk), then run the commands ``schedule`` = ``[(map number, group[, tiles]), ...]`` in
@@ -385,7 +385,7 @@ class ConvCore(Elaboratable):
     (WindowLayer(6, 5, 7, 1, 2, 0, 0), 12, 8, True),
     (WindowLayer(5, 6, 11, 3, 1, 1, 1), 8, 2, True),     # K = 18 words, four tiles
 ])
-def test_window_feeds_the_array(layer, out_channels, cols, per_command):
+def test_window_feeds_the_array(layer, out_channels, cols, per_command):  # noqa: C901
     """Every (tile, group) job through the real array — one command per job, or one per
     group running all its tiles (tags ``t·K``): P equals the golden convolution."""
     rows, simd = 2, 8

@@ -24,15 +24,16 @@ def test_wheel_carries_the_presets_and_runs_outside_the_checkout(tmp_path):
     for preset in sorted(p.name for p in (ROOT / "configs").glob("*.yaml")):
         assert f"bitdet/configs/{preset}" in names
     assert "bitdet/sw/assets/default.bitdet" in names
-    assert {"bitdet/core/descriptor.py", "bitdet/hw/top.py", "bitdet/sim/link.py"} <= names
+    assert {"bitdet/core/descriptor.py", "bitdet/hw/top.py", "bitdet/sim/link.py",
+            "bitdet/sw/driver/device.py", "bitdet/sw/cli.py"} <= names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}
     code = ("import sys, bitdet.core.config as c; from bitdet.sw.cli import console_main; "
-            "print(c.__file__); sys.argv = ['bitdet', 'hw', 'info', '--config', 'icebreaker'];"
-            " console_main()")
+            "print(c.__file__); sys.argv = ['bitdet', 'hw', 'info', '--config', 'icebreaker',"
+            f" '--bundle', {str(site / 'bitdet/sw/assets/default.bitdet')!r}]; console_main()")
     run = subprocess.run([sys.executable, "-c", code], cwd=outside, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr

@@ -99,7 +99,7 @@ def test_waves_verilator_fst(capsys, tmp_path):
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--cin", 4], "--cout, --hw, --kernel required"),
-    (["--cin", 4, "--cout", 2, "--hw", 4, 4, "--kernel", 5], "max_kernel 3"),
+    (["--cin", 4, "--cout", 2, "--hw", 4, 4, "--kernel", 5], "exceeds max_kernel (3)"),
     (["--cin", 4, "--cout", 2, "--hw", 2, 2, "--kernel", 3, "--padding", 0],
      "larger than the padded"),
     (["--cin", 400, "--cout", 2, "--hw", 4, 4, "--kernel", 3], "max_channels"),

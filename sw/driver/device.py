@@ -80,21 +80,11 @@ def load_image(image, channels: int = 1) -> np.ndarray:
     ImageError
         If the file is missing or not an image, or the array has no image shape.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
     mode = "L" if channels == 1 else "RGB"
     if isinstance(image, (str, Path)):
-        try:
-            with Image.open(image) as pil:
-                pil.load()
-                if pil.mode in ("I;16", "I;16B", "I"):
-                    arr = np.asarray(pil, dtype=np.float64)
-                    top = arr.max() if arr.size and arr.max() > 0 else 1
-                    pil = Image.fromarray((arr * 255 / top).astype(np.uint8))
-                return np.asarray(pil.convert(mode))
-        except FileNotFoundError:
-            raise ImageError(f"{image}: no such image file") from None
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise ImageError(f"{image}: not a readable image ({e})") from None
+        from bitdet.sw.images import read_image
+        return read_image(image, channels)
     if isinstance(image, Image.Image):
         return np.asarray(image.convert(mode))
     if isinstance(image, torch.Tensor):
@@ -418,6 +408,11 @@ class Device:
         A raw (popcount) last layer of the bundle is not run here (the device has no
         READ_RESULTS): the maps end with the layer before it, and :meth:`run_host_tail`
         computes its ``P`` on the host.
+
+        With every pass resident and no ``trace``, one RUN_NETWORK runs them all (one
+        command frame instead of one per pass); the per-pass cycles in ``stats`` are then
+        the cycle model's, checked against the device's sums. Otherwise each pass is a
+        RUN_LAYER (a streamed layer's weights are written just before it).
         """
         if not self.plan:
             raise DriverError("no bundle loaded: call Device.load(bundle) first")
@@ -435,6 +430,12 @@ class Device:
                                .tobytes())
         outputs = []
         stats.mode = self.mode
+        if not trace and all(entry.residency != "streamed" for entry in self.plan):
+            self._run_network(stats)
+            outputs.append(self._read_map(self.plan[-1].out_shape))
+            stats.bytes_out += self.bytes_out - out0
+            stats.bytes_in += self.bytes_in - in0
+            return outputs
         for index, entry in enumerate(self.plan):
             streamed = self._stream_layer(index, entry) if entry.residency == "streamed" else 0
             stats.weight_bytes += streamed
@@ -448,6 +449,28 @@ class Device:
         stats.bytes_out += self.bytes_out - out0
         stats.bytes_in += self.bytes_in - in0
         return outputs if trace else outputs[-1:]
+
+    def _run_network(self, stats: RunStats) -> None:
+        """Every pass with one RUN_NETWORK (all weights resident, nothing read in between:
+        one command frame instead of one per pass). The per-pass cycles are the cycle
+        model's (:mod:`bitdet.core.cycles`, the RTL's exact counts); the device's sums must
+        equal theirs."""
+        from bitdet.core.cycles import layer_cycles, pool_cycles
+        busy, stall = decode_counters(self.command(Opcode.RUN_NETWORK,
+                                                   bytes([len(self.plan)])))
+        layers = []
+        for entry in self.plan:
+            model = pool_cycles if entry.kind == "pool" else layer_cycles
+            b, s = model(self.config, entry.descriptor)
+            layers.append({"name": entry.name, "kind": entry.kind, "busy": b, "stall": s,
+                           "weight_bytes": 0})
+        mask = 0xFFFFFFFF
+        expected = (sum(x["busy"] for x in layers) & mask,
+                    sum(x["stall"] for x in layers) & mask)
+        if (busy, stall) != expected:
+            raise DriverError(f"the device ran the network in {busy} busy / {stall} stall "
+                              f"cycles, the cycle model says {expected[0]} / {expected[1]}")
+        stats.layers += layers
 
     def run_host_tail(self, bits: torch.Tensor) -> torch.Tensor | None:
         """The loaded bundle's raw last layer on the host: its ``P`` (int32 ``1×O×H×W``,
@@ -483,7 +506,7 @@ class Device:
         original) and ``"stats"`` (:class:`RunStats`).
         """
         from bitdet.sw.detection import decode
-        from bitdet.sw.evaluate import _host_layer, bundle_decode_settings
+        from bitdet.sw.evaluate import bundle_decode_settings
         if self.bundle is None:
             raise DriverError("no bundle loaded: call Device.load(bundle) first")
         bundle = self.bundle
@@ -498,15 +521,14 @@ class Device:
         pixels = torch.from_numpy(np.array(
             fitted[None, None] if fitted.ndim == 2 else np.moveaxis(fitted, -1, 0)[None]))
         t1 = clock()
-        stem = _host_layer(bundle, "stem").run(pixels.to(torch.int64))
+        stem = bundle.stem(pixels)
         t2 = clock()
         maps = self.run_binary(stem, trace=trace, stats=stats)
         t3 = clock()
         p = self.run_host_tail(maps[-1])
         if p is not None:                       # a raw last layer: its P on the host
             maps = [*maps, p] if trace else [p]
-        head = _host_layer(bundle, "head").run(
-            maps[-1] if p is not None else maps[-1].to(torch.float32) * 2 - 1)
+        head = bundle.head(maps[-1])
         settings = bundle_decode_settings(bundle)
         settings.update(score_threshold=score_threshold, iou_threshold=iou_threshold,
                         max_detections=max_detections)

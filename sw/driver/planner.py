@@ -195,7 +195,7 @@ def fit_problems_for(config, bundle, *, mode: str = "auto", weight_depth: int | 
                                              threshold_depth=threshold_depth)]
 
 
-def plan_problems(config, bundle, *, mode: str = "auto", weight_depth: int | None = None,
+def plan_problems(config, bundle, *, mode: str = "auto", weight_depth: int | None = None,  # noqa: C901
                   threshold_depth: int | None = None) -> list[FitProblem]:
     """Why ``bundle`` cannot run on a device built from ``config``, one
     :class:`~bitdet.core.descriptor.FitProblem` per problem, its message naming the layer,
