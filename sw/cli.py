@@ -651,56 +651,26 @@ def _widths(text: str) -> list[int]:
     return values
 
 
-def _positive_float(text: str) -> float:
-    import math
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, not {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, not {text!r}")
-    return value
+def _checked(convert, accept, expected: str):
+    """An argparse ``type``: ``convert(text)`` if it succeeds and ``accept`` holds, else
+    the one-line error ``expected <expected>, not '<text>'``."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):          # NaN fails every comparison
+            raise argparse.ArgumentTypeError(f"expected {expected}, not {text!r}")
+        return value
+    parse.__name__ = expected
+    return parse
 
 
-def _unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], not {text!r}") from None
-    if not 0 <= value <= 1:                  # NaN fails too
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], not {text!r}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, not {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, not {text!r}")
-    return value
-
-
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), not {text!r}") \
-            from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), not {text!r}")
-    return value
+_positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a positive number")
+_unit_interval = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+_positive = _checked(int, lambda v: v >= 1, "a positive integer")
+_non_negative = _checked(int, lambda v: v >= 0, "an integer >= 0")
+_probability = _checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
 
 
 def main(argv: list[str] | None = None) -> int:
