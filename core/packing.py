@@ -32,12 +32,14 @@ __all__ = [
     "bits_to_pm1",
     "pack_activations",
     "pack_bits",
+    "pack_levels",
     "pack_thresholds",
     "pack_weights",
     "packed_width",
     "pm1_to_bits",
     "unpack_activations",
     "unpack_bits",
+    "unpack_levels",
     "unpack_weights",
 ]
 
@@ -183,6 +185,52 @@ def unpack_activations(packed, channels: int, *, word_bits: int = 32,
     return _to_pm1(np.ascontiguousarray(np.moveaxis(bits, -1, 1)), torch.float32)
 
 
+def _check_level_bits(bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in [1, 8], not {bits!r}")
+    return int(bits)
+
+
+def pack_levels(levels, bits: int, *, word_bits: int = 32) -> np.ndarray:
+    """Pack an n-bit level map ``N×C×H×W`` (integers in ``[0, 2**bits − 1]``) as bit-planes.
+
+    Returns uint8 ``bits×N×H×W×B`` (``B = packed_width(C, word_bits)``), **planes first**:
+    ``[b]`` is plane ``b`` (bit ``b`` of every level, ``b = 0`` least significant) packed
+    exactly like a 1-bit map, i.e. ``pack_activations`` of that plane as ±1. For
+    ``bits = 1``, ``[0]`` is ``pack_activations(2·levels − 1)``.
+    """
+    bits = _check_level_bits(bits)
+    if isinstance(levels, torch.Tensor):
+        levels = levels.detach().cpu().numpy()
+    array = np.asarray(levels)
+    if not np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
+        raise TypeError(f"levels must hold integers, not dtype {array.dtype}")
+    if array.ndim != 4:
+        raise ValueError(f"levels must be N×C×H×W, got shape {tuple(array.shape)}")
+    top = (1 << bits) - 1
+    if array.size and (array.min() < 0 or array.max() > top):
+        bad = array[(array < 0) | (array > top)].ravel()[0]
+        raise ValueError(f"levels must lie in [0, {top}] for {bits} bits, found {int(bad)}")
+    word_bits = _check_word_bits(word_bits)
+    pixels = np.moveaxis(array.astype(np.int64), 1, -1)                    # N, H, W, C
+    planes = ((pixels[None] >> np.arange(bits).reshape(-1, 1, 1, 1, 1)) & 1).astype(np.uint8)
+    return _pack(planes, word_bits, ACTIVATION_PAD_BIT)
+
+
+def unpack_levels(packed, channels: int, *, word_bits: int = 32,
+                  check_padding: bool = True) -> torch.Tensor:
+    """Inverse of :func:`pack_levels`: uint8 ``bits×N×H×W×B`` → int32 levels ``N×C×H×W``."""
+    packed = np.asarray(packed)
+    if packed.ndim != 5:
+        raise ValueError(f"packed levels must be bits×N×H×W×bytes, got shape {packed.shape}")
+    _check_level_bits(packed.shape[0])
+    planes = unpack_bits(packed, channels, word_bits=word_bits,
+                         pad_bit=ACTIVATION_PAD_BIT if check_padding else None)
+    weights = (1 << np.arange(packed.shape[0], dtype=np.int32)).reshape(-1, 1, 1, 1, 1)
+    levels = (planes.astype(np.int32) * weights).sum(axis=0, dtype=np.int32)  # N, H, W, C
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(levels, -1, 1)))
+
+
 def pack_weights(w, *, word_bits: int = 32, cols: int = 1) -> np.ndarray:
     """Pack ``O×C×kh×kw`` binary weights (±1) in the order the array consumes them.
 
@@ -233,26 +281,36 @@ def unpack_weights(packed, shape: tuple[int, int, int, int], *, word_bits: int =
     return _to_pm1(np.ascontiguousarray(np.transpose(bits, (0, 3, 1, 2))), torch.float32)
 
 
-def pack_thresholds(thresholds, k: int, *, cols: int = 1) -> np.ndarray:
-    """Lay out ``(O, L)`` thresholds per column as the array consumes them.
+def pack_thresholds(thresholds, k: int, *, cols: int = 1, in_bits: int = 1) -> np.ndarray:
+    """Lay out ``(O, L)`` thresholds (or an ``(O, R, L)`` shortcut table) per column as the
+    array consumes them.
 
-    Returns int64 ``(tiles, cols, L)``; ``[t, c]`` holds the thresholds of output channel
-    ``t·cols + c``. The fill channels of the last tile get ``K + 1`` (never reached), so
-    they output 0 — valid activation padding for the next layer.
+    Returns int64 ``(tiles, cols, L)`` — or ``(tiles, cols, R, L)`` for a table — where
+    ``[t, c]`` holds the thresholds of output channel ``t·cols + c`` (``[t, c, r]`` its row
+    for shortcut level ``r``). Thresholds lie in ``[0, Amax + 1]`` with
+    ``Amax = (2**in_bits − 1)·K`` (``K`` for 1-bit input). The fill channels of the last tile
+    get ``Amax + 1`` (never reached) in every row, so they output 0 — valid activation
+    padding for the next layer.
     """
     if isinstance(cols, bool) or not isinstance(cols, (int, np.integer)) or cols <= 0:
         raise ValueError(f"cols must be a positive integer, not {cols!r}")
+    if (isinstance(in_bits, bool) or not isinstance(in_bits, (int, np.integer))
+            or not 1 <= in_bits <= 8):
+        raise ValueError(f"in_bits must be an integer in [1, 8], not {in_bits!r}")
     if isinstance(thresholds, torch.Tensor):
         thresholds = thresholds.detach().cpu().numpy()
     t = np.asarray(thresholds)
     if t.ndim == 1:
         t = t[:, None]
-    if t.ndim != 2 or not np.issubdtype(t.dtype, np.integer):
-        raise ValueError(f"thresholds must be integer (O,) or (O, L), not {t.dtype} {t.shape}")
-    if t.size and (t.min() < 0 or t.max() > k + 1):
-        raise ValueError(f"thresholds must lie in [0, K + 1 = {k + 1}]")
-    out_channels, levels = t.shape
+    if t.ndim not in (2, 3) or not np.issubdtype(t.dtype, np.integer):
+        raise ValueError("thresholds must be integer (O,), (O, L) or (O, R, L), not "
+                         f"{t.dtype} {t.shape}")
+    never = ((1 << int(in_bits)) - 1) * k + 1
+    if t.size and (t.min() < 0 or t.max() > never):
+        bound = "K + 1" if in_bits == 1 else f"(2**{in_bits} − 1)·K + 1"
+        raise ValueError(f"thresholds must lie in [0, {bound} = {never}]")
+    out_channels = t.shape[0]
     tiles = -(-out_channels // cols)
-    out = np.full((tiles * cols, levels), k + 1, dtype=np.int64)
+    out = np.full((tiles * cols, *t.shape[1:]), never, dtype=np.int64)
     out[:out_channels] = t
-    return out.reshape(tiles, cols, levels)
+    return out.reshape(tiles, cols, *t.shape[1:])
