@@ -15,6 +15,13 @@ Every block computes, in eval mode, exactly what its exported form computes on t
 :class:`BinaryDetector` chains them into a Tinier-YOLO-style single-stage detector and
 exports a deployment :class:`~bitdet.core.bundle.Bundle`.
 
+Contract v2 (docs/methods.md, "Residual and multi-bit blocks (contract v2)"):
+:class:`LevelQuantizer` (n-bit activations, learned interval; 1 bit is the sign) and
+:class:`ResidualBinaryBlock` (binary conv + BN + additive shortcut + quantizer), whose eval
+mode is :func:`~bitdet.core.fold.residual_preactivation` so that its ``to_device()``
+(:func:`~bitdet.core.fold.fold_residual_conv`) is exact; :class:`ResidualBinaryNet` chains
+them and exports golden graph nodes.
+
 Opt-in trainer options (all off by default; docs/methods.md, "Trainer options"):
 :class:`SharedHeadBlock` (AQD multi-level BN, ``levels``), :class:`LSQQuantizer` (AQD / LSQ
 learned-step n-bit host weights, ``host_bits``), :class:`MetaQuantizer` (QuantNet,
@@ -32,11 +39,16 @@ from torch import nn
 from bitdet.core.bundle import Bundle, HostLayer
 from bitdet.core.fold import (
     BatchNormSign,
+    ResidualEpilogue,
     bn_sign_preactivation,
     fold_binary_conv,
     fold_integer_epilogue,
+    fold_residual_conv,
+    residual_output,
+    residual_preactivation,
+    weight_sums,
 )
-from bitdet.core.golden import BinaryConvLayer
+from bitdet.core.golden import BinaryConvLayer, ChannelRepeat, GraphNode, PoolPass
 
 __all__ = [
     "BINARIZERS",
@@ -44,10 +56,13 @@ __all__ = [
     "BinaryConv2d",
     "BinaryDetector",
     "LSQQuantizer",
+    "LevelQuantizer",
     "MetaQuantizer",
     "QuantHead",
     "QuantStem",
     "RealDetector",
+    "ResidualBinaryBlock",
+    "ResidualBinaryNet",
     "SharedHeadBlock",
     "binarize",
 ]
@@ -692,3 +707,360 @@ class RealDetector(nn.Module):
             outputs.append(x)
         outputs.append(self.head(x))
         return outputs
+
+
+# ---------------------------------------------------------------------------------------
+# Contract v2 building blocks: n-bit activations and residual shortcuts (docs/methods.md,
+# "Residual and multi-bit blocks (contract v2)"). Eval mode computes exactly
+# residual_preactivation + residual_output, which fold_residual_conv folds.
+
+#: Smallest step a :class:`LevelQuantizer` uses (the learned step is ``max(|s|, MIN_STEP)``):
+#: a positive step keeps the quantizer monotone and its levels recoverable from values.
+MIN_STEP = 1e-3
+
+
+class LevelQuantizer(nn.Module):
+    """Uniform n-bit activation quantizer (``bits`` 1…4) with a learned interval.
+
+    Levels ``a = clamp(round(pre / s), 0, 2ⁿ − 1)`` (exactly :func:`~bitdet.core.fold.
+    uniform_quantize`), value ``a·s + z``: what the next layer's float conv sees (its
+    ``ResidualEpilogue.in_scale`` / ``in_zero``, or ``shortcut_scale`` / ``shortcut_zero``).
+    ``s = max(|step|, MIN_STEP)`` (positive: the quantizer stays monotone) and the zero
+    point ``z`` are learned scalars (one per map: the next layer's ``in_scale`` is per
+    layer). Training: straight-through rounding, LSQ's step gradient scaled by
+    ``1 / sqrt(numel · (2ⁿ − 1))``. Eval: the exact levels and ``a·s + z``.
+
+    ``bits = 1`` is today's sign activation: level ``[pre ≥ 0]``, ``s = 2``, ``z = −1``
+    (value ±1), the ApproxSign gradient of :func:`binarize`; nothing is learned.
+    ``learn = False``: step and zero point are fixed buffers (a grid that describes a map
+    made elsewhere, e.g. the network input).
+    """
+
+    def __init__(self, bits: int, *, step: float | None = None, zero: float = 0.0,
+                 learn: bool = True):
+        super().__init__()
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 4:
+            raise ValueError(f"a LevelQuantizer has 1 to 4 bits, not {bits!r}")
+        self.bits, self.top = bits, (1 << bits) - 1
+        if bits == 1:
+            if step not in (None, 2.0) or zero not in (0.0, -1.0):
+                raise ValueError("a 1-bit LevelQuantizer is the sign: step 2, zero point −1")
+            self.register_buffer("step", torch.tensor(2.0))
+            self.register_buffer("zero", torch.tensor(-1.0))
+            return
+        step = 3.0 / self.top if step is None else float(step)
+        if not step > 0:
+            raise ValueError(f"the step must be positive, not {step!r}")
+        if learn:
+            self.step = nn.Parameter(torch.tensor(step))
+            self.zero = nn.Parameter(torch.tensor(float(zero)))
+        else:
+            self.register_buffer("step", torch.tensor(step))
+            self.register_buffer("zero", torch.tensor(float(zero)))
+
+    def scale(self) -> torch.Tensor:
+        """The step ``s`` in use (0-dim float32, positive)."""
+        if self.bits == 1:
+            return self.step
+        return self.step.abs().clamp(min=MIN_STEP)
+
+    def zero_point(self) -> torch.Tensor:
+        """The zero point ``z`` (0-dim float32)."""
+        return self.zero
+
+    def init(self, pre: torch.Tensor) -> None:
+        """LSQ's initialisation ``s = 2·mean|pre| / sqrt(2ⁿ − 1)`` (n ≥ 2)."""
+        if self.bits > 1:
+            with torch.no_grad():
+                self.step.fill_(max(float(2 * pre.detach().abs().mean() / self.top ** 0.5),
+                                    MIN_STEP))
+
+    def levels(self, pre: torch.Tensor) -> torch.Tensor:
+        """Integer levels (int32) of a pre-activation: :func:`~bitdet.core.fold.
+        residual_output`'s arithmetic."""
+        if self.bits == 1:
+            return (pre >= 0).to(torch.int32)
+        return torch.clamp(torch.round(pre / self.scale().detach()), 0, self.top
+                           ).to(torch.int32)
+
+    def dequantize(self, levels: torch.Tensor) -> torch.Tensor:
+        """``a·s + z`` (float32)."""
+        return levels.to(torch.float32) * self.scale().detach() + self.zero.detach()
+
+    def recover(self, values: torch.Tensor) -> torch.Tensor:
+        """The levels (int32) of values made by :meth:`dequantize`; refuses values off the
+        grid."""
+        if self.bits == 1:
+            levels = (values > 0).to(torch.int32)
+        else:
+            levels = torch.clamp(torch.round((values - self.zero.detach())
+                                             / self.scale().detach()), 0, self.top)
+            levels = levels.to(torch.int32)
+        if not torch.equal(self.dequantize(levels), values.to(torch.float32)):
+            raise ValueError(f"the values are not on the grid of this {self.bits}-bit "
+                             "quantizer (a·s + z); pass the levels themselves")
+        return levels
+
+    def forward(self, pre: torch.Tensor) -> torch.Tensor:
+        """The dequantized value ``a·s + z`` (straight-through in training)."""
+        if self.bits == 1:
+            return binarize(pre)
+        if not self.training:
+            return self.dequantize(self.levels(pre))
+        g = 1.0 / (pre.numel() * self.top) ** 0.5
+        s = _grad_scale(self.scale(), g)
+        return _round_ste(torch.clamp(pre / s, 0, self.top)) * s + self.zero
+
+
+def _fixed_grid(bits: int) -> LevelQuantizer:
+    return LevelQuantizer(bits, learn=False)
+
+
+class ResidualBinaryBlock(nn.Module):
+    """Binary conv → BN → + shortcut → − sign bias → :class:`LevelQuantizer` (contract v2).
+
+    The input is a map of ``in_bits``-bit levels seen as values ``a·s_in + z_in``
+    (``in_grid``: the quantizer that made it; default a fixed grid, ±1 for one bit), padded
+    with the level ``pad_level``. The conv has ±1 weights (sign of the latent weights,
+    XNOR-Net α = mean|W| per channel: :class:`BinaryConv2d`) and ``stride``. The shortcut
+    (``shortcut_bits`` > 0) is a map of the input's channels and size, of
+    ``shortcut_bits``-bit levels seen as ``r·s_r + z_r`` (``shortcut_grid``); for stride 2
+    it is max-pooled (2×2, over levels), for ``out_channels > in_channels`` its channels
+    are repeated (``c mod in_channels``), as golden's :class:`PoolPass` /
+    :class:`ChannelRepeat`; it enters *additively* with a learned per-channel gain β_r.
+    The pre-activation ``pre = BN(α·conv) + β_r·v(r) − b`` (b the learned sign bias) is
+    quantized to ``out_bits`` by ``quant``; ``residual_bits > 0`` adds a second quantizer
+    ``residual_quant`` of the same ``pre`` (a multi-bit residual stream beside 1-bit
+    activations) and ``forward`` then returns both maps.
+
+    Training mode: batch statistics, straight-through gradients. Eval mode: exactly
+    :func:`~bitdet.core.fold.residual_preactivation` and
+    :func:`~bitdet.core.fold.residual_output` on the integer dot (:meth:`forward_levels`),
+    so :meth:`to_device` (:func:`~bitdet.core.fold.fold_residual_conv`) is bit-exact.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, in_bits: int = 1,
+                 out_bits: int = 1, shortcut_bits: int = 0, stride: int = 1,
+                 residual_bits: int = 0, kernel: int = 3, pad_level: int = 0,
+                 in_grid: LevelQuantizer | None = None,
+                 shortcut_grid: LevelQuantizer | None = None):
+        super().__init__()
+        for name, value, low in (("in_bits", in_bits, 1), ("out_bits", out_bits, 1),
+                                 ("shortcut_bits", shortcut_bits, 0),
+                                 ("residual_bits", residual_bits, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 4:
+                raise ValueError(f"{name} must be an integer in [{low}, 4], not {value!r}")
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, not {stride!r}")
+        if shortcut_bits and out_channels % in_channels:
+            raise ValueError(f"a shortcut needs out_channels ({out_channels}) to be a multiple "
+                             f"of in_channels ({in_channels}) (channel repetition)")
+        if isinstance(pad_level, bool) or not isinstance(pad_level, int) \
+                or not 0 <= pad_level < 1 << in_bits:
+            raise ValueError(f"pad_level must be a level in [0, {(1 << in_bits) - 1}], "
+                             f"not {pad_level!r}")
+        for name, grid, bits in (("in_grid", in_grid, in_bits),
+                                 ("shortcut_grid", shortcut_grid, shortcut_bits)):
+            if grid is not None and grid.bits != bits:
+                raise ValueError(f"{name} has {grid.bits} bits but the block expects {bits}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.in_bits, self.out_bits, self.shortcut_bits = in_bits, out_bits, shortcut_bits
+        self.residual_bits, self.stride, self.pad_level = residual_bits, stride, pad_level
+        self.conv = BinaryConv2d(in_channels, out_channels, kernel, stride=stride,
+                                 padding=kernel // 2)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.sign_bias = nn.Parameter(torch.zeros(out_channels))
+        self.shortcut_gain = nn.Parameter(torch.ones(out_channels)) if shortcut_bits else None
+        self.quant = LevelQuantizer(out_bits)
+        self.residual_quant = LevelQuantizer(residual_bits) if residual_bits else None
+        self.in_grid = in_grid if in_grid is not None else _fixed_grid(in_bits)
+        self.shortcut_grid = None
+        if shortcut_bits:
+            self.shortcut_grid = (shortcut_grid if shortcut_grid is not None
+                                  else _fixed_grid(shortcut_bits))
+
+    # -- the shortcut path (identical on levels and on their values: s_r > 0) -------------
+    def _shortcut_map(self, r: torch.Tensor) -> torch.Tensor:
+        if self.stride == 2:
+            if r.shape[2] % 2 or r.shape[3] % 2:
+                raise ValueError(f"a stride-2 shortcut needs an even input size, got "
+                                 f"{tuple(r.shape[2:])}")
+            r = F.max_pool2d(r, 2, 2) if r.dtype.is_floating_point else \
+                F.max_pool2d(r.to(torch.float32), 2, 2).to(r.dtype)
+        if self.out_channels != r.shape[1]:
+            r = r.repeat(1, self.out_channels // r.shape[1], 1, 1)
+        return r
+
+    def _check_shortcut(self, shortcut):
+        if self.shortcut_bits and shortcut is None:
+            raise ValueError(f"the block has a {self.shortcut_bits}-bit shortcut but none "
+                             "was given")
+        if not self.shortcut_bits and shortcut is not None:
+            raise ValueError("a shortcut was given but the block has shortcut_bits 0")
+
+    def epilogue(self, quant: LevelQuantizer | None = None) -> ResidualEpilogue:
+        """The block's float epilogue (eval statistics) for ``quant`` (default ``quant``)."""
+        quant = self.quant if quant is None else quant
+        bn = self.bn
+        grid = self.shortcut_grid
+        return ResidualEpilogue(
+            mean=bn.running_mean.detach(), var=bn.running_var.detach(),
+            gamma=bn.weight.detach(), beta=bn.bias.detach(), eps=bn.eps,
+            alpha=self.conv.alpha().detach(), sign_bias=self.sign_bias.detach(),
+            in_scale=self.in_grid.scale().detach(), in_zero=self.in_grid.zero.detach(),
+            shortcut_gain=None if grid is None else self.shortcut_gain.detach(),
+            shortcut_scale=1.0 if grid is None else grid.scale().detach(),
+            shortcut_zero=0.0 if grid is None else grid.zero.detach(),
+            step=quant.scale().detach() if quant.bits > 1 else None)
+
+    def _signs(self) -> torch.Tensor:
+        return torch.where(_sign_source(self.conv).detach() >= 0, 1.0, -1.0)
+
+    def preactivation_levels(self, a: torch.Tensor, r: torch.Tensor | None = None,
+                             ) -> torch.Tensor:
+        """Eval-mode pre-activation on integer levels: the integer dot ``d = Σ w·a`` (a
+        float32 conv of the padded levels, exact) through :func:`residual_preactivation`."""
+        self._check_shortcut(r)
+        signs = self._signs()
+        _, c, kh, kw = signs.shape
+        if ((1 << self.in_bits) - 1) * c * kh * kw >= 1 << 24:
+            raise ValueError("the accumulator range is too large for an exact float32 conv")
+        p = self.conv.padding
+        x = F.pad(a.to(torch.float32), (p,) * 4, value=float(self.pad_level))
+        d = torch.round(F.conv2d(x, signs, stride=self.stride))
+        rr = None if r is None else self._shortcut_map(r)
+        return residual_preactivation(d, rr, self.epilogue(), weight_sums(signs))
+
+    def forward_levels(self, a: torch.Tensor, r: torch.Tensor | None = None):
+        """Eval-mode output levels (int32) from input levels ``a`` and shortcut levels
+        ``r``: exactly what the layers of :meth:`to_device` compute. With
+        ``residual_bits`` a pair (output levels, residual levels)."""
+        pre = self.preactivation_levels(a, r)
+        out = residual_output(pre, self.epilogue(), self.out_bits)
+        if self.residual_quant is None:
+            return out
+        return out, residual_output(pre, self.epilogue(self.residual_quant), self.residual_bits)
+
+    def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None):
+        """Values ``a·s + z`` of the output (and of the residual map with
+        ``residual_bits``) from the input's and the shortcut's values."""
+        self._check_shortcut(shortcut)
+        if not self.training:
+            a = self.in_grid.recover(x)
+            r = None if shortcut is None else self.shortcut_grid.recover(shortcut)
+            out = self.forward_levels(a, r)
+            if self.residual_quant is None:
+                return self.quant.dequantize(out)
+            return self.quant.dequantize(out[0]), self.residual_quant.dequantize(out[1])
+        pad = self.pad_level * self.in_grid.scale() + self.in_grid.zero
+        p = self.conv.padding
+        x = F.pad(x - pad, (p,) * 4) + pad
+        acc = F.conv2d(x, self.conv.binary_weight(), stride=self.stride)
+        pre = self.bn(acc * self.conv.alpha().reshape(1, -1, 1, 1))
+        if shortcut is not None:
+            pre = pre + self.shortcut_gain.reshape(1, -1, 1, 1) * self._shortcut_map(shortcut)
+        pre = pre - self.sign_bias.reshape(1, -1, 1, 1)
+        if self.residual_quant is None:
+            return self.quant(pre)
+        return self.quant(pre), self.residual_quant(pre)
+
+    def to_device(self, *, residual: bool = False) -> BinaryConvLayer:
+        """The folded v2 device layer (eval statistics): ``in_bits``, ``pad_level``,
+        ``shortcut_bits`` and thresholds ``(O, L)`` / ``(O, R, L)``; ``residual = True``:
+        the layer of the residual map (same weights up to flips, its own thresholds)."""
+        if residual and self.residual_quant is None:
+            raise ValueError("the block has no residual output (residual_bits 0)")
+        quant = self.residual_quant if residual else self.quant
+        return fold_residual_conv(
+            _sign_source(self.conv).detach(), self.epilogue(quant), in_bits=self.in_bits,
+            shortcut_bits=self.shortcut_bits, out_bits=quant.bits, stride=self.stride,
+            padding=self.conv.padding, pad_level=self.pad_level)
+
+    def graph_nodes(self, name: str, source: str = "input",
+                    shortcut: str | None = None) -> list[GraphNode]:
+        """The block as golden graph nodes: the shortcut's :class:`PoolPass` and
+        :class:`ChannelRepeat` (where it downsamples or grows), the conv ``name`` and, with
+        ``residual_bits``, the residual conv ``name + ".res"``."""
+        self._check_shortcut(shortcut)
+        nodes = []
+        if shortcut is not None and self.stride == 2:
+            nodes.append(GraphNode(f"{name}.pool", PoolPass(2), input=shortcut))
+            shortcut = f"{name}.pool"
+        if shortcut is not None and self.out_channels != self.in_channels:
+            nodes.append(GraphNode(f"{name}.repeat", ChannelRepeat(self.out_channels),
+                                   input=shortcut))
+            shortcut = f"{name}.repeat"
+        nodes.append(GraphNode(name, self.to_device(), input=source, shortcut=shortcut))
+        if self.residual_quant is not None:
+            nodes.append(GraphNode(f"{name}.res", self.to_device(residual=True),
+                                   input=source, shortcut=shortcut))
+        return nodes
+
+
+class ResidualBinaryNet(nn.Module):
+    """A small chain of :class:`ResidualBinaryBlock` over an ``input_bits``-bit level map
+    (values on the fixed grid ``input_grid``), exported as golden :class:`GraphNode` s.
+
+    Block ``i`` (node ``b{i}``) reads the previous block's output (block 0: the input)
+    with ``in_bits`` = ``act_bits`` (block 0: ``input_bits``) and outputs ``act_bits``;
+    its shortcut is the previous block's residual map ``b{i-1}.res`` when
+    ``residual_bits`` > 0 (each block then also makes one), else the map it reads. W1A1
+    with n-bit shortcuts: ``act_bits = 1, residual_bits = n``; W1A2: ``act_bits = 2``.
+    """
+
+    def __init__(self, in_channels: int = 4, widths: tuple[int, ...] = (8, 16),
+                 strides: tuple[int, ...] = (1, 2), *, input_bits: int = 2, act_bits: int = 1,
+                 residual_bits: int = 0, input_step: float = 0.25, input_zero: float = -0.5):
+        super().__init__()
+        if len(strides) != len(widths):
+            raise ValueError("strides needs one entry per block")
+        self.input_grid = LevelQuantizer(input_bits, learn=False,
+                                         **({} if input_bits == 1 else
+                                            {"step": input_step, "zero": input_zero}))
+        self.blocks = nn.ModuleList()
+        self.residual_bits = residual_bits
+        cin, grid, sc_grid = in_channels, self.input_grid, self.input_grid
+        for width, stride in zip(widths, strides, strict=True):
+            block = ResidualBinaryBlock(
+                cin, width, in_bits=grid.bits, out_bits=act_bits, shortcut_bits=sc_grid.bits,
+                stride=stride, residual_bits=residual_bits, in_grid=grid,
+                shortcut_grid=sc_grid)
+            self.blocks.append(block)
+            cin, grid = width, block.quant
+            sc_grid = block.residual_quant if residual_bits else block.quant
+
+    def intermediates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every block's output values by node name (``b{i}``, ``b{i}.res``)."""
+        out, shortcut = {}, x
+        for i, block in enumerate(self.blocks):
+            y = block(x, shortcut)
+            if self.residual_bits:
+                x, shortcut = y
+                out[f"b{i}"], out[f"b{i}.res"] = x, shortcut
+            else:
+                x = shortcut = out[f"b{i}"] = y
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.intermediates(x)[f"b{len(self.blocks) - 1}"]
+
+    def forward_levels(self, a: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Eval mode on integer input levels: every block's levels by node name."""
+        out, r = {}, a
+        for i, block in enumerate(self.blocks):
+            y = block.forward_levels(a, r)
+            if self.residual_bits:
+                a, r = y
+                out[f"b{i}"], out[f"b{i}.res"] = a, r
+            else:
+                a = r = out[f"b{i}"] = y
+        return out
+
+    def to_graph(self) -> list[GraphNode]:
+        """The network as golden nodes (``golden.run_graph(levels, nodes)``)."""
+        nodes, source, shortcut = [], "input", "input"
+        for i, block in enumerate(self.blocks):
+            nodes += block.graph_nodes(f"b{i}", source, shortcut)
+            source = f"b{i}"
+            shortcut = f"b{i}.res" if self.residual_bits else source
+        return nodes
