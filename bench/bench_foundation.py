@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bitdet.core.golden import binary_conv2d
+from bitdet.core.golden import binary_conv2d, level_conv2d, popcount_conv2d
 from bitdet.core.packing import (
     pack_activations,
     pack_weights,
@@ -234,6 +234,61 @@ def print_conv(results: list[dict]) -> None:
     print_table(headers, rows, right={3, 4, 5, 6, 7, 8, 9, 10})
 
 
+# ------------------------------------------------------------- n-bit inputs (contract v2)
+
+LEVEL_LAYER = ("p4-64", (1, 64, 40, 40), (64, 64, 3, 3), 1, 1)
+LEVEL_BITS = (1, 2, 3, 4)
+
+
+def bench_levels(timing: dict, generator: torch.Generator) -> list[dict]:
+    """The golden model's accumulator ``A`` over n-bit level maps (``level_conv2d``,
+    method='fast') for n = 1…4 beside the 1-bit popcount (``popcount_conv2d``) of the same
+    layer; each checked equal to the reference path on a crop (and, for n = 1, to the
+    popcount)."""
+    name, xs, ws, stride, padding = LEVEL_LAYER
+    w = pm1(ws, generator)
+    fns, levels = {}, {}
+    x1 = pm1(xs, generator)
+    fns["popcount 1-bit"] = lambda: popcount_conv2d(x1, w, stride=stride, padding=padding,
+                                                    pad_value=PAD_VALUE, method="fast")
+    for bits in LEVEL_BITS:
+        a = torch.randint(0, 1 << bits, xs, generator=generator, dtype=torch.int32)
+        if bits == 1:
+            a = ((x1 + 1) // 2).to(torch.int32)
+        levels[bits] = a
+        fns[f"levels {bits}-bit"] = (lambda a=a, bits=bits: level_conv2d(
+            a, w, in_bits=bits, stride=stride, padding=padding, pad_level=0, method="fast"))
+    stats = measure(fns, **timing)
+    base = stats["popcount 1-bit"]["median_s"]
+    exact_1bit = bool(torch.equal(fns["levels 1-bit"](), fns["popcount 1-bit"]()))
+    results = []
+    for bits in LEVEL_BITS:
+        crop = levels[bits][:, :, :12, :12]
+        exact = bool(torch.equal(
+            level_conv2d(crop, w, in_bits=bits, stride=stride, padding=padding,
+                         method="fast"),
+            level_conv2d(crop, w, in_bits=bits, stride=stride, padding=padding,
+                         method="reference")))
+        stat = stats[f"levels {bits}-bit"]
+        results.append({"layer": name, "x": shape_str(xs), "w": shape_str(ws),
+                        "in_bits": bits, "fast": stat, "popcount_1bit": stats["popcount 1-bit"],
+                        "over_1bit": stat["median_s"] / base,
+                        "over_1bit_per_plane": stat["median_s"] / base / bits,
+                        "exact": exact and (exact_1bit if bits == 1 else True)})
+    return results
+
+
+def print_levels(results: list[dict]) -> None:
+    headers = ["layer", "x", "w", "bits", "level_conv2d", "1-bit popcount", "ratio",
+               "per plane", "exact"]
+    rows = [[r["layer"], r["x"], r["w"], str(r["in_bits"]),
+             f"{fmt_time(r['fast']['median_s'])} ±{spread(r['fast'])}",
+             f"{fmt_time(r['popcount_1bit']['median_s'])}",
+             f"{r['over_1bit']:.2f}", f"{r['over_1bit_per_plane']:.2f}",
+             "yes" if r["exact"] else "NO"] for r in results]
+    print_table(headers, rows, right={3, 4, 5, 6, 7})
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -294,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
           "F.conv2d on the same ±1 tensors, and vs method='reference'")
     conv = bench_conv(timing, generator)
     print_conv(conv)
+    print("\n(c) n-bit inputs (contract v2): golden level_conv2d(method='fast') for 1…4-bit "
+          "levels vs the 1-bit popcount_conv2d of the same layer, side by side")
+    levels = bench_levels(timing, generator)
+    print_levels(levels)
     meta["elapsed_s"] = time.perf_counter() - start
     meta["loadavg_end"] = _loadavg()
     print(f"\ntotal {meta['elapsed_s']:.1f} s; load average {meta['loadavg_end']}")
@@ -306,9 +365,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"meta": meta, "packing": packing, "conv": conv}, f, indent=2)
+            json.dump({"meta": meta, "packing": packing, "conv": conv, "levels": levels}, f,
+                      indent=2)
             f.write("\n")
-    if not all(r["exact"] for r in conv):
+    if not all(r["exact"] for r in conv + levels):
         print("error: the golden model disagrees with float32 or the reference", file=sys.stderr)
         return 1
     return 0
