@@ -3,13 +3,18 @@
 A bundle is a ZIP archive (``*.bitdet``) with a JSON manifest and one ``.npy`` file per
 array (numpy's format, loaded with ``allow_pickle=False``). ZIP gives per-member CRC-32
 checks and lets anyone inspect a bundle with ``unzip -l``. docs/bundle.md documents the
-format; :data:`FORMAT_VERSION` is its version.
+format. :data:`FORMAT_VERSION` (1) is the version of a chain of 1-bit layers and is what
+such a bundle is still written as, byte for byte; :data:`GRAPH_FORMAT_VERSION` (2) is
+written only when a bundle uses a contract v2 feature (a graph of nodes, n-bit levels,
+residual shortcuts and their ``(O, R, L)`` threshold tables). :func:`load` reads both.
 
 What it holds:
 
 * the binary layers the accelerator runs, folded (:class:`bitdet.core.golden.BinaryConvLayer`):
   weights packed with :func:`bitdet.core.packing.pack_weights` in 8-bit words (the driver
-  repacks them for the device's SIMD width), integer thresholds, geometry;
+  repacks them for the device's SIMD width), integer thresholds, geometry; either a chain
+  (version 1) or a graph of :class:`bitdet.core.golden.GraphNode` (convs, pool passes,
+  channel repetitions with named inputs and shortcuts; version 2);
 * the host-side layers in fixed point (:class:`HostLayer`): the first conv on the image
   and the real-valued head;
 * free-form model metadata (classes, input normalization, box decoding);
@@ -36,12 +41,22 @@ import numpy as np
 import torch
 
 from . import packing
-from .golden import BinaryConvLayer
+from .golden import (
+    MAX_LEVEL_BITS,
+    BinaryConvLayer,
+    ChannelRepeat,
+    GraphNode,
+    PoolPass,
+    _check_graph,
+)
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "FORMAT_VERSIONS",
+    "GRAPH_FORMAT_VERSION",
     "HOST_LAYER_KINDS",
+    "NODE_OPS",
     "Bundle",
     "BundleError",
     "HostLayer",
@@ -50,7 +65,16 @@ __all__ = [
 ]
 
 FORMAT = "bitdet-bundle"
+#: Version of a chain of 1-bit binary layers (written exactly as before contract v2).
 FORMAT_VERSION = 1
+#: Version of a bundle that uses a contract v2 feature: a graph, n-bit levels, shortcuts.
+GRAPH_FORMAT_VERSION = 2
+#: Versions :func:`load` reads.
+FORMAT_VERSIONS = (FORMAT_VERSION, GRAPH_FORMAT_VERSION)
+#: Graph node op kinds of a version 2 manifest.
+NODE_OPS = ("conv", "pool", "repeat")
+#: Requirements fields a version 1 manifest does not store.
+_V2_REQUIREMENTS = ("max_input_bits", "max_shortcut_bits", "live_maps", "node_maps")
 MANIFEST = "manifest.json"
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the zip format's earliest date: reproducible bytes
 #: Word width of the packed weights stored in a bundle (the byte is the common divisor of
@@ -175,6 +199,20 @@ class Requirements:
     #: into an activation bank before the pool pass reads it. Derived, not stored in the
     #: manifest (``layer_shapes`` and the layers determine it).
     conv_shapes: tuple = ()
+    #: Largest ``in_bits`` and ``shortcut_bits`` of a binary layer (contract v2).
+    max_input_bits: int = 1
+    max_shortcut_bits: int = 0
+    #: Maps that must be held at once (map slots): over the node order, a map is live from
+    #: the node that makes it (the network input: from the start) to its last reader (the
+    #: last node's map: to the end); a node's sources and its output are live together.
+    #: 2 for a chain (ping-pong).
+    live_maps: int = 2
+    #: ``(name, op, C, H, W, bits)`` of every map: the network input (``"input"``, op
+    #: ``"input"``) then each node's, in node order (``bits`` None: raw A).
+    node_maps: tuple = ()
+    #: The bundle format version these requirements need (1: no v2 feature). Derived, not
+    #: stored in the manifest.
+    format_version: int = 1
 
     def weight_words(self, word_bits: int) -> int:
         """SIMD words of weights for all layers (channel padding included)."""
@@ -213,13 +251,21 @@ class Bundle:
     Members
     -------
     binary_layers : list of BinaryConvLayer
-        Consecutive device layers; all but the last output 1-bit activations.
+        Consecutive device layers; all but the last output 1-bit activations (a layer with
+        ``in_bits`` n may read up to n bits). For a graph bundle: the graph's convs in node
+        order (filled in from ``graph`` when left empty).
     input_shape : (C, H, W)
         Shape of the first binary layer's input (the host's first layer output).
     host_layers : list of HostLayer
-    layer_names : list of str, one per binary layer
+    layer_names : list of str, one per binary layer (a graph's conv node names)
     model : dict
         Free-form JSON metadata (classes, input normalization, decoding).
+    graph : list of GraphNode or None
+        Contract v2: the binary network as a graph (convs, pool passes, channel
+        repetitions with named inputs and shortcuts), run by
+        :func:`bitdet.core.golden.run_graph`; ``None`` for a chain.
+    input_bits : int
+        Bits of the network input's levels (the stem's output), 1…4.
     """
 
     binary_layers: list[BinaryConvLayer]
@@ -227,15 +273,68 @@ class Bundle:
     host_layers: list[HostLayer] = field(default_factory=list)
     layer_names: list[str] | None = None
     model: dict = field(default_factory=dict)
+    graph: list[GraphNode] | None = None
+    input_bits: int = 1
 
     def __post_init__(self):
         self.input_shape = tuple(int(v) for v in self.input_shape)
+        if self.graph is not None:
+            self.graph = list(self.graph)
+            if not self.binary_layers and self.layer_names is None:
+                convs = [n for n in self.graph if isinstance(getattr(n, "op", None),
+                                                             BinaryConvLayer)]
+                self.binary_layers = [n.op for n in convs]
+                self.layer_names = [n.name for n in convs]
         if self.layer_names is None:
             self.layer_names = [f"binary{i}" for i in range(len(self.binary_layers))]
 
+    # -- contract v2 --------------------------------------------------------------------
+    def uses_v2(self) -> bool:
+        """Whether the bundle needs format version 2: a graph, n-bit input levels, a layer
+        with ``in_bits`` > 1 or a shortcut."""
+        return (self.graph is not None or self.input_bits != 1
+                or any(layer.in_bits != 1 or layer.shortcut_bits
+                       for layer in self.binary_layers))
+
+    @property
+    def format_version(self) -> int:
+        """The format version :meth:`save` writes."""
+        return GRAPH_FORMAT_VERSION if self.uses_v2() else FORMAT_VERSION
+
+    def nodes(self) -> list[GraphNode]:
+        """The binary network as graph nodes: ``graph``, or the chain with each layer
+        reading the previous one (the first: ``"input"``)."""
+        if self.graph is not None:
+            return list(self.graph)
+        nodes = []
+        for i, (name, layer) in enumerate(zip(self.layer_names, self.binary_layers,
+                                              strict=True)):
+            try:
+                nodes.append(GraphNode(name, layer, self.layer_names[i - 1] if i else "input"))
+            except ValueError as e:
+                raise BundleError(f"binary layer {i}: {e}") from None
+        return nodes
+
+    def _node_maps(self) -> list[_NodeMap]:
+        """Check the graph statically (no tensor is run) and give each node's map."""
+        self._check_input_bits()
+        if len(self.input_shape) != 3 or min(self.input_shape) < 1:
+            raise BundleError(f"input_shape must be (C, H, W) positive, not {self.input_shape}")
+        return _check_nodes(self.nodes(), self.input_shape, self.input_bits)
+
+    def _check_input_bits(self) -> None:
+        if isinstance(self.input_bits, bool) or not isinstance(self.input_bits, int) \
+                or not 1 <= self.input_bits <= MAX_LEVEL_BITS:
+            raise BundleError(f"input_bits must be an integer in [1, {MAX_LEVEL_BITS}], "
+                              f"not {self.input_bits!r}")
+
     # -- geometry -----------------------------------------------------------------------
     def layer_shapes(self) -> list[tuple]:  # noqa: C901
-        """Per binary layer ``(C, O, kh, kw, (H, W) in, (H, W) out)``; validates the chain."""
+        """Per binary layer ``(C, O, kh, kw, (H, W) in, (H, W) out)``; validates the chain
+        (a graph: per conv node, the graph checked as a whole)."""
+        if self.graph is not None:
+            return [m.layer_shape for m in self._node_maps() if m.layer_shape is not None]
+        self._check_input_bits()
         shapes = []
         if len(self.input_shape) != 3 or min(self.input_shape) < 1:
             raise BundleError(f"input_shape must be (C, H, W) positive, not {self.input_shape}")
@@ -255,7 +354,11 @@ class Bundle:
             ow = _conv_out(w, kw, layer.stride, layer.padding)
             if oh < 1 or ow < 1:
                 raise BundleError(f"{where}: kernel {kh}×{kw} does not fit the {h}×{w} input")
-            k = wc * kh * kw
+            if layer.shortcut_bits:
+                raise BundleError(f"{where}: takes a shortcut, which needs a graph bundle")
+            if i == 0 and self.input_bits > layer.in_bits:
+                raise BundleError(f"{where}: the input has {self.input_bits}-bit levels but "
+                                  f"the layer's in_bits is {layer.in_bits}")
             if layer.thresholds is None:
                 if i != len(self.binary_layers) - 1:
                     raise BundleError(f"{where}: only the last layer may output raw P")
@@ -267,14 +370,20 @@ class Bundle:
                 if t.dim() != 2 or t.shape[0] != o or levels < 2 or levels & (levels - 1):
                     raise BundleError(f"{where}: thresholds must be (O, 2**n - 1) = ({o}, ...), "
                                       f"not {tuple(t.shape)}")
-                if t.numel() and (int(t.min()) < 0 or int(t.max()) > k + 1):
-                    bad = int(t.max()) if int(t.max()) > k + 1 else int(t.min())
-                    raise BundleError(f"{where}: threshold {bad} out of range [0, K + 1 = {k + 1}]")
+                top = layer.accumulator_max + 1
+                if t.numel() and (int(t.min()) < 0 or int(t.max()) > top):
+                    bad = int(t.max()) if int(t.max()) > top else int(t.min())
+                    bound = "K + 1" if layer.in_bits == 1 else "(2**in_bits - 1)·K + 1"
+                    raise BundleError(f"{where}: threshold {bad} out of range "
+                                      f"[0, {bound} = {top}]")
                 if bool((t[:, 1:] < t[:, :-1]).any()):
                     raise BundleError(f"{where}: thresholds of a channel must be sorted")
-                if i != len(self.binary_layers) - 1 and levels != 2:
-                    raise BundleError(f"{where}: feeds another binary layer, so it must output "
-                                      f"1 bit, not {levels.bit_length() - 1}")
+                if i != len(self.binary_layers) - 1:
+                    reads = self.binary_layers[i + 1].in_bits
+                    if levels > 1 << reads:
+                        most = "1 bit" if reads == 1 else f"at most {reads} bits"
+                        raise BundleError(f"{where}: feeds another binary layer, so it must "
+                                          f"output {most}, not {levels.bit_length() - 1}")
             if layer.pool is not None:
                 pk, ps = layer.pool
                 if pk < 1 or ps < 1:
@@ -287,15 +396,26 @@ class Bundle:
         return shapes
 
     def output_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the last binary layer's output."""
+        """(C, H, W) of the last binary layer's output (a graph: of the last node's map)."""
+        if self.graph is not None:
+            last = self._node_maps()[-1]
+            return (last.c, last.h, last.w)
         _c, o, _kh, _kw, _hw, (oh, ow) = self.layer_shapes()[-1]
         return (o, oh, ow)
 
+    def output_bits(self) -> int | None:
+        """Bits of the last map's levels (the last node's; ``None``: raw A)."""
+        return self._node_maps()[-1].bits
+
     def requirements(self) -> Requirements:
+        if self.graph is not None and not self.graph:
+            raise BundleError("a graph bundle needs at least one node")
         shapes = self.layer_shapes()
         if not shapes:
             raise BundleError("a bundle needs at least one binary layer")
+        maps = self._node_maps()
         layers = self.binary_layers
+        pools = [m.pool_kernel for m in maps if m.pool_kernel]
         return Requirements(
             layers=len(layers),
             max_in_channels=max(s[0] for s in shapes),
@@ -304,15 +424,22 @@ class Bundle:
             max_kernel=max(max(s[2], s[3]) for s in shapes),
             max_stride=max(layer.stride for layer in layers),
             max_padding=max(layer.padding for layer in layers),
-            max_pool_kernel=max((layer.pool[0] for layer in layers if layer.pool), default=0),
+            max_pool_kernel=max(pools, default=0),
             max_output_bits=max(layer.output_bits or 0 for layer in layers),
-            raw_output=layers[-1].thresholds is None,
-            max_pixels=max(max(h * w, oh * ow) for (*_, (h, w), (oh, ow)) in shapes),
+            raw_output=maps[-1].bits is None,
+            max_pixels=max(max(max(h * w, oh * ow) for (*_, (h, w), (oh, ow)) in shapes),
+                           max(m.h * m.w for m in maps)),
             layer_shapes=tuple(shapes),
             conv_shapes=tuple((_conv_out(h, kh, layer.stride, layer.padding),
                                _conv_out(w, kw, layer.stride, layer.padding))
                               for layer, (_c, _o, kh, kw, (h, w), _ohw)
                               in zip(layers, shapes, strict=True)),
+            max_input_bits=max(layer.in_bits for layer in layers),
+            max_shortcut_bits=max(layer.shortcut_bits for layer in layers),
+            live_maps=_live_maps(self.nodes()),
+            node_maps=(("input", "input", *self.input_shape, self.input_bits),
+                       *((m.name, m.op, m.c, m.h, m.w, m.bits) for m in maps)),
+            format_version=self.format_version,
         )
 
     def validate(self) -> Requirements:
@@ -320,6 +447,19 @@ class Bundle:
         if len(self.layer_names) != len(self.binary_layers) or not all(
                 isinstance(name, str) for name in self.layer_names):
             raise BundleError("layer_names must name every binary layer with a string")
+        if self.graph is not None:
+            for i, node in enumerate(self.graph):
+                if not isinstance(node, GraphNode):
+                    raise BundleError(f"graph node {i} must be a GraphNode, not "
+                                      f"{type(node).__name__}")
+            convs = [n for n in self.graph if isinstance(n.op, BinaryConvLayer)]
+            if (len(convs) != len(self.binary_layers)
+                    or any(n.op is not layer for n, layer in zip(convs, self.binary_layers,
+                                                                  strict=False))
+                    or [n.name for n in convs] != self.layer_names):
+                raise BundleError("a graph bundle's binary_layers and layer_names must be its "
+                                  "conv nodes' ops and names in node order (leave them empty "
+                                  "to have them filled in)")
         requirements = self.requirements()
         _check_json(self.model, "model")
         for i, layer in enumerate(self.host_layers):
@@ -329,13 +469,31 @@ class Bundle:
     # -- running ------------------------------------------------------------------------
     def run_binary(self, x: torch.Tensor, *, method: str = "fast") -> list[torch.Tensor]:
         """Run the binary layers on ±1 input with the golden model (every layer's output:
-        0/1 bits, or raw ``P`` for a layer without thresholds)."""
+        0/1 bits, or raw ``P`` for a layer without thresholds).
+
+        A version 2 bundle (a graph, n-bit levels) runs :func:`bitdet.core.golden.run_graph`
+        and returns every node's map in node order; ``x`` is then ±1 (a 1-bit map) or
+        integer levels of at most ``input_bits`` bits."""
         from .golden import run_network
         if tuple(x.shape[1:]) != self.input_shape:
             shape = "×".join(map(str, self.input_shape))
             raise ValueError(f"the bundle's binary layers take N×{shape} input, "
                              f"not {tuple(x.shape)}")
-        return run_network(x, self.binary_layers, method=method)
+        if not self.uses_v2():
+            return run_network(x, self.binary_layers, method=method)
+        maps = self.run_graph(x, method=method)
+        return [maps[node.name] for node in self.nodes()]
+
+    def run_graph(self, x: torch.Tensor, *, method: str = "fast") -> dict[str, torch.Tensor]:
+        """Every node's map by name (:func:`bitdet.core.golden.run_graph`; a chain runs as
+        its :meth:`nodes`). ``x``: ±1, or integer levels of at most ``input_bits`` bits."""
+        from .golden import run_graph
+        if tuple(x.shape[1:]) != self.input_shape:
+            shape = "×".join(map(str, self.input_shape))
+            raise ValueError(f"the bundle's binary layers take N×{shape} input, "
+                             f"not {tuple(x.shape)}")
+        bits = None if x.dtype.is_floating_point else self.input_bits
+        return run_graph(x, self.nodes(), input_bits=bits, method=method)
 
     # -- the host part: stem, head, decoding settings, one forward pass -----------------
     def host_layer(self, name: str) -> HostLayer:
@@ -353,9 +511,17 @@ class Bundle:
 
     def head(self, last: torch.Tensor) -> torch.Tensor:
         """The host head in fixed point on the last binary layer's output (0/1 bits, or
-        raw ``P`` when that layer has no thresholds): the head map."""
-        if self.binary_layers[-1].thresholds is not None:
-            last = last.to(torch.float32) * 2 - 1          # bits as ±1; raw P as it is
+        raw ``P`` when that layer has no thresholds): the head map.
+
+        A version 2 bundle's head reads the last node's map: 1-bit levels as ±1, n-bit
+        levels (n > 1) as the levels themselves (0 … 2**n − 1), raw A as it is."""
+        if not self.uses_v2():
+            if self.binary_layers[-1].thresholds is not None:
+                last = last.to(torch.float32) * 2 - 1      # bits as ±1; raw P as it is
+        elif self.output_bits() == 1:
+            last = last.to(torch.float32) * 2 - 1
+        else:
+            last = last.to(torch.float32)                  # n-bit levels, raw A: as they are
         return self.host_layer("head").run(last)
 
     def forward(self, pixels: torch.Tensor, binary=None) -> torch.Tensor:
@@ -365,7 +531,9 @@ class Bundle:
         (a device: :meth:`bitdet.sw.device.Device.run_bundle_layers`); by default the
         golden model (:meth:`run_binary`)."""
         bits = self.stem(pixels)
-        if binary is None:
+        if binary is None and self.uses_v2():
+            maps = self.run_binary(bits.to(torch.int32))   # the stem's levels
+        elif binary is None:
             maps = self.run_binary(bits.to(torch.float32) * 2 - 1)
         else:
             maps = binary(bits)
@@ -387,12 +555,13 @@ class Bundle:
 
     # -- files --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the bundle (validated first); returns the path."""
+        """Write the bundle (validated first); returns the path. Version 1 unless the bundle
+        uses a contract v2 feature (:meth:`uses_v2`), then version 2 with graph nodes."""
         requirements = self.validate()
         path = Path(path)
         arrays: dict[str, np.ndarray] = {}
         binary = []
-        for i, layer in enumerate(self.binary_layers):
+        for i, layer in enumerate(self.binary_layers if not self.uses_v2() else ()):
             o, c, kh, kw = layer.weights.shape
             prefix = f"binary/{i}"
             packed = packing.pack_weights(layer.weights, word_bits=STORAGE_WORD_BITS)
@@ -419,13 +588,26 @@ class Bundle:
                 names[name] = member
             host.append({"name": layer.name, "kind": layer.kind, "stride": layer.stride,
                          "padding": layer.padding, "attrs": layer.attrs, "arrays": names})
-        manifest = {
-            "format": FORMAT, "version": FORMAT_VERSION, "bitdet_version": _bitdet_version(),
-            "weight_word_bits": STORAGE_WORD_BITS,
-            "input_shape": list(self.input_shape), "binary_layers": binary,
-            "host_layers": host, "model": self.model,
-            "requirements": _requirements_json(requirements),
-        }
+        if not self.uses_v2():
+            manifest = {
+                "format": FORMAT, "version": FORMAT_VERSION,
+                "bitdet_version": _bitdet_version(), "weight_word_bits": STORAGE_WORD_BITS,
+                "input_shape": list(self.input_shape), "binary_layers": binary,
+                "host_layers": host, "model": self.model,
+                "requirements": _requirements_json(requirements),
+            }
+        else:
+            node_arrays: dict[str, np.ndarray] = {}
+            nodes = _node_records(self.nodes(), node_arrays)
+            arrays = {**node_arrays, **arrays}         # node arrays first, then the host's
+            manifest = {
+                "format": FORMAT, "version": GRAPH_FORMAT_VERSION,
+                "bitdet_version": _bitdet_version(), "weight_word_bits": STORAGE_WORD_BITS,
+                "input_shape": list(self.input_shape), "input_bits": self.input_bits,
+                "nodes": nodes,
+                "host_layers": host, "model": self.model,
+                "requirements": _requirements_json(requirements),
+            }
         tmp = path.with_name(path.name + ".tmp")
         try:
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -457,11 +639,223 @@ def _check_json(value, where: str) -> None:
 
 
 def _requirements_json(requirements: Requirements) -> dict:
+    """The manifest's ``requirements``: version 1 keeps exactly its fields of format 1;
+    version 2 adds the contract v2 fields (bits, live maps, node maps)."""
     out = asdict(requirements)
     out.pop("conv_shapes")      # derived from the layers; manifests of format 1 lack it
+    out.pop("format_version")   # derived
     out["layer_shapes"] = [[c, o, kh, kw, list(hw), list(ohw)]
                            for (c, o, kh, kw, hw, ohw) in requirements.layer_shapes]
+    if requirements.format_version == FORMAT_VERSION:
+        for key in _V2_REQUIREMENTS:
+            out.pop(key)
+    else:
+        out["node_maps"] = [list(m) for m in requirements.node_maps]
     return out
+
+
+# -- graphs (contract v2) -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _NodeMap:
+    """The map a node makes, from the static check."""
+
+    name: str
+    op: str                      # "conv", "pool", "repeat"
+    c: int
+    h: int
+    w: int
+    bits: int | None             # None: raw accumulator
+    pool_kernel: int = 0         # a conv's pool kernel or a pool pass's kernel
+    layer_shape: tuple | None = None   # a conv's (C, O, kh, kw, (H, W), (H', W'))
+
+
+def _op_kind(op) -> str:
+    if isinstance(op, BinaryConvLayer):
+        return "conv"
+    if isinstance(op, PoolPass):
+        return "pool"
+    if isinstance(op, ChannelRepeat):
+        return "repeat"
+    raise BundleError(f"unknown op {type(op).__name__} (known: {', '.join(NODE_OPS)})")
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_table(layer: BinaryConvLayer, o: int, where: str) -> None:
+    """Thresholds (O, L) or, with a shortcut, (O, 2**shortcut_bits, L); sorted rows in
+    ``[0, accumulator_max + 1]``."""
+    t = layer.thresholds
+    sb = layer.shortcut_bits
+    expected = f"(O = {o}, 2**n - 1)" if not sb else f"(O = {o}, R = {1 << sb}, 2**n - 1)"
+    levels = t.shape[-1] + 1 if t.dim() else 0
+    if (t.dim() != (3 if sb else 2) or t.shape[0] != o or (sb and t.shape[1] != 1 << sb)
+            or levels < 2 or levels & (levels - 1)):
+        raise BundleError(f"{where}: thresholds must be {expected}, not {tuple(t.shape)}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise BundleError(f"{where}: thresholds must be integers, not {t.dtype}")
+    top = layer.accumulator_max + 1
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) > top):
+        bad = int(t.max()) if int(t.max()) > top else int(t.min())
+        raise BundleError(f"{where}: threshold {bad} out of range [0, accumulator_max + 1 = "
+                          f"{top}]")
+    if bool((t[..., 1:] < t[..., :-1]).any()):
+        raise BundleError(f"{where}: thresholds must be sorted along each row")
+
+
+def _check_conv(node: GraphNode, source: _NodeMap, maps: dict, last: bool,  # noqa: C901
+                where: str) -> _NodeMap:
+    layer = node.op
+    weights = layer.weights
+    if not isinstance(weights, torch.Tensor) or weights.dim() != 4:
+        raise BundleError(f"{where}: weights must be O×C×kh×kw")
+    o, wc, kh, kw = weights.shape
+    if wc != source.c:
+        raise BundleError(f"{where}: takes {wc} input channels but its input {node.input!r} "
+                          f"has {source.c}")
+    if source.bits > layer.in_bits:
+        raise BundleError(f"{where}: input {node.input!r} has {source.bits}-bit levels but the "
+                          f"conv's in_bits is {layer.in_bits}")
+    if not (_positive(layer.stride) and isinstance(layer.padding, int) and layer.padding >= 0
+            and layer.pad_value in (-1, 1)):
+        raise BundleError(f"{where}: stride must be ≥ 1, padding ≥ 0, pad_value ±1; got "
+                          f"{layer.stride}, {layer.padding}, {layer.pad_value}")
+    if not 0 <= layer.padding_level < 1 << layer.in_bits:
+        raise BundleError(f"{where}: pad_level {layer.padding_level} is not a "
+                          f"{layer.in_bits}-bit level")
+    ch = _conv_out(source.h, kh, layer.stride, layer.padding)
+    cw = _conv_out(source.w, kw, layer.stride, layer.padding)
+    if ch < 1 or cw < 1:
+        raise BundleError(f"{where}: kernel {kh}×{kw} does not fit the {source.h}×{source.w} "
+                          "input")
+    if layer.thresholds is None:
+        if not last:
+            raise BundleError(f"{where}: only the last node may output raw A")
+        if layer.pool is not None or layer.shortcut_bits:
+            raise BundleError(f"{where}: a raw conv takes no pool and no shortcut")
+    else:
+        _check_table(layer, o, where)
+    if node.shortcut is not None:
+        short = maps[node.shortcut]
+        if short.bits is None or short.bits > layer.shortcut_bits:
+            made = "a raw accumulator" if short.bits is None else f"{short.bits}-bit levels"
+            raise BundleError(f"{where}: shortcut {node.shortcut!r} has {made} but the conv's "
+                              f"shortcut_bits is {layer.shortcut_bits}")
+        if (short.c, short.h, short.w) != (o, ch, cw):
+            raise BundleError(f"{where}: shortcut {node.shortcut!r} is {short.c}×{short.h}×"
+                              f"{short.w} but the conv's output (before its pool) is "
+                              f"{o}×{ch}×{cw}")
+    oh, ow = ch, cw
+    if layer.pool is not None:
+        pk, ps = layer.pool
+        if not (_positive(pk) and _positive(ps)):
+            raise BundleError(f"{where}: pool kernel and stride must be ≥ 1")
+        oh, ow = _conv_out(ch, pk, ps, 0), _conv_out(cw, pk, ps, 0)
+        if oh < 1 or ow < 1:
+            raise BundleError(f"{where}: pool {pk}×{pk} does not fit the output")
+    return _NodeMap(node.name, "conv", o, oh, ow, layer.output_bits,
+                    layer.pool[0] if layer.pool else 0,
+                    (wc, o, kh, kw, (source.h, source.w), (oh, ow)))
+
+
+def _check_nodes(nodes: list, input_shape: tuple, input_bits: int) -> list[_NodeMap]:
+    """Check a graph statically, without running a tensor: order and sources
+    (:func:`bitdet.core.golden._check_graph`: no cycle, no forward or missing reference),
+    shapes, bit widths, threshold tables. Each error is a BundleError naming the node."""
+    if not nodes:
+        raise BundleError("a graph bundle needs at least one node")
+    try:
+        _check_graph(nodes)
+    except ValueError as e:
+        raise BundleError(f"graph: {e}") from None
+    c, h, w = input_shape
+    maps = {"input": _NodeMap("input", "input", c, h, w, input_bits)}
+    out = []
+    for i, node in enumerate(nodes):
+        where = f"node {i} ({node.name!r})"
+        op = node.op
+        kind = _op_kind(op)
+        source = maps[node.input]
+        if source.bits is None:
+            raise BundleError(f"{where}: input {node.input!r} is a raw accumulator, not a "
+                              "level map")
+        if kind == "conv":
+            made = _check_conv(node, source, maps, i == len(nodes) - 1, where)
+        elif kind == "pool":
+            stride = op.kernel if op.stride is None else op.stride
+            if not (_positive(op.kernel) and _positive(stride)):
+                raise BundleError(f"{where}: pool kernel and stride must be ≥ 1, not "
+                                  f"{op.kernel!r} and {op.stride!r}")
+            oh, ow = _conv_out(source.h, op.kernel, stride, 0), _conv_out(source.w, op.kernel,
+                                                                          stride, 0)
+            if oh < 1 or ow < 1:
+                raise BundleError(f"{where}: pool {op.kernel}×{op.kernel} does not fit the "
+                                  f"{source.h}×{source.w} map {node.input!r}")
+            made = _NodeMap(node.name, kind, source.c, oh, ow, source.bits, op.kernel)
+        else:
+            if not _positive(op.out_channels) or op.out_channels % source.c:
+                raise BundleError(f"{where}: out_channels {op.out_channels!r} is not a "
+                                  f"positive multiple of input {node.input!r}'s {source.c} "
+                                  "channels")
+            made = _NodeMap(node.name, kind, op.out_channels, source.h, source.w, source.bits)
+        maps[node.name] = made
+        out.append(made)
+    return out
+
+
+def _live_maps(nodes: list) -> int:
+    """Most maps live at once over the node order: a map from its maker (the input: from
+    the start) to its last reader (the last node's map: to the end), a node's sources and
+    output together."""
+    born = {"input": -1}
+    last = {"input": -1}
+    for i, node in enumerate(nodes):
+        born[node.name] = last[node.name] = i
+        for source in (node.input, node.shortcut):
+            if source is not None:
+                last[source] = max(last[source], i)
+    if nodes:
+        last[nodes[-1].name] = len(nodes)
+    return max((sum(born[m] <= i <= last[m] for m in born) for i in range(len(nodes))),
+               default=0)
+
+
+def _node_records(nodes: list[GraphNode], arrays: dict) -> list[dict]:
+    """Version 2 manifest records of graph nodes; arrays go to ``nodes/<i>/…``."""
+    records = []
+    for i, node in enumerate(nodes):
+        op = node.op
+        kind = _op_kind(op)
+        record = {"name": node.name, "op": kind, "input": node.input}
+        if kind == "pool":
+            record.update(kernel=op.kernel, stride=op.kernel if op.stride is None else op.stride)
+        elif kind == "repeat":
+            record["out_channels"] = op.out_channels
+        else:
+            o, c, kh, kw = op.weights.shape
+            prefix = f"nodes/{i}"
+            packed = packing.pack_weights(op.weights, word_bits=STORAGE_WORD_BITS)
+            arrays[f"{prefix}/weights.npy"] = packed.reshape(o, kh, kw, -1)
+            record.update({
+                "shortcut": node.shortcut, "in_channels": c, "out_channels": o,
+                "kernel": [kh, kw], "stride": op.stride, "padding": op.padding,
+                "pad_value": op.pad_value, "in_bits": op.in_bits, "pad_level": op.padding_level,
+                "shortcut_bits": op.shortcut_bits,
+                "pool": list(op.pool) if op.pool is not None else None,
+                "output": "raw" if op.thresholds is None else "bits",
+                "output_bits": op.output_bits, "k": op.k,
+                "accumulator_max": op.accumulator_max,
+                "thresholds_shape": (list(op.thresholds.shape) if op.thresholds is not None
+                                     else None),
+                "weights": f"{prefix}/weights.npy", "thresholds": None,
+            })
+            if op.thresholds is not None:
+                arrays[f"{prefix}/thresholds.npy"] = op.thresholds.numpy().astype(np.int32)
+                record["thresholds"] = f"{prefix}/thresholds.npy"
+        records.append(record)
+    return records
 
 
 # -- loading ------------------------------------------------------------------------------
@@ -549,19 +943,28 @@ def load(path: str | os.PathLike) -> Bundle:
         ver = manifest.get("version")
         if not isinstance(ver, int) or isinstance(ver, bool):
             raise BundleError(f"{source}: bundle version must be an integer, not {ver!r}")
-        if ver != FORMAT_VERSION:
-            hint = "upgrade bitdet" if ver > FORMAT_VERSION else "re-export the model"
+        if ver not in FORMAT_VERSIONS:
+            hint = "upgrade bitdet" if ver > max(FORMAT_VERSIONS) else "re-export the model"
             raise BundleError(f"{source}: bundle format version {ver} is not supported "
-                              f"(this bitdet reads version {FORMAT_VERSION}); {hint}")
-        bundle = _from_manifest(manifest, reader)
+                              f"(this bitdet reads versions "
+                              f"{' and '.join(map(str, FORMAT_VERSIONS))}); {hint}")
+        if ver == FORMAT_VERSION:
+            bundle = _from_manifest(manifest, reader)
+        else:
+            bundle = _from_manifest_v2(manifest, reader)
     try:
         requirements = bundle.validate()
     except BundleError as e:
         raise BundleError(f"{source}: {e}") from None
+    if requirements.format_version != ver:
+        raise BundleError(f"{source}: a version {ver} manifest describes a bundle of version "
+                          f"{requirements.format_version}")
     stored = manifest.get("requirements")
     if stored != _requirements_json(requirements):
         raise BundleError(f"{source}: the manifest's requirements disagree with its layers "
                           "(edited or corrupt manifest)")
+    if ver == GRAPH_FORMAT_VERSION:
+        return bundle
     for i, (record, layer) in enumerate(zip(manifest["binary_layers"], bundle.binary_layers,
                                             strict=True)):
         if record["output_bits"] != layer.output_bits:
@@ -635,9 +1038,122 @@ def _from_manifest(manifest: dict, reader: _Reader) -> Bundle:  # noqa: C901
         stored_k = _get(record, "k", int, at)
         if stored_k != c * kh * kw:
             raise BundleError(f"{at}: k = {stored_k} but C·kh·kw = {c * kh * kw}")
+    host = _host_layers(manifest, reader, where)
+    model = _get(manifest, "model", dict, where)
+    return Bundle(binary_layers=layers, input_shape=tuple(input_shape), host_layers=host,
+                  layer_names=names, model=model)
+
+
+def _load_conv(record: dict, reader: _Reader, at: str) -> tuple[BinaryConvLayer, str | None]:
+    """A version 2 conv node: the layer and its shortcut source."""
+    shortcut = _get(record, "shortcut", (str, type(None)), at)
+    c = _get(record, "in_channels", int, at)
+    o = _get(record, "out_channels", int, at)
+    kernel = _get(record, "kernel", list, at)
+    if len(kernel) != 2 or not all(_positive(v) for v in kernel):
+        raise BundleError(f"{at}: kernel must be [kh, kw] positive, not {kernel!r}")
+    if c < 1 or o < 1:
+        raise BundleError(f"{at}: channel counts must be positive, not {c} and {o}")
+    pool = _get(record, "pool", (list, type(None)), at)
+    if pool is not None and (len(pool) != 2 or not all(_positive(v) for v in pool)):
+        raise BundleError(f"{at}: pool must be [kernel, stride] positive or null, not {pool!r}")
+    output = _get(record, "output", str, at)
+    if output not in ("bits", "raw"):
+        raise BundleError(f"{at}: output must be 'bits' or 'raw', not {output!r}")
+    bits = {}
+    for key, low in (("in_bits", 1), ("shortcut_bits", 0)):
+        bits[key] = _get(record, key, int, at)
+        if not low <= bits[key] <= MAX_LEVEL_BITS:
+            raise BundleError(f"{at}: {key} must be in [{low}, {MAX_LEVEL_BITS}], "
+                              f"not {bits[key]}")
+    kh, kw = kernel
+    packed = reader.array(_get(record, "weights", str, at), at, "uint8")
+    expected = (o, kh, kw, packing.packed_width(c, STORAGE_WORD_BITS))
+    if packed.shape != expected:
+        raise BundleError(f"{at}: weights array has shape {packed.shape}, but {o} output "
+                          f"channels, {c} input channels and a {kh}×{kw} kernel need "
+                          f"{expected}")
+    try:
+        weights = packing.unpack_weights(packed.reshape(o, kh * kw * expected[3], 1, 1),
+                                         (o, c, kh, kw), word_bits=STORAGE_WORD_BITS)
+    except ValueError as e:
+        raise BundleError(f"{at}: {e}") from None
+    shape = _get(record, "thresholds_shape", (list, type(None)), at)
+    thresholds = None
+    if output == "bits":
+        t = reader.array(_get(record, "thresholds", str, at), at, "int32")
+        if shape != list(t.shape):
+            raise BundleError(f"{at}: thresholds_shape is {shape} but the thresholds array "
+                              f"has shape {list(t.shape)}")
+        thresholds = torch.from_numpy(t.astype(np.int64))
+    elif record.get("thresholds") is not None or shape is not None:
+        raise BundleError(f"{at}: a raw conv has no thresholds")
+    try:
+        layer = BinaryConvLayer(
+            weights=weights, thresholds=thresholds,
+            stride=_get(record, "stride", int, at), padding=_get(record, "padding", int, at),
+            pad_value=_get(record, "pad_value", int, at),
+            pool=tuple(pool) if pool is not None else None,
+            pad_level=_get(record, "pad_level", int, at), **bits)
+    except ValueError as e:
+        raise BundleError(f"{at}: {e}") from None
+    for key, value in (("k", layer.k), ("accumulator_max", layer.accumulator_max),
+                       ("output_bits", layer.output_bits)):
+        stored = _get(record, key, (int, type(None)), at)
+        if stored != value:
+            raise BundleError(f"{at}: {key} is {stored} but the layer gives {value}")
+    return layer, shortcut
+
+
+def _from_manifest_v2(manifest: dict, reader: _Reader) -> Bundle:
+    """A version 2 manifest: graph nodes (conv, pool, repeat) with named sources."""
+    source = reader.source
+    where = f"{source}: manifest"
+    word_bits = _get(manifest, "weight_word_bits", int, where)
+    if word_bits != STORAGE_WORD_BITS:
+        raise BundleError(f"{where}: weight_word_bits must be {STORAGE_WORD_BITS}, not {word_bits}")
+    input_shape = _get(manifest, "input_shape", list, where)
+    if len(input_shape) != 3 or not all(_positive(v) for v in input_shape):
+        raise BundleError(f"{where}: input_shape must be three positive integers (C, H, W), "
+                          f"not {input_shape!r}")
+    input_bits = _get(manifest, "input_bits", int, where)
+    records = _get(manifest, "nodes", list, where)
+    if not records:
+        raise BundleError(f"{where}: no graph nodes")
+    nodes = []
+    for i, record in enumerate(records):
+        at = f"{source}: node {i}"
+        if not isinstance(record, dict):
+            raise BundleError(f"{at}: must be a JSON object")
+        name = _get(record, "name", str, at)
+        at = f"{at} ({name!r})"
+        kind = _get(record, "op", str, at)
+        source_name = _get(record, "input", str, at)
+        # only a conv takes a shortcut: one on another node is refused by the graph check
+        shortcut = _get(record, "shortcut", (str, type(None)), at) if "shortcut" in record \
+            else None
+        if kind == "conv":
+            op, shortcut = _load_conv(record, reader, at)
+        elif kind == "pool":
+            op = PoolPass(_get(record, "kernel", int, at), _get(record, "stride", int, at))
+        elif kind == "repeat":
+            op = ChannelRepeat(_get(record, "out_channels", int, at))
+        else:
+            raise BundleError(f"{at}: unknown op {kind!r} (known: {', '.join(NODE_OPS)})")
+        try:
+            nodes.append(GraphNode(name, op, source_name, shortcut))
+        except ValueError as e:
+            raise BundleError(f"{at}: {e}") from None
+    host = _host_layers(manifest, reader, where)
+    model = _get(manifest, "model", dict, where)
+    return Bundle(binary_layers=[], input_shape=tuple(input_shape), host_layers=host,
+                  model=model, graph=nodes, input_bits=input_bits)
+
+
+def _host_layers(manifest: dict, reader: _Reader, where: str) -> list[HostLayer]:
     host = []
     for i, record in enumerate(_get(manifest, "host_layers", list, where)):
-        at = f"{source}: host layer {i}"
+        at = f"{reader.source}: host layer {i}"
         if not isinstance(record, dict):
             raise BundleError(f"{at}: must be a JSON object")
         refs = _get(record, "arrays", dict, at)
@@ -646,6 +1162,4 @@ def _from_manifest(manifest: dict, reader: _Reader) -> Bundle:  # noqa: C901
             arrays={name: reader.array(member, at) for name, member in refs.items()},
             stride=_get(record, "stride", int, at), padding=_get(record, "padding", int, at),
             attrs=_get(record, "attrs", dict, at)))
-    model = _get(manifest, "model", dict, where)
-    return Bundle(binary_layers=layers, input_shape=tuple(input_shape), host_layers=host,
-                  layer_names=names, model=model)
+    return host

@@ -117,6 +117,11 @@ def bundle_case(path, index: int, *, seed: int = 0) -> LayerCase:
     if not 0 <= index < len(layers):
         raise BundleError(f"{path}: --layer must be in 0 … {len(layers) - 1}, not {index}")
     layer = layers[index]
+    if layer.in_bits != 1 or layer.shortcut_bits:
+        what = (f"reads {layer.in_bits}-bit maps" if layer.in_bits != 1 else
+                f"adds a {layer.shortcut_bits}-bit shortcut")
+        raise BundleError(f"{path}: binary layer {index} {what}; the device's layer runs "
+                          "1-bit maps without shortcuts (contract v1)")
     if layer.thresholds is None or layer.output_bits != 1:
         what = "raw P" if layer.thresholds is None else f"{layer.output_bits}-bit outputs"
         raise BundleError(f"{path}: binary layer {index} has {what}; the device's layer "

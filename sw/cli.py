@@ -109,9 +109,11 @@ def _cmd_hw_info(args) -> int:
         from bitdet.core.bundle import load
 
         from .driver.device import Device, device_layer_count
+        from .driver.planner import contract_v2_problems
         bundle = load(args.bundle)
-        problems = config.fit_problems(bundle.requirements())
-        streams = bool(problems) and not Device.fit_problems_for(config, bundle)
+        v2 = [p.message for p in contract_v2_problems(bundle)]
+        problems = v2 or config.fit_problems(bundle.requirements())
+        streams = bool(problems) and not v2 and not Device.fit_problems_for(config, bundle)
     if args.json:
         out = config.host_constants()
         if problems is not None:

@@ -685,9 +685,10 @@ MANIFEST_EDITS = {
     "wrong format": (_set("format", "bitdet-bundel"),
                      r"not a bitdet bundle \(format 'bitdet-bundel', expected 'bitdet-bundle'\)"),
     "no format": (_delete("format"), r"not a bitdet bundle \(format None"),
-    "newer version": (_set("version", 2),
-                      r"bundle format version 2 is not supported \(this bitdet reads version 1\)"
-                      r"; upgrade bitdet"),
+    "newer version": (_set("version", 3),
+                      r"bundle format version 3 is not supported \(this bitdet reads versions "
+                      r"1 and 2\); upgrade bitdet"),
+    "version 2 manifest of a chain": (_set("version", 2), r"manifest: missing field 'input_bits'"),
     "older version": (_set("version", 0), r"version 0 is not supported.*re-export the model"),
     "version string": (_set("version", "1"), r"bundle version must be an integer, not '1'"),
     "version float": (_set("version", 1.0), r"bundle version must be an integer, not 1\.0"),
@@ -1202,3 +1203,29 @@ def test_activation_words_count_the_map_before_its_pool():
     assert req.layer_shapes[0][5] == (16, 16)
     # 32×32 pixels × 2 words of 16 bits before the pool; the input is 1 word per pixel
     assert req.activation_words(16) == 32 * 32 * 2
+
+
+# --------------------------------------------------------------------------- contract v2 kept out
+
+
+V1_REQUIREMENT_KEYS = {
+    "layers", "max_in_channels", "max_out_channels", "max_k", "max_kernel", "max_stride",
+    "max_padding", "max_pool_kernel", "max_output_bits", "raw_output", "max_pixels",
+    "layer_shapes",
+}
+
+
+def test_a_v1_bundle_stays_version_1(demo, demo_file):
+    """A chain of 1-bit layers is written as version 1 with exactly format 1's fields
+    (tests/test_bundle_v2.py covers version 2)."""
+    bundle = demo[2]
+    assert not bundle.uses_v2() and bundle.format_version == FORMAT_VERSION == 1
+    with zipfile.ZipFile(demo_file) as zf:
+        manifest = json.loads(zf.read("manifest.json"))
+    assert set(manifest) == {"format", "version", "bitdet_version", "weight_word_bits",
+                             "input_shape", "binary_layers", "host_layers", "model",
+                             "requirements"}
+    assert set(manifest["requirements"]) == V1_REQUIREMENT_KEYS
+    requirements = load(demo_file).requirements()
+    assert (requirements.max_input_bits, requirements.max_shortcut_bits,
+            requirements.live_maps, requirements.format_version) == (1, 0, 2, 1)

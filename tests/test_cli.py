@@ -203,9 +203,9 @@ BAD_FILES = {
     "last byte cut": (lambda data: data[:-1], "truncated or corrupt bundle"),
     "CRC": (lambda data: _flip(data, _member_data_start(data, "binary/1/weights.npy") + 40),
             "'binary/1/weights.npy'"),
-    "version 2": (lambda data: _with_member(data, "manifest.json",
+    "version 3": (lambda data: _with_member(data, "manifest.json",
                                             _manifest(data).replace(b'"version": 1',
-                                                                    b'"version": 2')),
+                                                                    b'"version": 3')),
                   "upgrade bitdet"),
     "threshold out of range": (lambda data: _with_member(
         data, "binary/3/thresholds.npy", _npy(np.full((70, 1), 42, dtype=np.int32))),

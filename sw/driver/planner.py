@@ -23,8 +23,42 @@ from bitdet.core.protocol import (
     write_cost,
 )
 
-__all__ = ["MODES", "LayerPlan", "device_layer_count", "fit_problems_for", "plan_bundle",
-           "plan_problems"]
+__all__ = ["MODES", "LayerPlan", "contract_v2_problems", "device_layer_count",
+           "fit_problems_for", "plan_bundle", "plan_problems"]
+
+
+def contract_v2_problems(bundle) -> list[FitProblem]:
+    """What a contract-v2 bundle (bundle format 2: a graph, n-bit maps, shortcuts) asks of
+    the accelerator that this build does not have, one problem per node and feature. The
+    accelerator runs chains of layers over 1-bit maps (contract v1); empty for such a
+    bundle."""
+    if not bundle.uses_v2():
+        return []
+    from bitdet.core.golden import BinaryConvLayer, ChannelRepeat
+    out = []
+    if bundle.input_bits > 1:
+        out.append(FitProblem("input_bits", "1", bundle.input_bits,
+                              f"the bundle's input map has {bundle.input_bits}-bit levels, "
+                              "the accelerator reads 1-bit maps"))
+    for node in bundle.nodes():
+        op, name = node.op, node.name
+        if isinstance(op, BinaryConvLayer):
+            if op.in_bits > 1:
+                out.append(FitProblem("in_bits", "1", op.in_bits,
+                                      f"layer {name!r} reads {op.in_bits}-bit maps, the "
+                                      "accelerator reads 1-bit maps"))
+            if op.shortcut_bits:
+                out.append(FitProblem("shortcut_bits", "0", op.shortcut_bits,
+                                      f"layer {name!r} adds a {op.shortcut_bits}-bit shortcut "
+                                      f"from {node.shortcut!r}, the accelerator has no "
+                                      "shortcut path"))
+        elif isinstance(op, ChannelRepeat):
+            out.append(FitProblem("op", "conv or pool", 0, f"node {name!r} repeats channels, "
+                                  "the accelerator has no channel repetition"))
+    if not out:
+        out.append(FitProblem("graph", "a chain", 0, "the bundle is a graph of named nodes "
+                              "(bundle format 2), the accelerator runs chains of layers"))
+    return out
 
 
 @dataclass
@@ -132,7 +166,16 @@ def plan_bundle(config, bundle, *, mode: str = "auto", weight_depth: int | None 
     them (:func:`_streamed_set`); every streamed conv's descriptor points at the slot, so
     the layer table never changes between frames. A raw last layer is not planned (the host
     runs it, :func:`device_layer_count`). Does not check the fit
-    (:func:`fit_problems_for`)."""
+    (:func:`fit_problems_for`).
+
+    Raises
+    ------
+    ValueError
+        For a contract-v2 bundle (:func:`contract_v2_problems`), which has no such plan.
+    """
+    v2 = contract_v2_problems(bundle)
+    if v2:
+        raise ValueError("; ".join(p.message for p in v2))
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     depth_w, depth_t = _memory_limits(config, weight_depth, threshold_depth)
@@ -214,6 +257,9 @@ def plan_problems(config, bundle, *, mode: str = "auto", weight_depth: int | Non
     not, for the layers the device runs."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    v2 = contract_v2_problems(bundle)
+    if v2:                     # not a chain of 1-bit layers: there is nothing to plan
+        return v2
     c = config
     depth_w, depth_t = _memory_limits(c, weight_depth, threshold_depth)
     problems: list[FitProblem] = []
