@@ -68,8 +68,13 @@ def _cmd_demo(args) -> int:
     except OutputExists as e:
         print(f"bitdet: error: {e}", file=sys.stderr)
         return 2
-    from .demo import run_demo
-    return 0 if run_demo(args.out, seed=args.seed, images=args.images, force=True) else 1
+    from .demo import run_demo, run_demo_v2
+    if args.bits > 1 or args.residual:
+        ok = run_demo_v2(args.out, seed=args.seed, images=args.images, bits=args.bits,
+                         residual=args.residual, force=True)
+    else:
+        ok = run_demo(args.out, seed=args.seed, images=args.images, force=True)
+    return 0 if ok else 1
 
 
 def _cmd_bundle_info(args) -> int:
@@ -406,10 +411,22 @@ def build_parser() -> argparse.ArgumentParser:
                           "float = folded = bundle bit for bit",
                           description="Draw a random float binary network, fold it into "
                           "integer thresholds, write a bundle, reload it and check that every "
-                          "layer's bits agree. Exit status 1 on any mismatch.")
+                          "layer's bits agree. With --bits N (N > 1) or --residual, the "
+                          "network is one of contract v2: residual blocks over N-bit maps "
+                          "with shortcuts (pooled and channel-repeated where a block "
+                          "downsamples), written as a format-2 graph bundle and checked "
+                          "node by node. Exit status 1 on any mismatch.")
     demo.add_argument("--out", default="demo.bitdet", help="bundle to write (default: %(default)s)")
     demo.add_argument("--force", action="store_true", help="replace --out if it exists")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    demo.add_argument("--bits", type=_checked(int, lambda v: 1 <= v <= 4, "1, 2, 3 or 4"),
+                      default=1, help="bits of the maps: above 1 (or with --residual) the "
+                      "demo builds a contract-v2 network of residual blocks over n-bit maps "
+                      "(default: %(default)s)")
+    demo.add_argument("--residual", action="store_true",
+                      help="contract v2 with a separate n-bit residual stream for the "
+                      "shortcuts (checked against the golden model; the device runs 1-bit "
+                      "chains)")
     demo.add_argument("--images", type=_positive, default=4,
                       help="random input images to compare on (default: %(default)s)")
     demo.set_defaults(func=_cmd_demo)

@@ -6,6 +6,12 @@ with weight scale, BatchNorm with some γ < 0 and γ = 0, RSign biases, max-pool
 integer thresholds, writes a deployment bundle, loads it back, and checks on random
 inputs that the float network, the folded network and the reloaded bundle give the same
 bits at every layer.
+
+``bitdet demo --bits N --residual`` runs :func:`run_demo_v2`: a random contract-v2 network
+(:class:`bitdet.sw.models.ResidualBinaryNet`: N-bit maps, shortcuts around every block,
+pooled and channel-repeated where a block downsamples, γ < 0 and constant channels), its
+format-2 graph bundle, and the same check at every node. The emulator and the RTL run
+contract v1 only, so the v2 network is checked against the golden model.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from bitdet.core.bundle import Bundle, HostLayer
 from bitdet.core.bundle import load as load_bundle
 from bitdet.core.fold import BatchNormSign, bn_sign_preactivation, fold_binary_conv
 
-__all__ = ["DEMO_LAYERS", "FloatBinaryBlock", "build_demo", "float_forward", "run_demo"]
+__all__ = ["DEMO_LAYERS", "FloatBinaryBlock", "build_demo", "build_demo_v2", "float_forward",
+           "run_demo", "run_demo_v2"]
 
 #: (out_channels, kernel, stride, padding, pad_value, pool) of the demo's binary layers.
 DEMO_LAYERS = (
@@ -169,4 +176,113 @@ def run_demo(out: str | Path = "demo.bitdet", *, seed: int = 0, images: int = 4,
          f"{requirements.weight_words(32)} 32-bit words, largest feature map "
          f"{requirements.activation_words(32)} 32-bit words")
     echo("all layers bit-exact" if ok else "MISMATCH between the float and the folded network")
+    return ok
+
+
+# -- contract v2: n-bit maps and residual shortcuts ------------------------------------------
+
+#: (width, stride) of the v2 demo's residual blocks; the input has an odd channel count.
+DEMO_V2_BLOCKS = ((9, 1), (27, 2), (27, 1))
+DEMO_V2_INPUT = (3, 16, 16)
+
+
+def _randomize_block(block, generator: torch.Generator) -> None:
+    """Random BN statistics (γ < 0, and γ = 0: constant channels), biases, shortcut gains,
+    weights and quantizer steps, in the range the dots really take."""
+    o = block.out_channels
+    with torch.no_grad():
+        block.conv.weight.copy_(torch.randn(block.conv.weight.shape, generator=generator))
+        bn = block.bn
+        bn.running_mean.copy_(torch.randn(o, generator=generator) * 3)
+        bn.running_var.copy_(torch.rand(o, generator=generator) * 20 + 0.1)
+        bn.weight.copy_(torch.randn(o, generator=generator))
+        bn.weight[torch.rand(o, generator=generator) < 0.1] = 0.0
+        bn.bias.copy_(torch.randn(o, generator=generator) * 0.5)
+        block.sign_bias.copy_(torch.randn(o, generator=generator) * 0.3)
+        if block.shortcut_gain is not None:
+            block.shortcut_gain.copy_(torch.randn(o, generator=generator))
+        for quant in (block.quant, block.residual_quant):
+            if quant is not None and quant.bits > 1:
+                quant.step.fill_(float(torch.rand((), generator=generator)) * 0.8 + 0.1)
+                quant.zero.fill_(float(torch.randn((), generator=generator)) * 0.3)
+
+
+def build_demo_v2(seed: int = 0, *, bits: int = 2, residual: bool = True):
+    """A random contract-v2 network (:class:`bitdet.sw.models.ResidualBinaryNet`: ``bits``-bit
+    input and activations, shortcuts around every block — from a separate ``bits``-bit
+    residual stream with ``residual`` — a stride-2 block whose shortcut is pooled and its
+    channels repeated) in eval mode, and its bundle (format 2). Returns ``(net, bundle)``."""
+    from .models import ResidualBinaryNet
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    net = ResidualBinaryNet(DEMO_V2_INPUT[0], widths=tuple(w for w, _ in DEMO_V2_BLOCKS),
+                            strides=tuple(s for _, s in DEMO_V2_BLOCKS), input_bits=bits,
+                            act_bits=bits, residual_bits=max(bits, 2) if residual else 0)
+    for block in net.blocks:
+        _randomize_block(block, generator)
+    net.eval()
+    bundle = Bundle(binary_layers=[], input_shape=DEMO_V2_INPUT, host_layers=[],
+                    model={"name": "bitdet-demo-v2", "seed": seed, "bits": bits,
+                           "residual": residual,
+                           "note": "random weights: a numerics demo, not a detector"},
+                    graph=net.to_graph(), input_bits=bits)
+    return net, bundle
+
+
+def run_demo_v2(out: str | Path = "demo.bitdet", *, seed: int = 0, images: int = 4,
+                bits: int = 2, residual: bool = True, echo=print, force: bool = False) -> bool:
+    """The v2 demo: the float network, its folded golden graph and the reloaded bundle give
+    the same levels at every node (printed per node). True when all match. The emulator
+    and the RTL run contract v1 (1-bit chains) only: the v2 bundle is not run on them."""
+    from .files import atomic_path, check_new_file
+    check_new_file(out, force=force)
+    net, bundle = build_demo_v2(seed, bits=bits, residual=residual)
+    path = Path(out)
+    with atomic_path(path) as tmp:
+        bundle.save(tmp)
+    loaded = load_bundle(path)
+    generator = torch.Generator().manual_seed(seed + 1)
+    levels = torch.randint(0, 1 << bits, (images, *DEMO_V2_INPUT), generator=generator,
+                           dtype=torch.int32)
+    with torch.no_grad():
+        values = net.intermediates(net.input_grid.dequantize(levels))
+    folded = bundle.run_graph(levels)
+    reloaded = loaded.run_graph(levels)
+    echo(f"bitdet demo: random contract-v2 network (seed {seed}), {bits}-bit maps, "
+         f"{'an n-bit residual stream' if residual else 'shortcuts from each block input'}, "
+         f"{images} random inputs {'×'.join(map(str, DEMO_V2_INPUT))}, bundle {path} "
+         f"(format {loaded.format_version}, {path.stat().st_size} bytes)")
+    header = (f"{'node':10} {'op':6} {'out':>10} {'bits':>4} {'shortcut':>14} {'flipped':>7} "
+              f"{'float=folded=bundle':>20}")
+    echo(header)
+    echo("-" * len(header))
+    ok = True
+    for node in loaded.nodes():
+        got, again = folded[node.name], reloaded[node.name]
+        mismatches = int((got != again).sum())
+        op = {"BinaryConvLayer": "conv", "PoolPass": "pool",
+              "ChannelRepeat": "repeat"}.get(type(node.op).__name__, "?")
+        bits_out = shortcut = flipped = "-"
+        if node.name in values:
+            i = int(node.name[1:].split(".")[0])
+            block = net.blocks[i]
+            quant = block.residual_quant if node.name.endswith(".res") else block.quant
+            mismatches += int((quant.recover(values[node.name]) != got).sum())
+            layer = node.op
+            bits_out = str(layer.output_bits)
+            shortcut = f"{layer.shortcut_bits}b {node.shortcut}" if layer.shortcut_bits else "-"
+            latent = torch.where(block.conv.weight >= 0, 1.0, -1.0)
+            flipped = str(int((layer.weights != latent).flatten(1).any(dim=1).sum()))
+        ok &= mismatches == 0
+        verdict = "identical" if mismatches == 0 else f"{mismatches} DIFFER"
+        shape = "×".join(map(str, got.shape[1:]))
+        echo(f"{node.name:10} {op:6} {shape:>10} {bits_out:>4} {shortcut:>14} {flipped:>7} "
+             f"{verdict:>20}")
+    requirements = loaded.requirements()
+    echo(f"requirements: max K {requirements.max_k}, input/shortcut bits "
+         f"{requirements.max_input_bits}/{requirements.max_shortcut_bits}, "
+         f"{requirements.live_maps} maps live at once")
+    echo("the emulator and the RTL run 1-bit chains (contract v1): this bundle is checked "
+         "against the golden model only")
+    echo("all nodes bit-exact" if ok else "MISMATCH between the float and the folded network")
     return ok
