@@ -8,8 +8,9 @@ Where the bundle fits, it is loaded into the emulator and ``Device.detect`` runs
 DigitScenes test images: emulator frames/s (host wall clock, the whole pipeline), link
 bytes per frame each way, and the cycles the emulated device reported (checked equal to
 the model). ``estimated fps = clock_hz / busy cycles``; ``link fps = baud / 10 / bytes``
-(a UART byte is 10 bits); a board does at most the smaller of the two, since this
-protocol sends a frame's input, runs it, then reads its output.
+(a UART byte is 10 bits); ``fps`` is what a board does with both: this protocol sends a
+frame's input, runs it, then reads its output, so a frame takes the link's time plus the
+device's (``1 / (1/est + 1/link)``).
 
 Next to every preset the bundle fits, rows measure the same build with the weights
 streamed per layer (``Device.load(mode="streamed")``: every conv's weights and thresholds
@@ -151,7 +152,7 @@ def main(argv=None) -> int:  # noqa: C901
 
     header = (f"{'config':<18}{'weights':<10}{'clock':>6}{'baud':>9}{'cycles/frame':>14}"
               f"{'est fps':>10}{'B out/frame':>13}{'of it W':>9}{'B in/frame':>12}"
-              f"{'link fps':>10}{'emu fps':>9}{'rtl s/frame':>13}")
+              f"{'link fps':>10}{'fps':>8}{'emu fps':>9}{'rtl s/frame':>13}")
     print(header)
     table = [r for preset in rows
              for r in [preset] + [v for v in variants_rows if v["preset"] == preset["config"]]]
@@ -160,8 +161,8 @@ def main(argv=None) -> int:  # noqa: C901
         print(f"{r['config']:<18}{r['mode'] if fits else '-':<10}{r['clock_hz'] / 1e6:>5g}M"
               f"{r['baud']:>9}{r['busy_cycles']:>14}{r['estimated_fps']:>10.1f}"
               + (f"{r['bytes_out']:>13}{r['weight_bytes']:>9}{r['bytes_in']:>12}"
-                 f"{r['link_limited_fps']:>10.1f}{r['emulator_fps']:>9.1f}" if fits
-                 else f"{'-':>13}{'-':>9}{'-':>12}{'-':>10}{'-':>9}")
+                 f"{r['link_limited_fps']:>10.1f}{r['fps']:>8.1f}{r['emulator_fps']:>9.1f}"
+                 if fits else f"{'-':>13}{'-':>9}{'-':>12}{'-':>10}{'-':>8}{'-':>9}")
               + (f"{r['rtl_seconds_per_frame']:>13.1f}" if "rtl_seconds_per_frame" in r
                  else f"{'-':>13}"))
     for r in table:

@@ -96,13 +96,16 @@ def pick_config(bundle, config=None):
 
 
 def frame_rates(config, busy_cycles: int, link_bytes: int) -> dict:
-    """Estimated frames/s from the device cycles at the config's clock, and the frame rate
-    the link allows at its baud rate (10 bits per byte on a UART)."""
+    """Frames/s of the device alone (``estimated_fps``: its cycles at the config's clock),
+    of the link alone (``link_limited_fps``: the frame's bytes at the baud rate, 10 bits a
+    byte on a UART), and of the two together (``fps``): the protocol sends a frame's input,
+    runs its passes, then reads its output, so link and device take turns and a frame takes
+    the sum of the two times (not the longer of them)."""
     compute = config.clock_hz / busy_cycles if busy_cycles else math.inf
     link = config.baud / UART_BITS_PER_BYTE / link_bytes if link_bytes else math.inf
     return {"clock_hz": config.clock_hz, "baud": config.baud,
             "estimated_fps": compute, "link_limited_fps": link,
-            "fps": min(compute, link)}
+            "fps": 1 / (1 / compute + 1 / link)}
 
 
 def _annotate(result, scale_to: int = 512):
@@ -249,7 +252,8 @@ def format_report(report: dict) -> str:
                      f"{', '.join(streamed) or 'no layer after the first frame'}")
     lines.append(f"estimated {dev['estimated_fps']:.1f} frames/s at {dev['clock_hz'] / 1e6:g} "
                  f"MHz; link-limited {dev['link_limited_fps']:.1f} frames/s at "
-                 f"{dev['baud']} Bd")
+                 f"{dev['baud']} Bd; {dev['fps']:.1f} frames/s the two together (the link "
+                 "and the device take turns)")
     return "\n".join(lines)
 
 
