@@ -278,6 +278,26 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_import(args) -> int:
+    from .files import OutputExists
+    try:
+        from .qonnx_import import QonnxImportError, _CheckFailed, import_to_file
+        import_to_file(args.model, args.out, force=args.force, inputs=args.inputs,
+                       seed=args.seed)
+    except ModuleNotFoundError as e:
+        print(f"bitdet: error: bitdet import needs {e.name}, which is not installed: "
+              'pip install -e ".[import]"', file=sys.stderr)
+        return 2
+    except _CheckFailed:
+        print("bitdet: error: the imported bundle differs from qonnx; nothing written",
+              file=sys.stderr)
+        return 1
+    except (QonnxImportError, OutputExists) as e:
+        print(f"bitdet: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 @_user_errors
 def _cmd_eval(args) -> int:
     from .data import make_digitscenes
@@ -566,6 +586,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bundle file to write (.bitdet; never the checkpoint itself)")
     export.add_argument("--force", action="store_true", help="replace --out if it exists")
     export.set_defaults(func=_cmd_export)
+
+    imp = sub.add_parser(
+        "import", help="import a QONNX (Brevitas) binary network into a bundle, checked "
+        "against qonnx", description="Fold a QONNX model (e.g. brevitas.export.export_qonnx) "
+        "into a bundle, run it and qonnx on random inputs, compare every quantized tensor and "
+        "write the bundle only if all are equal (docs/import.md; needs .[import]).")
+    imp.add_argument("model", help="a QONNX .onnx file")
+    imp.add_argument("--out", required=True, help="bundle file to write (.bitdet)")
+    imp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    imp.add_argument("--inputs", type=_positive, default=3,
+                     help="random inputs of the check (default 3)")
+    imp.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    imp.set_defaults(func=_cmd_import)
 
     sim = sub.add_parser("sim", help="RTL simulation of the accelerator (cocotb)")
     sim_sub = sim.add_subparsers(dest="sim_command", metavar="ACTION", required=True)

@@ -1,0 +1,997 @@
+"""Import a QONNX binary network (Brevitas ``export_qonnx``) into a bitdet bundle.
+
+``bitdet import MODEL.onnx --out F.bitdet`` (docs/import.md). The graph is cleaned up with
+``qonnx.util.cleanup.cleanup_model`` and read pattern by pattern:
+
+* a **binary conv**: ``Conv`` whose weights are a 1-bit quantizer (``BipolarQuant``, or
+  ``Quant``/``IntQuant`` at 1 bit with values ±s per output channel) of an initializer, on a
+  quantized map (optionally through ``Pad`` with a level's value, or ``MaxPool``), followed
+  by elementwise ops (``BatchNormalization``, ``Mul``, ``Add``, ``Sub``, ``Div``, ``Relu``;
+  one ``Add`` may take a quantized map: the residual shortcut) and an activation quantizer
+  (``BipolarQuant``, ``MultiThreshold``, ``Quant``/``IntQuant`` of 1…4 bits). The epilogue is
+  folded by enumeration (:func:`bitdet.core.fold.fold_levels`): it is evaluated by
+  qonnx/onnxruntime itself on every accumulator value and shortcut level;
+* ``MaxPool`` of a quantized map (a pool pass, or the layer's pool in a chain);
+* a **host stem**: a ``Conv`` with integer (``Quant`` ≤ 8 bits) weights on the graph input
+  (integer pixels) or on an input ``Quant`` of ≤ 8 bits, then the epilogue and a quantizer:
+  a ``conv_threshold`` host layer folded by :func:`bitdet.core.fold.fold_integer_epilogue`;
+* a **host head**: a ``Conv`` with real-valued weights on the last quantized map, optionally
+  followed by per-channel affine ops, ending the graph: a ``conv_affine`` host layer (int8);
+* no stem: the graph input quantized straight away (1…4 bits) is the bundle's input map.
+
+Anything else is refused with one line naming the node, its op type and why
+(:class:`QonnxImportError`). :func:`check_bundle` runs the bundle on the golden model and
+``qonnx.core.onnx_exec.execute_onnx`` on the original graph and compares every quantized
+tensor (the bundle's levels mapped back to the QONNX values).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bitdet.core.bundle import Bundle, HostLayer
+from bitdet.core.fold import fold_integer_epilogue, fold_levels, weight_sums
+from bitdet.core.golden import BinaryConvLayer, GraphNode, PoolPass, run_layer
+
+__all__ = ["CheckReport", "ImportResult", "QonnxImportError", "check_bundle", "import_qonnx",
+           "import_to_file"]
+
+QUANTIZERS = ("BipolarQuant", "Quant", "IntQuant", "MultiThreshold")
+ELEMENTWISE = ("BatchNormalization", "Mul", "Add", "Sub", "Div", "Relu")
+SUPPORTED = (*QUANTIZERS, *ELEMENTWISE, "Conv", "MaxPool", "Pad")
+MAX_BITS = 4            # activation levels the accelerator holds (contract v2)
+STEM_BITS = 8           # host stem: int8 weights, ≤ 8-bit input codes
+
+
+class QonnxImportError(ValueError):
+    """The graph is not an importable binary network (one line, names the node)."""
+
+
+def _fail(node, why: str):
+    """One line naming the node (its name in the file: cleanup renames nodes) and why."""
+    name = node.doc_string[len(_NAME_TAG):] if node.doc_string.startswith(_NAME_TAG) \
+        else node.name
+    raise QonnxImportError(f"node {name!r} ({node.op_type}): {why}")
+
+
+_NAME_TAG = "bitdet-import-name:"
+
+
+@dataclass
+class QMap:
+    """How a quantized tensor's values follow from its levels: ``values[c, level]``
+    (float32, one row per channel or one row for all)."""
+
+    bits: int
+    values: np.ndarray
+    code_min: int = 0          # Quant: integer code = level + code_min
+    zero: float = 0.0          # Quant: zero point (value = (code − zero)·scale)
+
+    @property
+    def count(self) -> int:
+        return self.values.shape[1]
+
+    def to_values(self, levels: np.ndarray) -> np.ndarray:
+        """Level map N×C×H×W → the QONNX values."""
+        levels = np.asarray(levels, dtype=np.int64)
+        table = np.broadcast_to(self.values, (levels.shape[1], self.count))
+        return table[np.arange(levels.shape[1])[None, :, None, None], levels]
+
+    def to_levels(self, values: np.ndarray, what: str) -> np.ndarray:
+        """QONNX values N×C×… → levels; every value must be one of the levels' values."""
+        values = np.asarray(values)
+        out = np.full(values.shape, -1, dtype=np.int64)
+        shape = (1, -1) + (1,) * (values.ndim - 2)
+        for level in range(self.count):
+            column = self.values[:, level].reshape(shape)
+            out[values == column] = level
+        if (out < 0).any():
+            raise QonnxImportError(f"{what}: value {values[out < 0].flat[0]!r} is not one of "
+                                   "the quantizer's levels")
+        return out
+
+    def affine(self) -> tuple[float, float] | None:
+        """``(step, offset)`` when value = level·step + offset for every channel alike."""
+        v = self.values.astype(np.float64)
+        if v.shape[0] != 1 and not (v == v[:1]).all():
+            return None
+        step = v[0, 1] - v[0, 0] if self.count > 1 else 1.0
+        if step <= 0 or not np.array_equal(v[0], v[0, 0] + step * np.arange(self.count)):
+            return None
+        return float(step), float(v[0, 0])
+
+    def level_of(self, value: float) -> int | None:
+        hits = [lv for lv in range(self.count) if (self.values[:, lv] == value).all()]
+        return hits[0] if hits else None
+
+
+@dataclass
+class MapRef:
+    """A quantized tensor of the graph: the bundle map that holds its levels."""
+
+    node: str                  # bundle node name, "input" for the bundle input
+    qmap: QMap
+    channels: int
+    prepool_of: str | None = None     # chain: the pre-pool output of this conv node
+
+
+@dataclass
+class ImportResult:
+    bundle: Bundle
+    tensors: dict[str, MapRef]
+    model: object              # the cleaned-up qonnx ModelWrapper
+    input_kind: dict
+    head_output: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CheckReport:
+    tensors: int
+    values: int
+    inputs: int
+    difference: str | None = None
+    head_error: float | None = None
+
+    @property
+    def equal(self) -> bool:
+        return self.difference is None
+
+
+# --------------------------------------------------------------------------- the graph
+
+
+class _Graph:
+    """The cleaned-up model with producer/consumer indices."""
+
+    def __init__(self, model):
+        self.model = model
+        g = model.graph
+        self.inits = {i.name for i in g.initializer}
+        self.producer = {}
+        self.consumers: dict[str, list] = {}
+        for node in g.node:
+            for t in node.output:
+                self.producer[t] = node
+            for t in node.input:
+                if t:
+                    self.consumers.setdefault(t, []).append(node)
+        self.outputs = [o.name for o in g.output]
+        self.input = g.input[0].name
+
+    def init(self, node, index: int, what: str) -> np.ndarray:
+        if index >= len(node.input) or not node.input[index]:
+            _fail(node, f"its {what} (input {index}) is missing")
+        name = node.input[index]
+        value = self.model.get_initializer(name)
+        if value is None:
+            _fail(node, f"its {what} {name!r} is not an initializer (missing initializer or "
+                  "a computed parameter)")
+        return np.asarray(value)
+
+    def attr(self, node, name: str, default):
+        from onnx import helper
+        for a in node.attribute:
+            if a.name == name:
+                value = helper.get_attribute_value(a)
+                return value.decode() if isinstance(value, bytes) else value
+        return default
+
+    def shape(self, tensor: str) -> list[int]:
+        return list(self.model.get_tensor_shape(tensor))
+
+    def single_consumer(self, tensor: str):
+        readers = self.consumers.get(tensor, [])
+        return readers[0] if len(readers) == 1 and tensor not in self.outputs else None
+
+
+def _load(path) -> _Graph:
+    import onnx
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.util.cleanup import cleanup_model
+    try:
+        proto = onnx.load(str(path))
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise QonnxImportError(f"{path}: not a readable ONNX model ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    for i, node in enumerate(proto.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+        node.doc_string = _NAME_TAG + node.name
+    known = {i.name for i in proto.graph.initializer} | {i.name for i in proto.graph.input}
+    for node in proto.graph.node:
+        if node.op_type not in SUPPORTED:
+            _fail(node, _unsupported(node.op_type))
+        for t in node.input:
+            if t and t not in known:
+                _fail(node, f"its input {t!r} is missing (no initializer, graph input or "
+                      "earlier node makes it)")
+        known.update(node.output)
+    try:
+        model = cleanup_model(ModelWrapper(proto))
+    except Exception as e:
+        raise QonnxImportError(f"{path}: qonnx cleanup failed ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}): a missing "
+                               "initializer or an inconsistent graph?") from None
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+        if node.op_type not in SUPPORTED:
+            _fail(node, _unsupported(node.op_type))
+    if len(model.graph.input) != 1 or len(model.graph.output) != 1:
+        raise QonnxImportError(f"{path}: the graph must have one input and one output, not "
+                               f"{len(model.graph.input)} and {len(model.graph.output)}")
+    return _Graph(model)
+
+
+def _unsupported(op: str) -> str:
+    return (f"{op} is not an accelerator op and no host layer kind runs it (supported: "
+            f"{', '.join(SUPPORTED)})")
+
+
+# --------------------------------------------------------------------------- quantizers
+
+
+def _per_channel(node, value: np.ndarray, what: str) -> np.ndarray:
+    value = np.asarray(value, dtype=np.float32)
+    if value.size == 1:
+        return value.reshape(1)
+    squeezed = [d for d in value.shape if d != 1]
+    if len(squeezed) != 1 or (value.ndim >= 2 and value.shape[1] != value.size
+                              and value.ndim != 1):
+        _fail(node, f"its {what} must be a scalar or one value per channel, not shape "
+              f"{value.shape}")
+    return value.reshape(-1)
+
+
+def _qmap(graph: _Graph, node, max_bits: int = MAX_BITS) -> QMap:
+    """The level → value table of an activation quantizer node."""
+    op = node.op_type
+    if op == "BipolarQuant":
+        s = _per_channel(node, graph.init(node, 1, "scale"), "scale")
+        if (s <= 0).any():
+            _fail(node, "its scale must be positive")
+        return QMap(1, np.stack([-s, s], axis=1).astype(np.float32))
+    if op == "MultiThreshold":
+        layout = graph.attr(node, "data_layout", "")
+        if layout not in ("", "NCHW"):
+            _fail(node, f"data layout {layout!r}: bitdet reads NCHW maps (wrong layout)")
+        t = graph.init(node, 1, "thresholds")
+        if t.ndim != 2:
+            _fail(node, f"thresholds must be (C, T), not shape {t.shape}")
+        steps = t.shape[1]
+        bits = max(1, steps.bit_length())
+        scale = float(graph.attr(node, "out_scale", 1.0))
+        bias = float(graph.attr(node, "out_bias", 0.0))
+        if scale <= 0:
+            _fail(node, "out_scale must be positive")
+        values = (np.float32(scale) * np.arange(steps + 1, dtype=np.float32)
+                  + np.float32(bias))[None]
+        return _check_bits(node, QMap(bits, values.astype(np.float32)), max_bits)
+    return _int_qmap(graph, node, max_bits)
+
+
+def _int_qmap(graph: _Graph, node, max_bits: int) -> QMap:
+    s = _per_channel(node, graph.init(node, 1, "scale"), "scale")
+    z = _per_channel(node, graph.init(node, 2, "zero point"), "zero point")
+    width = graph.init(node, 3, "bit width").reshape(-1)
+    if width.size != 1 or float(width[0]) != int(width[0]) or int(width[0]) < 1:
+        _fail(node, f"bit width {width.tolist()} must be one positive integer")
+    width = int(width[0])
+    signed = int(graph.attr(node, "signed", 1))
+    narrow = int(graph.attr(node, "narrow", 0))
+    if (s <= 0).any():
+        _fail(node, "its scale must be positive")
+    if signed:
+        lo, hi = -(1 << (width - 1)) + narrow, (1 << (width - 1)) - 1
+    else:
+        lo, hi = 0, (1 << width) - 1 - narrow
+    if hi <= lo:
+        _fail(node, f"a {width}-bit quantizer with signed={signed}, narrow={narrow} has one "
+              "level")
+    if width > max_bits:
+        _fail(node, f"{width}-bit activations: the accelerator's levels have 1…{max_bits} bits")
+    codes = np.arange(lo, hi + 1, dtype=np.float32)
+    values = (codes[None, :] - z[:, None]) * s[:, None]
+    zero = float(z[0]) if z.size == 1 else float("nan")
+    return QMap(width, values.astype(np.float32), code_min=lo, zero=zero)
+
+
+def _check_bits(node, qmap: QMap, max_bits: int) -> QMap:
+    if qmap.bits > max_bits:
+        _fail(node, f"{qmap.bits}-bit activations: the accelerator's levels have 1…{max_bits} "
+              "bits")
+    if qmap.count > 1 and (np.diff(qmap.values.astype(np.float64), axis=1) <= 0).any():
+        _fail(node, "its levels' values must rise with the level")
+    return qmap
+
+
+# --------------------------------------------------------------------------- epilogues
+
+
+def _subgraph_runner(graph: _Graph, nodes, x_name: str, shortcut: str | None, out_name: str):
+    """Run ``nodes`` (elementwise epilogue and quantizer) alone with qonnx, as in the model."""
+    from onnx import TensorProto, helper
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.transformation.infer_shapes import InferShapes
+    names = {t for n in nodes for t in n.input if t} - {x_name, shortcut}
+    inits = [i for i in graph.model.graph.initializer if i.name in names]
+    cache = {}
+
+    def run(x: np.ndarray, sc: np.ndarray | None = None) -> np.ndarray:
+        key = x.shape
+        if key not in cache:
+            inputs = [helper.make_tensor_value_info(x_name, TensorProto.FLOAT, list(x.shape))]
+            if shortcut is not None:
+                inputs.append(helper.make_tensor_value_info(shortcut, TensorProto.FLOAT,
+                                                            list(x.shape)))
+            out = [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, list(x.shape))]
+            g = helper.make_graph(list(nodes), "epilogue", inputs, out, initializer=inits)
+            m = helper.make_model(g, opset_imports=graph.model.model.opset_import)
+            cache[key] = ModelWrapper(m).transform(InferShapes())
+        feed = {x_name: x.astype(np.float32)}
+        if shortcut is not None:
+            feed[shortcut] = sc.astype(np.float32)
+        return np.asarray(execute_onnx(cache[key], feed)[out_name])
+    return run
+
+
+def _follow_epilogue(graph: _Graph, conv):
+    """Elementwise nodes after ``conv`` up to its activation quantizer: (nodes, shortcut
+    tensor or None, quantizer node or None, the last tensor)."""
+    t, nodes, shortcut = conv.output[0], [], None
+    while True:
+        if t in graph.outputs:
+            return nodes, shortcut, None, t
+        readers = graph.consumers.get(t, [])
+        if len(readers) != 1:
+            _fail(conv, f"its real-valued output {t!r} is read by {len(readers)} nodes: only "
+                  "quantized maps may branch")
+        node = readers[0]
+        if node.op_type in QUANTIZERS and node.input[0] == t:
+            return nodes, shortcut, node, t
+        if node.op_type not in ELEMENTWISE:
+            _fail(node, f"{node.op_type} between conv {conv.name!r} and its activation "
+                  "quantizer: only elementwise ops (BatchNormalization, Mul, Add, Sub, Div, "
+                  "Relu) may sit there (move a MaxPool after the quantizer)")
+        dynamic = [i for i in node.input if i and i not in graph.inits and i != t]
+        if dynamic:
+            if node.op_type != "Add" or len(dynamic) != 1 or shortcut is not None:
+                _fail(node, "only one Add per layer may take a second tensor (the residual "
+                      "shortcut); other parameters must be initializers")
+            shortcut = dynamic[0]
+        if node.op_type == "BatchNormalization":
+            for i in range(1, 5):
+                graph.init(node, i, "BatchNorm parameter")
+        nodes.append(node)
+        t = node.output[0]
+
+
+def _levels_fn(run, qmap: QMap, conv_values, shortcut_values, node):
+    """``fn(d, r)`` for fold_levels: conv values of the dots → the quantizer's levels."""
+    def fn(d, r):
+        x = conv_values(d.numpy())
+        sc = None if r is None else np.broadcast_to(shortcut_values(r), x.shape)
+        out = run(x, sc)
+        return torch.from_numpy(qmap.to_levels(out, f"node {node.name!r}"))
+    return fn
+
+
+# --------------------------------------------------------------------------- the importer
+
+
+class _Importer:
+    def __init__(self, graph: _Graph, probe: dict):
+        self.g = graph
+        self.probe = probe               # a full execution context (for weight values)
+        self.maps: dict[str, MapRef] = {}
+        self.nodes: list[GraphNode] = []
+        self.handled: set[str] = set()
+        self.stem: HostLayer | None = None
+        self.head: HostLayer | None = None
+        self.head_output: str | None = None
+        self.input_bits = 1
+        self.input_shape = None
+        self.input_kind: dict = {}
+        self.notes: list[str] = []
+
+    # -- helpers ------------------------------------------------------------------
+    def weight_quantizer(self, conv):
+        """The weight quantizer node of a conv (None: plain initializer weights)."""
+        node = self.g.producer.get(conv.input[1])
+        if node is None:
+            if conv.input[1] not in self.g.inits:
+                _fail(conv, f"its weight {conv.input[1]!r} is neither an initializer nor "
+                      "computed (missing initializer)")
+            return None
+        if node.op_type not in QUANTIZERS[:3] or node.input[0] not in self.g.inits:
+            _fail(conv, f"its weights come from {node.op_type} {node.name!r}: expected a "
+                  "quantizer of an initializer")
+        return node
+
+    def is_binary_weight(self, quant) -> bool:
+        if quant is None:
+            return False
+        if quant.op_type == "BipolarQuant":
+            return True
+        width = self.g.init(quant, 3, "bit width").reshape(-1)
+        return width.size == 1 and float(width[0]) == 1.0
+
+    def conv_geometry(self, conv) -> tuple[int, int]:
+        g = self.g
+        if int(g.attr(conv, "group", 1)) != 1:
+            _fail(conv, "grouped/depthwise convolution is not an accelerator op")
+        if any(int(v) != 1 for v in g.attr(conv, "dilations", [1, 1])):
+            _fail(conv, "dilated convolution is not an accelerator op")
+        if g.attr(conv, "auto_pad", "NOTSET") not in ("NOTSET", ""):
+            _fail(conv, "auto_pad is not supported (export explicit pads)")
+        strides = [int(v) for v in g.attr(conv, "strides", [1, 1])]
+        pads = [int(v) for v in g.attr(conv, "pads", [0, 0, 0, 0])]
+        if len(set(strides)) != 1 or len(set(pads)) != 1:
+            _fail(conv, f"strides {strides} and pads {pads} must be the same on every side")
+        return strides[0], pads[0]
+
+    def register(self, tensor: str, ref: MapRef) -> None:
+        self.maps[tensor] = ref
+
+    # -- the walk -----------------------------------------------------------------
+    def run(self):
+        for node in self.g.model.graph.node:
+            if node.name in self.handled:
+                continue
+            op = node.op_type
+            if op in QUANTIZERS:
+                if node.input[0] in self.g.inits:
+                    continue                 # a weight quantizer: read with its conv
+                self.input_quantizer(node)
+            elif op == "Conv":
+                self.conv(node)
+            elif op == "MaxPool":
+                self.maxpool(node)
+        for node in self.g.model.graph.node:
+            if node.name in self.handled or (node.op_type in QUANTIZERS[:3]
+                                             and node.input[0] in self.g.inits):
+                continue
+            _fail(node, "not part of a supported pattern (a binary conv with its epilogue "
+                  "and activation quantizer, a max-pool of a quantized map, a host stem or head)")
+        out = self.g.outputs[0]
+        if self.head is None and out not in self.maps:
+            raise QonnxImportError(f"the graph output {out!r} is neither a quantized map nor "
+                                   "a host head's output")
+        if self.head is None and self.maps[out].node != self.nodes[-1].name:
+            raise QonnxImportError(f"the graph output {out!r} is not the last node's map")
+
+    def input_quantizer(self, quant) -> None:
+        """A quantizer not after a conv: it must quantize the graph input (through
+        elementwise preprocessing); its map is the bundle's input (no stem) or the stem's."""
+        t, chain = quant.input[0], []
+        while t != self.g.input:
+            node = self.g.producer.get(t)
+            if node is None or node.op_type not in ELEMENTWISE or any(
+                    i not in self.g.inits for i in node.input[1:] if i):
+                _fail(quant, "an activation quantizer must follow a conv's epilogue or "
+                      "quantize the graph input")
+            chain.append(node)
+            t = node.input[0]
+        feeds_stem = any(r.op_type == "Conv" and not self.is_binary_weight(
+            self.weight_quantizer(r)) for r in self.g.consumers.get(quant.output[0], []))
+        qmap = _qmap(self.g, quant, STEM_BITS if feeds_stem else MAX_BITS)
+        self.handled.update(n.name for n in (*chain, quant))
+        shape = self.g.shape(quant.output[0])
+        if feeds_stem:
+            self.register(quant.output[0], MapRef("<stem input>", qmap, shape[1]))
+            self.input_kind = {"kind": "quantized", "tensor": quant.output[0],
+                               "quantizer": quant.op_type, "code_min": qmap.code_min,
+                               "zero_point": qmap.zero, "bits": qmap.bits,
+                               "step": float(qmap.values[0, 1] - qmap.values[0, 0])}
+            return
+        self.input_bits = qmap.bits
+        self.input_shape = tuple(shape[1:])
+        self.register(quant.output[0], MapRef("input", qmap, shape[1]))
+        self.input_kind = {"kind": "levels", "tensor": quant.output[0],
+                           "quantizer": quant.op_type, "bits": qmap.bits,
+                           "preprocessing": [n.op_type for n in reversed(chain)]}
+
+    def conv(self, conv) -> None:
+        quant = self.weight_quantizer(conv)
+        if quant is not None:
+            self.handled.add(quant.name)
+        self.handled.add(conv.name)
+        if self.is_binary_weight(quant):
+            self.binary_conv(conv)
+            return
+        src = conv.input[0]
+        if src == self.g.input or (src in self.maps and self.maps[src].node == "<stem input>"):
+            self.stem_conv(conv, quant)
+        elif src in self.maps:
+            self.head_conv(conv)
+        else:
+            _fail(conv, f"reads {src!r}, which is neither the graph input nor a quantized map")
+
+    def maxpool(self, node) -> None:
+        g = self.g
+        src = node.input[0]
+        if src not in self.maps or self.maps[src].node.startswith("<"):
+            _fail(node, "a MaxPool must read a quantized map (put it after the activation "
+                  "quantizer)")
+        kernel = [int(v) for v in g.attr(node, "kernel_shape", [])]
+        strides = [int(v) for v in g.attr(node, "strides", kernel)]
+        pads = [int(v) for v in g.attr(node, "pads", [0, 0, 0, 0])]
+        if (len(set(kernel)) != 1 or len(set(strides)) != 1 or any(pads)
+                or int(g.attr(node, "ceil_mode", 0))
+                or any(int(v) != 1 for v in g.attr(node, "dilations", [1, 1]))):
+            _fail(node, f"only square max-pools without padding, dilation or ceil_mode are "
+                  f"accelerator ops (kernel {kernel}, strides {strides}, pads {pads})")
+        if len(node.output) > 1 and node.output[1]:
+            _fail(node, "the Indices output is not supported")
+        ref = self.maps[src]
+        self.nodes.append(GraphNode(node.name, PoolPass(kernel[0], strides[0]), ref.node))
+        self.register(node.output[0], MapRef(node.name, ref.qmap, ref.channels))
+        self.handled.add(node.name)
+
+    def input_map(self, conv) -> tuple[MapRef, int, int]:
+        """The conv's quantized input map, its padding and the padding level."""
+        stride_pad = self.conv_geometry(conv)[1]
+        src, extra, pad_value = conv.input[0], 0, None
+        pad = self.g.producer.get(src)
+        if pad is not None and pad.op_type == "Pad":
+            extra, pad_value = self.pad(pad)
+            src = pad.input[0]
+        if src not in self.maps or self.maps[src].node.startswith("<"):
+            _fail(conv, f"a binary conv must read a quantized map, but {src!r} is not one "
+                  "(quantize the conv's input)")
+        ref = self.maps[src]
+        level = None
+        for value, width in ((0.0, stride_pad), (pad_value, extra)):
+            if not width:
+                continue
+            here = ref.qmap.level_of(value)
+            if here is None:
+                what = "zero padding" if value == 0.0 else f"padding with {value}"
+                _fail(conv, f"{what} is not a level of its input map (levels: "
+                      f"{ref.qmap.values[0].tolist()}): pad explicitly with a level's value")
+            if level is not None and here != level:
+                _fail(conv, "its Pad value and its own zero padding are different levels")
+            level = here
+        return ref, stride_pad + extra, 0 if level is None else level
+
+    def pad(self, pad) -> tuple[int, float]:
+        g = self.g
+        self.handled.add(pad.name)
+        if g.attr(pad, "mode", "constant") != "constant" or len(g.consumers[pad.output[0]]) != 1:
+            _fail(pad, "only a constant Pad read by one conv is supported")
+        pads = g.init(pad, 1, "pads").reshape(-1).tolist() if len(pad.input) > 1 \
+            else g.attr(pad, "pads", [])
+        value = float(g.init(pad, 2, "value").reshape(-1)[0]) \
+            if len(pad.input) > 2 and pad.input[2] else 0.0
+        if len(pads) != 8 or any(pads[i] for i in (0, 1, 4, 5)) or len(set(pads[2:4] + pads[6:]))\
+                != 1:
+            _fail(pad, f"pads {pads}: only the same padding on every spatial side is supported")
+        return int(pads[2]), value
+
+    def binary_conv(self, conv) -> None:
+        ref, padding, pad_level = self.input_map(conv)
+        stride, _ = self.conv_geometry(conv)
+        affine = ref.qmap.affine()
+        if affine is None:
+            _fail(conv, "its input map's values must be level·step + offset with one positive "
+                  "step for all channels")
+        step, offset = affine
+        w = np.asarray(self.probe[conv.input[1]], dtype=np.float32)
+        scale = np.abs(w).reshape(w.shape[0], -1)
+        if (scale == 0).any() or (scale != scale[:, :1]).any():
+            _fail(conv, "1-bit weights must be ±s (one magnitude per output channel)")
+        s_o = scale[:, 0].astype(np.float64)
+        if not all(_pow2(v) for v in (*s_o, step, *(np.abs(offset),) * bool(offset))):
+            self.notes.append(f"conv {conv.name!r}: weight scale {s_o[0]:g} or input step "
+                              f"{step:g} is not a power of two, so qonnx's float32 sums are "
+                              "rounded and may break ties differently (use power-of-two "
+                              "scales, e.g. a binary weight quantizer with scaling_const 1)")
+        signs = torch.from_numpy(np.where(w >= 0, 1.0, -1.0).astype(np.float32))
+        sums = weight_sums(signs)
+        bias = None
+        if len(conv.input) > 2 and conv.input[2]:
+            bias = self.g.init(conv, 2, "bias").astype(np.float32).reshape(1, -1, 1, 1)
+        nodes, shortcut, quant, _ = _follow_epilogue(self.g, conv)
+        if quant is None:
+            _fail(conv, "a binary conv needs an activation quantizer after its epilogue (a raw "
+                  "binary last layer is not imported)")
+        qmap = _qmap(self.g, quant)
+        sref = None
+        if shortcut is not None:
+            if shortcut not in self.maps or self.maps[shortcut].node.startswith("<"):
+                _fail(conv, f"its residual Add reads {shortcut!r}, which is not a quantized map")
+            sref = self.maps[shortcut]
+        run = _subgraph_runner(self.g, [*nodes, quant], conv.output[0], shortcut,
+                               quant.output[0])
+        sums64 = sums.numpy().astype(np.float64).reshape(1, -1, 1, 1)
+        s_col = s_o.reshape(1, -1, 1, 1)
+
+        def conv_values(d):
+            x = (s_col * (step * d.astype(np.float64) + offset * sums64)).astype(np.float32)
+            return x if bias is None else x + bias
+
+        def shortcut_values(r):
+            v = np.broadcast_to(sref.qmap.values[:, r], (sref.channels,))
+            return v.reshape(1, -1, 1, 1)
+
+        k = int(np.prod(w.shape[1:]))
+        try:
+            folded = fold_levels(_levels_fn(run, qmap, conv_values, shortcut_values, quant),
+                                 k=k, in_bits=ref.qmap.bits, weight_sums=sums,
+                                 out_bits=qmap.bits,
+                                 shortcut_bits=0 if sref is None else sref.qmap.bits)
+        except QonnxImportError:
+            raise
+        except ValueError as e:
+            _fail(conv, f"its epilogue cannot be folded: {e}")
+        signs = torch.where(folded.flip[:, None, None, None], -signs, signs)
+        in_bits = ref.qmap.bits
+        layer = BinaryConvLayer(
+            weights=signs, thresholds=folded.thresholds, stride=stride, padding=padding,
+            pad_value=2 * pad_level - 1 if in_bits == 1 else -1, in_bits=in_bits,
+            pad_level=pad_level, shortcut_bits=0 if sref is None else sref.qmap.bits)
+        self.nodes.append(GraphNode(conv.name, layer, ref.node,
+                                    None if sref is None else sref.node))
+        self.handled.update(n.name for n in (*nodes, quant))
+        self.register(quant.output[0], MapRef(conv.name, qmap, w.shape[0]))
+
+    # -- host layers --------------------------------------------------------------
+    def int_weights(self, conv, quant) -> tuple[np.ndarray, np.ndarray]:
+        """Integer weights (|w| ≤ 127) and the per-output-channel scale of a stem conv."""
+        w = np.asarray(self.probe[conv.input[1]], dtype=np.float32)
+        o = w.shape[0]
+        if quant is None:
+            s = np.ones(o, dtype=np.float32)
+        else:
+            if quant.op_type == "BipolarQuant":
+                _fail(conv, "a host stem needs integer weights")
+            s = np.broadcast_to(_per_channel(quant, self.g.init(quant, 1, "scale"), "scale"),
+                                (o,)).astype(np.float32)
+            z = self.g.init(quant, 2, "zero point")
+            if (np.asarray(z) != 0).any():
+                _fail(conv, "a host stem's weight quantizer must have zero point 0")
+        q = w / s.reshape(-1, 1, 1, 1)
+        if not np.array_equal(q, np.round(q)) or np.abs(q).max() > 127 or not np.array_equal(
+                q * s.reshape(-1, 1, 1, 1), w):
+            _fail(conv, "the host stem runs in fixed point: its weights must be integers of at "
+                  "most 8 bits times a per-channel scale (Brevitas QuantConv2d with "
+                  "weight_bit_width ≤ 8); float weights are not imported")
+        return q.astype(np.int64), s
+
+    def stem_conv(self, conv, quant) -> None:
+        if self.stem is not None or self.nodes:
+            _fail(conv, "only the first conv may be a host stem (a real-valued conv in the "
+                  "middle of the network is not an accelerator op)")
+        q, s_w = self.int_weights(conv, quant)
+        stride, padding = self.conv_geometry(conv)
+        src = conv.input[0]
+        if src == self.g.input:
+            lo_code, hi_code, zero, s_x = 0, 255, 0, 1.0
+            self.input_kind = {"kind": "integer pixels", "range": [0, 255]}
+        else:
+            qm = self.maps[src].qmap
+            affine = qm.affine()
+            if affine is None or not float(qm.zero).is_integer():
+                _fail(conv, "the stem's input quantizer must have one scale and an integer "
+                      "zero point")
+            s_x, zero = affine[0], int(qm.zero)
+            lo_code, hi_code = qm.code_min, qm.code_min + qm.count - 1
+        nodes, shortcut, out_quant, _ = _follow_epilogue(self.g, conv)
+        if out_quant is None or shortcut is not None:
+            _fail(conv, "the host stem must end in an activation quantizer (no shortcut)")
+        qmap = _qmap(self.g, out_quant)
+        bias = None
+        if len(conv.input) > 2 and conv.input[2]:
+            bias = self.g.init(conv, 2, "bias").astype(np.float32).reshape(1, -1, 1, 1)
+        run = _subgraph_runner(self.g, [*nodes, out_quant], conv.output[0], None,
+                               out_quant.output[0])
+        lo_x, hi_x = lo_code - zero, hi_code - zero
+        flat = q.reshape(q.shape[0], -1)
+        lo = int(np.minimum(flat * lo_x, flat * hi_x).sum(axis=1).min())
+        hi = int(np.maximum(flat * lo_x, flat * hi_x).sum(axis=1).max())
+        col = (s_w.astype(np.float64) * s_x).reshape(1, -1, 1, 1)
+
+        def fn(acc):
+            x = (acc.numpy().astype(np.float64) * col).astype(np.float32)
+            x = x if bias is None else x + bias
+            return torch.from_numpy(qmap.to_levels(run(x), f"node {out_quant.name!r}"))
+
+        try:
+            thresholds, sign = fold_integer_epilogue(fn, lo=lo, hi=hi, channels=q.shape[0],
+                                                     n_levels=qmap.count - 1)
+        except QonnxImportError:
+            raise
+        except ValueError as e:
+            _fail(conv, f"its epilogue cannot be folded: {e}")
+        if qmap.count != 1 << qmap.bits:
+            _fail(out_quant, "the stem's quantizer must use all 2**bits levels")
+        self.stem = HostLayer(
+            name="stem", kind="conv_threshold", stride=stride, padding=padding,
+            attrs={"zero_point": zero},
+            arrays={"weight": q.astype(np.int8), "thresholds": thresholds.numpy().astype(np.int32),
+                    "sign": sign.numpy().astype(np.int8)})
+        self.handled.update(n.name for n in (*nodes, out_quant))
+        self.input_bits = qmap.bits
+        self.input_shape = tuple(self.g.shape(out_quant.output[0])[1:])
+        self.register(out_quant.output[0], MapRef("input", qmap, q.shape[0]))
+
+    def head_conv(self, conv) -> None:
+        ref = self.maps[conv.input[0]]
+        if not self.nodes or ref.node != self.nodes[-1].name:
+            _fail(conv, "a real-valued conv runs on the host only as the head, on the last "
+                  "binary node's map")
+        stride, padding = self.conv_geometry(conv)
+        nodes, shortcut, quant, last = _follow_epilogue(self.g, conv)
+        if quant is not None or shortcut is not None or last not in self.g.outputs:
+            _fail(conv, "the host head must end the graph (affine per-channel ops only after "
+                  "it)")
+        w = np.asarray(self.probe[conv.input[1]], dtype=np.float64)
+        o = w.shape[0]
+        b = np.zeros(o) if len(conv.input) < 3 or not conv.input[2] else \
+            self.g.init(conv, 2, "bias").astype(np.float64).reshape(-1)
+        gain, shift = np.ones(o), np.zeros(o)
+        if nodes:
+            run = _subgraph_runner(self.g, nodes, conv.output[0], None, last)
+            grid = np.broadcast_to(np.array([0.0, 1.0, 2.0]).reshape(1, 1, 3, 1), (1, o, 3, 1))
+            y = run(np.ascontiguousarray(grid)).astype(np.float64)[0, :, :, 0]
+            shift, gain = y[:, 0], y[:, 1] - y[:, 0]
+            if not np.allclose(y[:, 2], shift + 2 * gain, rtol=1e-5, atol=1e-6):
+                _fail(conv, "the ops after the host head must be affine per channel")
+        v = np.broadcast_to(ref.qmap.values.astype(np.float64), (ref.channels, ref.qmap.count))
+        if ref.qmap.bits == 1:        # the head reads ±1: value = mid + half·u
+            p, c = (v[:, 1] - v[:, 0]) / 2, (v[:, 1] + v[:, 0]) / 2
+        else:                         # the head reads levels: value = v0 + step·u
+            p, c = v[:, 1] - v[:, 0], v[:, 0]
+        if padding and np.any(c != 0):
+            _fail(conv, "a padded host head needs inputs whose zero is a level")
+        w_eff = gain.reshape(-1, 1, 1, 1) * w * p.reshape(1, -1, 1, 1)
+        bias_eff = gain * (b + (w * c.reshape(1, -1, 1, 1)).sum(axis=(1, 2, 3))) + shift
+        scale = np.abs(w_eff).reshape(o, -1).max(axis=1) / 127
+        scale = np.where(scale > 0, scale, 1.0)
+        w_int = np.round(w_eff / scale.reshape(-1, 1, 1, 1))
+        bias_int = np.round(bias_eff / scale)
+        if np.abs(bias_int).max(initial=0) >= 2 ** 31:
+            _fail(conv, "the head's bias does not fit the fixed-point head (int32)")
+        self.head = HostLayer(
+            name="head", kind="conv_affine", stride=stride, padding=padding,
+            arrays={"weight": w_int.astype(np.int8), "bias": bias_int.astype(np.int32),
+                    "scale": scale.astype(np.float32)})
+        self.head_output = last
+        self.handled.update(n.name for n in nodes)
+
+
+def _pow2(value: float) -> bool:
+    mantissa, _ = np.frexp(value)
+    return value > 0 and mantissa == 0.5
+
+
+def _chain(nodes: list[GraphNode]):
+    """A graph that is a plain chain (each node reads the previous, no shortcut, pools right
+    after their conv): its layers with the pools merged, and the names; else None."""
+    layers, names = [], []
+    for i, node in enumerate(nodes):
+        previous = nodes[i - 1].name if i else "input"
+        if node.input != previous or node.shortcut is not None:
+            return None
+        if isinstance(node.op, PoolPass):
+            if not layers or layers[-1].pool is not None or not isinstance(nodes[i - 1].op,
+                                                                          BinaryConvLayer):
+                return None
+            stride = node.op.stride or node.op.kernel
+            layers[-1] = dataclasses.replace(layers[-1], pool=(node.op.kernel, stride))
+            names[-1] = (names[-1], node.name)
+            continue
+        layers.append(node.op)
+        names.append(node.name)
+    return layers, names
+
+
+def _metadata(graph: _Graph, path, importer: _Importer) -> dict:
+    props = {p.key: p.value for p in graph.model.model.metadata_props}
+    model = {"name": graph.model.graph.name or Path(path).stem, "source": "qonnx import",
+             "source_file": Path(path).name, "input": importer.input_kind,
+             "task": "features"}
+    if "bitdet.grid_stride" in props:       # the model says it is a detector
+        model.update(task="detection", grid_stride=int(props["bitdet.grid_stride"]))
+        if "bitdet.classes" in props:
+            model["classes"] = json.loads(props["bitdet.classes"])
+        if "bitdet.decode_prior" in props:
+            model["decode"] = {"prior": float(props["bitdet.decode_prior"])}
+    elif "bitdet.task" in props:
+        model["task"] = props["bitdet.task"]
+    return model
+
+
+def _probe(graph: _Graph):
+    from qonnx.core.onnx_exec import execute_onnx
+    shape = graph.shape(graph.input)
+    try:
+        return execute_onnx(graph.model, {graph.input: np.zeros(shape, dtype=np.float32)},
+                            return_full_exec_context=True)
+    except Exception as e:
+        raise QonnxImportError(f"qonnx cannot execute the graph ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def import_qonnx(path: str | os.PathLike) -> ImportResult:
+    """Read a QONNX model and fold it into a bundle (not checked, not written)."""
+    graph = _load(path)
+    shape = graph.shape(graph.input)
+    if len(shape) != 4:
+        raise QonnxImportError(f"the graph input {graph.input!r} must be N×C×H×W (NCHW), not "
+                               f"shape {shape} (wrong layout)")
+    importer = _Importer(graph, _probe(graph))
+    importer.run()
+    if not importer.nodes or importer.input_shape is None:
+        raise QonnxImportError("the graph has no binary conv (nothing runs on the accelerator)")
+    host = [h for h in (importer.stem, importer.head) if h is not None]
+    common = {"input_shape": importer.input_shape, "host_layers": host,
+              "model": _metadata(graph, path, importer), "input_bits": importer.input_bits}
+    tensors = dict(importer.maps)
+    chain = _chain(importer.nodes)
+    if chain is not None:
+        layers, names = chain
+        bundle = Bundle(binary_layers=layers, layer_names=[n if isinstance(n, str) else n[0]
+                                                           for n in names], **common)
+        if bundle.uses_v2():
+            chain = None
+        else:
+            for ref in tensors.values():     # a merged pool: its conv's map is pre-pool
+                for n in names:
+                    if isinstance(n, tuple) and ref.node == n[0]:
+                        ref.prepool_of = n[0]
+                    elif isinstance(n, tuple) and ref.node == n[1]:
+                        ref.node = n[0]
+    if chain is None:
+        bundle = Bundle(binary_layers=[], graph=importer.nodes, **common)
+    tensors = {t: r for t, r in tensors.items() if not r.node.startswith("<")}
+    bundle.validate()
+    return ImportResult(bundle, tensors, graph.model, importer.input_kind,
+                        importer.head_output, importer.notes)
+
+
+# --------------------------------------------------------------------------- the check
+
+
+def _random_input(result: ImportResult, shape, rng) -> np.ndarray:
+    kind = result.input_kind
+    if kind.get("kind") == "integer pixels":
+        return rng.integers(0, 256, size=shape).astype(np.float32)
+    tensor = kind.get("tensor")
+    ref = result.tensors.get(tensor)
+    qmap = ref.qmap if ref is not None else None
+    if qmap is None:          # the stem's input quantizer (not a bundle map)
+        return (rng.standard_normal(shape) * 2).astype(np.float32)
+    if kind.get("preprocessing") or qmap.values.shape[0] != 1:
+        v = qmap.values
+        return (rng.uniform(v.min() * 1.2, v.max() * 1.2, size=shape)).astype(np.float32)
+    levels = rng.integers(0, qmap.count, size=shape)
+    return qmap.values[0][levels].astype(np.float32)
+
+
+def _stem_input(result: ImportResult, ctx, x: np.ndarray) -> torch.Tensor:
+    """What the bundle's stem reads: integer pixels, or the input quantizer's codes."""
+    kind = result.input_kind
+    if kind.get("kind") == "integer pixels":
+        return torch.from_numpy(x.astype(np.int64))
+    values = np.asarray(ctx[kind["tensor"]], dtype=np.float64)
+    step = kind["step"]
+    codes = np.round(values / step + kind["zero_point"])
+    return torch.from_numpy(codes.astype(np.int64))
+
+
+def check_bundle(result: ImportResult, bundle: Bundle, *, inputs: int = 3,
+                 seed: int = 0) -> CheckReport:
+    """Run ``bundle`` (golden model) and the QONNX graph (``execute_onnx``) on random
+    inputs; compare every quantized tensor bit for bit (the bundle's levels mapped to the
+    QONNX values). The head's float output is compared for information only."""
+    from qonnx.core.onnx_exec import execute_onnx
+    model = result.model
+    name = model.graph.input[0].name
+    shape = list(model.get_tensor_shape(name))
+    rng = np.random.default_rng(seed)
+    report = CheckReport(tensors=len(result.tensors), values=0, inputs=inputs)
+    head_error = 0.0
+    for i in range(inputs):
+        x = _random_input(result, shape, rng)
+        ctx = execute_onnx(model, {name: x}, return_full_exec_context=True)
+        maps = _bundle_maps(result, bundle, ctx, x)
+        for tensor, ref in result.tensors.items():
+            key = f"{ref.node}@prepool" if ref.prepool_of else ref.node
+            got = ref.qmap.to_values(maps[key].numpy())
+            want = np.asarray(ctx[tensor])
+            report.values += want.size
+            diff = got != want
+            if got.shape != want.shape or diff.any():
+                report.difference = _describe(tensor, ref, i, got, want, diff)
+                return report
+        if bundle.host_layers and any(h.name == "head" for h in bundle.host_layers):
+            last = maps[bundle.nodes()[-1].name]
+            head = bundle.head(last).numpy()
+            want = np.asarray(ctx[result.head_output])
+            head_error = max(head_error, float(np.abs(head - want).max()))
+            report.head_error = head_error
+    return report
+
+
+def _bundle_maps(result: ImportResult, bundle: Bundle, ctx, x) -> dict:
+    """Every bundle map by node name (``input`` too; a merged pool's conv: pre-pool)."""
+    if any(h.name == "stem" for h in bundle.host_layers):
+        levels = bundle.stem(_stem_input(result, ctx, x)).to(torch.int32)
+    else:
+        ref = result.tensors[result.input_kind["tensor"]]
+        levels = torch.from_numpy(ref.qmap.to_levels(ctx[result.input_kind["tensor"]],
+                                                     "the input").astype(np.int32))
+    maps = dict(bundle.run_graph(levels))
+    maps["input"] = levels
+    if bundle.graph is None:
+        for i, (lname, layer) in enumerate(zip(bundle.layer_names, bundle.binary_layers,
+                                               strict=True)):
+            if layer.pool is not None:
+                source = maps[bundle.layer_names[i - 1]] if i else levels
+                if layer.in_bits == 1:
+                    source = source.to(torch.float32) * 2 - 1
+                maps[f"{lname}@prepool"] = run_layer(source,
+                                                     dataclasses.replace(layer, pool=None))
+    return maps
+
+
+def _describe(tensor, ref, i, got, want, diff) -> str:
+    if got.shape != want.shape:
+        return (f"tensor {tensor!r} (bundle map {ref.node!r}): shape {got.shape} but qonnx "
+                f"{want.shape} on input {i}")
+    index = tuple(int(v) for v in np.argwhere(diff)[0])
+    return (f"tensor {tensor!r} (bundle map {ref.node!r}) differs on random input {i} at "
+            f"{index}: qonnx {float(want[index])!r}, bundle {float(got[index])!r} "
+            f"({int(diff.sum())} of {diff.size} values)")
+
+
+def import_to_file(path, out, *, force: bool = False, inputs: int = 3, seed: int = 0,
+                   log=print) -> CheckReport:
+    """Import, save to a temporary file beside ``out``, load it back, check it against
+    qonnx; only an equal bundle is renamed to ``out`` (nothing written otherwise)."""
+    from bitdet.core.bundle import load
+
+    from .files import atomic_path, check_new_file
+    check_new_file(out, force=force, inputs=[path])
+    result = import_qonnx(path)
+    with atomic_path(out) as tmp:
+        result.bundle.save(tmp)
+        saved = load(tmp)
+        report = check_bundle(result, saved, inputs=inputs, seed=seed)
+        bundle = saved
+        host = ", ".join(h.name for h in bundle.host_layers) or "none"
+        log(f"{path}: {len(bundle.binary_layers)} binary layers "
+            f"({', '.join(bundle.layer_names)}), host layers {host}, input "
+            f"{'×'.join(map(str, bundle.input_shape))} {bundle.input_bits}-bit, "
+            f"format {bundle.format_version}")
+        if not report.equal:
+            log(f"check: {report.tensors} quantized tensors on {report.inputs} random inputs: "
+                f"DIFFERENT: {report.difference}")
+            for note in result.notes:
+                log(f"note: {note}")
+            raise _CheckFailed(report)
+        log(f"check: {report.tensors} quantized tensors on {report.inputs} random inputs, "
+            f"{report.values} values: all equal to qonnx execute_onnx")
+        if report.head_error is not None:
+            log(f"head (fixed point, informational): max |bundle − qonnx| = "
+                f"{report.head_error:.4g}")
+    log(f"wrote {out}")
+    return report
+
+
+class _CheckFailed(Exception):
+    def __init__(self, report: CheckReport):
+        super().__init__(report.difference)
+        self.report = report
