@@ -974,7 +974,7 @@ def load(path: str | os.PathLike) -> Bundle:
     return bundle
 
 
-def _from_manifest(manifest: dict, reader: _Reader) -> Bundle:  # noqa: C901
+def _from_manifest(manifest: dict, reader: _Reader) -> Bundle:
     source = reader.source
     where = f"{source}: manifest"
     word_bits = _get(manifest, "weight_word_bits", int, where)
@@ -994,31 +994,7 @@ def _from_manifest(manifest: dict, reader: _Reader) -> Bundle:  # noqa: C901
             raise BundleError(f"{at}: must be a JSON object")
         names.append(_get(record, "name", str, at))
         at = f"{at} ({names[-1]!r})"
-        c = _get(record, "in_channels", int, at)
-        o = _get(record, "out_channels", int, at)
-        kernel = _get(record, "kernel", list, at)
-        if len(kernel) != 2 or not all(isinstance(v, int) and v > 0 for v in kernel):
-            raise BundleError(f"{at}: kernel must be [kh, kw] positive, not {kernel!r}")
-        if c < 1 or o < 1:
-            raise BundleError(f"{at}: channel counts must be positive, not {c} and {o}")
-        pool = _get(record, "pool", (list, type(None)), at)
-        if pool is not None and (len(pool) != 2 or not all(isinstance(v, int) for v in pool)):
-            raise BundleError(f"{at}: pool must be [kernel, stride] or null, not {pool!r}")
-        output = _get(record, "output", str, at)
-        if output not in ("bits", "raw"):
-            raise BundleError(f"{at}: output must be 'bits' or 'raw', not {output!r}")
-        kh, kw = kernel
-        packed = reader.array(_get(record, "weights", str, at), at, "uint8")
-        expected = (o, kh, kw, packing.packed_width(c, STORAGE_WORD_BITS))
-        if packed.shape != expected:
-            raise BundleError(f"{at}: weights array has shape {packed.shape}, but {o} output "
-                              f"channels, {c} input channels and a {kh}×{kw} kernel need "
-                              f"{expected}")
-        try:
-            weights = packing.unpack_weights(packed.reshape(o, kh * kw * expected[3], 1, 1),
-                                             (o, c, kh, kw), word_bits=STORAGE_WORD_BITS)
-        except ValueError as e:
-            raise BundleError(f"{at}: {e}") from None
+        c, _o, (kh, kw), pool, output, weights = _conv_record(record, reader, at)
         thresholds = None
         if output == "bits":
             t = reader.array(_get(record, "thresholds", str, at), at, "int32")
@@ -1044,9 +1020,9 @@ def _from_manifest(manifest: dict, reader: _Reader) -> Bundle:  # noqa: C901
                   layer_names=names, model=model)
 
 
-def _load_conv(record: dict, reader: _Reader, at: str) -> tuple[BinaryConvLayer, str | None]:
-    """A version 2 conv node: the layer and its shortcut source."""
-    shortcut = _get(record, "shortcut", (str, type(None)), at)
+def _conv_record(record: dict, reader: _Reader, at: str):
+    """The fields every conv record has (format 1 layers and format 2 conv nodes):
+    ``(C, O, (kh, kw), pool, output, ±1 weights)``."""
     c = _get(record, "in_channels", int, at)
     o = _get(record, "out_channels", int, at)
     kernel = _get(record, "kernel", list, at)
@@ -1056,16 +1032,11 @@ def _load_conv(record: dict, reader: _Reader, at: str) -> tuple[BinaryConvLayer,
         raise BundleError(f"{at}: channel counts must be positive, not {c} and {o}")
     pool = _get(record, "pool", (list, type(None)), at)
     if pool is not None and (len(pool) != 2 or not all(_positive(v) for v in pool)):
-        raise BundleError(f"{at}: pool must be [kernel, stride] positive or null, not {pool!r}")
+        raise BundleError(f"{at}: pool must be [kernel, stride] or null (positive), "
+                          f"not {pool!r}")
     output = _get(record, "output", str, at)
     if output not in ("bits", "raw"):
         raise BundleError(f"{at}: output must be 'bits' or 'raw', not {output!r}")
-    bits = {}
-    for key, low in (("in_bits", 1), ("shortcut_bits", 0)):
-        bits[key] = _get(record, key, int, at)
-        if not low <= bits[key] <= MAX_LEVEL_BITS:
-            raise BundleError(f"{at}: {key} must be in [{low}, {MAX_LEVEL_BITS}], "
-                              f"not {bits[key]}")
     kh, kw = kernel
     packed = reader.array(_get(record, "weights", str, at), at, "uint8")
     expected = (o, kh, kw, packing.packed_width(c, STORAGE_WORD_BITS))
@@ -1078,6 +1049,19 @@ def _load_conv(record: dict, reader: _Reader, at: str) -> tuple[BinaryConvLayer,
                                          (o, c, kh, kw), word_bits=STORAGE_WORD_BITS)
     except ValueError as e:
         raise BundleError(f"{at}: {e}") from None
+    return c, o, (kh, kw), pool, output, weights
+
+
+def _load_conv(record: dict, reader: _Reader, at: str) -> tuple[BinaryConvLayer, str | None]:
+    """A version 2 conv node: the layer and its shortcut source."""
+    shortcut = _get(record, "shortcut", (str, type(None)), at)
+    _c, _o, _kernel, pool, output, weights = _conv_record(record, reader, at)
+    bits = {}
+    for key, low in (("in_bits", 1), ("shortcut_bits", 0)):
+        bits[key] = _get(record, key, int, at)
+        if not low <= bits[key] <= MAX_LEVEL_BITS:
+            raise BundleError(f"{at}: {key} must be in [{low}, {MAX_LEVEL_BITS}], "
+                              f"not {bits[key]}")
     shape = _get(record, "thresholds_shape", (list, type(None)), at)
     thresholds = None
     if output == "bits":
