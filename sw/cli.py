@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 __all__ = ["main"]
@@ -258,6 +259,8 @@ def _cmd_train(args) -> int:
                                   "host_bits": args.host_bits, "ifq": args.ifq,
                                   "raw_last": args.raw_last},
                    widths=args.widths, init_from=args.init_from)
+    if os.environ.get("RANK", "0") not in ("", "0"):     # torchrun: rank 0 reports
+        return 0
     last = result.history[-1] if result.history else {}
     print(f"checkpoint: {result.checkpoint}")
     if "val_mAP50" in last:

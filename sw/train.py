@@ -34,6 +34,7 @@ an uninterrupted run would.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -49,6 +50,7 @@ from tqdm import tqdm
 
 from bitdet.core.bundle import MANIFEST, Bundle
 
+from . import distributed
 from .data import DIGIT_CLASSES, make_digitscenes
 from .detection import BOX_PRIOR, LossWeights, decode, detection_loss, encode_targets, nms
 from .distill import (
@@ -651,6 +653,45 @@ def _check_run_folder(out_dir: Path, *, force: bool, resume_epoch: int | None = 
                            f"{', '.join(later)} (pass --force, or --out a new folder)")
 
 
+def _check_world(world: distributed.World | None, config: TrainConfig) -> tuple[int, int]:
+    """``(processes, batch per process)``; a multi-process run splits ``batch_size``."""
+    if world is None:
+        return 1, config.batch_size
+    if config.batch_size % world.size:
+        raise TrainingError(f"batch_size {config.batch_size} (the effective batch) must be "
+                            f"a multiple of the {world.size} processes")
+    if config.train_count < world.size:
+        raise TrainingError(f"train_count {config.train_count} is less than the "
+                            f"{world.size} processes")
+    if config.seed < 0:
+        raise TrainingError(f"seed must be >= 0 for multi-process training, not {config.seed}")
+    return world.size, config.batch_size // world.size
+
+
+def _step_loss(teacher: nn.Module | None, spec: Method, config: TrainConfig, quantnet: bool,
+               model: nn.Module, pixels: torch.Tensor, targets: list[dict[str, torch.Tensor]],
+               encoded) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
+    """One batch's loss (detection loss plus the method's extra terms), its parts as floats
+    and the extra terms; a multi-process run calls it inside DistributedDataParallel."""
+    extra = {}
+    if spec.losses is None:
+        head = model(pixels)
+    else:
+        head, extra = spec.losses(model, teacher, pixels, targets, config.options)
+    if isinstance(head, list):
+        loss, parts = multilevel_loss(head, targets, model.level_strides, prior=config.prior)
+    else:
+        loss, parts = detection_loss(head, encoded, model.stride, prior=config.prior,
+                                     weights=LossWeights())
+    if quantnet:
+        extra["quant"] = config.options["quant"] * _discretization_error(model)
+    for name, term in extra.items():
+        loss = loss + term
+        parts[name] = float(term.detach())
+    parts["loss"] = float(loss.detach())
+    return loss, parts, extra
+
+
 def train(method: str | None = None, epochs: int | None = None,  # noqa: C901
           batch_size: int | None = None, lr: float | None = None, seed: int | None = None,
           image_size: int | None = None, train_count: int | None = None,
@@ -726,7 +767,12 @@ def train(method: str | None = None, epochs: int | None = None,  # noqa: C901
             return train(**kwargs)
         finally:
             torch.set_num_threads(previous)
-    dev = _device(device)
+    world = distributed.from_env()
+    if world is not None and not torch.distributed.is_initialized():
+        kwargs = {k: v for k, v in locals().items() if k not in ("world", "threads")}
+        with distributed.process_group(world, _device(device)):
+            return train(**kwargs)
+    dev = _device(device) if world is None else world.device(_device(device))
     ckpt = None
     given = {"batch_size": batch_size, "lr": lr, "seed": seed, "train_count": train_count,
              "val_count": val_count, "image_size": image_size, "weight_decay": weight_decay}
@@ -807,6 +853,9 @@ def train(method: str | None = None, epochs: int | None = None,  # noqa: C901
             raise TrainingError(f"{name} must be positive, not {getattr(config, name)}")
     if config.val_count < 0:
         raise TrainingError(f"val_count must be >= 0, not {config.val_count}")
+    per_rank = _check_world(world, config)
+    if world is not None and not world.main:
+        log, progress = None, False
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -824,7 +873,11 @@ def train(method: str | None = None, epochs: int | None = None,  # noqa: C901
     teacher_model = None
     if spec.needs_teacher:
         teacher_model = load_teacher(config.teacher, config.model).to(dev)
-    _check_run_folder(out_dir, force=force, resume_epoch=resume_epoch)
+    if world is None:
+        _check_run_folder(out_dir, force=force, resume_epoch=resume_epoch)
+    else:       # rank 0 checks, every rank raises its refusal
+        distributed.agree(world, lambda: _check_run_folder(out_dir, force=force,
+                                                           resume_epoch=resume_epoch))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
     start_epoch, step, history = 0, 0, []
@@ -833,28 +886,46 @@ def train(method: str | None = None, epochs: int | None = None,  # noqa: C901
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, step, history = int(ckpt["epoch"]), int(ckpt["step"]), list(ckpt["history"])
 
-    train_set = make_digitscenes("train", count=config.train_count,
-                                 image_size=config.image_size, seed=config.seed)
+    if world is None:
+        train_set = make_digitscenes("train", count=config.train_count,
+                                     image_size=config.image_size, seed=config.seed)
+        pixels, targets = _pixels(train_set), _targets(train_set)
+    else:       # this rank's disjoint share of the scenes (sw/distributed.py)
+        pixels, targets = distributed.scene_shard(config.train_count, config.image_size,
+                                                  config.seed, world)
     val_set = (make_digitscenes("val", count=config.val_count, image_size=config.image_size,
-                                seed=config.seed) if config.val_count else None)
-    pixels, targets = _pixels(train_set), _targets(train_set)
+                                seed=config.seed)
+               if config.val_count and (world is None or world.main) else None)
     stride = model.stride
     quantnet = config.model.get("binarizer") == "quantnet"
     grid = (config.image_size // stride, config.image_size // stride)
-    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    local = math.ceil(config.train_count / per_rank[0])      # the largest shard
+    steps_per_epoch = math.ceil(local / per_rank[1])
     total_steps = steps_per_epoch * config.epochs
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if world is None or world.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     last = out_dir / "last.pt"
     if ckpt is not None and start_epoch >= config.epochs:
         model.eval()
         return TrainResult(model.cpu(), Path(resume), history, config)
+    step_loss = functools.partial(_step_loss, teacher_model, spec, config, quantnet)
+    # a distillation method's losses (proposals, detections) or raw_last's unused sign bias
+    # may leave parameters without a gradient; plain / fp use every parameter in every step
+    step_loss = (functools.partial(step_loss, model) if world is None
+                 else distributed.wrap(model, step_loss, dev, find_unused=spec.losses is not None
+                                       or bool(config.model.get("raw_last"))))
+    if world is not None and log is not None:
+        log(f"{world.size} processes ({torch.distributed.get_backend()}), "
+            f"{len(targets)} training images on rank 0 (of {config.train_count}); batch "
+            f"{per_rank[1]} per process, effective batch {config.batch_size}; lr "
+            f"{config.lr:g} (not scaled); {steps_per_epoch} steps per epoch")
 
     from .evaluate import evaluate_predictions, predict_model
 
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
         model.train()
-        order = torch.randperm(len(train_set),
+        order = torch.randperm(len(targets),
                                generator=torch.Generator().manual_seed(config.seed * 100_003
                                                                        + epoch))
         sums = {"loss": 0.0, "obj": 0.0, "box": 0.0, "cls": 0.0}
@@ -862,7 +933,10 @@ def train(method: str | None = None, epochs: int | None = None,  # noqa: C901
                    f"{config.epochs}", unit="batch", leave=False,
                    disable=None if progress is None else not progress)
         for b in bar:
-            idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+            if world is None:
+                idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+            else:       # a short shard wraps around (every rank takes the same steps)
+                idx = order[torch.arange(b * per_rank[1], (b + 1) * per_rank[1]) % len(order)]
             encoded = encode_targets([targets[i] for i in idx.tolist()], grid, stride,
                                      prior=config.prior)
             lr_now = _cosine_lr(config.lr, step, total_steps)
@@ -871,24 +945,8 @@ def train(method: str | None = None, epochs: int | None = None,  # noqa: C901
             optimizer.zero_grad(set_to_none=True)
             if quantnet:
                 model.set_progress(step / max(total_steps - 1, 1))
-            extra = {}
-            if spec.losses is None:
-                head = model(pixels[idx].to(dev))
-            else:
-                head, extra = spec.losses(model, teacher_model, pixels[idx].to(dev),
-                                          [targets[i] for i in idx.tolist()], config.options)
-            if isinstance(head, list):
-                loss, parts = multilevel_loss(head, [targets[i] for i in idx.tolist()],
-                                              model.level_strides, prior=config.prior)
-            else:
-                loss, parts = detection_loss(head, encoded, stride, prior=config.prior,
-                                             weights=LossWeights())
-            if quantnet:
-                extra["quant"] = config.options["quant"] * _discretization_error(model)
-            for name, term in extra.items():
-                loss = loss + term
-                parts[name] = float(term.detach())
-            parts["loss"] = float(loss.detach())
+            loss, parts, extra = step_loss(pixels[idx].to(dev),
+                                           [targets[i] for i in idx.tolist()], encoded)
             if not torch.isfinite(loss):
                 raise TrainingError(f"epoch {epoch + 1}, step {step}: loss is "
                                     f"{float(loss.detach())}; try a lower learning rate")
@@ -899,8 +957,13 @@ def train(method: str | None = None, epochs: int | None = None,  # noqa: C901
                 sums[key] = sums.get(key, 0.0) + value
             bar.set_postfix(loss=f"{parts['loss']:.3f}", lr=f"{lr_now:.2e}")
         bar.close()
+        if world is not None:       # the mean over every rank's batches
+            sums = distributed.all_mean(sums, world)
         entry = {"epoch": epoch + 1, "lr": _cosine_lr(config.lr, step, total_steps),
                  **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()}}
+        if world is not None and not world.main:    # rank 0 validates and writes
+            history.append(distributed.broadcast(None))
+            continue
         if val_set is not None:
             predict = predict_levels if getattr(model, "levels", 1) > 1 else predict_model
             scores = evaluate_predictions(predict(model, val_set, device=dev,
@@ -918,6 +981,8 @@ def train(method: str | None = None, epochs: int | None = None,  # noqa: C901
         is_best = "val_mAP50" in entry and best_epoch(history) == epoch + 1
         if is_best:
             _save(state, out_dir / "best.pt")
+        if world is not None:
+            distributed.broadcast(entry)
         if log is not None:
             text = (f"epoch {epoch + 1}/{config.epochs}: loss {entry['train_loss']:.4f} (obj "
                     f"{entry['train_obj']:.3f} box {entry['train_box']:.3f} cls "
