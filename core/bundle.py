@@ -974,16 +974,23 @@ def load(path: str | os.PathLike) -> Bundle:
     return bundle
 
 
-def _from_manifest(manifest: dict, reader: _Reader) -> Bundle:
-    source = reader.source
-    where = f"{source}: manifest"
+def _manifest_header(manifest: dict, where: str) -> list[int]:
+    """The fields every manifest version starts with: the storage word width (checked) and
+    the binary input shape ``[C, H, W]``."""
     word_bits = _get(manifest, "weight_word_bits", int, where)
     if word_bits != STORAGE_WORD_BITS:
         raise BundleError(f"{where}: weight_word_bits must be {STORAGE_WORD_BITS}, not {word_bits}")
     input_shape = _get(manifest, "input_shape", list, where)
-    if len(input_shape) != 3 or not all(isinstance(v, int) and v > 0 for v in input_shape):
+    if len(input_shape) != 3 or not all(_positive(v) for v in input_shape):
         raise BundleError(f"{where}: input_shape must be three positive integers (C, H, W), "
                           f"not {input_shape!r}")
+    return input_shape
+
+
+def _from_manifest(manifest: dict, reader: _Reader) -> Bundle:
+    source = reader.source
+    where = f"{source}: manifest"
+    input_shape = _manifest_header(manifest, where)
     records = _get(manifest, "binary_layers", list, where)
     if not records:
         raise BundleError(f"{where}: no binary layers")
@@ -1093,13 +1100,7 @@ def _from_manifest_v2(manifest: dict, reader: _Reader) -> Bundle:
     """A version 2 manifest: graph nodes (conv, pool, repeat) with named sources."""
     source = reader.source
     where = f"{source}: manifest"
-    word_bits = _get(manifest, "weight_word_bits", int, where)
-    if word_bits != STORAGE_WORD_BITS:
-        raise BundleError(f"{where}: weight_word_bits must be {STORAGE_WORD_BITS}, not {word_bits}")
-    input_shape = _get(manifest, "input_shape", list, where)
-    if len(input_shape) != 3 or not all(_positive(v) for v in input_shape):
-        raise BundleError(f"{where}: input_shape must be three positive integers (C, H, W), "
-                          f"not {input_shape!r}")
+    input_shape = _manifest_header(manifest, where)
     input_bits = _get(manifest, "input_bits", int, where)
     records = _get(manifest, "nodes", list, where)
     if not records:
