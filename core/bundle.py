@@ -1008,14 +1008,7 @@ def _from_manifest(manifest: dict, reader: _Reader) -> Bundle:
             thresholds = torch.from_numpy(t.astype(np.int64))
         elif record.get("thresholds") is not None:
             raise BundleError(f"{at}: a raw layer has no thresholds")
-        try:
-            layer = BinaryConvLayer(
-                weights=weights, thresholds=thresholds,
-                stride=_get(record, "stride", int, at), padding=_get(record, "padding", int, at),
-                pad_value=_get(record, "pad_value", int, at),
-                pool=tuple(pool) if pool is not None else None)
-        except ValueError as e:
-            raise BundleError(f"{at}: {e}") from None
+        layer = _conv_layer(record, at, weights, thresholds, pool)
         _get(record, "output_bits", (int, type(None)), at)    # checked after validation
         layers.append(layer)
         stored_k = _get(record, "k", int, at)
@@ -1059,6 +1052,19 @@ def _conv_record(record: dict, reader: _Reader, at: str):
     return c, o, (kh, kw), pool, output, weights
 
 
+def _conv_layer(record: dict, at: str, weights, thresholds, pool, **v2) -> BinaryConvLayer:
+    """The layer of a conv record: its geometry fields with the weights and thresholds read
+    already (``v2``: the format-2 fields); the layer's own checks as a ``BundleError``."""
+    try:
+        return BinaryConvLayer(
+            weights=weights, thresholds=thresholds,
+            stride=_get(record, "stride", int, at), padding=_get(record, "padding", int, at),
+            pad_value=_get(record, "pad_value", int, at),
+            pool=tuple(pool) if pool is not None else None, **v2)
+    except ValueError as e:
+        raise BundleError(f"{at}: {e}") from None
+
+
 def _load_conv(record: dict, reader: _Reader, at: str) -> tuple[BinaryConvLayer, str | None]:
     """A version 2 conv node: the layer and its shortcut source."""
     shortcut = _get(record, "shortcut", (str, type(None)), at)
@@ -1079,15 +1085,8 @@ def _load_conv(record: dict, reader: _Reader, at: str) -> tuple[BinaryConvLayer,
         thresholds = torch.from_numpy(t.astype(np.int64))
     elif record.get("thresholds") is not None or shape is not None:
         raise BundleError(f"{at}: a raw conv has no thresholds")
-    try:
-        layer = BinaryConvLayer(
-            weights=weights, thresholds=thresholds,
-            stride=_get(record, "stride", int, at), padding=_get(record, "padding", int, at),
-            pad_value=_get(record, "pad_value", int, at),
-            pool=tuple(pool) if pool is not None else None,
-            pad_level=_get(record, "pad_level", int, at), **bits)
-    except ValueError as e:
-        raise BundleError(f"{at}: {e}") from None
+    layer = _conv_layer(record, at, weights, thresholds, pool,
+                        pad_level=_get(record, "pad_level", int, at), **bits)
     for key, value in (("k", layer.k), ("accumulator_max", layer.accumulator_max),
                        ("output_bits", layer.output_bits)):
         stored = _get(record, key, (int, type(None)), at)
