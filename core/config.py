@@ -11,8 +11,10 @@ Memory organisation the sizes refer to (all words are ``simd`` bits wide):
   layer (the order of :func:`bitdet.core.packing.pack_weights`);
 * thresholds: one memory per column, ``threshold_depth`` entries of
   ``(2**output_bits − 1)`` thresholds, each ``acc_width + 1`` bits (``T = K + 1``);
-* activations: two ping-pong buffers of ``activation_depth`` words (pixels row-major,
-  channel words innermost, as :func:`bitdet.core.packing.pack_activations`).
+* activations: ``activation_slots`` map slots of ``activation_depth`` words each (pixels
+  row-major, channel words innermost, as :func:`bitdet.core.packing.pack_activations`; an
+  n-bit map as n bit-planes one after the other). Contract 1 uses two slots as ping-pong
+  banks; contract 2 names the slots in every descriptor (docs/protocol.md, "Contract 2").
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from dataclasses import dataclass, fields
 from importlib.resources import files
 from pathlib import Path
 
-__all__ = ["PRESETS_DIR", "AcceleratorConfig", "ConfigError", "load_config"]
+__all__ = ["CONTRACT_1_VALUES", "PRESETS_DIR", "AcceleratorConfig", "ConfigError",
+           "load_config"]
 
 PRESETS_DIR = Path(str(files("bitdet.configs")))
 """The folder of the preset YAML files (``configs/`` of the checkout, package data of an
@@ -42,7 +45,14 @@ FIELD_MAX = {
     "rows": 256, "cols": 256,
     "weight_depth": 1 << 22, "threshold_depth": 1 << 20, "activation_depth": 1 << 22,
     "max_channels": 1 << 16, "clock_hz": 2_000_000_000, "baud": 100_000_000,
+    "contract": 2, "max_input_bits": 4, "max_shortcut_bits": 4, "activation_slots": 16,
 }
+
+#: The contract-2 fields and the value each has in a contract-1 build. A config whose
+#: contract-2 fields all have these values hashes as it did before they existed
+#: (:meth:`AcceleratorConfig.config_hash`), so shipped bitstreams keep their identity.
+CONTRACT_1_VALUES = {"contract": 1, "max_input_bits": 1, "max_shortcut_bits": 0,
+                     "activation_slots": 2}
 MAX_MEMORY_BITS = 1 << 32
 """Largest total of :meth:`AcceleratorConfig.memory_bits` (4 Gibit = 512 MiB, beyond any
 FPGA's block RAM)."""
@@ -83,6 +93,16 @@ class AcceleratorConfig:
     board : str or None
         Board this preset targets (``bitdet hw build --board`` names the platform; a
         build for another board prints a warning).
+    contract : int
+        The device contract the build implements (docs/protocol.md): 1, chains of layers
+        over 1-bit maps in two ping-pong banks (the RTL today); 2, extended descriptors:
+        n-bit maps, residual shortcuts and map slots (the emulator; the RTL follows).
+    max_input_bits : int
+        Widest input level a layer reads (1 … 4; contract 2 for more than 1).
+    max_shortcut_bits : int
+        Widest shortcut map a layer adds (0: no shortcut path … 4; contract 2).
+    activation_slots : int
+        Map slots of ``activation_depth`` words (2 … 16; contract 2 for more than 2).
 
     Raises
     ------
@@ -106,6 +126,10 @@ class AcceleratorConfig:
     clock_hz: int = 25_000_000
     baud: int = 115_200
     board: str | None = None
+    contract: int = 1
+    max_input_bits: int = 1
+    max_shortcut_bits: int = 0
+    activation_slots: int = 2
 
     def __post_init__(self):  # noqa: C901
         for f in fields(self):
@@ -118,8 +142,9 @@ class AcceleratorConfig:
                 continue
             if not _is_int(value):
                 raise ConfigError(f"{f.name} must be an integer, not {value!r}")
-            if value < 1:
-                raise ConfigError(f"{f.name} must be at least 1, not {value}")
+            low = {"max_shortcut_bits": 0, "activation_slots": 2}.get(f.name, 1)
+            if value < low:
+                raise ConfigError(f"{f.name} must be at least {low}, not {value}")
             if f.name in FIELD_MAX and value > FIELD_MAX[f.name]:
                 raise ConfigError(f"{f.name} must be at most {FIELD_MAX[f.name]}, not {value}")
         if self.simd % 8:
@@ -140,13 +165,19 @@ class AcceleratorConfig:
         if self.baud * 16 > self.clock_hz:
             raise ConfigError(f"baud {self.baud} needs a clock of at least 16× ({self.baud * 16}"
                               f" Hz); clock_hz is {self.clock_hz}")
-        needed = self.max_k.bit_length()
+        if self.contract == 1:
+            for name, value in CONTRACT_1_VALUES.items():
+                if getattr(self, name) != value:
+                    raise ConfigError(f"{name} {getattr(self, name)} needs contract 2 (n-bit "
+                                      f"maps, shortcuts, map slots); contract 1 has {value}")
+        needed = (((1 << self.max_input_bits) - 1) * self.max_k).bit_length()
         if self.acc_width is None:
             object.__setattr__(self, "acc_width", needed)
         elif self.acc_width < needed:
             raise ConfigError(
-                f"acc_width {self.acc_width} cannot hold P up to the largest K the config "
-                f"admits (min(max_channels·max_kernel² = "
+                f"acc_width {self.acc_width} cannot hold the accumulator up to "
+                f"(2**max_input_bits − 1)·K for the largest K the config admits "
+                f"(min(max_channels·max_kernel² = "
                 f"{self.max_channels * self.max_kernel ** 2}, weight_depth·simd = "
                 f"{self.weight_depth * self.simd}) = {self.max_k}, needs {needed} bits)")
         if self.acc_width > 32:
@@ -186,7 +217,8 @@ class AcceleratorConfig:
 
     @property
     def threshold_width(self) -> int:
-        """Bits of one threshold: ``acc_width + 1``, since ``T = K + 1`` means "never"."""
+        """Bits of one threshold: ``acc_width + 1``, since ``T = Amax + 1`` means
+        "never"."""
         return self.acc_width + 1
 
     @property
@@ -194,12 +226,12 @@ class AcceleratorConfig:
         return (1 << self.output_bits) - 1
 
     def memory_bits(self) -> dict[str, int]:
-        """Bits of each on-chip memory (all columns / both ping-pong halves)."""
+        """Bits of each on-chip memory (all columns / all activation slots)."""
         return {
             "weights": self.cols * self.weight_depth * self.simd,
             "thresholds": self.cols * self.threshold_depth * self.thresholds_per_channel
             * self.threshold_width,
-            "activations": 2 * self.activation_depth * self.simd,
+            "activations": self.activation_slots * self.activation_depth * self.simd,
         }
 
     def fit_problems(self, requirements) -> list[str]:
@@ -235,8 +267,12 @@ class AcceleratorConfig:
         return problems
 
     def config_hash(self) -> str:
-        """Short hash of every parameter (the device reports it in `identify`)."""
-        text = json.dumps(self.to_dict(), sort_keys=True)
+        """Short hash of every parameter (the device reports it in `identify`). The
+        contract-2 fields count only where they differ from a contract-1 build
+        (:data:`CONTRACT_1_VALUES`), so contract-1 configs keep the hash they had."""
+        hashed = {key: value for key, value in self.to_dict().items()
+                  if CONTRACT_1_VALUES.get(key, object()) != value}
+        text = json.dumps(hashed, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:

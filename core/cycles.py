@@ -27,6 +27,24 @@ set-up and address register, the array's skew, drain and ``ARRAY_PIPELINE`` = 3 
 registers, the ``THRESHOLD_PIPELINE`` = 2 registers of the threshold stage and (the third
 ``rows``) the output word writes. Both counters are ``COUNTER_WIDTH`` (32) bits wide and
 wrap like the hardware's.
+
+**Contract 2** (an extended descriptor: ``in_bits`` = n, ``out_bits`` = m,
+``shortcut_bits`` = s). The array reads the ``K`` words of every input plane in turn
+(bit-serial, one pass per plane: ``K' = n·K`` words per job), the threshold stage reads
+the ``s`` shortcut planes and the output writer writes the ``m`` output planes of each
+completed word (``rows·(m + s)`` cycles per job instead of ``rows``)::
+
+    J     = max(n·K, cols, rows·(m + s))
+    G     = max(tiles · J, rows + 4)
+    busy  = n·K + (groups − 1)·G + (tiles − 1)·J + (2 + m + s)·rows + 2·cols + 13
+    stall = busy − groups · tiles · n·K
+
+For n = m = 1, s = 0 this is the contract-1 formula. A pool pass over an n-bit map reads
+each window word of each plane (``busy = n·out_h·out_w·ceil(C/simd)·kernel² + 4``), a
+channel-repeat pass reads the input words and writes the output words of every pixel and
+plane (``busy = n·h·w·(ceil(C/simd) + ceil(O/simd)) + 4``), each with ``stall = 4``. This
+is the specification the contract-2 RTL is checked against (the hardware issue); the
+emulator reports it.
 """
 
 from __future__ import annotations
@@ -36,7 +54,7 @@ from collections.abc import Mapping
 
 __all__ = ["ARRAY_PIPELINE", "COUNTER_WIDTH", "PE_LATENCY", "POOL_OVERHEAD_CYCLES",
            "THRESHOLD_PIPELINE",
-           "ideal_cycles", "layer_cycles", "pool_cycles"]
+           "ideal_cycles", "layer_cycles", "pass_cycles", "pool_cycles", "repeat_cycles"]
 
 COUNTER_WIDTH = 32
 """Bits of the controller's ``busy_cycles`` / ``stall_cycles`` counters (the RTL's
@@ -79,8 +97,23 @@ def _check_config(config) -> tuple[int, int, int]:
     return rows, cols, simd
 
 
+def _plane_bits(descriptor: Mapping) -> tuple[int, int, int]:
+    """``(in_bits, out_bits, shortcut_bits)`` of a descriptor (1, 1, 0 without the
+    contract-2 fields)."""
+    out = []
+    for name, default, low in (("in_bits", 1, 1), ("out_bits", 1, 1), ("shortcut_bits", 0, 0)):
+        value = descriptor.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+                or not low <= value <= 8:
+            raise ValueError(f"descriptor {name} must be an integer in {low} … 8, "
+                             f"not {value!r}")
+        out.append(int(value))
+    return out[0], out[1], out[2]
+
+
 def _conv_sizes(config, descriptor: Mapping) -> tuple[int, int, int, int, int, int]:
-    """``(rows, cols, groups, tiles, k_words, raw)`` of a conv descriptor."""
+    """``(rows, cols, groups, tiles, k_words, raw)`` of a conv descriptor (``k_words``
+    of one input plane)."""
     rows, cols, simd = _check_config(config)
     if not isinstance(descriptor, Mapping):
         raise TypeError(f"descriptor must be a dict (decode_layer / LayerController."
@@ -120,7 +153,7 @@ def ideal_cycles(config, descriptor: Mapping) -> int:
         raise ValueError("ideal_cycles counts the K-words of a conv layer; a pool pass has "
                          "none (see pool_cycles)")
     _, _, groups, tiles, k_words, _ = _conv_sizes(config, descriptor)
-    return groups * tiles * k_words
+    return groups * tiles * k_words * _plane_bits(descriptor)[0]
 
 
 def layer_cycles(config, descriptor: Mapping) -> tuple[int, int]:
@@ -128,22 +161,25 @@ def layer_cycles(config, descriptor: Mapping) -> tuple[int, int]:
     (and RUN_LAYER reports them), for a descriptor of
     :func:`bitdet.core.protocol.decode_layer` / ``LayerController.descriptor``.
 
-    Only ``out_h``, ``out_w``, ``channels``, ``out_channels``, ``kernel`` and ``raw``
-    matter: the controller's timing does not depend on the data, the bases, the stride,
-    the padding or the pad bit. A descriptor with a true ``pool`` entry is a pool pass
-    and goes to :func:`pool_cycles`.
+    Only ``out_h``, ``out_w``, ``channels``, ``out_channels``, ``kernel``, ``raw`` and
+    (contract 2) ``in_bits``, ``out_bits`` and ``shortcut_bits`` matter: the controller's
+    timing does not depend on the data, the bases, the slots, the stride, the padding or
+    the pad level. A descriptor with a true ``pool`` or ``repeat`` entry goes to
+    :func:`pass_cycles`.
 
     Raises
     ------
     TypeError, ValueError
         A malformed config or descriptor.
     """
-    if isinstance(descriptor, Mapping) and descriptor.get("pool"):
-        return pool_cycles(config, descriptor)
+    if isinstance(descriptor, Mapping) and (descriptor.get("pool") or descriptor.get("repeat")):
+        return pass_cycles(config, descriptor)
     rows, cols, groups, tiles, k_words, raw = _conv_sizes(config, descriptor)
-    job_period = max(k_words, cols if raw else max(cols, rows))
+    in_bits, out_bits, shortcut_bits = _plane_bits(descriptor)
+    k_words *= in_bits                           # one pass over the K words per plane
+    writes = 0 if raw else rows * (out_bits + shortcut_bits)
+    job_period = max(k_words, cols if raw else max(cols, writes))
     group_period = max(tiles * job_period, rows + 4)
-    writes = 0 if raw else rows
     busy = (k_words + (groups - 1) * group_period + (tiles - 1) * job_period
             + 2 * rows + 2 * cols + 8 + ARRAY_PIPELINE + THRESHOLD_PIPELINE + writes)
     stall = busy - groups * tiles * k_words
@@ -172,5 +208,35 @@ def pool_cycles(config, descriptor: Mapping) -> tuple[int, int]:
                              f"not {value!r}")
         values[name] = int(value)
     reads = (values["out_h"] * values["out_w"] * _ceil_div(values["channels"], simd)
-             * values["kernel"] ** 2)
+             * values["kernel"] ** 2 * _plane_bits(descriptor)[0])
     return (reads + POOL_OVERHEAD_CYCLES) % 2 ** COUNTER_WIDTH, POOL_OVERHEAD_CYCLES
+
+
+def repeat_cycles(config, descriptor: Mapping) -> tuple[int, int]:
+    """``(busy_cycles, stall_cycles)`` of a channel-repeat pass (contract 2): per pixel and
+    plane the input words are read and the output words written,
+    ``busy = in_bits·out_h·out_w·(ceil(C/simd) + ceil(O/simd)) + 4``, ``stall = 4``."""
+    _rows, _cols, simd = _check_config(config)
+    if not isinstance(descriptor, Mapping):
+        raise TypeError(f"descriptor must be a dict, not {type(descriptor).__name__}")
+    values = {}
+    for name in ("out_h", "out_w", "channels", "out_channels"):
+        value = descriptor.get(name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"repeat descriptor {name} must be a positive integer, "
+                             f"not {value!r}")
+        values[name] = int(value)
+    words = _ceil_div(values["channels"], simd) + _ceil_div(values["out_channels"], simd)
+    busy = values["out_h"] * values["out_w"] * words * _plane_bits(descriptor)[0]
+    return (busy + POOL_OVERHEAD_CYCLES) % 2 ** COUNTER_WIDTH, POOL_OVERHEAD_CYCLES
+
+
+def pass_cycles(config, descriptor: Mapping) -> tuple[int, int]:
+    """``(busy_cycles, stall_cycles)`` of any device pass: a convolution
+    (:func:`layer_cycles`), a pool pass (:func:`pool_cycles`) or a repeat pass
+    (:func:`repeat_cycles`), by the descriptor's ``pool`` / ``repeat`` flags."""
+    if isinstance(descriptor, Mapping) and descriptor.get("repeat"):
+        return repeat_cycles(config, descriptor)
+    if isinstance(descriptor, Mapping) and descriptor.get("pool"):
+        return pool_cycles(config, descriptor)
+    return layer_cycles(config, descriptor)

@@ -15,6 +15,15 @@ order is their order in the CONFIGURE_LAYER payload, least significant bit first
 
 Adding a field is one line in :class:`LayerDescriptor` (taking its bits from
 ``reserved``) plus the logic that uses it.
+
+**Contract 2** (``AcceleratorConfig.contract == 2``: n-bit maps, residual shortcuts, map
+slots; docs/protocol.md, "Contract 2") extends the descriptor by
+:data:`EXTENSION_SIZE` bytes: the fields marked ``metadata["extension"]`` follow the base
+fields (an *extended* descriptor, a CONFIGURE_LAYER payload of
+:data:`EXTENDED_DESCRIPTOR_SIZE` bytes, one more with the table index). A contract-1
+build answers BAD_LENGTH to it; a contract-2 build takes only extended descriptors. The
+base fields, :func:`descriptor_fields` and :func:`descriptor_layout` (what today's RTL
+reads) are unchanged.
 """
 
 from __future__ import annotations
@@ -24,10 +33,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 __all__ = [
+    "EXTENDED_DESCRIPTOR_SIZE",
+    "EXTENSION_SIZE",
     "LAYER_DESCRIPTOR_SIZE",
     "FitProblem",
     "LayerDescriptor",
     "descriptor_fields",
+    "extension_fields",
     "descriptor_layout",
     "output_size",
 ]
@@ -35,9 +47,22 @@ __all__ = [
 LAYER_DESCRIPTOR_SIZE = 32
 """Bytes of a layer descriptor (the CONFIGURE_LAYER payload without its table index)."""
 
+EXTENSION_SIZE = 16
+"""Bytes of the contract-2 extension that follows the base fields."""
+
+EXTENDED_DESCRIPTOR_SIZE = LAYER_DESCRIPTOR_SIZE + EXTENSION_SIZE
+"""Bytes of an extended (contract-2) descriptor."""
+
+MAX_LEVEL_BITS = 4
+"""Widest level of a map the contract-2 descriptor describes (input, output, shortcut)."""
+
 
 def _bits(n: int, doc: str, default=dataclasses.MISSING):
     return field(default=default, metadata={"bits": n, "doc": doc})
+
+
+def _ext(n: int, doc: str, default: int = 0):
+    return field(default=default, metadata={"bits": n, "doc": doc, "extension": True})
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int = 0) -> int:
@@ -114,9 +139,23 @@ class LayerDescriptor(Mapping):
     output_base: int = _bits(32, "first activation word of the output map", 0)
     weight_base: int = _bits(32, "first weight entry (0 for a pool pass)", 0)
     threshold_base: int = _bits(32, "first threshold entry (0 for a pool pass)", 0)
+    # -- the contract-2 extension (an extended descriptor only) --------------------------
+    in_bits: int = _ext(3, "bits per input level, 1 … 4 (bit-planes of the input map)", 1)
+    out_bits: int = _ext(3, "bits per output level, 1 … 4 (2**out_bits − 1 thresholds)", 1)
+    shortcut_bits: int = _ext(3, "bits of the shortcut map, 0 (none) … 4")
+    pad_level: int = _ext(4, "the level spatial padding reads (pad_bit must be 0)")
+    repeat: int = _ext(1, "a channel-repeat pass: output channel o is input channel o mod C")
+    input_slot: int = _ext(4, "activation slot of the input map")
+    output_slot: int = _ext(4, "activation slot of the output map")
+    shortcut_slot: int = _ext(4, "activation slot of the shortcut map")
+    ext_reserved: int = _ext(70, "must be 0")
+    shortcut_base: int = _ext(32, "first word of the shortcut map in its slot")
+    extended: bool = field(default=False, compare=False, metadata={
+        "doc": "an extended (contract-2) descriptor; set by any extension field that is "
+               "not its default"})
 
     def __post_init__(self):
-        for f in descriptor_fields():
+        for f in (*descriptor_fields(), *extension_fields()):
             value = getattr(self, f.name)
             if isinstance(value, bool):
                 object.__setattr__(self, f.name, int(value))
@@ -124,77 +163,104 @@ class LayerDescriptor(Mapping):
             top = (1 << f.metadata["bits"]) - 1
             if not isinstance(value, int) or not 0 <= value <= top:
                 raise ValueError(f"{f.name} must be an integer in 0 … {top}, not {value!r}")
+        if not isinstance(self.extended, (bool, int)) or self.extended not in (0, 1):
+            raise ValueError(f"extended must be a bool, not {self.extended!r}")
+        extended = bool(self.extended) or any(
+            getattr(self, f.name) != f.default for f in extension_fields())
+        object.__setattr__(self, "extended", extended)
 
     # -- constructors ----------------------------------------------------------------------
     @classmethod
     def conv(cls, *, in_h: int, in_w: int, channels: int, out_channels: int, kernel: int,
              stride: int = 1, padding: int = 0, pad_bit: int = 0, raw: int = 0,
              input_base: int = 0, output_base: int = 0, weight_base: int = 0,
-             threshold_base: int = 0) -> LayerDescriptor:
-        """A binary convolution; the output size by :func:`output_size`."""
+             threshold_base: int = 0, **extension) -> LayerDescriptor:
+        """A binary convolution; the output size by :func:`output_size`. ``extension``:
+        contract-2 fields (``in_bits``, ``out_bits``, ``shortcut_bits``, ``pad_level``,
+        the slots, ``shortcut_base``, ``extended``)."""
         return cls(in_h=in_h, in_w=in_w, channels=channels,
                    out_h=output_size(in_h, kernel, stride, padding),
                    out_w=output_size(in_w, kernel, stride, padding),
                    out_channels=out_channels, kernel=kernel, stride=stride, padding=padding,
                    pad_bit=pad_bit, raw=raw, input_base=input_base, output_base=output_base,
-                   weight_base=weight_base, threshold_base=threshold_base)
+                   weight_base=weight_base, threshold_base=threshold_base, **extension)
 
     @classmethod
     def pool_pass(cls, *, in_h: int, in_w: int, channels: int, kernel: int,
                   stride: int | None = None, input_base: int = 0,
-                  output_base: int = 0) -> LayerDescriptor:
-        """A max-pool pass (``stride`` defaults to ``kernel``): no padding, no weights."""
+                  output_base: int = 0, **extension) -> LayerDescriptor:
+        """A max-pool pass (``stride`` defaults to ``kernel``): no padding, no weights; over
+        an n-bit map (``in_bits = out_bits = n``) the max of the levels."""
         stride = kernel if stride is None else stride
         return cls(in_h=in_h, in_w=in_w, channels=channels,
                    out_h=output_size(in_h, kernel, stride), out_w=output_size(in_w, kernel, stride),
                    out_channels=channels, kernel=kernel, stride=stride, padding=0, pool=1,
-                   input_base=input_base, output_base=output_base)
+                   input_base=input_base, output_base=output_base, **extension)
+
+    @classmethod
+    def repeat_pass(cls, *, h: int, w: int, channels: int, out_channels: int, bits: int = 1,
+                    **extension) -> LayerDescriptor:
+        """A channel-repeat pass (contract 2): ``out_channels`` channels, channel ``o``
+        copying input channel ``o mod channels`` of a ``bits``-bit map."""
+        return cls(in_h=h, in_w=w, channels=channels, out_h=h, out_w=w,
+                   out_channels=out_channels, kernel=1, stride=1, repeat=1, in_bits=bits,
+                   out_bits=bits, **extension)
 
     # -- the payload ----------------------------------------------------------------------
     def encode(self, index: int | None = None) -> bytes:
         """The CONFIGURE_LAYER payload: the fields packed least significant bit first in
         :data:`LAYER_DESCRIPTOR_SIZE` bytes, little-endian; with ``index`` the layer table
         entry precedes them (33 bytes)."""
+        table = (*descriptor_fields(), *(extension_fields() if self.extended else ()))
         value, shift = 0, 0
-        for f in descriptor_fields():
+        for f in table:
             value |= getattr(self, f.name) << shift
             shift += f.metadata["bits"]
-        payload = value.to_bytes(LAYER_DESCRIPTOR_SIZE, "little")
+        payload = value.to_bytes(shift // 8, "little")
         return payload if index is None else bytes([index]) + payload
 
     @classmethod
     def decode(cls, payload: bytes) -> LayerDescriptor:
-        """Inverse of :meth:`encode` (without the index byte)."""
+        """Inverse of :meth:`encode` (without the index byte): a base descriptor of
+        :data:`LAYER_DESCRIPTOR_SIZE` bytes or an extended one of
+        :data:`EXTENDED_DESCRIPTOR_SIZE`."""
         payload = bytes(payload)
-        if len(payload) != LAYER_DESCRIPTOR_SIZE:
+        if len(payload) not in (LAYER_DESCRIPTOR_SIZE, EXTENDED_DESCRIPTOR_SIZE):
             from .protocol import ProtocolError
             raise ProtocolError(f"layer descriptor of {len(payload)} bytes, expected "
-                                f"{LAYER_DESCRIPTOR_SIZE}")
+                                f"{LAYER_DESCRIPTOR_SIZE} (or {EXTENDED_DESCRIPTOR_SIZE} "
+                                "extended)")
+        extended = len(payload) == EXTENDED_DESCRIPTOR_SIZE
+        table = (*descriptor_fields(), *(extension_fields() if extended else ()))
         value, values = int.from_bytes(payload, "little"), {}
-        for f in descriptor_fields():
+        for f in table:
             bits = f.metadata["bits"]
             values[f.name] = value & ((1 << bits) - 1)
             value >>= bits
-        return cls(**values)
+        return cls(**values, extended=extended)
 
     def as_dict(self) -> dict:
-        """Every field, ``reserved`` too."""
+        """Every field, ``reserved`` (and ``ext_reserved``, ``extended``) too."""
         return dataclasses.asdict(self)
 
+    @property
+    def _mapped(self) -> tuple[str, ...]:
+        return _MAPPED_EXTENDED if self.extended else _MAPPED
+
     def __getitem__(self, name: str) -> int:
-        if name not in _MAPPED:
+        if name not in self._mapped:
             raise KeyError(name)
         return getattr(self, name)
 
     def __iter__(self):
-        return iter(_MAPPED)
+        return iter(self._mapped)
 
     def __len__(self) -> int:
-        return len(_MAPPED)
+        return len(self._mapped)
 
     def __eq__(self, other):
         if isinstance(other, LayerDescriptor):
-            return self.as_dict() == other.as_dict()
+            return self.as_dict() == other.as_dict()   # "extended" included
         return Mapping.__eq__(self, other)
 
     def __hash__(self):
@@ -220,10 +286,27 @@ class LayerDescriptor(Mapping):
         return self.channels * self.kernel ** 2
 
     def map_words(self, simd: int, *, output: bool = True) -> int:
-        """Activation words of the output (or input) map: one ``simd``-bit word per pixel
-        and group of ``simd`` channels."""
+        """Activation words of one bit-plane of the output (or input) map: one
+        ``simd``-bit word per pixel and group of ``simd`` channels. An n-bit map takes n
+        such planes, plane ``b`` at ``base + b·map_words`` (docs/packing.md)."""
         c, h, w = self.out_shape if output else self.in_shape
         return h * w * -(-c // simd)
+
+    @property
+    def kind(self) -> str:
+        """``"conv"``, ``"pool"`` or ``"repeat"``."""
+        return "pool" if self.pool else "repeat" if self.repeat else "conv"
+
+    @property
+    def accumulator_max(self) -> int:
+        """Largest accumulator of a convolution, ``(2**in_bits − 1)·K``."""
+        return ((1 << self.in_bits) - 1) * self.k
+
+    @property
+    def threshold_rows(self) -> int:
+        """Threshold-memory entries per tile: ``2**shortcut_bits`` (one per shortcut
+        level, docs/packing.md)."""
+        return 1 << self.shortcut_bits
 
     # -- fit -------------------------------------------------------------------------------
     def problems(self, config) -> list[FitProblem]:
@@ -242,13 +325,17 @@ class LayerDescriptor(Mapping):
 
     def _flag_problems(self) -> list[FitProblem]:
         """Stage 1: zero sizes, reserved or misplaced flags (BAD_ARGUMENT)."""
-        what = "pool pass" if self.pool else "layer"
+        what = {"conv": "layer", "pool": "pool pass", "repeat": "repeat pass"}[self.kind]
         out = [_problem(name, "≥ 1", 0, f"the {what}'s {name} is 0", 1)
                for name in ("in_h", "in_w", "channels", "out_h", "out_w", "out_channels",
                             "kernel", "stride") if getattr(self, name) == 0]
         if self.reserved:
             out.append(_problem("reserved", "0", self.reserved,
                                 f"reserved flag bits {self.reserved:#x} set", 1))
+        if self.extended:
+            out += self._extension_flag_problems(what)
+        if self.repeat:
+            return out
         if not self.pool:
             if self.raw:
                 out.append(_problem("raw", "0", 1, "the layer controller thresholds every "
@@ -264,12 +351,67 @@ class LayerDescriptor(Mapping):
                                 f"channels, not {self.out_channels}", 1))
         return out
 
+    def _extension_flag_problems(self, what: str) -> list[FitProblem]:
+        """Stage 1 of an extended descriptor: bit widths, padding level, pass kinds and
+        slots that contradict each other (BAD_ARGUMENT)."""
+        out = []
+        for name, low in (("in_bits", 1), ("out_bits", 1), ("shortcut_bits", 0)):
+            value = getattr(self, name)
+            if not low <= value <= MAX_LEVEL_BITS:
+                out.append(_problem(name, f"{low} … {MAX_LEVEL_BITS}", value,
+                                    f"the {what}'s {name} is {value}, not {low} … "
+                                    f"{MAX_LEVEL_BITS}", 1))
+        if self.ext_reserved:
+            out.append(_problem("ext_reserved", "0", self.ext_reserved,
+                                "reserved extension bits set", 1))
+        if self.pad_bit:
+            out.append(_problem("pad_bit", "0 in an extended descriptor", 1,
+                                "an extended descriptor pads with pad_level, not pad_bit", 1))
+        if self.pad_level >= 1 << min(self.in_bits, MAX_LEVEL_BITS):
+            out.append(_problem("pad_level", f"≤ 2**in_bits − 1", self.pad_level,
+                                f"pad_level {self.pad_level} is not a {self.in_bits}-bit level",
+                                1))
+        if self.pool and self.repeat:
+            out.append(_problem("repeat", "0 in a pool pass", 1,
+                                "a pass is a pool pass or a repeat pass, not both", 1))
+        if self.pool or self.repeat:
+            if self.out_bits != self.in_bits:
+                out.append(_problem("out_bits", f"in_bits = {self.in_bits}", self.out_bits,
+                                    f"a {what} keeps its {self.in_bits}-bit levels, not "
+                                    f"{self.out_bits}", 1))
+            out += [_problem(name, f"0 in a {what}", getattr(self, name),
+                             f"a {what} has no {name.replace('_', ' ')}", 1)
+                    for name in ("shortcut_bits", "pad_level")
+                    if getattr(self, name)]
+        if self.repeat:
+            out += [_problem(name, f"{want} in a repeat pass", getattr(self, name),
+                             f"a repeat pass has {name} {want}, not {getattr(self, name)}", 1)
+                    for name, want in (("kernel", 1), ("stride", 1), ("padding", 0),
+                                       ("pad_bit", 0), ("raw", 0), ("weight_base", 0),
+                                       ("threshold_base", 0))
+                    if getattr(self, name) != want]
+        if not self.shortcut_bits and (self.shortcut_slot or self.shortcut_base):
+            out.append(_problem("shortcut_slot", "0 without a shortcut",
+                                self.shortcut_slot or self.shortcut_base,
+                                "shortcut_slot / shortcut_base set but shortcut_bits is 0", 1))
+        if self.output_slot == self.input_slot:
+            out.append(_problem("output_slot", f"≠ input_slot {self.input_slot}",
+                                self.output_slot, f"the {what} reads and writes slot "
+                                f"{self.output_slot}", 1))
+        if self.shortcut_bits and self.output_slot == self.shortcut_slot:
+            out.append(_problem("output_slot", f"≠ shortcut_slot {self.shortcut_slot}",
+                                self.output_slot, f"the {what} writes slot "
+                                f"{self.output_slot}, where its shortcut is", 1))
+        return out
+
     def _size_problems(self, c) -> list[FitProblem]:
         """Stage 2: sizes beyond the build (LAYER_DOES_NOT_FIT)."""
         if self.pool:
             limits = [("kernel", c.pool_max_kernel, "the pool engine's largest kernel"),
                       ("stride", c.pool_max_kernel, "the pool engine's largest stride"),
                       ("padding", 0, "a pool pass's padding")]
+        elif self.repeat:
+            limits = [("out_channels", c.max_channels, "max_channels")]
         else:
             limits = [("kernel", c.max_kernel, "max_kernel"),
                       ("stride", c.max_stride, "max_stride"),
@@ -283,6 +425,15 @@ class LayerDescriptor(Mapping):
                      for name in ("in_h", "in_w", "out_h", "out_w")),
                    ("input_base", depth - 1, "activation_depth − 1"),
                    ("output_base", depth - 1, "activation_depth − 1")]
+        if self.extended:
+            slots = getattr(c, "activation_slots", 2)
+            limits += [("in_bits", getattr(c, "max_input_bits", 1), "max_input_bits"),
+                       ("out_bits", c.output_bits, "output_bits"),
+                       ("shortcut_bits", getattr(c, "max_shortcut_bits", 0),
+                        "max_shortcut_bits"),
+                       *((name, slots - 1, "activation_slots − 1")
+                         for name in ("input_slot", "output_slot", "shortcut_slot")),
+                       ("shortcut_base", depth - 1, "activation_depth − 1")]
         out = [_problem(name, f"{label} = {limit}", getattr(self, name),
                         f"{name} {getattr(self, name)} exceeds {label} ({limit})", 2)
                for name, limit, label in limits if getattr(self, name) > limit]
@@ -312,20 +463,30 @@ class LayerDescriptor(Mapping):
     def _memory_problems(self, c) -> list[FitProblem]:
         out = []
         spans = [("input_base", "input map needs", self.input_base,
-                  self.map_words(c.simd, output=False), c.activation_depth,
+                  self.in_bits * self.map_words(c.simd, output=False), c.activation_depth,
                   "activation_depth"),
-                 ("output_base", "output map needs", self.output_base, self.map_words(c.simd),
-                  c.activation_depth, "activation_depth")]
-        if not self.pool:
+                 ("output_base", "output map needs", self.output_base,
+                  self.out_bits * self.map_words(c.simd), c.activation_depth,
+                  "activation_depth")]
+        if self.shortcut_bits:
+            spans.append(("shortcut_base", "shortcut map needs", self.shortcut_base,
+                          self.shortcut_bits * self.map_words(c.simd), c.activation_depth,
+                          "activation_depth"))
+        if self.kind == "conv":
             tiles = -(-self.out_channels // c.cols)
             k_words = self.kernel ** 2 * -(-self.channels // c.simd)
             spans += [("weight_base", "weights need", self.weight_base, tiles * k_words,
                        c.weight_depth, "weight_depth"),
-                      ("threshold_base", "thresholds need", self.threshold_base, tiles,
-                       c.threshold_depth, "threshold_depth")]
+                      ("threshold_base", "thresholds need", self.threshold_base,
+                       tiles * self.threshold_rows, c.threshold_depth, "threshold_depth")]
             if self.k > c.max_k:
                 out.append(FitProblem("K", f"max_k = {c.max_k}", self.k,
                                       f"K = {self.k} exceeds the accelerator's max_k {c.max_k}"))
+            elif self.accumulator_max.bit_length() > c.acc_width:
+                out.append(FitProblem("K", f"acc_width = {c.acc_width}", self.accumulator_max,
+                                      f"A reaches (2**{self.in_bits} − 1)·K = "
+                                      f"{self.accumulator_max}, beyond the {c.acc_width}-bit "
+                                      "accumulator"))
         for name, what, base, size, limit, limit_name in spans:
             if base + size > limit:
                 out.append(FitProblem(name, f"{limit_name} = {limit}", base + size,
@@ -351,7 +512,8 @@ def _problem(name: str, limit: str, value: int, message: str, stage: int) -> Fit
 def descriptor_fields() -> tuple[dataclasses.Field, ...]:
     """The field table: :class:`LayerDescriptor`'s fields in payload order, each with its
     ``metadata["bits"]`` and ``metadata["doc"]``."""
-    return dataclasses.fields(LayerDescriptor)
+    return tuple(f for f in dataclasses.fields(LayerDescriptor)
+                 if "bits" in f.metadata and not f.metadata.get("extension"))
 
 
 def descriptor_layout():
@@ -361,6 +523,15 @@ def descriptor_layout():
     return data.StructLayout({f.name: f.metadata["bits"] for f in descriptor_fields()})
 
 
+def extension_fields() -> tuple[dataclasses.Field, ...]:
+    """The contract-2 extension's field table, in payload order after the base fields."""
+    return tuple(f for f in dataclasses.fields(LayerDescriptor)
+                 if f.metadata.get("extension"))
+
+
 _MAPPED = tuple(f.name for f in descriptor_fields() if f.name != "reserved")
+_MAPPED_EXTENDED = (*_MAPPED, *(f.name for f in extension_fields()
+                                if f.name != "ext_reserved"), "extended")
 
 assert sum(f.metadata["bits"] for f in descriptor_fields()) == 8 * LAYER_DESCRIPTOR_SIZE
+assert sum(f.metadata["bits"] for f in extension_fields()) == 8 * EXTENSION_SIZE

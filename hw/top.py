@@ -39,7 +39,7 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from bitdet.core.config import AcceleratorConfig
+from bitdet.core.config import AcceleratorConfig, ConfigError
 from bitdet.core.descriptor import LAYER_DESCRIPTOR_SIZE, descriptor_layout
 from bitdet.core.protocol import (
     COUNTERS_SIZE,
@@ -70,6 +70,15 @@ _ADDRESS_BYTES = HostWriter.ADDRESS_BYTES
 _SMALL_BYTES = max(IdentifyReply.SIZE, COUNTERS_SIZE)
 
 
+def require_rtl_contract(config: AcceleratorConfig) -> None:
+    """Raise :class:`~bitdet.core.config.ConfigError` for a config the RTL does not
+    implement: contract 2 (n-bit maps, shortcuts, map slots) runs on the emulator only."""
+    if config.contract != 1:
+        raise ConfigError(f"config {config.name!r} asks for contract {config.contract} "
+                          "(n-bit maps, shortcuts, map slots): the RTL implements "
+                          "contract 1; run it on the emulator (--backend emu)")
+
+
 class CommandExecutor(wiring.Component):
     """The accelerator core on a byte stream: frames in on ``i``, responses out on ``o``.
 
@@ -95,6 +104,7 @@ class CommandExecutor(wiring.Component):
     def __init__(self, config: AcceleratorConfig, *, timeout_cycles: int | None = None):
         if not isinstance(config, AcceleratorConfig):
             raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+        require_rtl_contract(config)
         self._config = config
         self._timeout = timeout_cycles
         super().__init__({

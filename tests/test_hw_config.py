@@ -57,7 +57,7 @@ def test_hash_changes_with_any_field():
     ({"simd": 12}, "simd must be a multiple of 8"),
     ({"simd": 8, "cols": 3}, r"needs simd \(8\) to be a multiple of cols \(3\)"),
     ({"simd": 32, "cols": 64}, r"needs simd \(32\) to be a multiple of cols \(64\)"),
-    ({"acc_width": 8}, "acc_width 8 cannot hold P up to the largest K"),
+    ({"acc_width": 8}, "acc_width 8 cannot hold the accumulator up to"),
     ({"max_stride": 5, "max_kernel": 3}, "max_stride"),
     ({"baud": 3_000_000, "clock_hz": 12_000_000}, "needs a clock of at least 16×"),
     ({"output_bits": 5}, "output_bits must be at most 4"),
