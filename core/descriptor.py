@@ -39,8 +39,8 @@ __all__ = [
     "FitProblem",
     "LayerDescriptor",
     "descriptor_fields",
-    "extension_fields",
     "descriptor_layout",
+    "extension_fields",
     "output_size",
 ]
 
@@ -368,7 +368,7 @@ class LayerDescriptor(Mapping):
             out.append(_problem("pad_bit", "0 in an extended descriptor", 1,
                                 "an extended descriptor pads with pad_level, not pad_bit", 1))
         if self.pad_level >= 1 << min(self.in_bits, MAX_LEVEL_BITS):
-            out.append(_problem("pad_level", f"≤ 2**in_bits − 1", self.pad_level,
+            out.append(_problem("pad_level", "≤ 2**in_bits − 1", self.pad_level,
                                 f"pad_level {self.pad_level} is not a {self.in_bits}-bit level",
                                 1))
         if self.pool and self.repeat:
