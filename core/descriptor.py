@@ -203,7 +203,8 @@ class LayerDescriptor(Mapping):
         """A channel-repeat pass (contract 2): ``out_channels`` channels, channel ``o``
         copying input channel ``o mod channels`` of a ``bits``-bit map."""
         return cls(in_h=h, in_w=w, channels=channels, out_h=h, out_w=w,
-                   out_channels=out_channels, kernel=1, stride=1, repeat=1, in_bits=bits,
+                   out_channels=out_channels, kernel=1, stride=1, padding=0, repeat=1,
+                   in_bits=bits,
                    out_bits=bits, **extension)
 
     # -- the payload ----------------------------------------------------------------------

@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .descriptor import LAYER_DESCRIPTOR_SIZE, LayerDescriptor
+from .descriptor import EXTENDED_DESCRIPTOR_SIZE, LAYER_DESCRIPTOR_SIZE, LayerDescriptor
 
 __all__ = [
     "COMMAND_PAYLOAD_LIMITS",
@@ -857,10 +857,11 @@ def decode_layer(payload: bytes) -> LayerDescriptor:
 
 def decode_layer_entry(payload: bytes) -> tuple[int, LayerDescriptor]:
     """``(table index, descriptor)`` of a CONFIGURE_LAYER payload of 32 bytes (entry 0) or
-    33 bytes (``[index] + descriptor``); the index is not range-checked (the device
-    answers BAD_ARGUMENT for ``index ≥ LAYER_TABLE_ENTRIES``)."""
+    33 bytes (``[index] + descriptor``), or of an extended descriptor (48 or 49 bytes);
+    the index is not range-checked (the device answers BAD_ARGUMENT for
+    ``index ≥ LAYER_TABLE_ENTRIES``)."""
     payload = bytes(payload)
-    if len(payload) == LAYER_DESCRIPTOR_SIZE + 1:
+    if len(payload) in (LAYER_DESCRIPTOR_SIZE + 1, EXTENDED_DESCRIPTOR_SIZE + 1):
         return payload[0], decode_layer(payload[1:])
     return 0, decode_layer(payload)
 
