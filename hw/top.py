@@ -104,7 +104,11 @@ class CommandExecutor(wiring.Component):
     def __init__(self, config: AcceleratorConfig, *, timeout_cycles: int | None = None):
         if not isinstance(config, AcceleratorConfig):
             raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
-        require_rtl_contract(config)
+        try:
+            require_rtl_contract(config)
+        except ConfigError:
+            self._MustUse__used = True         # refused, not forgotten: no unused warning
+            raise
         self._config = config
         self._timeout = timeout_cycles
         super().__init__({

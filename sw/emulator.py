@@ -6,25 +6,49 @@ docs/protocol.md) and produces the same response bytes: framing errors through
 :class:`~bitdet.core.protocol.FrameParser`, IDENTIFY with the config hash, RESET, the
 WRITE_* commands (entries written as they arrive, so a frame dropped with BAD_CRC or
 TIMEOUT leaves what it carried in memory, as on the device), CONFIGURE_LAYER with the
-device's checks in the device's order, the layer table (CONFIGURE_LAYER of 32 bytes for
-entry 0 or 33 bytes ``[index] + descriptor``), RUN_LAYER ``[index]`` and RUN_NETWORK ``n``
-(a convolution or a pool pass per entry, each followed by the ping-pong bank flip, the
-counters summed), READ_ACTIVATIONS and READ_COUNTERS; READ_RESULTS answers
-UNKNOWN_OPCODE like the device.
+device's checks in the device's order, the layer table (CONFIGURE_LAYER of a descriptor
+for entry 0 or ``[index] + descriptor``), RUN_LAYER ``[index]`` and RUN_NETWORK ``n``
+(the passes of the entries in order, the counters summed), READ_ACTIVATIONS and
+READ_COUNTERS; READ_RESULTS answers UNKNOWN_OPCODE like the device.
 
 On-chip state is numpy arrays: the weight memory (``weight_depth × cols`` words of
-``simd`` bits, kept as bytes), the threshold memory (threshold 0 of each column entry,
-the only one the layer controller compares with) and the two activation banks
-(``2 · activation_depth`` words, bank ``b`` at ``b · activation_depth``). A convolution is
-computed on the unpacked words with one integer matrix product per layer: for every
+``simd`` bits, kept as bytes), the threshold memory (all ``thresholds_per_channel``
+thresholds of each entry and column) and the activation memory (``activation_slots ·
+activation_depth`` words, slot ``s`` at ``s · activation_depth``).
+
+**Contract 1** (``config.contract == 1``, the RTL today): 32-byte descriptors (33 with
+the table index; 48/49 bytes answer BAD_LENGTH), 1-bit maps in two ping-pong banks (the
+two slots): a pass reads bank ``select`` and writes the other, then ``select`` flips;
+WRITE/READ_ACTIVATIONS address bank ``select``. A convolution compares with threshold 0
+of its entry only, a pool pass ORs the window's words.
+
+**Contract 2** (``config.contract == 2``, emulator only; docs/protocol.md, "Contract
+2"): 48-byte extended descriptors (49 with the index; 32/33 bytes answer BAD_LENGTH).
+An n-bit map is n bit-planes, plane ``b`` at ``base + b · map_words`` of its slot, each
+packed like a 1-bit map. WRITE/READ_ACTIVATIONS addresses are flat (``slot ·
+activation_depth + word``); nothing flips. A convolution reads ``in_bits`` input planes
+(spatial padding: bit ``b`` of ``pad_level`` in the real channels of plane ``b``, 0 in
+the channel padding), accumulates ``A = Σ_b 2**b · P_b``, reads the shortcut level ``r``
+of each output pixel and channel from ``shortcut_bits`` planes at ``shortcut_slot`` /
+``shortcut_base`` (the output's shape) and outputs ``#{j < 2**out_bits − 1 : A ≥
+T[threshold_base + t·2**shortcut_bits + r, col, j]}`` as ``out_bits`` planes at
+``output_slot`` / ``output_base``. A pool pass outputs the max of the window's levels per
+channel, a repeat pass copies input channel ``o mod C`` to output channel ``o``, plane by
+plane.
+
+Both contracts share the datapath: receptive fields are gathered and unpacked, and one
+integer matrix product per input plane (in float32, exact below 2**24) gives, for every
 output pixel and tile column, ``P`` = popcount of ``XNOR`` over all ``K`` words of the
-receptive field (channel padding included, exactly what the array sums), then
-``bit = P ≥ T``, packed into the output words like the controller (unfilled bits 0).
-Cycle counts come from :func:`bitdet.core.cycles.layer_cycles`, the RTL's exact model.
+receptive field (channel padding included, exactly what the array sums). Output levels
+are packed into the output words like the controller (the ``cols`` channels of every
+tile; unfilled bits 0). Cycle counts come from :func:`bitdet.core.cycles.pass_cycles`,
+the RTL's exact model (the contract-2 formula is the specification of the coming RTL).
 
 Addresses wrap like the hardware's registers (modulo ``2**address_bits``); a memory
 word outside a non-power-of-two memory reads as 0 and is not written (the RTL leaves
-that case undefined; the driver never configures such a layer).
+that case undefined; the driver never configures such a layer). Under contract 2 a map
+that runs past the end of its slot wraps within that slot the same way (the host's
+:meth:`~bitdet.core.descriptor.LayerDescriptor.problems` refuses such a pass).
 """
 
 from __future__ import annotations
@@ -33,7 +57,7 @@ import struct
 
 import numpy as np
 
-from bitdet.core.descriptor import LayerDescriptor
+from bitdet.core.descriptor import EXTENDED_DESCRIPTOR_SIZE, LayerDescriptor
 from bitdet.core.protocol import (
     COMMAND_PAYLOAD_LIMITS,
     COUNTERS_SIZE,
@@ -64,6 +88,11 @@ def _addr_bits(depth: int) -> int:
     return max(1, (depth - 1).bit_length())
 
 
+def _wrap(addrs, depth: int) -> np.ndarray:
+    """``addrs`` (int64) wrapped to the address width of a ``depth``-entry memory."""
+    return np.asarray(addrs, dtype=np.int64) & ((1 << _addr_bits(depth)) - 1)
+
+
 class Emulator:
     """The accelerator of ``config`` as a byte-in, byte-out function.
 
@@ -77,11 +106,14 @@ class Emulator:
     weights : numpy.ndarray
         uint8 ``weight_depth × cols × simd/8`` (each word little-endian).
     thresholds : numpy.ndarray
-        int64 ``threshold_depth × cols``: threshold 0 of each entry and column.
+        int64 ``threshold_depth × cols × thresholds_per_channel``: every threshold of
+        each entry and column.
     activations : numpy.ndarray
-        uint8 ``2·activation_depth × simd/8``: bank ``b`` at rows ``b·activation_depth``.
+        uint8 ``activation_slots·activation_depth × simd/8``: slot (contract-1 bank)
+        ``s`` at rows ``s·activation_depth``.
     select : int
-        The bank the next layer reads (and WRITE/READ_ACTIVATIONS use).
+        Contract 1: the bank the next layer reads (and WRITE/READ_ACTIVATIONS use).
+        Contract 2: always 0 (addresses are flat, nothing flips).
     """
 
     def __init__(self, config):
@@ -93,13 +125,21 @@ class Emulator:
             raise ValueError(f"simd ({config.simd}) must be a multiple of cols ({config.cols})")
         self.config = config
         c = config
+        self.contract = getattr(c, "contract", 1)
+        if self.contract not in (1, 2):
+            raise ValueError(f"config.contract must be 1 or 2, not {self.contract!r}")
+        self.slots = getattr(c, "activation_slots", 2)
         self._wbytes = c.simd // 8
         self._thr_bytes = threshold_entry_bytes(c.threshold_width, c.thresholds_per_channel,
                                                 1)
+        self._descriptor_size = (LAYER_DESCRIPTOR_SIZE if self.contract == 1
+                                 else EXTENDED_DESCRIPTOR_SIZE)
         self._identify = IdentifyReply.for_config(c).pack()
         self.weights = np.zeros((c.weight_depth, c.cols, self._wbytes), dtype=np.uint8)
-        self.thresholds = np.zeros((c.threshold_depth, c.cols), dtype=np.int64)
-        self.activations = np.zeros((2 * c.activation_depth, self._wbytes), dtype=np.uint8)
+        self.thresholds = np.zeros((c.threshold_depth, c.cols, c.thresholds_per_channel),
+                                   dtype=np.int64)
+        self.activations = np.zeros((self.slots * c.activation_depth, self._wbytes),
+                                    dtype=np.uint8)
         self._parser = FrameParser()
         self._frame = bytearray()          # opcode, length, seq, payload, CRC of the frame
         self._idle = 0                     # byte times the line has been quiet in a frame
@@ -188,37 +228,54 @@ class Emulator:
         if opcode == Opcode.CONFIGURE_LAYER:
             return self._respond(opcode, self._configure(payload))
         if opcode in (Opcode.RUN_LAYER, Opcode.RUN_NETWORK):
-            if opcode == Opcode.RUN_LAYER:
-                first = payload[0] if payload else 0
-                entries = range(first, first + 1)
-                bad = first >= LAYER_TABLE_ENTRIES
-            else:
-                entries = range(payload[0])
-                bad = not 1 <= payload[0] <= LAYER_TABLE_ENTRIES
-            if bad:
-                return self._respond(opcode, ErrorCode.BAD_ARGUMENT)
-            if any(self.table[i] is None for i in entries):
-                return self._respond(opcode, ErrorCode.NOT_CONFIGURED)
-            busy = stall = 0
-            for i in entries:
-                b, s = self._run(self.table[i])
-                busy, stall = (busy + b) & _COUNTER_MASK, (stall + s) & _COUNTER_MASK
-            self.last_busy, self.last_stall = busy, stall
-            return self._respond(opcode, ErrorCode.OK, struct.pack("<II", busy, stall))
+            return self._run_table(opcode, payload)
         if opcode == Opcode.READ_ACTIVATIONS:
-            address, words = struct.unpack("<IH", payload)
-            if words * self._wbytes > MAX_PAYLOAD - 1:
-                return self._respond(opcode, ErrorCode.BAD_ARGUMENT)
-            if address + words > self.config.activation_depth:
-                return self._respond(opcode, ErrorCode.BAD_ADDRESS)
-            base = self.select * self.config.activation_depth + address
-            return self._respond(opcode, ErrorCode.OK,
-                                 self.activations[base:base + words].tobytes())
+            return self._read_activations(payload)
         if opcode == Opcode.READ_COUNTERS:
             data = struct.pack("<II", self.last_busy, self.last_stall)
             assert len(data) == COUNTERS_SIZE
             return self._respond(opcode, ErrorCode.OK, data)
         return self._respond(opcode, ErrorCode.UNKNOWN_OPCODE)   # READ_RESULTS
+
+    def _activation_window(self) -> tuple[int, int]:
+        """``(first row, words)`` of the activation memory that WRITE/READ_ACTIVATIONS
+        address: bank ``select`` (contract 1) or all slots, flat (contract 2)."""
+        depth = self.config.activation_depth
+        if self.contract == 1:
+            return self.select * depth, depth
+        return 0, self.slots * depth
+
+    def _read_activations(self, payload: bytes) -> bytes:
+        opcode = Opcode.READ_ACTIVATIONS
+        address, words = struct.unpack("<IH", payload)
+        if words * self._wbytes > MAX_PAYLOAD - 1:
+            return self._respond(opcode, ErrorCode.BAD_ARGUMENT)
+        first, size = self._activation_window()
+        if address + words > size:
+            return self._respond(opcode, ErrorCode.BAD_ADDRESS)
+        base = first + address
+        return self._respond(opcode, ErrorCode.OK, self.activations[base:base + words].tobytes())
+
+    def _run_table(self, opcode: int, payload: bytes) -> bytes:
+        """RUN_LAYER ``[index]`` / RUN_NETWORK ``n``: the entries' passes in order, their
+        counters summed (32-bit, wrapping)."""
+        if opcode == Opcode.RUN_LAYER:
+            first = payload[0] if payload else 0
+            entries = range(first, first + 1)
+            bad = first >= LAYER_TABLE_ENTRIES
+        else:
+            entries = range(payload[0])
+            bad = not 1 <= payload[0] <= LAYER_TABLE_ENTRIES
+        if bad:
+            return self._respond(opcode, ErrorCode.BAD_ARGUMENT)
+        if any(self.table[i] is None for i in entries):
+            return self._respond(opcode, ErrorCode.NOT_CONFIGURED)
+        busy = stall = 0
+        for i in entries:
+            b, s = self._run(self.table[i])
+            busy, stall = (busy + b) & _COUNTER_MASK, (stall + s) & _COUNTER_MASK
+        self.last_busy, self.last_stall = busy, stall
+        return self._respond(opcode, ErrorCode.OK, struct.pack("<II", busy, stall))
 
     def _write(self, opcode: int, payload: bytes) -> ErrorCode:
         """Write the whole entries of a WRITE_* payload (``address`` u32 LE, then entries);
@@ -233,7 +290,8 @@ class Emulator:
         elif opcode == Opcode.WRITE_THRESHOLDS:
             unit, depth = self._thr_bytes * c.cols, c.threshold_depth
         else:
-            unit, depth = self._wbytes, c.activation_depth
+            first, depth = self._activation_window()
+            unit = self._wbytes
         # entries are written word by word (column by column): count whole words
         word = unit // (1 if opcode == Opcode.WRITE_ACTIVATIONS else c.cols)
         whole_words = len(data) // word
@@ -242,23 +300,25 @@ class Emulator:
         addrs = address + np.arange(entries)
         ok = addrs < depth
         bad = bool((~ok).any())
+        words = data[:whole_words * word].reshape(-1, word)
         if opcode == Opcode.WRITE_ACTIVATIONS:
-            words = data[:whole_words * word].reshape(-1, word)
-            target = self.select * c.activation_depth + addrs
-            self.activations[target[ok]] = words[ok]
+            self.activations[first + addrs[ok]] = words[ok]
         else:
-            words = data[:whole_words * word].reshape(-1, word)
             for column_count, (entry, rows) in self._entries(words, addrs, ok, c.cols):
                 if opcode == Opcode.WRITE_WEIGHTS:
                     self.weights[entry, :column_count] = rows
                 else:
-                    fields = rows[:, :self._thr_bytes]
-                    values = np.zeros(len(rows), dtype=np.int64)
-                    for k in range(min(self._thr_bytes, -(-c.threshold_width // 8))):
-                        values |= fields[:, k].astype(np.int64) << (8 * k)
-                    mask = (1 << c.threshold_width) - 1
-                    self.thresholds[entry, :column_count] = values & mask
+                    self.thresholds[entry, :column_count] = self._threshold_fields(rows)
         return ErrorCode.BAD_ADDRESS if bad or incomplete else ErrorCode.OK
+
+    def _threshold_fields(self, rows: np.ndarray) -> np.ndarray:
+        """int64 ``columns × thresholds_per_channel``: the thresholds of each column's
+        little-endian bit field (threshold ``l`` at bits ``l·threshold_width``)."""
+        c = self.config
+        width, count = c.threshold_width, c.thresholds_per_channel
+        bits = np.unpackbits(rows[:, :self._thr_bytes], axis=1, bitorder="little")
+        bits = bits[:, :count * width].reshape(len(rows), count, width).astype(np.int64)
+        return bits @ (np.int64(1) << np.arange(width, dtype=np.int64))
 
     @staticmethod
     def _entries(words, addrs, ok, cols):
@@ -270,115 +330,208 @@ class Emulator:
                 yield len(chunk), (int(address), chunk)
 
     def _configure(self, payload: bytes) -> ErrorCode:
-        """CONFIGURE_LAYER: the descriptor's own checks (:meth:`LayerDescriptor.refusal`,
-        the device's order and codes) decide; a refused descriptor clears its entry."""
-        if len(payload) not in (LAYER_DESCRIPTOR_SIZE, LAYER_DESCRIPTOR_SIZE + 1):
+        """CONFIGURE_LAYER: a descriptor of the contract's size (32 bytes under contract
+        1, 48 under contract 2; one more with the table index) or BAD_LENGTH; then the
+        descriptor's own checks (:meth:`LayerDescriptor.refusal`, the device's order and
+        codes) decide; a refused descriptor clears its entry."""
+        size = self._descriptor_size
+        if len(payload) not in (size, size + 1):
             return ErrorCode.BAD_LENGTH
-        which = payload[0] if len(payload) > LAYER_DESCRIPTOR_SIZE else 0
+        which = payload[0] if len(payload) > size else 0
         if which >= LAYER_TABLE_ENTRIES:
             return ErrorCode.BAD_ARGUMENT
-        descriptor = LayerDescriptor.decode(payload[-LAYER_DESCRIPTOR_SIZE:])
+        descriptor = LayerDescriptor.decode(payload[-size:])
         refusal = descriptor.refusal(self.config)
         self.table[which] = descriptor if refusal is None else None
         return ErrorCode.OK if refusal is None else ErrorCode[refusal]
 
-    # -- layers --------------------------------------------------------------------------------
-    def _bank_read(self, addrs: np.ndarray, bank: int) -> np.ndarray:
-        """Words at ``addrs`` (wrapped to the address width) of ``bank``."""
+    # -- activation memory -------------------------------------------------------------------
+    def _slot_read(self, addrs: np.ndarray, slot: int) -> np.ndarray:
+        """Words at ``addrs`` (wrapped to the address width) of ``slot`` (a contract-1
+        bank); a word beyond ``activation_depth`` reads as 0."""
         depth = self.config.activation_depth
-        addrs = np.asarray(addrs, dtype=np.int64) & ((1 << _addr_bits(depth)) - 1)
+        addrs = _wrap(addrs, depth)
         inside = addrs < depth
         out = np.zeros((*addrs.shape, self._wbytes), dtype=np.uint8)
-        out[inside] = self.activations[bank * depth + addrs[inside]]
+        out[inside] = self.activations[slot * depth + addrs[inside]]
         return out
 
-    def _bank_write(self, addrs: np.ndarray, words: np.ndarray, bank: int) -> None:
+    def _slot_write(self, addrs: np.ndarray, words: np.ndarray, slot: int) -> None:
         depth = self.config.activation_depth
-        addrs = np.asarray(addrs, dtype=np.int64).reshape(-1) & ((1 << _addr_bits(depth)) - 1)
+        addrs = _wrap(addrs, depth).reshape(-1)
         words = words.reshape(-1, self._wbytes)
         inside = addrs < depth
-        self.activations[bank * depth + addrs[inside]] = words[inside]
+        self.activations[slot * depth + addrs[inside]] = words[inside]
 
-    def _run(self, d: dict) -> tuple[int, int]:
-        """Run one checked descriptor, flip the banks; its ``(busy, stall)`` cycles."""
+    def _plane_bits(self, addrs: np.ndarray, slot: int) -> np.ndarray:
+        """0/1 uint8 ``(planes, …, words·simd)`` of the words at ``addrs`` ``(planes, …,
+        words)``: channel ``c`` of a pixel at index ``c`` (padding bits included)."""
+        words = self._slot_read(addrs, slot)
+        flat = words.reshape(*addrs.shape[:-1], addrs.shape[-1] * self._wbytes)
+        return np.unpackbits(flat, axis=-1, bitorder="little")
+
+    @staticmethod
+    def _levels(bits: np.ndarray) -> np.ndarray:
+        """int64 levels ``Σ_b 2**b · bits[b]`` of bit-planes ``bits`` (planes first)."""
+        shifts = np.arange(bits.shape[0], dtype=np.int64).reshape(-1, *[1] * (bits.ndim - 1))
+        return (bits.astype(np.int64) << shifts).sum(axis=0)
+
+    def _read_map(self, slot: int, base: int, pixels: int, words: int,
+                  planes: int) -> np.ndarray:
+        """int64 levels ``pixels × words·simd`` of a ``planes``-plane map (plane ``b`` at
+        ``base + b·pixels·words``), channel padding included."""
+        plane_words = pixels * words
+        addrs = (base + np.arange(planes)[:, None, None] * plane_words
+                 + np.arange(pixels)[None, :, None] * words + np.arange(words))
+        return self._levels(self._plane_bits(addrs, slot))
+
+    def _write_map(self, slot: int, base: int, levels: np.ndarray, words: int,
+                   planes: int) -> None:
+        """Write levels ``pixels × channels`` as ``planes`` planes of ``words`` words per
+        pixel (plane ``b`` at ``base + b·pixels·words``); channel bits beyond
+        ``channels`` are 0."""
+        simd = self.config.simd
+        pixels, channels = levels.shape
+        bits = np.zeros((planes, pixels, words * simd), dtype=np.uint8)
+        bits[:, :, :channels] = (levels[None] >> np.arange(planes).reshape(-1, 1, 1)) & 1
+        packed = np.packbits(bits.reshape(planes, pixels, words, simd), axis=3,
+                             bitorder="little")
+        self._slot_write(base + np.arange(planes * pixels * words), packed, slot)
+
+    # -- passes --------------------------------------------------------------------------------
+    def _slots(self, d: LayerDescriptor) -> tuple[int, int]:
+        """``(input slot, output slot)`` of a pass: the banks ``select`` and ``1 − select``
+        (contract 1) or the descriptor's slots (contract 2)."""
+        if self.contract == 1:
+            return self.select, 1 - self.select
+        return d.input_slot, d.output_slot
+
+    def _run(self, d: LayerDescriptor) -> tuple[int, int]:
+        """Run one checked descriptor (contract 1: then flip the banks); its ``(busy,
+        stall)`` cycles."""
         from bitdet.core import cycles
-        if d["pool"]:
+        if d.pool:
             self._run_pool(d)
-            busy, stall = cycles.pool_cycles(self.config, d)
+        elif d.repeat:
+            self._run_repeat(d)
         else:
             self._run_conv(d)
-            busy, stall = cycles.layer_cycles(self.config, dict(d, raw=0))
-        self.select ^= 1
+        busy, stall = cycles.pass_cycles(self.config, dict(d, raw=0))
+        if self.contract == 1:
+            self.select ^= 1
         return busy & _COUNTER_MASK, stall & _COUNTER_MASK
 
-    def _run_pool(self, d: dict) -> None:
-        simd = self.config.simd
-        words = -(-d["channels"] // simd)
-        k, s = d["kernel"], d["stride"]
-        oy, ox, ky, kx, w = np.meshgrid(np.arange(d["out_h"]), np.arange(d["out_w"]),
-                                        np.arange(k), np.arange(k), np.arange(words),
-                                        indexing="ij")
-        addrs = d["input_base"] + ((oy * s + ky) * d["in_w"] + ox * s + kx) * words + w
-        taps = self._bank_read(addrs, self.select)             # oh, ow, k, k, W, bytes
-        pooled = np.bitwise_or.reduce(taps.reshape(d["out_h"], d["out_w"], k * k, words,
-                                                   self._wbytes), axis=2)
-        out_addrs = d["output_base"] + np.arange(d["out_h"] * d["out_w"] * words)
-        self._bank_write(out_addrs, pooled, 1 - self.select)
+    def _run_pool(self, d: LayerDescriptor) -> None:
+        """The max of each ``kernel × kernel`` window's levels per channel (contract 1:
+        the OR of the window's words)."""
+        simd, planes = self.config.simd, d.in_bits
+        words = -(-d.channels // simd)
+        k, s = d.kernel, d.stride
+        b, oy, ox, ky, kx, w = np.meshgrid(np.arange(planes), np.arange(d.out_h),
+                                           np.arange(d.out_w), np.arange(k), np.arange(k),
+                                           np.arange(words), indexing="ij")
+        addrs = (d.input_base + b * d.map_words(simd, output=False)
+                 + ((oy * s + ky) * d.in_w + ox * s + kx) * words + w)
+        source, target = self._slots(d)
+        levels = self._levels(self._plane_bits(addrs, source))   # oh, ow, k, k, words·simd
+        pooled = levels.reshape(d.out_h * d.out_w, k * k, words * simd).max(axis=1)
+        self._write_map(target, d.output_base, pooled, words, planes)
 
-    def _run_conv(self, d: dict) -> None:
+    def _run_repeat(self, d: LayerDescriptor) -> None:
+        """Output channel ``o`` is input channel ``o mod channels``, plane by plane."""
+        simd, planes = self.config.simd, d.in_bits
+        pixels = d.out_h * d.out_w
+        source, target = self._slots(d)
+        levels = self._read_map(source, d.input_base, pixels, -(-d.channels // simd), planes)
+        copied = levels[:, np.arange(d.out_channels) % d.channels]
+        self._write_map(target, d.output_base, copied, -(-d.out_channels // simd), planes)
+
+    def _run_conv(self, d: LayerDescriptor) -> None:
+        """A convolution: accumulators of the input planes, thresholded per output pixel
+        and channel with the row of its shortcut level, written as ``out_bits`` planes."""
         c = self.config
-        simd, cols = c.simd, c.cols
-        words = -(-d["channels"] // simd)
-        k, s, p = d["kernel"], d["stride"], d["padding"]
-        in_h, in_w, out_h, out_w = d["in_h"], d["in_w"], d["out_h"], d["out_w"]
-        k_words = k * k * words
-        tiles = -(-d["out_channels"] // cols)
-        # receptive fields as K-words (taps row-major, then channel word), padding words
-        # where a tap leaves the image
-        oy, ox, ky, kx, m = np.meshgrid(np.arange(out_h), np.arange(out_w), np.arange(k),
-                                        np.arange(k), np.arange(words), indexing="ij")
-        y, x = oy * s + ky - p, ox * s + kx - p
-        inside = (y >= 0) & (y < in_h) & (x >= 0) & (x < in_w)
-        addrs = d["input_base"] + (y * in_w + x) * words + m
-        fields = self._bank_read(np.where(inside, addrs, 0), self.select)
-        if d["pad_bit"]:
-            real = np.clip(d["channels"] - np.arange(words) * simd, 0, simd)
-            pad_bits = (np.arange(simd)[None, :] < real[:, None]).astype(np.uint8)
-            pad_words = np.packbits(pad_bits, axis=1, bitorder="little")     # words, bytes
-            pad = pad_words[m]
+        tiles = -(-d.out_channels // c.cols)
+        k_words = d.kernel ** 2 * -(-d.channels // c.simd)
+        source, target = self._slots(d)
+        fields = self._receptive_fields(d, source)                # planes, pixels, bytes
+        w_bits = self._weight_bits(d, tiles, k_words)             # tiles·cols, bits
+        acc = self._accumulate(fields, w_bits)                    # pixels, tiles·cols
+        table = self._threshold_table(d, tiles)                   # R, tiles·cols, L
+        pixels, filled = acc.shape
+        if d.shortcut_bits:
+            shortcut = self._read_map(d.shortcut_slot, d.shortcut_base, pixels,
+                                      -(-d.out_channels // c.simd), d.shortcut_bits)
+            rows = shortcut[:, :filled]
         else:
-            pad = np.zeros((*m.shape, self._wbytes), dtype=np.uint8)
-        fields = np.where(inside[..., None], fields, pad)
-        a_bits = np.unpackbits(fields.reshape(out_h * out_w, k_words * self._wbytes),
-                               axis=1, bitorder="little").astype(np.float32)
-        # weights of tile t, K-word j, column c at weight_base + t·K + j (wrapped)
-        wdepth = c.weight_depth
-        waddr = (d["weight_base"] + np.arange(tiles * k_words)) & ((1 << _addr_bits(wdepth)) - 1)
-        wwords = np.zeros((tiles * k_words, cols, self._wbytes), dtype=np.uint8)
-        winside = waddr < wdepth
+            rows = np.zeros((pixels, filled), dtype=np.int64)
+        thresholds = table[rows, np.arange(filled)[None, :]]      # pixels, tiles·cols, L
+        levels = (acc[:, :, None] >= thresholds).sum(axis=2)
+        self._write_map(target, d.output_base, levels, -(-d.out_channels // c.simd),
+                        d.out_bits)
+
+    def _receptive_fields(self, d: LayerDescriptor, slot: int) -> np.ndarray:
+        """uint8 ``in_bits × out_h·out_w × K·simd/8``: each output pixel's receptive field
+        as K-words (taps row-major, then channel word) per input plane; a tap that leaves
+        the image reads the padding word of its plane (bit ``b`` of the padding level in
+        the real channels, 0 in the channel padding)."""
+        simd, planes = self.config.simd, d.in_bits
+        words = -(-d.channels // simd)
+        k, s, p = d.kernel, d.stride, d.padding
+        b, oy, ox, ky, kx, m = np.meshgrid(np.arange(planes), np.arange(d.out_h),
+                                           np.arange(d.out_w), np.arange(k), np.arange(k),
+                                           np.arange(words), indexing="ij")
+        y, x = oy * s + ky - p, ox * s + kx - p
+        inside = (y >= 0) & (y < d.in_h) & (x >= 0) & (x < d.in_w)
+        addrs = (d.input_base + b * d.map_words(simd, output=False)
+                 + (y * d.in_w + x) * words + m)
+        fields = self._slot_read(np.where(inside, addrs, 0), slot)
+        pad_level = d.pad_level if d.extended else d.pad_bit
+        real = np.arange(words * simd).reshape(words, simd) < d.channels    # words, simd
+        pad_bits = ((pad_level >> np.arange(planes)) & 1).astype(np.uint8)[:, None, None]
+        pad_words = np.packbits(pad_bits & real, axis=2, bitorder="little")  # planes, words
+        fields = np.where(inside[..., None], fields, pad_words[b, m])
+        return fields.reshape(planes, d.out_h * d.out_w, -1)
+
+    def _weight_bits(self, d: LayerDescriptor, tiles: int, k_words: int) -> np.ndarray:
+        """float32 0/1 ``tiles·cols × K·simd``: the weights of tile ``t``, K-word ``j``,
+        column ``c`` at ``weight_base + t·K + j`` (wrapped; unreadable words are 0)."""
+        c = self.config
+        waddr = _wrap(d.weight_base + np.arange(tiles * k_words), c.weight_depth)
+        wwords = np.zeros((tiles * k_words, c.cols, self._wbytes), dtype=np.uint8)
+        winside = waddr < c.weight_depth
         wwords[winside] = self.weights[waddr[winside]]
-        wwords = wwords.reshape(tiles, k_words, cols, self._wbytes).transpose(0, 2, 1, 3)
-        w_bits = np.unpackbits(wwords.reshape(tiles * cols, k_words * self._wbytes), axis=1,
-                               bitorder="little").astype(np.float32)
-        # popcount(XNOR) = n − Σa − Σw + 2·a·w: integers below 2**24 (n = K·simd bits),
-        # exact in float32
-        n = a_bits.shape[1]
-        assert n < 1 << 24
-        products = (a_bits @ w_bits.T).astype(np.int64)
-        popcount = (n - a_bits.sum(1, dtype=np.int64)[:, None]
-                    - w_bits.sum(1, dtype=np.int64)[None, :] + 2 * products)
-        popcount &= (1 << c.acc_width) - 1
-        tdepth = c.threshold_depth
-        taddr = (d["threshold_base"] + np.arange(tiles)) & ((1 << _addr_bits(tdepth)) - 1)
-        thresholds = np.full((tiles, cols), -1, dtype=np.int64)
-        tinside = taddr < tdepth
-        thresholds[tinside] = self.thresholds[taddr[tinside]]
-        thresholds = np.where(thresholds < 0, 0, thresholds).reshape(-1)   # 0 if unreadable
-        bits = (popcount >= thresholds[None, :]).astype(np.uint8)        # pixels, tiles·cols
-        out_words = -(-d["out_channels"] // simd)
-        packed_bits = np.zeros((out_h * out_w, out_words * simd), dtype=np.uint8)
-        packed_bits[:, :tiles * cols] = bits
-        packed = np.packbits(packed_bits.reshape(-1, out_words, simd), axis=2,
-                             bitorder="little")
-        out_addrs = d["output_base"] + np.arange(out_h * out_w * out_words)
-        self._bank_write(out_addrs, packed, 1 - self.select)
+        wwords = wwords.reshape(tiles, k_words, c.cols, self._wbytes).transpose(0, 2, 1, 3)
+        return np.unpackbits(wwords.reshape(tiles * c.cols, k_words * self._wbytes), axis=1,
+                             bitorder="little").astype(np.float32)
+
+    def _accumulate(self, fields: np.ndarray, w_bits: np.ndarray) -> np.ndarray:
+        """int64 ``pixels × tiles·cols``: ``A = Σ_b 2**b · P_b`` (wrapped to
+        ``acc_width`` bits), ``P_b`` = popcount(XNOR) of plane ``b``'s receptive fields
+        (``fields[b]``, packed) with the weights: one matrix product per plane."""
+        w_sums = w_bits.sum(1, dtype=np.int64)[None, :]
+        acc = np.zeros((fields.shape[1], w_bits.shape[0]), dtype=np.int64)
+        for plane, packed in enumerate(fields):
+            a_bits = np.unpackbits(packed, axis=1, bitorder="little").astype(np.float32)
+            # popcount(XNOR) = n − Σa − Σw + 2·a·w: integers below 2**24 (n = K·simd
+            # bits), exact in float32
+            n = a_bits.shape[1]
+            assert n < 1 << 24
+            products = (a_bits @ w_bits.T).astype(np.int64)
+            popcount = n - a_bits.sum(1, dtype=np.int64)[:, None] - w_sums + 2 * products
+            acc += popcount << plane
+        return acc & ((1 << self.config.acc_width) - 1)
+
+    def _threshold_table(self, d: LayerDescriptor, tiles: int) -> np.ndarray:
+        """int64 ``R × tiles·cols × L`` (``R = 2**shortcut_bits``, ``L = 2**out_bits −
+        1``): entry ``threshold_base + t·R + r`` (wrapped) holds the row of shortcut level
+        ``r`` of tile ``t``; an unreadable entry compares with 0. Contract 1: threshold 0
+        of entry ``threshold_base + t``."""
+        c = self.config
+        rows = d.threshold_rows
+        used = (1 << d.out_bits) - 1 if d.extended else 1
+        taddr = _wrap(d.threshold_base + np.arange(tiles * rows), c.threshold_depth)
+        table = np.zeros((tiles * rows, c.cols, used), dtype=np.int64)
+        tinside = taddr < c.threshold_depth
+        table[tinside] = self.thresholds[taddr[tinside], :, :used]
+        return table.reshape(tiles, rows, c.cols, used).transpose(1, 0, 2, 3).reshape(
+            rows, tiles * c.cols, used)
