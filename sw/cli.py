@@ -107,24 +107,79 @@ def _cmd_bundle_info(args) -> int:
     return 0
 
 
+def _bundle_fit(config, path):
+    """``(bundle, problems, streams, graph)`` of `hw info --bundle`: the fit problems (a
+    contract-2 build: :func:`plan_problems` of the graph plan, which ``graph`` is), and
+    whether the bundle runs with weights streamed though it does not fit resident."""
+    from bitdet.core.bundle import load
+
+    from .driver.device import Device
+    from .driver.planner import contract_v2_problems, plan_graph
+    bundle = load(path)
+    if config.contract == 2:
+        return bundle, Device.fit_problems_for(config, bundle), False, plan_graph(config, bundle)
+    v2 = [p.message for p in contract_v2_problems(bundle)]
+    problems = v2 or config.fit_problems(bundle.requirements())
+    streams = bool(problems) and not v2 and not Device.fit_problems_for(config, bundle)
+    return bundle, problems, streams, None
+
+
+def _slot_plan_json(config, graph) -> dict:
+    """The contract-2 slot plan of `hw info --json`: slots used, every pass's slots and
+    bits, every map's slot, planes, words and life (first and last pass)."""
+    passes = []
+    for entry in graph.passes:
+        d = entry.descriptor
+        short = len(entry.reads) > 1
+        passes.append({"name": entry.name, "kind": entry.kind, "node": entry.node,
+                       "in_shape": list(entry.in_shape), "out_shape": list(entry.out_shape),
+                       "input_slot": d["input_slot"], "output_slot": d["output_slot"],
+                       "shortcut_slot": d["shortcut_slot"] if short else None,
+                       "in_bits": d["in_bits"], "out_bits": d["out_bits"],
+                       "shortcut_bits": d["shortcut_bits"]})
+    maps = [{"name": m.name, "slot": m.slot, "bits": m.bits, "words": m.words(config.simd),
+             "first_pass": m.born, "last_pass": m.last} for m in graph.maps.values()]
+    return {"slots_used": graph.slots_used, "activation_slots": graph.slots,
+            "host_map": graph.host_map, "host_layer": graph.host_layer, "passes": passes,
+            "maps": maps}
+
+
+def _print_slot_plan(path, config, graph) -> None:
+    """`hw info`'s lines for a bundle that fits a contract-2 build: the slot plan."""
+    convs = [p for p in graph.passes if p.kind == "conv"]
+    print(f"{path} fits: {len(graph.passes)} device passes in {graph.slots_used} of "
+          f"{graph.slots} map slots, every layer resident "
+          f"({sum(p.weight_words for p in convs)} of {config.weight_depth} weight words, "
+          f"{sum(p.threshold_entries for p in convs)} of {config.threshold_depth} threshold "
+          "entries per column)")
+    for i, entry in enumerate(graph.passes):
+        d = entry.descriptor
+        shapes = f"{'×'.join(map(str, entry.in_shape))} → {'×'.join(map(str, entry.out_shape))}"
+        slots = f"slot {d['input_slot']} → {d['output_slot']}"
+        bits = f"bits {d['in_bits']} → {d['out_bits']}"
+        if len(entry.reads) > 1:
+            slots += f", shortcut {d['shortcut_slot']}"
+            bits += f", shortcut {d['shortcut_bits']}"
+        print(f"  {i:>2} {entry.name:<14} {entry.kind:<6} {shapes:<22} {slots:<24} {bits}")
+    if graph.host_layer is not None:
+        print(f"  its raw last layer {graph.host_layer!r} runs on the host from "
+              f"{graph.host_map!r} (the device has no READ_RESULTS; docs/driver.md)")
+
+
 def _cmd_hw_info(args) -> int:
     from bitdet.core.config import load_config
     config = load_config(args.config)
-    problems = streams = None
+    problems = streams = graph = None
     if args.bundle:
-        from bitdet.core.bundle import load
-
-        from .driver.device import Device, device_layer_count
-        from .driver.planner import contract_v2_problems
-        bundle = load(args.bundle)
-        v2 = [p.message for p in contract_v2_problems(bundle)]
-        problems = v2 or config.fit_problems(bundle.requirements())
-        streams = bool(problems) and not v2 and not Device.fit_problems_for(config, bundle)
+        from .driver.device import device_layer_count
+        bundle, problems, streams, graph = _bundle_fit(config, args.bundle)
     if args.json:
         out = config.host_constants()
         if problems is not None:
             out["bundle_fits"] = not problems
             out["bundle_problems"] = problems
+        if graph is not None:
+            out["slot_plan"] = _slot_plan_json(config, graph)
         print(json.dumps(out, indent=1))
         return 0 if not problems else 1
     memory = config.memory_bits()
@@ -136,6 +191,10 @@ def _cmd_hw_info(args) -> int:
     print(f"  accumulator           {config.acc_width} bits (largest K {config.max_k})")
     print(f"  outputs               up to {config.output_bits} bit(s), "
           f"{config.thresholds_per_channel} threshold(s) per channel")
+    if config.contract == 2:
+        print(f"  contract 2            inputs up to {config.max_input_bits} bit(s), shortcuts "
+              f"up to {config.max_shortcut_bits} bit(s), {config.activation_slots} map slots "
+              f"of {config.activation_depth} words")
     for name, bits in memory.items():
         print(f"  {name + ' memory':21} {bits:>9} bits ({bits / 8192:.1f} KiB)")
     print(f"  total memory          {sum(memory.values()):>9} bits")
@@ -149,7 +208,9 @@ def _cmd_hw_info(args) -> int:
                 print("  the host driver runs it with weights streamed per layer "
                       "(docs/driver.md)")
             return 1
-        if device_layer_count(bundle) < len(bundle.binary_layers):
+        if graph is not None:
+            _print_slot_plan(args.bundle, config, graph)
+        elif device_layer_count(bundle) < len(bundle.binary_layers):
             print(f"{args.bundle} fits, every layer resident on chip; its raw last layer "
                   f"{bundle.layer_names[-1]!r} runs on the host (the device has no "
                   "READ_RESULTS; docs/driver.md)")
@@ -467,9 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     hw_info = hw_sub.add_parser(
         "info", help="print the resources a config implies (PEs, GOPS, memories)",
         description="Validate an accelerator config and print what it implies. With "
-        "--bundle, also check that the bundle's network fits (exit status 1 if not).")
+        "--bundle, also check that the bundle's network fits (exit status 1 if not); on a "
+        "contract-2 build (e.g. --config contract2) print its map-slot plan: the slots "
+        "used, and per device pass its kind, slots and bits.")
     hw_info.add_argument("--config", required=True,
-                         help="YAML config file or preset name (icebreaker, ulx3s, tiny)")
+                         help="YAML config file or preset name (icebreaker, ulx3s, tiny, "
+                         "contract2)")
     hw_info.add_argument("--bundle", help="check that this bundle fits the config")
     hw_info.add_argument("--json", action="store_true",
                          help="print the host constants as JSON")
@@ -680,7 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--config", help="accelerator preset or YAML the device is built from "
                      "(default: the first of icebreaker, ulx3s that holds the bundle's "
                      "weights resident, else the first it fits with weights streamed per "
-                     "layer)")
+                     "layer); a contract-v2 bundle (a graph, n-bit maps, shortcuts) runs on "
+                     "a contract-2 build: --config contract2 --backend emu")
     det.add_argument("--port", help="serial port of the board (--backend serial)")
     det.add_argument("--out", default="detections",
                      help="folder for the annotated PNGs, IMAGE-STEM.detect.png (inputs with "

@@ -1,6 +1,8 @@
 """A contract-v2 bundle (bundle format 2: a graph, n-bit maps, shortcuts) is refused by
-everything that would run it on today's accelerator, before anything is sent, naming the
-node and what the accelerator lacks — never run as if it were a chain of 1-bit layers."""
+everything that would run it on a contract-1 accelerator (today's RTL), before anything is
+sent, naming the node and what the accelerator lacks and that a contract-2 build (the
+``contract2`` preset, on the emulator) runs it — never run as if it were a chain of 1-bit
+layers. tests/test_device_v2.py runs such bundles on contract 2."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from bitdet.sim.layer import bundle_case
 from bitdet.sw.cli import main
 from bitdet.sw.device import BundleDoesNotFit, Device
 from bitdet.sw.driver.link import EmuLink
-from bitdet.sw.driver.planner import contract_v2_problems, plan_bundle
+from bitdet.sw.driver.planner import CONTRACT_2_HINT, contract_v2_problems, plan_bundle
 from bitdet.sw.emulator import Emulator
 
 
@@ -28,6 +30,11 @@ def v2_file(tmp_path_factory):
 
 def test_the_problems_name_nodes_and_features():
     messages = [p.message for p in contract_v2_problems(graph_bundle())]
+    hint = f" ({CONTRACT_2_HINT})"
+    assert CONTRACT_2_HINT == ("contract 1; a contract-2 build runs it, e.g. the 'contract2' "
+                               "preset on the emulator")
+    assert all(m.endswith(hint) for m in messages)
+    messages = [m.removesuffix(hint) for m in messages]
     assert "the bundle's input map has 2-bit levels, the accelerator reads 1-bit maps" \
         in messages
     assert "layer 'c1' reads 2-bit maps, the accelerator reads 1-bit maps" in messages
@@ -61,11 +68,13 @@ def test_cli_says_it_does_not_fit(v2_file, capsys, tmp_path):
     assert main(["hw", "info", "--config", "ulx3s", "--bundle", str(v2_file)]) == 1
     out = capsys.readouterr().out
     assert "does NOT fit" in out and "layer 'c2' adds a 2-bit shortcut" in out
+    assert "a contract-2 build runs it, e.g. the 'contract2' preset" in out
     sample = Path(__file__).resolve().parent.parent / "sw" / "assets" / "sample.png"
     status = main(["detect", str(sample), "--bundle", str(v2_file), "--out",
                    str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert status == 2 and len(err.strip().splitlines()) == 1 and "2-bit" in err
+    assert "'contract2' preset" in err
 
 
 def test_sim_layer_refuses_a_v2_layer(v2_file):

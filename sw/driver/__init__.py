@@ -5,7 +5,8 @@
 * :mod:`.session` — one host session per link: framing with sequence bytes, retries,
   resynchronisation, chunked writes and reads (:class:`Session`);
 * :mod:`.planner` — placement of a bundle's weights and maps, and the fit check
-  (:func:`plan_bundle`, :func:`fit_problems_for`);
+  (:func:`plan_bundle`, :func:`fit_problems_for`; contract 2: :func:`plan_graph`, map
+  slots);
 * :mod:`.device` — :class:`Device`: open, load, run, detect.
 
 Errors are in :mod:`.errors`. ``bitdet.sw.device`` re-exports this package's names.
@@ -34,10 +35,13 @@ from .errors import (
 from .link import DEFAULT_TIMEOUT, EmuLink, Link, SerialLink, rtl_link
 from .planner import (
     MODES,
+    GraphPlan,
     LayerPlan,
+    MapPlan,
     device_layer_count,
     fit_problems_for,
     plan_bundle,
+    plan_graph,
     plan_problems,
 )
 from .session import Session
@@ -59,11 +63,13 @@ __all__ = [
     "DriverError",
     "EmuLink",
     "FrameTimeoutError",
+    "GraphPlan",
     "ImageError",
     "LayerDoesNotFitError",
     "LayerPlan",
     "Link",
     "LinkTimeout",
+    "MapPlan",
     "NotConfiguredError",
     "RunStats",
     "SerialLink",
@@ -75,6 +81,7 @@ __all__ = [
     "fit_problems_for",
     "load_image",
     "plan_bundle",
+    "plan_graph",
     "plan_problems",
     "rtl_link",
 ]

@@ -20,6 +20,12 @@ slot before each of their passes; :meth:`Device.run_binary` streams the first bi
 input, runs the layers from the device's layer table (the maps stay on chip) and reads the
 last map back; :meth:`Device.detect` is the whole pipeline image → detections with
 per-layer statistics.
+
+On a contract-2 build (``config.contract == 2``) the same methods run any bundle, a graph
+(format 2) or a chain, from :func:`~bitdet.sw.driver.planner.plan_graph`: every layer
+resident, the input map's bit-planes written into its map slot (flat addresses
+``slot · activation_depth + word``), one extended descriptor per pass, one RUN_NETWORK
+(RUN_LAYER per pass with ``trace``), the map the host reads taken from its slot.
 """
 
 from __future__ import annotations
@@ -52,10 +58,13 @@ from .errors import (
 )
 from .link import DEFAULT_TIMEOUT, EmuLink, SerialLink, rtl_link
 from .planner import (
+    GraphPlan,
     LayerPlan,
+    MapPlan,
     device_layer_count,
     fit_problems_for,
     plan_bundle,
+    plan_graph,
     plan_problems,
 )
 from .session import Session
@@ -165,6 +174,27 @@ def _resolve_config(config):
                     f"not {config!r}")
 
 
+def _input_levels(levels, source: MapPlan) -> torch.Tensor:
+    """A contract-2 input map as int64 levels ``1×C×H×W`` (from integer levels, or 0/1 or
+    ±1 floats of a 1-bit map); a ``ValueError`` naming the shape or the level range."""
+    x = torch.as_tensor(levels)
+    if x.dim() == 3:
+        x = x[None]
+    shape = "×".join(map(str, source.shape))
+    if x.dim() != 4 or x.shape[0] != 1 or tuple(x.shape[1:]) != source.shape:
+        raise ValueError(f"the input map is one 1×{shape} map, not {tuple(x.shape)}")
+    if x.dtype.is_floating_point and not bool(((x == 0) | (x == 1)).all()):
+        if not bool(((x == 1) | (x == -1)).all()):
+            raise ValueError("a floating-point input map holds 0/1 bits or ±1 values")
+        x = x > 0
+    x = x.to(torch.int64)
+    top = (1 << source.level_bits) - 1
+    if x.numel() and (int(x.min()) < 0 or int(x.max()) > top):
+        raise ValueError(f"the input map holds {source.level_bits}-bit levels in 0 … {top}, "
+                         f"found {int(x.min()) if int(x.min()) < 0 else int(x.max())}")
+    return x
+
+
 class Device:
     """A connected accelerator (emulated, simulated or real).
 
@@ -179,6 +209,8 @@ class Device:
         The host session over the link (framing, retries, resynchronisation).
     identity : IdentifyReply
     plan : list of LayerPlan, after :meth:`load`
+    graph_plan : GraphPlan or None
+        On a contract-2 build, after :meth:`load`: the passes with their map slots.
     """
 
     def __init__(self, link, config, *, timeout: float = DEFAULT_TIMEOUT,
@@ -189,6 +221,7 @@ class Device:
         self.port_name = self.session.port_name
         self.bundle = None
         self.plan: list[LayerPlan] = []
+        self.graph_plan: GraphPlan | None = None
         self._slot = None                      # the streamed pass whose weights are in the slot
         self._payloads: dict[int, tuple[bytes, bytes]] = {}
         self.identity = self.identify()
@@ -320,6 +353,10 @@ class Device:
         BundleDoesNotFit
             Before anything is sent, with every problem found (a layer that does not fit
             even alone is named with the quantity and the limit).
+
+        On a contract-2 build every bundle (a graph or a chain) is planned by
+        :func:`plan_graph` (:attr:`graph_plan`) and every layer is resident (``mode``
+        ``"streamed"`` does not fit).
         """
         from bitdet.core.bundle import Bundle
         from bitdet.core.bundle import load as load_bundle
@@ -329,6 +366,9 @@ class Device:
                                  threshold_depth=threshold_depth)
         if problems:
             raise BundleDoesNotFit(problems, self.config.name)
+        if self.config.contract == 2:
+            return self._load_graph(bundle)
+        self.graph_plan = None
         plan = plan_bundle(self.config, bundle, mode=mode, weight_depth=weight_depth,
                            threshold_depth=threshold_depth)
         self.bundle, self.plan, self._slot, self._payloads = None, [], None, {}
@@ -372,6 +412,40 @@ class Device:
                 encode_thresholds(thresholds, threshold_width=c.threshold_width,
                                   thresholds_per_channel=c.thresholds_per_channel))
 
+    def _load_graph(self, bundle) -> list[LayerPlan]:
+        """:meth:`load` on a contract-2 build (the bundle is known to fit): every conv's
+        weights and thresholds resident, an extended descriptor per pass."""
+        graph = plan_graph(self.config, bundle)
+        self.bundle, self.plan, self.graph_plan = None, [], None
+        self._slot, self._payloads = None, {}
+        self.reset()
+        for index, entry in enumerate(graph.passes):
+            if entry.kind == "conv":
+                self._payloads[index] = self._graph_payloads(entry)
+                self._write_layer(index, entry)
+        for index, entry in enumerate(graph.passes):
+            self.command(Opcode.CONFIGURE_LAYER, encode_layer(**entry.descriptor, index=index))
+        self.bundle, self.plan, self.graph_plan = bundle, graph.passes, graph
+        return graph.passes
+
+    def _graph_payloads(self, entry: LayerPlan) -> tuple[bytes, bytes]:
+        """WRITE_WEIGHTS and WRITE_THRESHOLDS data of a contract-2 conv: the threshold
+        entries of tile ``t`` are its ``R = 2**shortcut_bits`` rows, one entry per row
+        (``(tiles, cols, R, L)`` as ``(tiles·R, cols, L)``); the thresholds an entry holds
+        beyond the layer's ``L`` are "never" (a map stored with more planes than its
+        levels need)."""
+        c, layer = self.config, entry.layer
+        weights = packing.pack_weights(layer.weights, word_bits=c.simd, cols=c.cols)
+        table = packing.pack_thresholds(layer.thresholds, layer.k, cols=c.cols,
+                                        in_bits=layer.in_bits)
+        if table.ndim == 3:
+            table = table[:, :, None]                     # one row: no shortcut
+        tiles, cols, rows, levels = table.shape
+        entries = table.transpose(0, 2, 1, 3).reshape(tiles * rows, cols, levels)
+        return (encode_weights(weights),
+                encode_thresholds(entries, threshold_width=c.threshold_width,
+                                  thresholds_per_channel=c.thresholds_per_channel))
+
     def _write_layer(self, index: int, entry: LayerPlan) -> None:
         """WRITE_WEIGHTS and WRITE_THRESHOLDS of pass ``index`` at its descriptor's bases."""
         c = self.config
@@ -413,9 +487,19 @@ class Device:
         command frame instead of one per pass); the per-pass cycles in ``stats`` are then
         the cycle model's, checked against the device's sums. Otherwise each pass is a
         RUN_LAYER (a streamed layer's weights are written just before it).
+
+        On a contract-2 build (:meth:`run_graph`): ``bits`` are the input map's levels
+        (the stem's output); the maps returned are int32 levels, with ``trace`` every node's
+        the device runs in node order, else the one the host reads
+        (``graph_plan.host_map``: the last node's, or the input of a raw last conv).
         """
         if not self.plan:
             raise DriverError("no bundle loaded: call Device.load(bundle) first")
+        if self.graph_plan is not None:
+            graph = self.graph_plan
+            maps = self.run_graph(bits, trace=trace, stats=stats)
+            return ([maps[name] for name in graph.node_maps()] if trace
+                    else [maps[graph.host_map]])
         stats = RunStats() if stats is None else stats
         x = torch.as_tensor(bits)
         if x.dim() == 3:
@@ -455,13 +539,12 @@ class Device:
         one command frame instead of one per pass). The per-pass cycles are the cycle
         model's (:mod:`bitdet.core.cycles`, the RTL's exact counts); the device's sums must
         equal theirs."""
-        from bitdet.core.cycles import layer_cycles, pool_cycles
+        from bitdet.core.cycles import pass_cycles
         busy, stall = decode_counters(self.command(Opcode.RUN_NETWORK,
                                                    bytes([len(self.plan)])))
         layers = []
         for entry in self.plan:
-            model = pool_cycles if entry.kind == "pool" else layer_cycles
-            b, s = model(self.config, entry.descriptor)
+            b, s = pass_cycles(self.config, entry.descriptor)
             layers.append({"name": entry.name, "kind": entry.kind, "busy": b, "stall": s,
                            "weight_bytes": 0})
         mask = 0xFFFFFFFF
@@ -475,13 +558,81 @@ class Device:
     def run_host_tail(self, bits: torch.Tensor) -> torch.Tensor | None:
         """The loaded bundle's raw last layer on the host: its ``P`` (int32 ``1×O×H×W``,
         golden model) from the device's last map ``bits`` (0/1); ``None`` when every
-        binary layer runs on the device."""
+        binary layer runs on the device. On a contract-2 build: the raw last conv's ``A``
+        from the levels of the map it reads (``graph_plan.host_map``)."""
         if self.bundle is None:
             raise DriverError("no bundle loaded: call Device.load(bundle) first")
+        from bitdet.core.golden import run_layer
+        if self.graph_plan is not None:            # the levels of graph_plan.host_map
+            if self.graph_plan.host_layer is None:
+                return None
+            return run_layer(torch.as_tensor(bits).to(torch.int32), self.bundle.nodes()[-1].op)
         if device_layer_count(self.bundle) == len(self.bundle.binary_layers):
             return None
-        from bitdet.core.golden import run_layer
         return run_layer(bits.to(torch.float32) * 2 - 1, self.bundle.binary_layers[-1])
+
+    def run_graph(self, levels, *, trace: bool = False, stats: RunStats | None = None
+                  ) -> dict[str, torch.Tensor]:
+        """Run the loaded bundle on a contract-2 device; the maps read back, by name
+        (:class:`~bitdet.sw.driver.planner.MapPlan` names: node names, ``"input"``).
+
+        ``levels``: the input map, ``C×H×W`` or ``1×C×H×W``, integer levels of the bundle's
+        ``input_bits`` (the stem's output), or 0/1 or ±1 floats of a 1-bit input. Its
+        bit-planes are written into its slot; without ``trace`` one RUN_NETWORK runs every
+        pass (the device's cycle sums checked against :func:`~bitdet.core.cycles.
+        pass_cycles`) and only ``graph_plan.host_map`` is read back; with ``trace`` every
+        pass is a RUN_LAYER and each node's map is read right after the pass that makes it.
+        Maps are int32 levels ``1×C×H×W``.
+        """
+        graph = self.graph_plan
+        if graph is None or not self.plan:
+            raise DriverError("no bundle loaded on a contract-2 build: call "
+                              "Device.load(bundle) first (contract 1: run_binary)")
+        stats = RunStats() if stats is None else stats
+        source = graph.maps["input"]
+        x = _input_levels(levels, source)
+        out0, in0 = self.bytes_out, self.bytes_in
+        self.write_activations(source.slot * self.config.activation_depth,
+                               packing.pack_levels(x, source.bits, word_bits=self.config.simd)
+                               .tobytes())
+        stats.mode = self.mode
+        maps = {}
+        if trace:
+            for index, entry in enumerate(self.plan):
+                busy, stall = decode_counters(self.command(Opcode.RUN_LAYER, bytes([index])))
+                stats.layers.append({"name": entry.name, "kind": entry.kind, "busy": busy,
+                                     "stall": stall, "weight_bytes": 0})
+                made = graph.maps[entry.writes]
+                if not made.before_pool:
+                    maps[made.name] = self._read_levels(made)
+        else:
+            self._run_network(stats)
+        if graph.host_map not in maps:
+            maps[graph.host_map] = self._read_levels(graph.maps[graph.host_map])
+        stats.bytes_out += self.bytes_out - out0
+        stats.bytes_in += self.bytes_in - in0
+        return maps
+
+    def _read_levels(self, m: MapPlan) -> torch.Tensor:
+        """A contract-2 map's levels (its ``level_bits`` planes) from its slot."""
+        ch, h, w = m.shape
+        words = m.level_bits * m.plane_words(self.config.simd)
+        data = self.read_activations(m.slot * self.config.activation_depth, words)
+        packed = np.frombuffer(data, dtype=np.uint8).reshape(m.level_bits, 1, h, w, -1)
+        return packing.unpack_levels(packed, ch, word_bits=self.config.simd,
+                                     check_padding=False)
+
+    def _device_maps(self, stem: torch.Tensor, trace: bool, stats: RunStats
+                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """:meth:`detect`'s device part: the maps (:meth:`run_binary`) and the one a raw
+        last layer reads (:meth:`run_host_tail`)."""
+        if self.graph_plan is None:
+            maps = self.run_binary(stem, trace=trace, stats=stats)
+            return maps, maps[-1]
+        graph = self.graph_plan
+        found = self.run_graph(stem, trace=trace, stats=stats)
+        maps = [found[name] for name in graph.node_maps()] if trace else [found[graph.host_map]]
+        return maps, found[graph.host_map]
 
     def _read_map(self, shape) -> torch.Tensor:
         ch, h, w = shape
@@ -504,6 +655,11 @@ class Device:
         *original* image's pixels), ``"class_names"``, ``"head"`` (the head map),
         ``"maps"`` (every binary layer's map with ``trace``), ``"image"`` (the uint8
         original) and ``"stats"`` (:class:`RunStats`).
+
+        On a contract-2 build the stem's levels are the input map (:meth:`run_graph`);
+        ``"maps"`` with ``trace`` are every node's map in node order (a raw last conv's
+        ``A`` last), and the head reads the last node's map as
+        :meth:`~bitdet.core.bundle.Bundle.head` expects.
         """
         from bitdet.sw.detection import decode
         from bitdet.sw.evaluate import bundle_decode_settings
@@ -523,9 +679,9 @@ class Device:
         t1 = clock()
         stem = bundle.stem(pixels)
         t2 = clock()
-        maps = self.run_binary(stem, trace=trace, stats=stats)
+        maps, tail_input = self._device_maps(stem, trace, stats)
         t3 = clock()
-        p = self.run_host_tail(maps[-1])
+        p = self.run_host_tail(tail_input)
         if p is not None:                       # a raw last layer: its P on the host
             maps = [*maps, p] if trace else [p]
         head = bundle.head(maps[-1])
