@@ -20,7 +20,10 @@ Contract v2 (docs/methods.md, "Residual and multi-bit blocks (contract v2)"):
 :class:`ResidualBinaryBlock` (binary conv + BN + additive shortcut + quantizer), whose eval
 mode is :func:`~bitdet.core.fold.residual_preactivation` so that its ``to_device()``
 (:func:`~bitdet.core.fold.fold_residual_conv`) is exact; :class:`ResidualBinaryNet` chains
-them and exports golden graph nodes.
+them and exports golden graph nodes. :class:`ResidualBinaryDetector` puts such a body
+(W1A2: ±1 weights, 2-bit activations, pooled / channel-repeated shortcuts) between an n-bit
+host stem (:class:`LevelStem`) and :class:`QuantHead`, and exports a version-2 graph bundle
+whose forward pass equals its eval-mode head map exactly.
 
 Opt-in trainer options (all off by default; docs/methods.md, "Trainer options"):
 :class:`SharedHeadBlock` (AQD multi-level BN, ``levels``), :class:`LSQQuantizer` (AQD / LSQ
@@ -57,11 +60,13 @@ __all__ = [
     "BinaryDetector",
     "LSQQuantizer",
     "LevelQuantizer",
+    "LevelStem",
     "MetaQuantizer",
     "QuantHead",
     "QuantStem",
     "RealDetector",
     "ResidualBinaryBlock",
+    "ResidualBinaryDetector",
     "ResidualBinaryNet",
     "SharedHeadBlock",
     "binarize",
@@ -1064,3 +1069,180 @@ class ResidualBinaryNet(nn.Module):
             source = f"b{i}"
             shortcut = f"b{i}.res" if self.residual_bits else source
         return nodes
+
+
+# ---------------------------------------------------------------------------------------
+# A contract-v2 detector: the host stem and head of BinaryDetector around a body of
+# ResidualBinaryBlocks (n-bit activations, pooled / channel-repeated shortcuts), exported
+# exactly to a version-2 (graph) bundle.
+
+class LevelStem(QuantStem):
+    """:class:`QuantStem` with an n-bit output: int8 conv on raw pixels (0..255) → BN →
+    minus the sign bias → :class:`LevelQuantizer` (``bits`` 1…4, learned step and zero
+    point; ``act``).
+
+    ``forward`` returns the values ``a·s + z`` of the levels (straight-through in
+    training; in eval exactly ``act.levels`` of :func:`~bitdet.core.fold.
+    bn_sign_preactivation` on the integer accumulator). :meth:`export` folds BN, bias and
+    quantizer into ``2**bits − 1`` integer thresholds per channel on that accumulator: the
+    bundle's ``conv_threshold`` host layer, which outputs the levels themselves. ``bits = 1``
+    is :class:`QuantStem`'s sign (the level is the bit).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int = 3, *,
+                 stride: int = 2, bits: int = 2):
+        super().__init__(in_channels, out_channels, kernel, stride=stride)
+        self.act = LevelQuantizer(bits)
+
+    @property
+    def bits(self) -> int:
+        """Bits of the output levels."""
+        return self.act.bits
+
+    def _preactivation(self, pixels: torch.Tensor) -> torch.Tensor:
+        w_int, scale = self._quantized()
+        # integer pixels × integer weights: every partial sum is an exact float32 integer
+        acc = F.conv2d(pixels, w_int, stride=self.stride, padding=self.padding)
+        return _epilogue_forward(self, acc, scale / PIXEL_MAX)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Values ``a·s + z`` of the output levels."""
+        return self.act(self._preactivation(pixels))
+
+    def forward_levels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Eval-mode output levels (int32): what the exported host layer computes."""
+        return self.act.levels(self._preactivation(pixels))
+
+    def export(self) -> HostLayer:
+        """The ``conv_threshold`` host layer (eval statistics): thresholds ``(O, 2**bits −
+        1)`` on the accumulator, exact for every accumulator the int8 weights can reach."""
+        with torch.no_grad():
+            w_int, scale = self._quantized()
+        epilogue = _bn_epilogue(self.bn, scale / PIXEL_MAX, self.sign_bias)
+        reach = int(w_int.abs().sum(dim=(1, 2, 3)).max()) * PIXEL_MAX
+        act = self.act
+        thresholds, sign = fold_integer_epilogue(
+            lambda acc: act.levels(bn_sign_preactivation(acc, epilogue)),
+            lo=-reach, hi=reach, channels=w_int.shape[0], n_levels=act.top)
+        return HostLayer(
+            name="stem", kind="conv_threshold", stride=self.stride, padding=self.padding,
+            attrs={"zero_point": 0},
+            arrays={"weight": w_int.to(torch.int8).numpy(),
+                    "thresholds": thresholds.to(torch.int32).numpy(),
+                    "sign": sign.to(torch.int8).numpy()})
+
+
+class ResidualBinaryDetector(nn.Module):
+    """Single-stage detector with a residual multi-bit binary body (contract v2).
+
+    ``pixels`` (N × ``in_channels`` × H × W, values 0..255) → :class:`LevelStem` (stride 2,
+    host, ``stem_bits``-bit levels) → :class:`ResidualBinaryBlock` s (device; ±1 weights,
+    ``act_bits``-bit activations, each block's shortcut the map it reads: max-pooled where
+    the block has stride 2 (:class:`~bitdet.core.golden.PoolPass`), channels repeated where
+    it widens (:class:`~bitdet.core.golden.ChannelRepeat`)) → :class:`QuantHead` (host) on
+    the last block's levels (0 … 2**act_bits − 1; ±1 for one bit) → an
+    ``(5 + classes)``-channel map on a grid of stride ``2 · 2**(number of stride-2
+    blocks)``, decoded like :class:`BinaryDetector`'s.
+
+    Training runs in float with the blocks' straight-through estimators; in eval mode every
+    map is computed exactly as its exported form, so :meth:`export_bundle` (a version-2
+    graph bundle) gives :meth:`Bundle.forward` equal to the eval-mode head map bit for bit.
+
+    Parameters
+    ----------
+    num_classes, in_channels, image_size, class_names :
+        As :class:`BinaryDetector`.
+    widths : tuple of int
+        The stem's width, then each block's; each must be a multiple of the one before
+        (the shortcut's channel repetition).
+    strides : tuple of int
+        Each block's stride (1 or 2); the map at a stride-2 block must have an even size.
+    stem_bits, act_bits : int
+        Bits (1…4) of the stem's levels and of every block's output levels (W1A2: 2).
+    """
+
+    def __init__(self, *, num_classes: int = 10, in_channels: int = 1,
+                 widths: tuple[int, ...] = (16, 16, 32, 32, 32),
+                 strides: tuple[int, ...] = (1, 2, 2, 1), image_size: int = 64,
+                 class_names: tuple[str, ...] | None = None, stem_bits: int = 2,
+                 act_bits: int = 2):
+        super().__init__()
+        if len(strides) != len(widths) - 1 or not strides:
+            raise ValueError(f"strides needs one entry per residual block ({len(widths) - 1}), "
+                             f"got {len(strides)}")
+        self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
+        self.class_names = tuple(class_names or (str(i) for i in range(num_classes)))
+        self.stem = LevelStem(in_channels, widths[0], bits=stem_bits)
+        side = self.stem_side
+        for i, stride in enumerate(strides):
+            if stride == 2 and side % 2:
+                raise ValueError(f"residual block {i + 1} has stride 2 but its input is "
+                                 f"{side}×{side} (odd); choose an image size divisible by "
+                                 f"{2 ** (1 + sum(s == 2 for s in strides))}")
+            side //= stride
+        self.blocks = nn.ModuleList()
+        grid = self.stem.act
+        for cin, cout, stride in zip(widths[:-1], widths[1:], strides, strict=True):
+            block = ResidualBinaryBlock(cin, cout, in_bits=grid.bits, out_bits=act_bits,
+                                        shortcut_bits=grid.bits, stride=stride,
+                                        in_grid=grid, shortcut_grid=grid)
+            self.blocks.append(block)
+            grid = block.quant
+        if grid.bits > 1:     # the head reads the last map's levels: its zero point is unused
+            del grid.zero
+            grid.register_buffer("zero", torch.tensor(0.0))
+        self.head = QuantHead(widths[-1], 5 + num_classes)
+        self.stride = 2 ** (1 + sum(s == 2 for s in strides))
+
+    @property
+    def stem_side(self) -> int:
+        """Side of the stem's output map (the binary network's input)."""
+        return (self.image_size + 2 * self.stem.padding - self.stem.weight.shape[2]) \
+            // self.stem.stride + 1
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.intermediates(pixels)[-1]
+
+    def _head_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the head reads from the last block's values: its levels (n bits, exactly
+        the levels in eval mode) or ±1 (one bit), as the bundle's head does."""
+        quant = self.blocks[-1].quant
+        if quant.bits == 1:
+            return x
+        if not self.training:
+            return quant.recover(x).to(torch.float32)
+        return (x - quant.zero_point()) / quant.scale()
+
+    def intermediates(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """The stem's values, every block's values (``a·s + z``) and the head map."""
+        x = self.stem(pixels)
+        outputs = [x]
+        for block in self.blocks:
+            x = block(x, x)
+            outputs.append(x)
+        outputs.append(self.head(self._head_input(x)))
+        return outputs
+
+    def graph_nodes(self) -> list[GraphNode]:
+        """The residual body as golden graph nodes: block ``i`` is conv node ``res{i}``
+        (``i`` from 1) with its shortcut's ``res{i}.pool`` / ``res{i}.repeat`` before it."""
+        nodes, source = [], "input"
+        for i, block in enumerate(self.blocks):
+            name = f"res{i + 1}"
+            nodes += block.graph_nodes(name, source, shortcut=source)
+            source = name
+        return nodes
+
+    def export_bundle(self) -> Bundle:
+        """Fold the (eval-mode) model into a version-2 deployment bundle: the stem and the
+        head on the host, the residual body as a graph (:meth:`graph_nodes`)."""
+        return Bundle(
+            binary_layers=[], input_shape=(self.stem.weight.shape[0], self.stem_side,
+                                           self.stem_side),
+            host_layers=[self.stem.export(), self.head.export()],
+            model={"name": "bitdet-residual-detector", "classes": list(self.class_names),
+                   "input": [self.in_channels, self.image_size, self.image_size],
+                   "grid_stride": self.stride,
+                   "activation_bits": self.blocks[-1].quant.bits,
+                   "head": "yolo-lite: objectness, tx, ty, tw, th, class logits per cell"},
+            graph=self.graph_nodes(), input_bits=self.stem.bits)

@@ -22,6 +22,11 @@ learned-step n-bit host weights (``host_bits``), QuantNet's meta-quantizer (``bi
 DupNet's duplicated weight channels / input maps (``dup``, ``dup_input``) and IFQ-Net's
 fixed-point host layers (``ifq``, integer path :func:`run_bundle_fixed_point`).
 
+:func:`train_residual_detector` trains the contract-v2 residual W1A2 detector
+(:class:`bitdet.sw.models.ResidualBinaryDetector`; a library function, no checkpoints, not
+a ``bitdet train`` method) and :func:`tiny_residual_detector` is its small seeded run with
+the exported version-2 bundle.
+
 More methods plug in by adding a :class:`Method` to :data:`METHODS`. docs/training.md
 describes the head, loss and commands, docs/methods.md the distillation methods.
 
@@ -69,7 +74,13 @@ from .distill import (
     lws_prepare,
     rbcn_losses,
 )
-from .models import BINARIZERS, BinaryConv2d, BinaryDetector, RealDetector
+from .models import (
+    BINARIZERS,
+    BinaryConv2d,
+    BinaryDetector,
+    RealDetector,
+    ResidualBinaryDetector,
+)
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -92,7 +103,9 @@ __all__ = [
     "predict_bundle_fixed_point",
     "predict_levels",
     "run_bundle_fixed_point",
+    "tiny_residual_detector",
     "train",
+    "train_residual_detector",
 ]
 
 CHECKPOINT_FORMAT = "bitdet-checkpoint"
@@ -994,3 +1007,140 @@ def train(method: str | None = None, epochs: int | None = None,  # noqa: C901
             log(text + f", {entry['seconds']:.1f} s" + (" (best.pt)" if is_best else ""))
     model.eval()
     return TrainResult(model.cpu(), last, history, config)
+
+
+# -- the residual multi-bit detector (contract v2) --------------------------------------------
+
+#: Settings of :func:`tiny_residual_detector`: a few hundred images, a few epochs, the
+#: default residual body (widths 16/16/32/32/32, W1A2); a few seconds on one CPU thread.
+TINY_RESIDUAL = {"epochs": 6, "train_count": 384, "batch_size": 32, "lr": 4e-3,
+                 "image_size": 64}
+
+
+def _residual_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, pixels: torch.Tensor,
+                    targets: list[dict[str, torch.Tensor]], batches: list[list[int]],
+                    grid: tuple[int, int], *, prior: float, lr: float, first_step: int,
+                    total_steps: int) -> dict[str, float]:
+    """One training epoch of :func:`train_residual_detector` over ``batches`` (image
+    indices); returns the summed loss parts."""
+    model.train()
+    sums = {"loss": 0.0, "obj": 0.0, "box": 0.0, "cls": 0.0}
+    for step, idx in enumerate(batches, start=first_step):
+        encoded = encode_targets([targets[i] for i in idx], grid, model.stride, prior=prior)
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine_lr(lr, step, total_steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss, parts = detection_loss(model(pixels[idx]), encoded, model.stride, prior=prior,
+                                     weights=LossWeights())
+        if not torch.isfinite(loss):
+            raise TrainingError(f"step {step}: loss is {float(loss.detach())}; try a lower "
+                                "learning rate")
+        loss.backward()
+        optimizer.step()
+        parts["loss"] = float(loss.detach())
+        for key in sums:
+            sums[key] += parts[key]
+    return sums
+
+
+def train_residual_detector(*, epochs: int = 10, batch_size: int = 32, lr: float = 2e-3,
+                            seed: int = 0, image_size: int = 64, train_count: int = 2048,
+                            val_count: int = 0, weight_decay: float = 1e-4,
+                            prior: float = BOX_PRIOR, model_options: dict | None = None,
+                            threads: int | None = None,
+                            log: Callable[[str], None] | None = None,
+                            ) -> tuple[ResidualBinaryDetector, list[dict]]:
+    """Train a :class:`~bitdet.sw.models.ResidualBinaryDetector` on generated DigitScenes.
+
+    The loop of :func:`train` without files: the model initialised under
+    ``torch.manual_seed(seed)`` (the caller's RNG state is left alone), the objectness
+    prior on the head bias, ``make_digitscenes("train", count=train_count, seed=seed)``,
+    AdamW with a per-step cosine decay of ``lr``, each epoch's shuffle seeded with
+    ``(seed, epoch)``, the detection loss. ``model_options``: the detector's constructor
+    arguments (``widths``, ``strides``, ``stem_bits``, ``act_bits``); classes and image
+    size are DigitScenes'. With ``val_count`` > 0 every history entry gains the validation
+    mAP@0.5 and mAP@[.5:.95] of the float model (``val_mAP50``, ``val_mAP``). ``threads``:
+    torch CPU threads for the run (restored afterwards). Not a ``bitdet train`` method (no
+    checkpoints); the trained model's :meth:`export_bundle` is a version-2 bundle.
+
+    Returns the model (eval mode) and the per-epoch history.
+    """
+    if threads is not None:
+        if threads < 1:
+            raise TrainingError(f"threads must be positive, not {threads}")
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return train_residual_detector(
+                epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, image_size=image_size,
+                train_count=train_count, val_count=val_count, weight_decay=weight_decay,
+                prior=prior, model_options=model_options, log=log)
+        finally:
+            torch.set_num_threads(previous)
+    for name, value in (("epochs", epochs), ("batch_size", batch_size),
+                        ("train_count", train_count), ("image_size", image_size)):
+        if value < 1:
+            raise TrainingError(f"{name} must be positive, not {value}")
+    if val_count < 0:
+        raise TrainingError(f"val_count must be >= 0, not {val_count}")
+    kwargs = {"num_classes": len(DIGIT_CLASSES), "image_size": image_size,
+              "class_names": tuple(DIGIT_CLASSES), **(model_options or {})}
+    for key in ("widths", "strides"):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = ResidualBinaryDetector(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise TrainingError(f"bad residual detector options: {e}") from None
+        _init_objectness(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    train_set = make_digitscenes("train", count=train_count, image_size=image_size, seed=seed)
+    pixels, targets = _pixels(train_set), _targets(train_set)
+    val_set = (make_digitscenes("val", count=val_count, image_size=image_size, seed=seed)
+               if val_count else None)
+    grid = (image_size // model.stride, image_size // model.stride)
+    steps_per_epoch = math.ceil(train_count / batch_size)
+    history = []
+
+    from .evaluate import evaluate_predictions, predict_model
+
+    for epoch in range(epochs):
+        started = time.perf_counter()
+        order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(
+            seed * 100_003 + epoch))
+        batches = [order[b * batch_size:(b + 1) * batch_size].tolist()
+                   for b in range(steps_per_epoch)]
+        sums = _residual_epoch(model, optimizer, pixels, targets, batches, grid, prior=prior,
+                               lr=lr, first_step=epoch * steps_per_epoch,
+                               total_steps=steps_per_epoch * epochs)
+        entry = {"epoch": epoch + 1, **{f"train_{k}": v / steps_per_epoch
+                                        for k, v in sums.items()}}
+        if val_set is not None:
+            scores = evaluate_predictions(predict_model(model, val_set, prior=prior), val_set)
+            entry.update(val_mAP50=scores["mAP50"], val_mAP=scores["mAP"])
+        entry["seconds"] = time.perf_counter() - started
+        history.append(entry)
+        if log is not None:
+            log(f"epoch {epoch + 1}/{epochs}: loss {entry['train_loss']:.4f}"
+                + (f", val mAP@0.5 {entry['val_mAP50']:.4f}" if val_set is not None else "")
+                + f", {entry['seconds']:.1f} s")
+    model.eval()
+    return model, history
+
+
+def tiny_residual_detector(seed: int = 0, *, threads: int | None = 1,
+                           ) -> tuple[ResidualBinaryDetector, Bundle]:
+    """A briefly trained residual W1A2 detector (:data:`TINY_RESIDUAL`, seeded; ``threads``
+    torch threads, 1 by default: reproducible and fastest on a busy machine) and its
+    exported version-2 bundle (with the decoding metadata :func:`export_checkpoint` adds):
+    the small real model that tests run on the golden model, the emulator or a device."""
+    model, history = train_residual_detector(seed=seed, threads=threads, **TINY_RESIDUAL)
+    bundle = model.export_bundle()
+    bundle.model["decode"] = {
+        "prior": BOX_PRIOR,
+        "box": "centre (cell + sigmoid(tx, ty)) * grid_stride, size prior * exp(tw, th)",
+        "score": "sigmoid(objectness) * max softmax(class logits)"}
+    bundle.model["training"] = {"method": "residual", "epoch": len(history), "seed": seed}
+    return model, bundle
