@@ -98,6 +98,32 @@ def test_reloaded_bundle_equals_the_trained_float_model(trained, pixels, tmp_pat
     assert loaded.model["training"] == {"method": "residual", "epoch": 6, "seed": 0}
 
 
+def test_emulator_detections_equal_the_float_models(trained, pixels, tmp_path):
+    """The trained W1A2 bundle on a contract-2 device (the emulator, through command
+    frames): every node's map, the head map and the detections equal the float model's."""
+    from bitdet.sw.driver import Device
+    model, bundle = trained
+    loaded = load(bundle.save(tmp_path / "residual.bitdet"))
+    settings = bundle_decode_settings(loaded)
+    size = tuple(pixels.shape[2:])
+    with torch.no_grad():
+        reference = model.eval()(pixels)
+    want = _detections(reference, settings, size)
+    found = 0
+    with Device.open("emu", "contract2") as device:
+        device.load(loaded)
+        for i in range(len(pixels)):
+            image = pixels[i, 0].to(torch.uint8).numpy()
+            got = device.detect(image, score_threshold=0.05, trace=i == 0)
+            w = _detections(reference[i:i + 1], {**settings, "score_threshold": 0.05},
+                            size)[0]
+            assert torch.equal(got["head"], reference[i:i + 1]), f"image {i}: head differs"
+            for key in ("boxes", "scores", "labels"):
+                assert torch.equal(got[key], w[key]), f"image {i}: {key} differ"
+            found += len(w["scores"])
+    assert found >= len(pixels) and sum(len(w["scores"]) for w in want) > 0
+
+
 def test_exported_graph_has_two_bit_maps_and_shortcuts(trained):
     _model, bundle = trained
     assert bundle.uses_v2() and bundle.input_bits == 2
