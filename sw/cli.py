@@ -499,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "network is one of contract v2: residual blocks over N-bit maps "
                           "with shortcuts (pooled and channel-repeated where a block "
                           "downsamples), written as a format-2 graph bundle and checked "
-                          "node by node. Exit status 1 on any mismatch.")
+                          "node by node, on the contract-2 emulator (the contract2 preset) "
+                          "too. Exit status 1 on any mismatch.")
     demo.add_argument("--out", default="demo.bitdet", help="bundle to write (default: %(default)s)")
     demo.add_argument("--force", action="store_true", help="replace --out if it exists")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
@@ -509,8 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: %(default)s)")
     demo.add_argument("--residual", action="store_true",
                       help="contract v2 with a separate n-bit residual stream for the "
-                      "shortcuts (checked against the golden model; the device runs 1-bit "
-                      "chains)")
+                      "shortcuts (checked on the golden model and the contract-2 emulator; "
+                      "the RTL implements contract 1)")
     demo.add_argument("--images", type=_positive, default=4,
                       help="random input images to compare on (default: %(default)s)")
     demo.set_defaults(func=_cmd_demo)

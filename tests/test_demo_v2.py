@@ -1,5 +1,5 @@
 """`bitdet demo --bits N --residual`: a random contract-v2 network, float = folded =
-bundle at every node, exit status 1 on a difference."""
+bundle = emulator at every node, exit status 1 on a difference."""
 
 from __future__ import annotations
 
@@ -46,8 +46,25 @@ def test_a_wrong_threshold_is_reported(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "build_demo_v2", tampered)
     lines = []
     assert not demo.run_demo_v2(tmp_path / "d.bitdet", images=2, echo=lines.append)
-    assert lines[-1] == "MISMATCH between the float and the folded network"
+    assert lines[-1].startswith("MISMATCH between the float, the folded network")
     assert any(line.startswith("b1 ") and "DIFFER" in line for line in lines)
+
+
+def test_a_wrong_emulator_map_is_reported(tmp_path, monkeypatch):
+    from bitdet.sw.driver import Device
+    run_graph = Device.run_graph
+
+    def flipped(self, levels, **kwargs):
+        maps = run_graph(self, levels, **kwargs)
+        maps["b0"] = maps["b0"].clone()
+        maps["b0"][0, 0, 0, 0] ^= 1                   # one bit of one level
+        return maps
+
+    monkeypatch.setattr(Device, "run_graph", flipped)
+    lines = []
+    assert not demo.run_demo_v2(tmp_path / "d.bitdet", images=2, echo=lines.append)
+    assert any(line.startswith("b0 ") and line.endswith("2 DIFFER") for line in lines)
+    assert not any(line.startswith("b1 ") and "DIFFER" in line for line in lines)
 
 
 def test_cli(tmp_path, capsys):
