@@ -5,7 +5,8 @@ the field table: each carries its width in bits (``metadata["bits"]``), and the 
 order is their order in the CONFIGURE_LAYER payload, least significant bit first
 (docs/protocol.md, "CONFIGURE_LAYER"). Everything else is derived from that table:
 
-* :meth:`LayerDescriptor.encode` / :meth:`LayerDescriptor.decode`, the 32-byte payload;
+* :meth:`LayerDescriptor.encode` / :meth:`LayerDescriptor.decode`, the 32-byte payload
+  (48 bytes extended);
 * :func:`descriptor_layout`, the Amaranth ``data.StructLayout`` the hardware views its
   argument register through (:mod:`bitdet.hw.top`);
 * :meth:`LayerDescriptor.problems`, every reason a build refuses the pass, each a
@@ -210,8 +211,9 @@ class LayerDescriptor(Mapping):
     # -- the payload ----------------------------------------------------------------------
     def encode(self, index: int | None = None) -> bytes:
         """The CONFIGURE_LAYER payload: the fields packed least significant bit first in
-        :data:`LAYER_DESCRIPTOR_SIZE` bytes, little-endian; with ``index`` the layer table
-        entry precedes them (33 bytes)."""
+        :data:`LAYER_DESCRIPTOR_SIZE` bytes (an extended descriptor: the extension after
+        them, :data:`EXTENDED_DESCRIPTOR_SIZE` bytes), little-endian; with ``index`` the
+        layer table entry precedes them (33 or 49 bytes)."""
         table = (*descriptor_fields(), *(extension_fields() if self.extended else ()))
         value, shift = 0, 0
         for f in table:

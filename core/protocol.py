@@ -841,8 +841,9 @@ def encode_layer(*, index: int | None = None, **fields) -> bytes:
     """CONFIGURE_LAYER payload of a descriptor given as its fields
     (:class:`~bitdet.core.descriptor.LayerDescriptor` is the layout, docs/protocol.md):
     ``encode_layer(**descriptor)``. With ``index`` (``0 … LAYER_TABLE_ENTRIES − 1``) the
-    payload is 33 bytes, ``[index] + descriptor``: it configures that entry of the layer
-    table (RUN_LAYER ``[index]``, RUN_NETWORK); the 32-byte payload configures entry 0."""
+    payload is ``[index] + descriptor`` (33 bytes; 49 for an extended, contract-2
+    descriptor): it configures that entry of the layer table (RUN_LAYER ``[index]``,
+    RUN_NETWORK); the payload without an index configures entry 0."""
     if index is not None and (isinstance(index, bool) or not isinstance(index, int)
                               or not 0 <= index < LAYER_TABLE_ENTRIES):
         raise ValueError(f"index must be an integer in 0 … {LAYER_TABLE_ENTRIES - 1}, "

@@ -745,8 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--config", help="accelerator preset or YAML the device is built from "
                      "(default: the first of icebreaker, ulx3s that holds the bundle's "
                      "weights resident, else the first it fits with weights streamed per "
-                     "layer); a contract-v2 bundle (a graph, n-bit maps, shortcuts) runs on "
-                     "a contract-2 build: --config contract2 --backend emu")
+                     "layer; for a contract-v2 bundle (a graph, n-bit maps, shortcuts) the "
+                     "contract-2 build contract2, which runs on the emulator)")
     det.add_argument("--port", help="serial port of the board (--backend serial)")
     det.add_argument("--out", default="detections",
                      help="folder for the annotated PNGs, IMAGE-STEM.detect.png (inputs with "

@@ -21,9 +21,9 @@ from .driver.device import Device, device_layer_count
 from .driver.errors import BundleDoesNotFit, DriverError, ImageError
 from .files import atomic_path
 
-__all__ = ["DEFAULT_BUNDLE", "SAMPLE_PATH", "SAMPLE_SEED", "annotated_targets",
-           "check_score_threshold", "frame_rates", "list_images", "make_sample", "pick_config",
-           "run_detect"]
+__all__ = ["AUTO_PRESETS", "AUTO_PRESETS_V2", "DEFAULT_BUNDLE", "SAMPLE_PATH", "SAMPLE_SEED",
+           "annotated_targets", "check_score_threshold", "frame_rates", "list_images",
+           "make_sample", "pick_config", "run_detect"]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_BUNDLE = ASSETS / "default.bitdet"
@@ -32,6 +32,9 @@ SAMPLE_SEED = 4
 """Seed of the DigitScenes test-split scene shipped as ``sample.png`` (three digits)."""
 AUTO_PRESETS = ("icebreaker", "ulx3s")
 """Presets tried in order when no config is given (the first one the bundle fits)."""
+AUTO_PRESETS_V2 = ("contract2",)
+"""Presets tried for a bundle that uses contract v2 (n-bit maps, shortcuts, a graph): the
+contract-2 builds, which run on the emulator."""
 UART_BITS_PER_BYTE = 10
 
 
@@ -74,14 +77,15 @@ def list_images(paths) -> list[Path]:
 
 def pick_config(bundle, config=None):
     """The accelerator config to use: ``config`` if given, else the first of
-    :data:`AUTO_PRESETS` that holds ``bundle`` resident, else the first that runs it with
-    weights streamed per layer (raises :class:`BundleDoesNotFit` naming
-    each preset's problems if none does)."""
+    :data:`AUTO_PRESETS` (:data:`AUTO_PRESETS_V2` for a bundle that uses contract v2)
+    that holds ``bundle`` resident, else the first that runs it with weights streamed per
+    layer (raises :class:`BundleDoesNotFit` naming each preset's problems if none does)."""
     from bitdet.core.config import load_config
     if config is not None:
         return load_config(config) if isinstance(config, (str, Path)) else config
+    presets = AUTO_PRESETS_V2 if bundle.uses_v2() else AUTO_PRESETS
     problems, streamed = [], None
-    for name in AUTO_PRESETS:
+    for name in presets:
         candidate = load_config(name)
         found = Device.fit_problems_for(candidate, bundle)
         if not found and not Device.fit_problems_for(candidate, bundle, mode="resident"):
@@ -92,7 +96,7 @@ def pick_config(bundle, config=None):
             problems.append(f"{name}: {found[0]}")
     if streamed is not None:
         return streamed
-    raise BundleDoesNotFit(problems, " or ".join(AUTO_PRESETS))
+    raise BundleDoesNotFit(problems, " or ".join(presets))
 
 
 def frame_rates(config, busy_cycles: int, link_bytes: int) -> dict:

@@ -21,6 +21,29 @@ def test_foundation_bench_quick(tmp_path):
     assert data, "the bench wrote no results"
 
 
+
+def test_levels_bench_quick(tmp_path):
+    """The n-bit layer bench on one tiny layer, one sample: the golden rows for in_bits
+    1 … 4 (and the 1-bit popcount path and the shortcut case) agree, and the contract-2
+    emulator's output and counters equal the golden model's and the cycle model's."""
+    out = tmp_path / "levels.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_levels.py"), "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(out.read_text())
+    golden = data["golden"]
+    assert [(r["path"], r["in_bits"], r["shortcut_bits"]) for r in golden] == [
+        ("popcount_conv2d", 1, 0), *(("level_conv2d", n, 0) for n in (1, 2, 3, 4)),
+        ("level_conv2d", 2, 2)]
+    assert all(r["exact"] and r["median_s"] > 0 for r in golden)
+    assert data["emulator_skipped"] is None, data["emulator_skipped"]
+    emulator = data["emulator"]
+    assert [(r["in_bits"], r["shortcut_bits"]) for r in emulator] == [(1, 0), (2, 0), (3, 0),
+                                                                      (4, 0), (2, 2)]
+    assert all(r["exact"] and r["busy_cycles"] > 0 for r in emulator)
+    assert emulator[0]["run_ratio"] == 1.0
+
 def test_cycles_bench_quick(tmp_path):
     """The cycle bench runs its quick set in amaranth.sim and the model matches every row."""
     pytest.importorskip("amaranth")

@@ -459,3 +459,19 @@ def test_cli_detect_runs_a_v2_bundle_on_contract2(tmp_path, capsys):
     assert [x["name"] for x in report["device"]["layers"]] == ["c1", "c2", "down", "rep", "c3"]
     assert report["device"]["host_layers"] == ["c4"]
     assert report["images"][0]["detections"]
+
+
+def test_detect_picks_the_contract2_build_for_a_v2_bundle(tmp_path, capsys):
+    from bitdet.sw.detect import DEFAULT_BUNDLE, pick_config
+    bundle = v2_detector(True)
+    assert pick_config(bundle).name == "contract2"
+    assert pick_config(load_bundle(DEFAULT_BUNDLE)).name in ("icebreaker", "ulx3s")
+    path = bundle.save(tmp_path / "v2.bitdet")
+    image = tmp_path / "noise.png"
+    from PIL import Image
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (16, 16), dtype=np.uint8)
+                    ).save(image)
+    status = main(["detect", str(image), "--bundle", str(path), "--json"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert json.loads(out)["config"] == "contract2"
