@@ -471,7 +471,8 @@ def test_detect_picks_the_contract2_build_for_a_v2_bundle(tmp_path, capsys):
     from PIL import Image
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (16, 16), dtype=np.uint8)
                     ).save(image)
-    status = main(["detect", str(image), "--bundle", str(path), "--json"])
-    out = capsys.readouterr().out
-    assert status == 0, out
-    assert json.loads(out)["config"] == "contract2"
+    status = main(["detect", str(image), "--bundle", str(path), "--json",
+                   "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert json.loads(captured.out)["config"] == "contract2"
