@@ -6,12 +6,16 @@
 * a **binary conv**: ``Conv`` whose weights are a 1-bit quantizer (``BipolarQuant``, or
   ``Quant``/``IntQuant`` at 1 bit with values ±s per output channel) of an initializer, on a
   quantized map (optionally through ``Pad`` with a level's value, or ``MaxPool``), followed
-  by elementwise ops (``BatchNormalization``, ``Mul``, ``Add``, ``Sub``, ``Div``, ``Relu``;
-  one ``Add`` may take a quantized map: the residual shortcut) and an activation quantizer
-  (``BipolarQuant``, ``MultiThreshold``, ``Quant``/``IntQuant`` of 1…4 bits). The epilogue is
-  folded by enumeration (:func:`bitdet.core.fold.fold_levels`): it is evaluated by
-  qonnx/onnxruntime itself on every accumulator value and shortcut level;
+  by elementwise ops (``BatchNormalization``, ``Mul``, ``Add``, ``Sub``, ``Div``, ``Relu``,
+  ``Reciprocal``, ``Neg``, requantizers such as ``QuantEltwiseAdd``'s 8-bit ones; one ``Add``
+  may take a quantized map, directly or through such ops: the residual shortcut) and an
+  activation quantizer (``BipolarQuant``, ``MultiThreshold``, ``Quant``/``IntQuant`` of 1…4
+  bits: the conv reading its map gets ``in_bits``). The epilogue is folded by enumeration
+  (:func:`bitdet.core.fold.fold_levels`): it is evaluated by qonnx/onnxruntime itself on
+  every accumulator value and shortcut level;
 * ``MaxPool`` of a quantized map (a pool pass, or the layer's pool in a chain);
+* ``Concat`` of one map with itself along the channels, ``Tile`` by ``(1, k, 1, 1)``: a
+  channel repeat;
 * a **host stem**: a ``Conv`` with integer (``Quant`` ≤ 8 bits) weights on the graph input
   (integer pixels) or on an input ``Quant`` of ≤ 8 bits, then the epilogue and a quantizer:
   a ``conv_threshold`` host layer folded by :func:`bitdet.core.fold.fold_integer_epilogue`;
@@ -22,7 +26,8 @@
 Anything else is refused with one line naming the node, its op type and why
 (:class:`QonnxImportError`). :func:`check_bundle` runs the bundle on the golden model and
 ``qonnx.core.onnx_exec.execute_onnx`` on the original graph and compares every quantized
-tensor (the bundle's levels mapped back to the QONNX values).
+tensor (the bundle's levels mapped back to the QONNX values); a format-2 bundle also on
+the contract-2 emulator (``Device.open("emu", "contract2")``, ``run_graph`` with ``trace``).
 """
 
 from __future__ import annotations
@@ -38,14 +43,15 @@ import torch
 
 from bitdet.core.bundle import Bundle, HostLayer
 from bitdet.core.fold import fold_integer_epilogue, fold_levels, weight_sums
-from bitdet.core.golden import BinaryConvLayer, GraphNode, PoolPass, run_layer
+from bitdet.core.golden import BinaryConvLayer, ChannelRepeat, GraphNode, PoolPass, run_layer
 
-__all__ = ["CheckReport", "ImportResult", "QonnxImportError", "check_bundle", "import_qonnx",
-           "import_to_file"]
+__all__ = ["CheckReport", "EmulatorReport", "ImportResult", "QonnxImportError", "check_bundle",
+           "import_qonnx", "import_to_file"]
 
 QUANTIZERS = ("BipolarQuant", "Quant", "IntQuant", "MultiThreshold")
-ELEMENTWISE = ("BatchNormalization", "Mul", "Add", "Sub", "Div", "Relu")
-SUPPORTED = (*QUANTIZERS, *ELEMENTWISE, "Conv", "MaxPool", "Pad")
+ELEMENTWISE = ("BatchNormalization", "Mul", "Add", "Sub", "Div", "Relu", "Reciprocal",
+               "Neg")
+SUPPORTED = (*QUANTIZERS, *ELEMENTWISE, "Conv", "MaxPool", "Pad", "Concat", "Tile")
 MAX_BITS = 4            # activation levels the accelerator holds (contract v2)
 STEM_BITS = 8           # host stem: int8 weights, ≤ 8-bit input codes
 
@@ -56,9 +62,12 @@ class QonnxImportError(ValueError):
 
 def _fail(node, why: str):
     """One line naming the node (its name in the file: cleanup renames nodes) and why."""
-    name = node.doc_string[len(_NAME_TAG):] if node.doc_string.startswith(_NAME_TAG) \
+    raise QonnxImportError(f"node {_original_name(node)!r} ({node.op_type}): {why}")
+
+
+def _original_name(node) -> str:
+    return node.doc_string[len(_NAME_TAG):] if node.doc_string.startswith(_NAME_TAG) \
         else node.name
-    raise QonnxImportError(f"node {name!r} ({node.op_type}): {why}")
 
 
 _NAME_TAG = "bitdet-import-name:"
@@ -103,9 +112,22 @@ class QMap:
         if v.shape[0] != 1 and not (v == v[:1]).all():
             return None
         step = v[0, 1] - v[0, 0] if self.count > 1 else 1.0
-        if step <= 0 or not np.array_equal(v[0], v[0, 0] + step * np.arange(self.count)):
+        ideal = v[0, 0] + step * np.arange(self.count)
+        # float32 codes·scale (e.g. 3·fl(1/3) = 1.0): equal up to a few ulp of the largest
+        tolerance = 4 * np.finfo(np.float32).eps * np.abs(v[0]).max(initial=0.0)
+        if step <= 0 or np.abs(v[0] - ideal).max(initial=0.0) > tolerance:
             return None
         return float(step), float(v[0, 0])
+
+    def exact(self) -> bool:
+        """Whether the values are exactly level·step + offset (the float conv of ±s weights
+        over them is then exact when the scales are powers of two)."""
+        affine = self.affine()
+        if affine is None:
+            return False
+        step, offset = affine
+        return bool(np.array_equal(self.values[0].astype(np.float64),
+                                   offset + step * np.arange(self.count)))
 
     def level_of(self, value: float) -> int | None:
         hits = [lv for lv in range(self.count) if (self.values[:, lv] == value).all()]
@@ -133,16 +155,30 @@ class ImportResult:
 
 
 @dataclass
+class EmulatorReport:
+    """The bundle on the contract-2 emulator (``Device.open("emu", config)``, one RUN_LAYER
+    per node with every map read back) against qonnx, at every quantized tensor."""
+
+    config: str
+    tensors: int = 0
+    values: int = 0
+    difference: str | None = None
+    skipped: str | None = None       # why it did not run (the bundle does not fit)
+
+
+@dataclass
 class CheckReport:
     tensors: int
     values: int
     inputs: int
     difference: str | None = None
     head_error: float | None = None
+    emulator: EmulatorReport | None = None
 
     @property
     def equal(self) -> bool:
-        return self.difference is None
+        return self.difference is None and (self.emulator is None
+                                            or self.emulator.difference is None)
 
 
 # --------------------------------------------------------------------------- the graph
@@ -207,15 +243,19 @@ def _load(path) -> _Graph:
         if not node.name:
             node.name = f"{node.op_type}_{i}"
         node.doc_string = _NAME_TAG + node.name
-    known = {i.name for i in proto.graph.initializer} | {i.name for i in proto.graph.input}
+    constant = {i.name for i in proto.graph.initializer}
+    known = constant | {i.name for i in proto.graph.input}
     for node in proto.graph.node:
-        if node.op_type not in SUPPORTED:
-            _fail(node, _unsupported(node.op_type))
         for t in node.input:
             if t and t not in known:
                 _fail(node, f"its input {t!r} is missing (no initializer, graph input or "
                       "earlier node makes it)")
+        if all(t in constant for t in node.input if t):
+            constant.update(node.output)     # folded by the cleanup (e.g. a Pad's pads)
+        elif node.op_type not in SUPPORTED:
+            _fail(node, _unsupported(node.op_type))
         known.update(node.output)
+    _concat_to_tile(proto)
     try:
         model = cleanup_model(ModelWrapper(proto))
     except Exception as e:
@@ -231,6 +271,26 @@ def _load(path) -> _Graph:
         raise QonnxImportError(f"{path}: the graph must have one input and one output, not "
                                f"{len(model.graph.input)} and {len(model.graph.output)}")
     return _Graph(model)
+
+
+def _concat_to_tile(proto) -> None:
+    """``Concat(x, x, …)`` along the channels → ``Tile(x, (1, k, 1, 1))`` (the same tensor):
+    qonnx's tensor renaming loses a repeated input of one node."""
+    from onnx import helper, numpy_helper
+    for node in proto.graph.node:
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"),
+                    None)
+        if node.op_type != "Concat" or len(node.input) < 2 or len(set(node.input)) != 1 \
+                or axis not in (1, -3):
+            continue
+        reps = f"{node.output[0]}_bitdet_repeats"
+        proto.graph.initializer.append(numpy_helper.from_array(
+            np.array([1, len(node.input), 1, 1], dtype=np.int64), reps))
+        source = node.input[0]
+        node.op_type = "Tile"
+        del node.attribute[:]
+        del node.input[:]
+        node.input.extend([source, reps])
 
 
 def _unsupported(op: str) -> str:
@@ -346,34 +406,122 @@ def _subgraph_runner(graph: _Graph, nodes, x_name: str, shortcut: str | None, ou
     return run
 
 
-def _follow_epilogue(graph: _Graph, conv):
-    """Elementwise nodes after ``conv`` up to its activation quantizer: (nodes, shortcut
-    tensor or None, quantizer node or None, the last tensor)."""
-    t, nodes, shortcut = conv.output[0], [], None
+@dataclass
+class _Epilogue:
+    """What follows a conv up to its activation quantizer."""
+
+    nodes: list                       # elementwise ops and requantizers, in graph order
+    quant: object | None              # the activation quantizer (None: the graph output)
+    last: str                         # the tensor the quantizer reads (or the graph output)
+    shortcut: str | None = None       # the quantized map the residual Add reads ...
+    shortcut_nodes: list = field(default_factory=list)   # ... through these nodes
+    add: object | None = None         # the residual Add
+
+
+def _dynamic_inputs(graph: _Graph, node, t: str | None = None) -> list[str]:
+    return [i for i in node.input if i and i not in graph.inits and i != t]
+
+
+def _quant_bits(graph: _Graph, node) -> int:
+    """An activation quantizer's bit width (without the checks of :func:`_qmap`)."""
+    if node.op_type == "BipolarQuant":
+        return 1
+    if node.op_type == "MultiThreshold":
+        t = graph.model.get_initializer(node.input[1]) if len(node.input) > 1 else None
+        return 1 if t is None or np.ndim(t) != 2 else max(1, np.shape(t)[1].bit_length())
+    width = graph.model.get_initializer(node.input[3]) if len(node.input) > 3 else None
+    return MAX_BITS if width is None else int(np.asarray(width).reshape(-1)[0])
+
+
+def _branch_kind(graph: _Graph, tensor: str) -> str:
+    """Where the other input of an Add comes from: ``"conv"`` (a conv's real-valued
+    epilogue), ``"map"`` (a ≤ 4-bit quantized map, a pool or the graph input, possibly
+    requantized) — walking back through elementwise ops and quantizers."""
     while True:
+        node = graph.producer.get(tensor)
+        if node is None or node.op_type in ("MaxPool", "Concat", "Tile"):
+            return "map"
+        if node.op_type == "Conv":
+            return "conv"
+        if node.op_type in QUANTIZERS and _quant_bits(graph, node) <= MAX_BITS:
+            return "map"
+        if node.op_type not in (*ELEMENTWISE, *QUANTIZERS):
+            return "other"
+        tensor = node.input[0]
+
+
+def _requantizer(graph: _Graph, quant) -> bool:
+    """Whether a quantizer on a conv's path is a step of the epilogue (Brevitas'
+    ``QuantEltwiseAdd`` input/output quantizers), not the layer's activation quantizer:
+    read by one elementwise op (or quantizer) and either wider than the accelerator's maps
+    or feeding a residual Add whose other input is a quantized map."""
+    out = quant.output[0]
+    readers = graph.consumers.get(out, [])
+    if out in graph.outputs or len(readers) != 1:
+        return False
+    reader = readers[0]
+    if reader.op_type in QUANTIZERS:
+        return reader.input[0] == out and _quant_bits(graph, quant) > MAX_BITS
+    if reader.op_type not in ELEMENTWISE:
+        return False
+    other = _dynamic_inputs(graph, reader, out)
+    if other:           # a residual Add: this side is the conv's if the other is a map
+        return reader.op_type == "Add" and len(other) == 1 and \
+            _branch_kind(graph, other[0]) == "map"
+    return _quant_bits(graph, quant) > MAX_BITS
+
+
+def _shortcut_source(graph: _Graph, add, tensor: str, maps) -> tuple[str, list]:
+    """The quantized map a residual Add reads, and the elementwise ops / requantizers
+    between (Brevitas' ``QuantEltwiseAdd`` requantizes the shortcut)."""
+    chain = []
+    while tensor not in maps or maps[tensor].node.startswith("<"):
+        node = graph.producer.get(tensor)
+        if node is None or node.op_type not in (*ELEMENTWISE, *QUANTIZERS) \
+                or _dynamic_inputs(graph, node, node.input[0]) or len(chain) > 8:
+            made = "" if node is None else f", made by {_original_name(node)!r} ({node.op_type})"
+            _fail(add, f"its second input {tensor!r}{made} is not a quantized map (nor a "
+                  "per-channel function of one): a residual Add adds a quantized earlier map to "
+                  "a binary conv's epilogue")
+        if node.op_type == "BatchNormalization":
+            for i in range(1, 5):
+                graph.init(node, i, "BatchNorm parameter")
+        chain.insert(0, node)
+        tensor = node.input[0]
+    return tensor, chain
+
+
+def _follow_epilogue(graph: _Graph, conv, maps) -> _Epilogue:
+    """Elementwise nodes (and requantizers) after ``conv`` up to its activation quantizer,
+    with the residual shortcut (a quantized map in ``maps``) if an Add reads one."""
+    t, ep = conv.output[0], _Epilogue([], None, conv.output[0])
+    while True:
+        ep.last = t
         if t in graph.outputs:
-            return nodes, shortcut, None, t
+            return ep
         readers = graph.consumers.get(t, [])
         if len(readers) != 1:
             _fail(conv, f"its real-valued output {t!r} is read by {len(readers)} nodes: only "
                   "quantized maps may branch")
         node = readers[0]
-        if node.op_type in QUANTIZERS and node.input[0] == t:
-            return nodes, shortcut, node, t
-        if node.op_type not in ELEMENTWISE:
+        if node.op_type in QUANTIZERS and node.input[0] == t and not _requantizer(graph, node):
+            ep.quant = node
+            return ep
+        if node.op_type not in (*ELEMENTWISE, *QUANTIZERS):
             _fail(node, f"{node.op_type} between conv {conv.name!r} and its activation "
-                  "quantizer: only elementwise ops (BatchNormalization, Mul, Add, Sub, Div, "
-                  "Relu) may sit there (move a MaxPool after the quantizer)")
-        dynamic = [i for i in node.input if i and i not in graph.inits and i != t]
+                  f"quantizer: only elementwise ops ({', '.join(ELEMENTWISE)}) and "
+                  "requantizers may sit there (move a MaxPool after the quantizer)")
+        dynamic = _dynamic_inputs(graph, node, t)
         if dynamic:
-            if node.op_type != "Add" or len(dynamic) != 1 or shortcut is not None:
+            if node.op_type != "Add" or len(dynamic) != 1 or ep.add is not None:
                 _fail(node, "only one Add per layer may take a second tensor (the residual "
                       "shortcut); other parameters must be initializers")
-            shortcut = dynamic[0]
+            ep.add = node
+            ep.shortcut, ep.shortcut_nodes = _shortcut_source(graph, node, dynamic[0], maps)
         if node.op_type == "BatchNormalization":
             for i in range(1, 5):
                 graph.init(node, i, "BatchNorm parameter")
-        nodes.append(node)
+        ep.nodes.append(node)
         t = node.output[0]
 
 
@@ -446,18 +594,23 @@ class _Importer:
 
     # -- the walk -----------------------------------------------------------------
     def run(self):
-        for node in self.g.model.graph.node:
+        """Read the graph in node order; a node whose input maps are not made yet (a conv
+        whose residual Add reads a pool listed after it) waits for them."""
+        pending = [n for n in self.g.model.graph.node if self.walks(n)]
+        while pending:
+            node = next((n for n in pending if self.ready(n)), pending[0])
+            pending.remove(node)
             if node.name in self.handled:
                 continue
             op = node.op_type
             if op in QUANTIZERS:
-                if node.input[0] in self.g.inits:
-                    continue                 # a weight quantizer: read with its conv
                 self.input_quantizer(node)
             elif op == "Conv":
                 self.conv(node)
             elif op == "MaxPool":
                 self.maxpool(node)
+            else:
+                self.repeat(node)
         for node in self.g.model.graph.node:
             if node.name in self.handled or (node.op_type in QUANTIZERS[:3]
                                              and node.input[0] in self.g.inits):
@@ -470,6 +623,40 @@ class _Importer:
                                    "a host head's output")
         if self.head is None and self.maps[out].node != self.nodes[-1].name:
             raise QonnxImportError(f"the graph output {out!r} is not the last node's map")
+
+    def walks(self, node) -> bool:
+        """The nodes :meth:`run` starts from: convs, pools, channel repeats and quantizers of
+        the graph input (the others are read with the conv whose epilogue they are)."""
+        if node.op_type in ("Conv", "MaxPool", "Concat", "Tile"):
+            return True
+        if node.op_type not in QUANTIZERS or node.input[0] in self.g.inits:
+            return False
+        t = node.input[0]
+        while t != self.g.input:
+            producer = self.g.producer.get(t)
+            if producer is None or producer.op_type not in ELEMENTWISE:
+                return False
+            t = producer.input[0]
+        return True
+
+    def ready(self, node) -> bool:
+        """Whether the maps ``node`` reads are made (a conv: its input and its shortcut)."""
+        op = node.op_type
+        if op in QUANTIZERS:
+            return True
+        if op != "Conv":
+            return all(t in self.maps for t in _dynamic_inputs(self.g, node))
+        src = node.input[0]
+        producer = self.g.producer.get(src)
+        if producer is not None and producer.op_type == "Pad":
+            src = producer.input[0]
+        if src != self.g.input and src not in self.maps:
+            return False
+        try:
+            _follow_epilogue(self.g, node, self.maps)
+        except QonnxImportError:
+            return False             # not yet (or never: then dispatched last, it says why)
+        return True
 
     def input_quantizer(self, quant) -> None:
         """A quantizer not after a conv: it must quantize the graph input (through
@@ -539,6 +726,31 @@ class _Importer:
         self.register(node.output[0], MapRef(node.name, ref.qmap, ref.channels))
         self.handled.add(node.name)
 
+    def repeat(self, node) -> None:
+        """``Concat`` of one quantized map with itself along the channels, or ``Tile`` by
+        ``(1, k, 1, 1)``: a channel repeat (channel c reads channel c mod C)."""
+        g = self.g
+        if node.op_type == "Concat":
+            if int(g.attr(node, "axis", 1)) not in (1, -3) or len(set(node.input)) != 1:
+                _fail(node, "only a Concat of one quantized map with itself along the channels "
+                      "(a channel repeat) is an accelerator op")
+            times = len(node.input)
+        else:
+            reps = [int(v) for v in g.init(node, 1, "repeats").reshape(-1)]
+            if len(reps) != 4 or reps[0] != 1 or reps[2:] != [1, 1] or reps[1] < 1:
+                _fail(node, f"repeats {reps}: only a channel repeat (1, k, 1, 1) is an "
+                      "accelerator op")
+            times = reps[1]
+        src = node.input[0]
+        if src not in self.maps or self.maps[src].node.startswith("<"):
+            _fail(node, f"a channel repeat must read a quantized map, but {src!r} is not one")
+        ref = self.maps[src]
+        qmap = dataclasses.replace(ref.qmap, values=np.tile(ref.qmap.values, (times, 1))
+                                   if ref.qmap.values.shape[0] > 1 else ref.qmap.values)
+        self.nodes.append(GraphNode(node.name, ChannelRepeat(ref.channels * times), ref.node))
+        self.register(node.output[0], MapRef(node.name, qmap, ref.channels * times))
+        self.handled.add(node.name)
+
     def input_map(self, conv) -> tuple[MapRef, int, int]:
         """The conv's quantized input map, its padding and the padding level."""
         stride_pad = self.conv_geometry(conv)[1]
@@ -592,28 +804,26 @@ class _Importer:
         if (scale == 0).any() or (scale != scale[:, :1]).any():
             _fail(conv, "1-bit weights must be ±s (one magnitude per output channel)")
         s_o = scale[:, 0].astype(np.float64)
-        if not all(_pow2(v) for v in (*s_o, step, *(np.abs(offset),) * bool(offset))):
+        if not ref.qmap.exact() or not all(_pow2(v) for v in (*s_o, step,
+                                                              *(np.abs(offset),) * bool(offset))):
             self.notes.append(f"conv {conv.name!r}: weight scale {s_o[0]:g} or input step "
                               f"{step:g} is not a power of two, so qonnx's float32 sums are "
                               "rounded and may break ties differently (use power-of-two "
-                              "scales, e.g. a binary weight quantizer with scaling_const 1)")
+                              "scales, e.g. a binary weight quantizer with scaling_const 1 and "
+                              "activation quantizers with power-of-two scales)")
         signs = torch.from_numpy(np.where(w >= 0, 1.0, -1.0).astype(np.float32))
         sums = weight_sums(signs)
         bias = None
         if len(conv.input) > 2 and conv.input[2]:
             bias = self.g.init(conv, 2, "bias").astype(np.float32).reshape(1, -1, 1, 1)
-        nodes, shortcut, quant, _ = _follow_epilogue(self.g, conv)
-        if quant is None:
+        ep = _follow_epilogue(self.g, conv, self.maps)
+        if ep.quant is None:
             _fail(conv, "a binary conv needs an activation quantizer after its epilogue (a raw "
                   "binary last layer is not imported)")
-        qmap = _qmap(self.g, quant)
-        sref = None
-        if shortcut is not None:
-            if shortcut not in self.maps or self.maps[shortcut].node.startswith("<"):
-                _fail(conv, f"its residual Add reads {shortcut!r}, which is not a quantized map")
-            sref = self.maps[shortcut]
-        run = _subgraph_runner(self.g, [*nodes, quant], conv.output[0], shortcut,
-                               quant.output[0])
+        qmap = _qmap(self.g, ep.quant)
+        sref = None if ep.shortcut is None else self.maps[ep.shortcut]
+        run = _subgraph_runner(self.g, [*ep.shortcut_nodes, *ep.nodes, ep.quant],
+                               conv.output[0], ep.shortcut, ep.quant.output[0])
         sums64 = sums.numpy().astype(np.float64).reshape(1, -1, 1, 1)
         s_col = s_o.reshape(1, -1, 1, 1)
 
@@ -627,7 +837,7 @@ class _Importer:
 
         k = int(np.prod(w.shape[1:]))
         try:
-            folded = fold_levels(_levels_fn(run, qmap, conv_values, shortcut_values, quant),
+            folded = fold_levels(_levels_fn(run, qmap, conv_values, shortcut_values, ep.quant),
                                  k=k, in_bits=ref.qmap.bits, weight_sums=sums,
                                  out_bits=qmap.bits,
                                  shortcut_bits=0 if sref is None else sref.qmap.bits)
@@ -643,8 +853,8 @@ class _Importer:
             pad_level=pad_level, shortcut_bits=0 if sref is None else sref.qmap.bits)
         self.nodes.append(GraphNode(conv.name, layer, ref.node,
                                     None if sref is None else sref.node))
-        self.handled.update(n.name for n in (*nodes, quant))
-        self.register(quant.output[0], MapRef(conv.name, qmap, w.shape[0]))
+        self.handled.update(n.name for n in (*ep.shortcut_nodes, *ep.nodes, ep.quant))
+        self.register(ep.quant.output[0], MapRef(conv.name, qmap, w.shape[0]))
 
     # -- host layers --------------------------------------------------------------
     def int_weights(self, conv, quant) -> tuple[np.ndarray, np.ndarray]:
@@ -687,8 +897,9 @@ class _Importer:
                       "zero point")
             s_x, zero = affine[0], int(qm.zero)
             lo_code, hi_code = qm.code_min, qm.code_min + qm.count - 1
-        nodes, shortcut, out_quant, _ = _follow_epilogue(self.g, conv)
-        if out_quant is None or shortcut is not None:
+        ep = _follow_epilogue(self.g, conv, self.maps)
+        nodes, out_quant = ep.nodes, ep.quant
+        if out_quant is None or ep.shortcut is not None:
             _fail(conv, "the host stem must end in an activation quantizer (no shortcut)")
         qmap = _qmap(self.g, out_quant)
         bias = None
@@ -732,8 +943,9 @@ class _Importer:
             _fail(conv, "a real-valued conv runs on the host only as the head, on the last "
                   "binary node's map")
         stride, padding = self.conv_geometry(conv)
-        nodes, shortcut, quant, last = _follow_epilogue(self.g, conv)
-        if quant is not None or shortcut is not None or last not in self.g.outputs:
+        ep = _follow_epilogue(self.g, conv, self.maps)
+        nodes, last = ep.nodes, ep.last
+        if ep.quant is not None or ep.shortcut is not None or last not in self.g.outputs:
             _fail(conv, "the host head must end the graph (affine per-channel ops only after "
                   "it)")
         w = np.asarray(self.probe[conv.input[1]], dtype=np.float64)
@@ -892,37 +1104,93 @@ def _stem_input(result: ImportResult, ctx, x: np.ndarray) -> torch.Tensor:
 
 
 def check_bundle(result: ImportResult, bundle: Bundle, *, inputs: int = 3,
-                 seed: int = 0) -> CheckReport:
+                 seed: int = 0, emulator: str | None = None) -> CheckReport:
     """Run ``bundle`` (golden model) and the QONNX graph (``execute_onnx``) on random
     inputs; compare every quantized tensor bit for bit (the bundle's levels mapped to the
-    QONNX values). The head's float output is compared for information only."""
+    QONNX values). The head's float output is compared for information only.
+
+    ``emulator``: a contract-2 config (``"contract2"``): the bundle also runs on the
+    emulator of that build, every node's map read back after its pass (``Device.run_graph``
+    with ``trace``), and each is compared with qonnx's tensor (``report.emulator``)."""
     from qonnx.core.onnx_exec import execute_onnx
     model = result.model
     name = model.graph.input[0].name
     shape = list(model.get_tensor_shape(name))
     rng = np.random.default_rng(seed)
     report = CheckReport(tensors=len(result.tensors), values=0, inputs=inputs)
-    head_error = 0.0
-    for i in range(inputs):
-        x = _random_input(result, shape, rng)
-        ctx = execute_onnx(model, {name: x}, return_full_exec_context=True)
-        maps = _bundle_maps(result, bundle, ctx, x)
-        for tensor, ref in result.tensors.items():
-            key = f"{ref.node}@prepool" if ref.prepool_of else ref.node
-            got = ref.qmap.to_values(maps[key].numpy())
-            want = np.asarray(ctx[tensor])
-            report.values += want.size
-            diff = got != want
-            if got.shape != want.shape or diff.any():
-                report.difference = _describe(tensor, ref, i, got, want, diff)
+    device = None if emulator is None else _open_emulator(bundle, emulator, report)
+    try:
+        for i in range(inputs):
+            x = _random_input(result, shape, rng)
+            ctx = execute_onnx(model, {name: x}, return_full_exec_context=True)
+            maps = _bundle_maps(result, bundle, ctx, x)
+            if not _compare_golden(result, maps, ctx, i, report):
                 return report
-        if bundle.host_layers and any(h.name == "head" for h in bundle.host_layers):
-            last = maps[bundle.nodes()[-1].name]
-            head = bundle.head(last).numpy()
-            want = np.asarray(ctx[result.head_output])
-            head_error = max(head_error, float(np.abs(head - want).max()))
-            report.head_error = head_error
+            if device is not None and not _compare_emulator(result, device, maps["input"],
+                                                            ctx, i, report.emulator):
+                return report
+            if any(h.name == "head" for h in bundle.host_layers):
+                last = maps[bundle.nodes()[-1].name]
+                head = bundle.head(last).numpy()
+                want = np.asarray(ctx[result.head_output])
+                report.head_error = max(report.head_error or 0.0,
+                                        float(np.abs(head - want).max()))
+    finally:
+        if device is not None:
+            device.close()
     return report
+
+
+def _compare_golden(result: ImportResult, maps: dict, ctx, i: int, report: CheckReport
+                    ) -> bool:
+    for tensor, ref in result.tensors.items():
+        key = f"{ref.node}@prepool" if ref.prepool_of else ref.node
+        got = ref.qmap.to_values(maps[key].numpy())
+        want = np.asarray(ctx[tensor])
+        report.values += want.size
+        diff = got != want
+        if got.shape != want.shape or diff.any():
+            report.difference = _describe(tensor, ref, i, got, want, diff)
+            return False
+    return True
+
+
+def _open_emulator(bundle: Bundle, config: str, report: CheckReport):
+    """The contract-2 emulator with ``bundle`` loaded, or None (``report.emulator.skipped``
+    says why: the bundle does not fit that build)."""
+    from .driver import BundleDoesNotFit, Device
+    device = Device.open("emu", config)
+    report.emulator = EmulatorReport(config=device.config.name)
+    if device.config.contract != 2:
+        device.close()
+        raise QonnxImportError(f"the emulator check needs a contract-2 build, not "
+                               f"{device.config.name!r} (contract {device.config.contract})")
+    try:
+        device.load(bundle)
+    except BundleDoesNotFit as e:
+        device.close()
+        report.emulator.skipped = str(e)
+        return None
+    return device
+
+
+def _compare_emulator(result: ImportResult, device, levels: torch.Tensor, ctx, i: int,
+                      report: EmulatorReport) -> bool:
+    """Every node's map of the emulator (one image at a time) against qonnx's tensors."""
+    per_image = [device.run_graph(levels[j:j + 1], trace=True) for j in range(levels.shape[0])]
+    report.tensors = 0
+    for tensor, ref in result.tensors.items():
+        if ref.node not in per_image[0]:
+            continue                      # the input map: what the emulator was given
+        report.tensors += 1
+        got = ref.qmap.to_values(torch.cat([m[ref.node] for m in per_image]).numpy())
+        want = np.asarray(ctx[tensor])
+        report.values += want.size
+        diff = got != want
+        if got.shape != want.shape or diff.any():
+            report.difference = _describe(tensor, ref, i, got, want, diff, "emulator")
+            return False
+    return True
 
 
 def _bundle_maps(result: ImportResult, bundle: Bundle, ctx, x) -> dict:
@@ -947,20 +1215,21 @@ def _bundle_maps(result: ImportResult, bundle: Bundle, ctx, x) -> dict:
     return maps
 
 
-def _describe(tensor, ref, i, got, want, diff) -> str:
+def _describe(tensor, ref, i, got, want, diff, who: str = "bundle") -> str:
     if got.shape != want.shape:
-        return (f"tensor {tensor!r} (bundle map {ref.node!r}): shape {got.shape} but qonnx "
+        return (f"tensor {tensor!r} ({who} map {ref.node!r}): shape {got.shape} but qonnx "
                 f"{want.shape} on input {i}")
     index = tuple(int(v) for v in np.argwhere(diff)[0])
-    return (f"tensor {tensor!r} (bundle map {ref.node!r}) differs on random input {i} at "
-            f"{index}: qonnx {float(want[index])!r}, bundle {float(got[index])!r} "
+    return (f"tensor {tensor!r} ({who} map {ref.node!r}) differs on random input {i} at "
+            f"{index}: qonnx {float(want[index])!r}, {who} {float(got[index])!r} "
             f"({int(diff.sum())} of {diff.size} values)")
 
 
 def import_to_file(path, out, *, force: bool = False, inputs: int = 3, seed: int = 0,
-                   log=print) -> CheckReport:
+                   emulator: str | None = "contract2", log=print) -> CheckReport:
     """Import, save to a temporary file beside ``out``, load it back, check it against
-    qonnx; only an equal bundle is renamed to ``out`` (nothing written otherwise)."""
+    qonnx (and a format-2 bundle on the ``emulator`` build too, unless None); only an equal
+    bundle is renamed to ``out`` (nothing written otherwise)."""
     from bitdet.core.bundle import load
 
     from .files import atomic_path, check_new_file
@@ -968,15 +1237,11 @@ def import_to_file(path, out, *, force: bool = False, inputs: int = 3, seed: int
     result = import_qonnx(path)
     with atomic_path(out) as tmp:
         result.bundle.save(tmp)
-        saved = load(tmp)
-        report = check_bundle(result, saved, inputs=inputs, seed=seed)
-        bundle = saved
-        host = ", ".join(h.name for h in bundle.host_layers) or "none"
-        log(f"{path}: {len(bundle.binary_layers)} binary layers "
-            f"({', '.join(bundle.layer_names)}), host layers {host}, input "
-            f"{'×'.join(map(str, bundle.input_shape))} {bundle.input_bits}-bit, "
-            f"format {bundle.format_version}")
-        if not report.equal:
+        bundle = load(tmp)
+        report = check_bundle(result, bundle, inputs=inputs, seed=seed,
+                              emulator=emulator if bundle.format_version == 2 else None)
+        log(_summary(path, bundle))
+        if report.difference is not None:
             log(f"check: {report.tensors} quantized tensors on {report.inputs} random inputs: "
                 f"DIFFERENT: {report.difference}")
             for note in result.notes:
@@ -984,6 +1249,7 @@ def import_to_file(path, out, *, force: bool = False, inputs: int = 3, seed: int
             raise _CheckFailed(report)
         log(f"check: {report.tensors} quantized tensors on {report.inputs} random inputs, "
             f"{report.values} values: all equal to qonnx execute_onnx")
+        _log_emulator(report, log)
         if report.head_error is not None:
             log(f"head (fixed point, informational): max |bundle − qonnx| = "
                 f"{report.head_error:.4g}")
@@ -991,7 +1257,51 @@ def import_to_file(path, out, *, force: bool = False, inputs: int = 3, seed: int
     return report
 
 
+def _summary(path, bundle: Bundle) -> str:
+    host = ", ".join(h.name for h in bundle.host_layers) or "none"
+    tail = (f"host layers {host}, input {'×'.join(map(str, bundle.input_shape))} "
+            f"{bundle.input_bits}-bit, format {bundle.format_version}")
+    if bundle.graph is None:
+        return (f"{path}: {len(bundle.binary_layers)} binary layers "
+                f"({', '.join(bundle.layer_names)}), {tail}")
+    nodes = bundle.nodes()
+    kinds = {"BinaryConvLayer": "binary conv", "PoolPass": "pool",
+             "ChannelRepeat": "channel repeat"}
+    counts: dict[str, int] = {}
+    for node in nodes:
+        kind = kinds[type(node.op).__name__]
+        counts[kind] = counts.get(kind, 0) + 1
+    adds = sum(1 for node in nodes if node.shortcut is not None)
+    if adds:
+        counts["residual add"] = adds
+    what = ", ".join(_count(n, k) for k, n in counts.items())
+    bits = sorted({node.op.output_bits for node in nodes
+                   if isinstance(node.op, BinaryConvLayer)})
+    bits = "/".join(map(str, bits))
+    return (f"{path}: graph of {_count(len(nodes), 'node')} ({what}; {bits}-bit maps): "
+            f"{', '.join(node.name for node in nodes)}; {tail}")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' if n != 1 else ''}"
+
+
+def _log_emulator(report: CheckReport, log) -> None:
+    emu = report.emulator
+    if emu is None:
+        return
+    if emu.skipped is not None:
+        log(f"emulator: not run: {emu.skipped}")
+        return
+    where = f"emulator ({emu.config}, one RUN_LAYER per node, every map read back)"
+    if emu.difference is not None:
+        log(f"{where}: DIFFERENT: {emu.difference}")
+        raise _CheckFailed(report)
+    log(f"{where}: {_count(emu.tensors, 'quantized tensor')} on {report.inputs} random inputs, "
+        f"{emu.values} values: all equal to qonnx execute_onnx")
+
+
 class _CheckFailed(Exception):
     def __init__(self, report: CheckReport):
-        super().__init__(report.difference)
+        super().__init__(report.difference or (report.emulator and report.emulator.difference))
         self.report = report
