@@ -34,6 +34,7 @@ from bitdet.core.cycles import ARRAY_PIPELINE
 from ._util import _check_positive, delayed
 from .pe import (
     XnorPopcountPE,
+    _check_input_bits,
     _check_popcount,
     valid_stream_signature,
 )
@@ -68,6 +69,14 @@ class SystolicArray(wiring.Component):
     consecutive cycles; the rows are then de-skewed (row ``r`` delayed ``rows − 1 − r``
     cycles) into one column vector per cycle. No multiplexer spans more than one PE.
 
+    **Bit-serial levels** (contract 2, ``max_input_bits`` > 1). Every transfer also
+    carries ``shift``, the input plane ``b`` of its words (all rows and columns are in the
+    same plane), skewed with ``first`` / ``last``; each PE adds its count ``<< b``
+    (:class:`~bitdet.hw.pe.XnorPopcountPE`). A job over an n-bit map streams the K words
+    of each plane in turn, ``n·K`` transfers from ``first`` to ``last``, and ``p[r]`` is
+    ``A = Σ_b 2**b · P_b``; the timing above holds with ``n·K`` for ``K``. With
+    ``max_input_bits`` 1 there is no ``shift`` and the Verilog is contract 1's.
+
     **Back to back.** Two jobs' ``last`` words must be accepted at least ``cols`` cycles
     apart (the drain of a row takes ``cols`` cycles). Jobs of ``K ≥ cols`` words therefore
     stream without any bubble. ``operands.ready`` enforces the rule for shorter jobs: it
@@ -86,35 +95,42 @@ class SystolicArray(wiring.Component):
     popcount : str
         The PEs' popcount structure, ``"compressor"`` (default) or ``"adder"``
         (:class:`~bitdet.hw.pe.XnorPopcountPE`); same results and timing.
+    max_input_bits : int
+        Most planes of an input level (the config's ``max_input_bits``); 1 (default):
+        1-bit maps only, no ``shift``.
 
     Members
     -------
     operands : ``In(stream.Signature(operand_layout))``
         ``activations`` (``rows`` words), ``weights`` (``cols`` words), ``first``,
-        ``last``.
+        ``last`` (and ``shift``, ``range(max_input_bits)``, if ``max_input_bits`` > 1).
     results : ``Out(valid_stream_signature(result_layout))``
         ``p`` (``rows`` values of ``acc_width`` bits), ``column``, ``last``.
 
     Raises
     ------
     TypeError, ValueError
-        If a parameter is not a positive integer, or ``popcount`` is not a known
-        structure.
+        If a parameter is not a positive integer, ``popcount`` is not a known
+        structure, or ``max_input_bits`` is above :data:`~bitdet.hw.pe.MAX_INPUT_BITS`.
     """
 
     def __init__(self, *, rows: int, cols: int, simd: int, acc_width: int,
-                 popcount: str = "compressor"):
+                 popcount: str = "compressor", max_input_bits: int = 1):
         self._rows = _check_positive("rows", rows)
         self._cols = _check_positive("cols", cols)
         self._simd = _check_positive("simd", simd)
         self._acc_width = _check_positive("acc_width", acc_width)
         self._popcount = _check_popcount(popcount)
-        self._operand_layout = data.StructLayout({
+        self._max_input_bits = _check_input_bits(max_input_bits)
+        operand_fields = {
             "activations": data.ArrayLayout(simd, rows),
             "weights": data.ArrayLayout(simd, cols),
             "first": 1,
             "last": 1,
-        })
+        }
+        if max_input_bits > 1:
+            operand_fields["shift"] = range(max_input_bits)
+        self._operand_layout = data.StructLayout(operand_fields)
         self._result_layout = data.StructLayout({
             "p": data.ArrayLayout(acc_width, rows),
             "column": range(cols),
@@ -146,6 +162,10 @@ class SystolicArray(wiring.Component):
         return self._popcount
 
     @property
+    def max_input_bits(self) -> int:
+        return self._max_input_bits
+
+    @property
     def operand_layout(self) -> data.StructLayout:
         return self._operand_layout
 
@@ -170,29 +190,22 @@ class SystolicArray(wiring.Component):
         payload = operands.payload
 
         pes = [[XnorPopcountPE(simd=simd, acc_width=self._acc_width,
-                              popcount=self._popcount) for _ in range(cols)]
+                               popcount=self._popcount,
+                               max_input_bits=self._max_input_bits) for _ in range(cols)]
                for _ in range(rows)]
         for r in range(rows):
             for c in range(cols):
                 m.submodules[f"pe_{r}_{c}"] = pes[r][c]
 
-        # -- input handshake: keep `last` words at least `cols` cycles apart -----------------
-        if cols > 1:
-            since_last = Signal(range(cols), init=cols - 1)
-            can_last = Signal()
-            m.d.comb += can_last.eq(since_last == cols - 1)
-            m.d.comb += operands.ready.eq(~payload.last | can_last)
-            with m.If(operands.valid & operands.ready & payload.last):
-                m.d.sync += since_last.eq(0)
-            with m.Elif(~can_last):
-                m.d.sync += since_last.eq(since_last + 1)
-        else:
-            m.d.comb += operands.ready.eq(1)
+        self._handshake(m)
 
         # -- input register: an accepted transfer enters the array one cycle later ---------
         # (nothing in front of PE (0, 0) then: the path from the memories' read data
         # through the window multiplexer ends here)
-        control_layout = data.StructLayout({"valid": 1, "first": 1, "last": 1})
+        control_fields = {"valid": 1, "first": 1, "last": 1}
+        if self._max_input_bits > 1:
+            control_fields["shift"] = range(self._max_input_bits)
+        control_layout = data.StructLayout(control_fields)
         control = Signal(control_layout)
         activations = Signal(data.ArrayLayout(simd, rows))
         weights = Signal(data.ArrayLayout(simd, cols))
@@ -203,6 +216,8 @@ class SystolicArray(wiring.Component):
             activations.eq(payload.activations),
             weights.eq(payload.weights),
         ]
+        if self._max_input_bits > 1:
+            m.d.sync += control.shift.eq(payload.shift)
 
         # -- row skew: row r's word and control bits are delayed r cycles -------------------
         for r in range(rows):
@@ -213,6 +228,8 @@ class SystolicArray(wiring.Component):
                 west.first.eq(control.first),
                 west.last.eq(control.last),
             ]
+            if self._max_input_bits > 1:
+                m.d.comb += west.shift.eq(control.shift)
             if r + 1 < rows:
                 # one control shift register down the west edge serves every row
                 control_next = Signal(control_layout, name=f"control{r + 1}")
@@ -232,6 +249,30 @@ class SystolicArray(wiring.Component):
                 if r > 0:
                     m.d.comb += pes[r][c].w_in.eq(pes[r - 1][c].w_out)
 
+        self._drain(m, pes)
+        return m
+
+    def _handshake(self, m: Module):
+        """The input handshake: keep `last` words at least `cols` cycles apart."""
+        cols = self._cols
+        operands = self.operands
+        payload = operands.payload
+        if cols > 1:
+            since_last = Signal(range(cols), init=cols - 1)
+            can_last = Signal()
+            m.d.comb += can_last.eq(since_last == cols - 1)
+            m.d.comb += operands.ready.eq(~payload.last | can_last)
+            with m.If(operands.valid & operands.ready & payload.last):
+                m.d.sync += since_last.eq(0)
+            with m.Elif(~can_last):
+                m.d.sync += since_last.eq(since_last + 1)
+        else:
+            m.d.comb += operands.ready.eq(1)
+
+    def _drain(self, m: Module, pes):
+        """The drain (per-row parallel load, then shift towards column 0), the row
+        de-skew and the ``results`` stream."""
+        rows, cols = self._rows, self._cols
         # -- drain: per-row parallel load, then shift towards column 0 -----------------------
         row_outputs = []
         loads = []
@@ -269,4 +310,3 @@ class SystolicArray(wiring.Component):
         ]
         for r in range(rows):
             m.d.comb += results.payload.p[r].eq(row_outputs[r])
-        return m

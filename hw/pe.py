@@ -1,7 +1,8 @@
 """XNOR-popcount processing element of the systolic array.
 
 One PE multiplies one ``simd``-bit activation word with one ``simd``-bit weight word per
-cycle (``P += popcount(XNOR(a, w))``) and passes both words on to its neighbours through
+cycle (``P += popcount(XNOR(a, w))``, or for a bit-plane of an n-bit map ``A +=
+popcount(XNOR(a, w)) << b``) and passes both words on to its neighbours through
 registers: activations (with their control bits) to the right, weights downwards. The
 padding convention of :mod:`bitdet.core.packing` (activation pad bits 0, weight pad bits 1)
 makes the XNOR of padding 0, so no mask is needed.
@@ -9,7 +10,7 @@ makes the XNOR of padding 0, so no mask is needed.
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Module, Signal
+from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -18,7 +19,12 @@ from bitdet.core.cycles import PE_LATENCY
 from ._util import _check_positive
 from .popcount import POPCOUNT_TREES, popcount, popcount_rows, popcount_stages, popcount_width
 
-__all__ = ["PE_LATENCY", "XnorPopcountPE", "activation_layout", "valid_stream_signature"]
+__all__ = ["MAX_INPUT_BITS", "PE_LATENCY", "XnorPopcountPE", "activation_layout",
+           "valid_stream_signature"]
+
+MAX_INPUT_BITS = 8
+"""Most input planes a bit-serial PE weights (``shift`` 0 … 7); the configuration allows 4
+(:attr:`~bitdet.core.config.AcceleratorConfig.max_input_bits`)."""
 
 
 def _check_popcount(value) -> str:
@@ -26,6 +32,30 @@ def _check_popcount(value) -> str:
         raise ValueError(f"popcount must be one of {', '.join(map(repr, POPCOUNT_TREES))}, "
                          f"not {value!r}")
     return value
+
+
+def _check_input_bits(value) -> int:
+    _check_positive("max_input_bits", value)
+    if value > MAX_INPUT_BITS:
+        raise ValueError(f"max_input_bits must be at most {MAX_INPUT_BITS}, not {value!r}")
+    return value
+
+
+def _carry_row_bits(bits: int) -> list[int]:
+    """Weights at which the second carry-save row of :func:`~bitdet.hw.popcount.
+    popcount_rows` of ``bits`` bits can hold a 1 (the columns left with two bits by its
+    Wallace reduction; the other bits of the row are constant 0). For a power of two
+    ``bits`` ≥ 2 this is ``[0]``: the row is a single bit of weight 1."""
+    width = popcount_width(bits)
+    heights = [bits] + [0] * (width - 1)
+    while any(h > 2 for h in heights):
+        reduced = [0] * width
+        for weight, height in enumerate(heights):
+            reduced[weight] += height // 3 + height % 3
+            if weight + 1 < width:
+                reduced[weight + 1] += height // 3
+        heights = reduced
+    return [weight for weight, height in enumerate(heights) if height == 2]
 
 
 def valid_stream_signature(payload_shape) -> wiring.Signature:
@@ -39,7 +69,7 @@ def valid_stream_signature(payload_shape) -> wiring.Signature:
     return wiring.Signature({"payload": Out(payload_shape), "valid": Out(1)})
 
 
-def activation_layout(simd: int) -> data.StructLayout:
+def activation_layout(simd: int, max_input_bits: int = 1) -> data.StructLayout:
     """Layout of what travels along a row: one activation word and its control bits.
 
     ``word``
@@ -50,9 +80,16 @@ def activation_layout(simd: int) -> data.StructLayout:
         First K-word of a job: the accumulator restarts from 0.
     ``last``
         Last K-word of a job: the final ``P`` is captured into the result register.
+    ``shift``
+        Only with ``max_input_bits`` > 1 (``range(max_input_bits)``): the input plane
+        ``b`` the word belongs to; its count is added as ``P << b`` (bit-serial levels,
+        ``A = Σ_b 2**b · P_b``).
     """
     _check_positive("simd", simd)
-    return data.StructLayout({"word": simd, "valid": 1, "first": 1, "last": 1})
+    fields = {"word": simd, "valid": 1, "first": 1, "last": 1}
+    if _check_input_bits(max_input_bits) > 1:
+        fields["shift"] = range(max_input_bits)
+    return data.StructLayout(fields)
 
 
 class XnorPopcountPE(wiring.Component):
@@ -82,6 +119,21 @@ class XnorPopcountPE(wiring.Component):
     ``2**acc_width``; the configuration (:class:`~bitdet.core.config.AcceleratorConfig`)
     sizes ``acc_width`` so that it never does.
 
+    **Bit-serial levels** (contract 2, ``max_input_bits`` > 1). ``a_in`` then carries
+    ``shift``, the plane ``b`` of the word, through the same pipeline as ``valid`` /
+    ``first`` / ``last``, and stage 3 adds the word's count weighted by it::
+
+        acc ← acc + ((row0 + row1) << shift)
+
+    so a job that streams the K words of every input plane of an n-bit map (``first``
+    on the job's first word, ``last`` on its last, planes in any order) ends with
+    ``A = Σ_b 2**b · P_b`` (:func:`bitdet.core.golden.level_conv2d`). The popcount logic
+    is the same; the shift is a multiplexer in front of the accumulator's adder (the
+    second row's one bit fills the vacated low bits and stays the carry-in, see
+    :meth:`_plane_addends`), so the timing, :data:`PE_LATENCY` included, is unchanged.
+    With ``max_input_bits`` 1 (every contract-1 config) nothing of this is generated:
+    the Verilog is the PE's of contract 1, byte for byte.
+
     Parameters
     ----------
     simd : int
@@ -95,34 +147,40 @@ class XnorPopcountPE(wiring.Component):
         adder tree, then the accumulator add). Same results and timing (with ``adder`` the
         count itself is registered twice); only the
         area differs (``bench/bench_area.py``).
+    max_input_bits : int
+        Most planes of an input level (1 … :data:`MAX_INPUT_BITS`; the config's
+        ``max_input_bits``): ``shift`` is ``range(max_input_bits)``, absent for 1.
 
     Members
     -------
-    a_in : ``In(activation_layout(simd))``
+    a_in : ``In(activation_layout(simd, max_input_bits))``
         Activation word and control bits from the left neighbour (or the row skew).
     w_in : ``In(simd)``
         Weight word from the top neighbour (or the column skew).
-    a_out : ``Out(activation_layout(simd))``
+    a_out : ``Out(activation_layout(simd, max_input_bits))``
         ``a_in`` delayed by one cycle, to the right neighbour.
     w_out : ``Out(simd)``
         ``w_in`` delayed by one cycle, to the bottom neighbour.
     result : ``Out(acc_width)``
-        ``P`` of the last finished job.
+        ``P`` (``A``) of the last finished job.
     result_valid : ``Out(1)``
         ``result`` was written in the previous cycle.
 
     Raises
     ------
     TypeError, ValueError
-        If ``simd`` or ``acc_width`` is not a positive integer, or ``popcount`` is not
-        one of :data:`~bitdet.hw.popcount.POPCOUNT_TREES`.
+        If ``simd`` or ``acc_width`` is not a positive integer, ``popcount`` is not
+        one of :data:`~bitdet.hw.popcount.POPCOUNT_TREES`, or ``max_input_bits`` is not
+        an integer in 1 … :data:`MAX_INPUT_BITS`.
     """
 
-    def __init__(self, *, simd: int, acc_width: int, popcount: str = "compressor"):
+    def __init__(self, *, simd: int, acc_width: int, popcount: str = "compressor",
+                 max_input_bits: int = 1):
         self._simd = _check_positive("simd", simd)
         self._acc_width = _check_positive("acc_width", acc_width)
         self._popcount = _check_popcount(popcount)
-        layout = activation_layout(simd)
+        self._max_input_bits = _check_input_bits(max_input_bits)
+        layout = activation_layout(simd, max_input_bits)
         super().__init__({
             "a_in": In(layout),
             "w_in": In(simd),
@@ -143,6 +201,36 @@ class XnorPopcountPE(wiring.Component):
     @property
     def popcount(self) -> str:
         return self._popcount
+
+    @property
+    def max_input_bits(self) -> int:
+        return self._max_input_bits
+
+    def _plane_addends(self, row0, row1, shift) -> list:
+        """Stage 3 of a bit-serial PE (``max_input_bits`` > 1): the addends whose sum is
+        ``(row0 + row1) << shift``, the registered count of the word weighted by its
+        plane.
+
+        The compressor's second row is (for a power-of-two ``simd``) one bit ``c`` of
+        weight 1, the carry-in of the accumulator's adder; shifted, it would weigh
+        ``2**shift``. Because the low ``shift`` bits of ``row0 << shift`` are 0,
+        ``(row0 + c) << shift = ((row0 << shift) | c·(2**shift − 1)) + c``: ``c`` fills the
+        vacated low bits and stays the carry-in, so the add keeps its three operands and
+        the shift costs a multiplexer per bit of ``row0``. Bits of the second row above
+        weight 1 (a ``simd`` that is not a power of two) are shifted and added as a
+        fourth operand.
+        """
+        carry_bits = [] if self._popcount == "adder" else _carry_row_bits(self._simd)
+        carry = row1[0] if 0 in carry_bits else Const(0, 1)
+        low = row0
+        for k in reversed(range(len(shift))):   # by 2**k where bit k of the shift is set
+            low = Mux(shift[k], Cat(*([carry] * (1 << k)), low), low)
+        low = low[:self._acc_width]
+        addends = [low, carry]
+        if any(w > 0 for w in carry_bits):
+            high = Cat(Const(0, 1), row1[1:])
+            addends.append((high << shift)[:self._acc_width])
+        return addends
 
     def elaborate(self, platform):
         m = Module()
@@ -180,7 +268,15 @@ class XnorPopcountPE(wiring.Component):
         # (free on ECP5 and iCE40), where a `first ? 0 : acc` in front of the adder cost a
         # LUT4 per accumulator bit (bench/bench_area.py)
         total = Signal(self._acc_width)
-        m.d.comb += total.eq(acc + row0 + row1)
+        if self._max_input_bits > 1:
+            # the word's plane b travels with its control bits; P << b is added
+            shift1 = Signal(range(self._max_input_bits))
+            shift2 = Signal(range(self._max_input_bits))
+            m.d.sync += [shift1.eq(a.shift), shift2.eq(shift1)]
+            low, carry, *high = self._plane_addends(row0, row1, shift2)
+            m.d.comb += total.eq(sum([acc + low + carry, *high]))
+        else:
+            m.d.comb += total.eq(acc + row0 + row1)
         with m.If(valid):
             m.d.sync += acc.eq(total)
             with m.If(last):

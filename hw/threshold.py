@@ -1,10 +1,17 @@
-"""Threshold unit: ``P`` → n-bit activation level (count of thresholds reached), or raw ``P``.
+"""Threshold units: ``P`` → n-bit activation level (count of thresholds reached), or raw ``P``.
 
 Numerics (docs/numerics.md, :func:`bitdet.core.golden.threshold`): an n-bit output uses
 ``2**n − 1`` sorted thresholds ``T_j`` and outputs ``#{j : P ≥ T_j}``; a 1-bit output is
 ``P ≥ T``. A constant channel is ``T = 0`` (always reached) or ``T = K + 1`` (never).
 Because ``K`` may be as large as ``2**acc_width − 1``, ``K + 1`` needs one bit more than
 ``P``: thresholds are ``acc_width + 1`` bits wide (:attr:`ThresholdUnit.threshold_width`).
+
+:class:`ThresholdUnit` is contract 1's (the layer controller's threshold stage);
+:class:`LevelThresholdUnit` is the contract-2 variant (docs/hardware.md, "Contract 2
+blocks"): the accumulator ``A = Σ_b 2**b · P_b`` of an n-bit input, a per-layer
+``out_bits`` ``m`` (only the first ``2**m − 1`` thresholds of the entry count) and the
+thresholds of the row of the pixel's shortcut level (:func:`bitdet.core.golden.
+threshold_shortcut`), which the controller reads from the threshold memory.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from ._util import _check_positive
 from .pe import valid_stream_signature
 from .popcount import popcount
 
-__all__ = ["ThresholdUnit"]
+__all__ = ["LevelThresholdUnit", "ThresholdUnit"]
 
 
 class ThresholdUnit(wiring.Component):
@@ -102,5 +109,113 @@ class ThresholdUnit(wiring.Component):
         m.d.sync += [
             self.o.valid.eq(self.i.valid),
             self.o.payload.value.eq(Mux(self.i.payload.raw, p, level)),
+        ]
+        return m
+
+
+class LevelThresholdUnit(wiring.Component):
+    """Contract 2: ``A`` → output level ``#{j < 2**m − 1 : A ≥ T_j}``; one register stage.
+
+    The unit compares the accumulator with the thresholds of **one row**, the row of the
+    output's shortcut level ``r`` (:func:`bitdet.core.golden.threshold_shortcut`): with a
+    shortcut of ``s`` bits, tile ``t``'s ``R = 2**s`` rows are the threshold entries
+    ``threshold_base + t·R + r`` (docs/protocol.md, "Contract 2"), and the controller reads
+    the entry of ``r`` (per column) and presents its thresholds here. Without a shortcut
+    ``r = 0`` (``R = 1``). ``out_bits`` is the layer's ``m`` (``1 … output_bits``): only
+    the first ``2**m − 1`` of the entry's ``2**output_bits − 1`` thresholds count, as in
+    the emulator, so the rest of the entry may hold anything.
+
+    Why one row and not all ``R`` rows and ``r``: the rows of a tile are ``R`` separate
+    entries of the same column memory, so presenting all of them would take ``R`` reads
+    and ``R·(2**m − 1)·threshold_width`` bits of registers per column, and the unit an
+    ``R``:1 multiplexer of as many bits (4320 bits for the contract2 preset's ``R =
+    16``, 15 thresholds of 18 bits) — where selecting the row is one address per column
+    memory (``entry = tile_base + r``).
+
+    The input is accepted every cycle; its level is on ``o`` in the next cycle
+    (``o.valid`` is ``i.valid`` delayed by one), the depth of :class:`ThresholdUnit`
+    (``THRESHOLD_PIPELINE`` = 2 with the threshold stage's input register). The count
+    does not need the thresholds to be sorted. There is no raw mode: a contract-2
+    descriptor thresholds every output.
+
+    Parameters
+    ----------
+    acc_width : int
+        Width of ``A`` (:attr:`~bitdet.core.config.AcceleratorConfig.acc_width`, sized
+        for ``(2**max_input_bits − 1)·K``).
+    output_bits : int
+        Most bits of an output level (the config's ``output_bits``, at most 8): the entry
+        holds ``2**output_bits − 1`` thresholds.
+
+    Members
+    -------
+    i : ``In(valid_stream_signature(input_layout))``
+        ``a`` (``acc_width`` bits), ``thresholds`` (``2**output_bits − 1`` values of
+        ``threshold_width`` bits: the selected row's entry), ``out_bits`` (``m``,
+        ``range(output_bits + 1)``; 0 gives level 0).
+    o : ``Out(valid_stream_signature(output_layout))``
+        ``level`` (``output_bits`` bits).
+
+    Raises
+    ------
+    TypeError, ValueError
+        If a parameter is not a positive integer, or ``output_bits`` is above 8.
+    """
+
+    def __init__(self, *, acc_width: int, output_bits: int):
+        self._acc_width = _check_positive("acc_width", acc_width)
+        self._output_bits = _check_positive("output_bits", output_bits)
+        if output_bits > 8:
+            raise ValueError(f"output_bits must be at most 8, not {output_bits!r}")
+        self._input_layout = data.StructLayout({
+            "a": acc_width,
+            "thresholds": data.ArrayLayout(self.threshold_width, self.threshold_count),
+            "out_bits": range(output_bits + 1),
+        })
+        self._output_layout = data.StructLayout({"level": output_bits})
+        super().__init__({
+            "i": In(valid_stream_signature(self._input_layout)),
+            "o": Out(valid_stream_signature(self._output_layout)),
+        })
+
+    @property
+    def acc_width(self) -> int:
+        return self._acc_width
+
+    @property
+    def output_bits(self) -> int:
+        return self._output_bits
+
+    @property
+    def threshold_count(self) -> int:
+        """Thresholds per entry: ``2**output_bits − 1``."""
+        return (1 << self._output_bits) - 1
+
+    @property
+    def threshold_width(self) -> int:
+        """Bits per threshold: ``acc_width + 1``, so that ``T = Amax + 1`` always fits."""
+        return self._acc_width + 1
+
+    @property
+    def input_layout(self) -> data.StructLayout:
+        return self._input_layout
+
+    @property
+    def output_layout(self) -> data.StructLayout:
+        return self._output_layout
+
+    def elaborate(self, platform):
+        m = Module()
+        a = self.i.payload.a
+        thresholds = self.i.payload.thresholds
+        out_bits = self.i.payload.out_bits
+        # threshold j counts for m-bit outputs iff j < 2**m − 1, i.e. m ≥ bit_length(j + 1):
+        # one compare of out_bits per group of thresholds (1, 2, 4, 8, … of them)
+        used = [out_bits >= k for k in range(1, self._output_bits + 1)]
+        reached = Cat((a >= thresholds[j]) & used[(j + 1).bit_length() - 1]
+                      for j in range(self.threshold_count))
+        m.d.sync += [
+            self.o.valid.eq(self.i.valid),
+            self.o.payload.level.eq(popcount(reached)),
         ]
         return m
