@@ -537,7 +537,12 @@ class HostSession:
       goes to a decoder that hunts for MAGIC;
     * **chunking**: :meth:`write_memory` and :meth:`read_activations` split transfers
       into frames of at most :data:`MAX_PAYLOAD` (:func:`write_chunk_bytes`,
-      :func:`read_chunk_words`).
+      :func:`read_chunk_words`);
+    * **one command in flight** (contract 2): :meth:`send` sends a RUN without waiting,
+      commands go on through :meth:`command` meanwhile (WRITE_ACTIVATIONS into idle
+      slots), and :meth:`await_reply` takes the RUN's answer, which may have come while
+      another command waited (replies that echo an outstanding seq are kept, not counted
+      stale). With nothing outstanding every path is exactly the one-at-a-time one.
 
     Parameters
     ----------
@@ -580,6 +585,8 @@ class HostSession:
         self.resyncs = 0
         self._seq = 0
         self._dirty = False
+        self._outstanding: dict[int, int] = {}      # seq → opcode of a frame from send()
+        self._replies: dict[int, Response] = {}     # replies to them, come early
 
     # -- the errors it raises (the driver's session raises its own types) ------------------
     def _timeout_error(self, message: str) -> Exception:
@@ -596,7 +603,66 @@ class HostSession:
 
     def _next_seq(self) -> int:
         self._seq = self._seq % 255 + 1
+        while self._seq in self._outstanding:        # never reuse an outstanding seq
+            self._seq = self._seq % 255 + 1
         return self._seq
+
+    @property
+    def outstanding(self) -> dict[int, int]:
+        """``{seq: opcode}`` of the frames :meth:`send` sent whose reply has not been
+        taken with :meth:`await_reply`."""
+        return dict(self._outstanding)
+
+    def send(self, opcode: int, payload: bytes = b"") -> int:
+        """Send one command without waiting for its answer; its seq, for
+        :meth:`await_reply`. Meanwhile other commands may go through :meth:`command`
+        (a contract-2 device runs a WRITE_ACTIVATIONS into idle slots during a RUN,
+        docs/protocol.md): a reply that echoes an outstanding seq is kept for it, not
+        discarded as stale. A frame from :meth:`send` is never resent."""
+        if self._dirty and not self._outstanding:
+            self.resync()
+        seq = self._next_seq()
+        frame = encode_frame(opcode, bytes(payload), seq=seq)
+        self.link.write(frame)
+        self.bytes_out += len(frame)
+        self._outstanding[seq] = opcode
+        return seq
+
+    def await_reply(self, seq: int, *, timeout: float | None = None,
+                    check: bool = True) -> bytes:
+        """The response data of the frame :meth:`send` sent under ``seq`` (taken from the
+        replies kept meanwhile, or awaited now).
+
+        Raises
+        ------
+        DeviceError
+            The frame was dropped (an error response), or (with ``check``) the device
+            answered a status other than OK (BUSY: it was running another command).
+        TimeoutError
+            No answer within ``timeout``.
+        """
+        if seq not in self._outstanding:
+            raise ValueError(f"seq {seq!r} is not outstanding (send() it first)")
+        timeout = self.timeout if timeout is None else timeout
+        opcode = self._outstanding[seq]
+        try:
+            response = self._replies.pop(seq, None)
+            if response is None:
+                response = self._await(opcode, seq, timeout, False)
+        except TimeoutError as e:
+            self._dirty = True
+            name = Opcode(opcode).name if opcode in Opcode._value2member_map_ \
+                else f"0x{opcode:02X}"
+            raise self._timeout_error(f"no answer from the device on {self.port_name} "
+                                      f"to {name} within {timeout:g} s ({e})") from None
+        finally:
+            self._outstanding.pop(seq, None)
+        if response.framing:
+            self._dirty = True
+            raise self._status_error(response.status, response.opcode)
+        if check and not response.ok:
+            raise self._status_error(response.status, opcode)
+        return response.data
 
     def command(self, opcode: int, payload: bytes = b"", *, timeout: float | None = None,
                 check: bool = True, repeat: bool | None = None) -> bytes:
@@ -662,6 +728,10 @@ class HostSession:
                 response = None
             if response is not None and response.seq == seq and response.opcode == opcode:
                 return response
+            if response is not None and response.seq != seq \
+                    and self._outstanding.get(response.seq) == response.opcode:
+                self._replies[response.seq] = response   # an outstanding send()'s reply
+                continue
             self.stale += 1
             if repeat and (response is None or response.framing):
                 deadline = min(deadline, time.monotonic()

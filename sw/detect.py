@@ -99,17 +99,33 @@ def pick_config(bundle, config=None):
     raise BundleDoesNotFit(problems, " or ".join(presets))
 
 
-def frame_rates(config, busy_cycles: int, link_bytes: int) -> dict:
+def frame_rates(config, busy_cycles: int, link_bytes: int,
+                overlap_bytes: int | None = None) -> dict:
     """Frames/s of the device alone (``estimated_fps``: its cycles at the config's clock),
     of the link alone (``link_limited_fps``: the frame's bytes at the baud rate, 10 bits a
-    byte on a UART), and of the two together (``fps``): the protocol sends a frame's input,
-    runs its passes, then reads its output, so link and device take turns and a frame takes
-    the sum of the two times (not the longer of them)."""
+    byte on a UART), and of the two together (``fps``).
+
+    Sequential (``overlap_bytes`` None; ``"overlap": False``): the protocol sends a frame's
+    input, runs its passes, then reads its output, so link and device take turns and a
+    frame takes the sum of the two times, ``1 / fps = T_compute + T_link``.
+
+    Pipelined (contract 2, :meth:`~bitdet.sw.driver.device.Device.detect_many`;
+    ``"overlap": True``): ``overlap_bytes`` of the frame's ``link_bytes`` (the next
+    frame's input, its WRITE frames and their responses) cross the link while the device
+    computes; the rest (the RUN, the CONFIGUREs, the output read) does not:
+    ``1 / fps = max(T_compute, T_input) + T_rest``, each ``T`` the bytes' time at 10 bits
+    a byte."""
     compute = config.clock_hz / busy_cycles if busy_cycles else math.inf
-    link = config.baud / UART_BITS_PER_BYTE / link_bytes if link_bytes else math.inf
+    rate = config.baud / UART_BITS_PER_BYTE                  # bytes per second
+    link = rate / link_bytes if link_bytes else math.inf
+    if overlap_bytes is None:
+        period = 1 / compute + 1 / link
+    else:
+        overlap_bytes = min(overlap_bytes, link_bytes)
+        period = max(1 / compute, overlap_bytes / rate) + (link_bytes - overlap_bytes) / rate
     return {"clock_hz": config.clock_hz, "baud": config.baud,
             "estimated_fps": compute, "link_limited_fps": link,
-            "fps": 1 / (1 / compute + 1 / link)}
+            "fps": 1 / period if period else math.inf, "overlap": overlap_bytes is not None}
 
 
 def _annotate(result, scale_to: int = 512):
@@ -148,7 +164,7 @@ def annotated_targets(files, out_dir: str | Path, *, force: bool = False) -> lis
 def run_detect(paths, *, bundle=None, backend: str = "emu", config=None, port=None,
                out: str | Path | None = None, score_threshold: float = 0.25,
                progress: bool | None = None, device: Device | None = None,
-               force: bool = False) -> dict:
+               force: bool = False, pipeline: bool | None = None) -> dict:
     """Detect objects in the images of ``paths`` (files or folders).
 
     Each image's annotated PNG is ``out/<stem>.detect.png`` (inputs with the same stem get
@@ -159,8 +175,12 @@ def run_detect(paths, *, bundle=None, backend: str = "emu", config=None, port=No
     Returns ``{"backend", "config", "bundle", "load_bytes", "images": [{"file", "width",
     "height", "detections": [{"label", "class", "score", "box"}], "annotated"}], "device":
     {"layers", "busy_cycles", "bytes_out", "bytes_in", "estimated_fps",
-    "link_limited_fps", ...}}`` (device statistics of one frame: every frame of a bundle
-    costs the same cycles and bytes).
+    "link_limited_fps", "fps", "overlap", ...}}`` (device statistics of the last frame:
+    every frame of a bundle costs the same cycles and bytes, the first of a pipelined run
+    excepted). On a contract-2 build with two slots for the input, several images are
+    pipelined (:meth:`~bitdet.sw.driver.device.Device.detect_many`; ``pipeline``: None
+    when it pays, True whenever the slots allow, False never) and ``fps`` is the
+    pipelined rate (:func:`frame_rates`, ``"overlap": true``).
     """
     from tqdm import tqdm
 
@@ -192,9 +212,10 @@ def run_detect(paths, *, bundle=None, backend: str = "emu", config=None, port=No
         images, stats = [], None
         disable = True if progress is False or len(files) < 2 else \
             (None if progress is None else False)          # None: only on a terminal
-        for k, path in enumerate(tqdm(files, desc="detect", unit="image", disable=disable)):
-            result = device.detect(read_image(path, in_channels),
-                                   score_threshold=score_threshold)
+        shown = tqdm(files, desc="detect", unit="image", disable=disable)
+        results = device.detect_many((read_image(path, in_channels) for path in shown),
+                                     score_threshold=score_threshold, pipeline=pipeline)
+        for k, (path, result) in enumerate(zip(files, results, strict=True)):
             stats = result["stats"]
             names = result["class_names"]
             detections = [
@@ -215,7 +236,8 @@ def run_detect(paths, *, bundle=None, backend: str = "emu", config=None, port=No
         bundle = device.bundle
         per_frame["host_layers"] = bundle.layer_names[device_layer_count(bundle):]
         per_frame.update(frame_rates(device.config, stats.busy_cycles,
-                                     stats.bytes_out + stats.bytes_in))
+                                     stats.bytes_out + stats.bytes_in,
+                                     stats.input_bytes if stats.overlap else None))
         return {"backend": backend, "config": device.config.name,
                 "config_hash": device.config.config_hash(), "bundle": str(bundle_path),
                 "load_bytes": load_bytes, "images": images, "device": per_frame}
@@ -256,8 +278,9 @@ def format_report(report: dict) -> str:
                      f"{', '.join(streamed) or 'no layer after the first frame'}")
     lines.append(f"estimated {dev['estimated_fps']:.1f} frames/s at {dev['clock_hz'] / 1e6:g} "
                  f"MHz; link-limited {dev['link_limited_fps']:.1f} frames/s at "
-                 f"{dev['baud']} Bd; {dev['fps']:.1f} frames/s the two together (the link "
-                 "and the device take turns)")
+                 f"{dev['baud']} Bd; {dev['fps']:.1f} frames/s the two together "
+                 + ("(the next frame's input crosses the link while the device computes)"
+                    if dev.get("overlap") else "(the link and the device take turns)"))
     return "\n".join(lines)
 
 

@@ -44,6 +44,14 @@ are packed into the output words like the controller (the ``cols`` channels of e
 tile; unfilled bits 0). Cycle counts come from :func:`bitdet.core.cycles.pass_cycles`,
 the RTL's exact model (the contract-2 formula is the specification of the coming RTL).
 
+**Timing** (``Emulator(config, timed=True)``, contract 2 only; docs/protocol.md,
+*Commands during a run*): a clock counts byte times (each byte fed is one,
+:meth:`Emulator.idle` adds its count). A RUN_LAYER / RUN_NETWORK computes its results at
+once but holds its response for ``ceil(busy · baud / (10 · clock_hz))`` byte times; frames
+completed meanwhile are answered BUSY, except a WRITE_ACTIVATIONS whose words all lie in
+slots no pass of the run reads or writes, which executes. Without ``timed`` (and always
+under contract 1) every command is answered as soon as its frame is complete.
+
 Addresses wrap like the hardware's registers (modulo ``2**address_bits``); a memory
 word outside a non-power-of-two memory reads as 0 and is not written (the RTL leaves
 that case undefined; the driver never configures such a layer). Under contract 2 a map
@@ -99,6 +107,9 @@ class Emulator:
     Parameters
     ----------
     config : AcceleratorConfig
+    timed : bool
+        Contract 2: hold a RUN's response for its busy cycles (see above; what
+        ``Device.open("emu", ...)`` builds). Ignored under contract 1.
 
     Members
     -------
@@ -116,7 +127,7 @@ class Emulator:
         Contract 2: always 0 (addresses are flat, nothing flips).
     """
 
-    def __init__(self, config):
+    def __init__(self, config, *, timed: bool = False):
         for name in ("rows", "cols", "simd", "weight_depth", "threshold_depth",
                      "activation_depth", "max_channels", "max_kernel", "max_stride"):
             if not hasattr(config, name):
@@ -150,12 +161,17 @@ class Emulator:
         self.last_busy = 0
         self.last_stall = 0
         self.frames = 0                    # commands executed (for statistics)
+        #: contract 2: RUN responses wait for the run's busy cycles (in byte times)
+        self.timed = bool(timed) and self.contract == 2
+        self.clock = 0                     # byte times so far (fed bytes and idle time)
+        self._running = None               # (due clock, response, busy slots) of a run
 
     # -- the byte interface ------------------------------------------------------------------
     def feed(self, data: bytes) -> bytes:
         """Consume command bytes; return the response bytes they produce (possibly none)."""
         out = bytearray()
         for byte in bytes(data):
+            out += self._tick(1)
             self._idle = 0
             was_in = self._parser.in_frame
             events = self._parser.feed(bytes([byte]))
@@ -181,10 +197,35 @@ class Emulator:
         frame nothing happens. Returns the response bytes (the error response, or none)."""
         if isinstance(byte_times, bool) or not isinstance(byte_times, int) or byte_times < 0:
             raise ValueError(f"byte_times must be a non-negative integer, not {byte_times!r}")
+        out = self._tick(byte_times)
         if not self._parser.in_frame:
-            return b""
+            return out
         self._idle += byte_times
-        return self.expire() if self._idle >= TIMEOUT_BYTE_TIMES else b""
+        return out + (self.expire() if self._idle >= TIMEOUT_BYTE_TIMES else b"")
+
+    @property
+    def running(self) -> bool:
+        """A timed RUN_LAYER / RUN_NETWORK is still computing (its response held)."""
+        return self._running is not None
+
+    def busy_slots(self) -> frozenset[int]:
+        """The map slots the running command's passes read or write (empty when idle)."""
+        return frozenset() if self._running is None else self._running[2]
+
+    def _tick(self, byte_times: int) -> bytes:
+        """Advance the clock; the held RUN response once its busy cycles have passed."""
+        self.clock += byte_times
+        if self._running is None or self.clock < self._running[0]:
+            return b""
+        response = self._running[1]
+        self._running = None
+        return response
+
+    def run_byte_times(self, busy_cycles: int) -> int:
+        """Byte times a run of ``busy_cycles`` takes at the config's clock and baud:
+        ``ceil(busy_cycles · baud / (10 · clock_hz))``."""
+        c = self.config
+        return -(-busy_cycles * c.baud // (10 * c.clock_hz))
 
     def _handle(self, event) -> bytes:
         frame = bytes(self._frame)
@@ -195,7 +236,21 @@ class Emulator:
         assert isinstance(event, Frame)
         self.frames += 1
         self._seq = event.seq
+        if self._running is not None and not self._concurrent(event.opcode, event.payload):
+            return self._respond(event.opcode, ErrorCode.BUSY)
         return self._execute(event.opcode, event.payload)
+
+    def _concurrent(self, opcode: int, payload: bytes) -> bool:
+        """While a run computes (contract 2, timed): a WRITE_ACTIVATIONS whose words all
+        lie in slots no pass of the run reads or writes may execute; anything else is
+        BUSY (docs/protocol.md, "Contract 2")."""
+        if opcode != Opcode.WRITE_ACTIVATIONS or len(payload) < _ADDRESS_BYTES:
+            return False
+        address = int.from_bytes(payload[:_ADDRESS_BYTES], "little")
+        words = max(1, (len(payload) - _ADDRESS_BYTES) // self._wbytes)
+        depth = self.config.activation_depth
+        touched = range(address // depth, (address + words - 1) // depth + 1)
+        return not self.busy_slots().intersection(touched)
 
     def _respond(self, opcode: int, status: int, data: bytes = b"") -> bytes:
         """The response to the command being executed, its seq echoed."""
@@ -212,7 +267,10 @@ class Emulator:
         low, high = COMMAND_PAYLOAD_LIMITS[opcode]
         if not low <= length <= high:
             return
-        self._write(opcode, frame[CRC_COVERED_HEADER:CRC_COVERED_HEADER + length])
+        payload = frame[CRC_COVERED_HEADER:CRC_COVERED_HEADER + length]
+        if self._running is not None and not self._concurrent(opcode, payload):
+            return                        # refused during a run: nothing written
+        self._write(opcode, payload)
 
     # -- execution ---------------------------------------------------------------------------
     def _execute(self, opcode: int, payload: bytes) -> bytes:
@@ -275,7 +333,18 @@ class Emulator:
             b, s = self._run(self.table[i])
             busy, stall = (busy + b) & _COUNTER_MASK, (stall + s) & _COUNTER_MASK
         self.last_busy, self.last_stall = busy, stall
-        return self._respond(opcode, ErrorCode.OK, struct.pack("<II", busy, stall))
+        response = self._respond(opcode, ErrorCode.OK, struct.pack("<II", busy, stall))
+        wait = self.run_byte_times(busy) if self.timed else 0
+        if wait <= 0:
+            return response
+        slots = set()
+        for i in entries:
+            d = self.table[i]
+            slots |= {d.input_slot, d.output_slot}
+            if d.shortcut_bits and not (d.pool or d.repeat):
+                slots.add(d.shortcut_slot)
+        self._running = (self.clock + wait, response, frozenset(slots))
+        return b""
 
     def _write(self, opcode: int, payload: bytes) -> ErrorCode:
         """Write the whole entries of a WRITE_* payload (``address`` u32 LE, then entries);

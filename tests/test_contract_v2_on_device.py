@@ -70,8 +70,8 @@ def test_cli_says_it_does_not_fit(v2_file, capsys, tmp_path):
     assert "does NOT fit" in out and "layer 'c2' adds a 2-bit shortcut" in out
     assert "a contract-2 build runs it, e.g. the 'contract2' preset" in out
     sample = Path(__file__).resolve().parent.parent / "sw" / "assets" / "sample.png"
-    status = main(["detect", str(sample), "--bundle", str(v2_file), "--out",
-                   str(tmp_path / "out")])
+    status = main(["detect", str(sample), "--bundle", str(v2_file), "--config", "ulx3s",
+                   "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert status == 2 and len(err.strip().splitlines()) == 1 and "2-bit" in err
     assert "'contract2' preset" in err

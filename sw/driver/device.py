@@ -30,6 +30,7 @@ resident, the input map's bit-planes written into its map slot (flat addresses
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +153,8 @@ class RunStats:
     host_seconds: dict = field(default_factory=dict)   # stage → seconds
     weight_bytes: int = 0                              # streamed weights + thresholds, out
     mode: str = "resident"
+    input_bytes: int = 0                               # the input's WRITE frames, out + in
+    overlap: bool = False                              # input written during the last run
 
     @property
     def busy_cycles(self) -> int:
@@ -161,6 +164,7 @@ class RunStats:
         return {"layers": self.layers, "busy_cycles": self.busy_cycles,
                 "bytes_out": self.bytes_out, "bytes_in": self.bytes_in,
                 "weight_bytes": self.weight_bytes, "mode": self.mode,
+                "input_bytes": self.input_bytes, "overlap": self.overlap,
                 "host_seconds": self.host_seconds}
 
 
@@ -224,6 +228,7 @@ class Device:
         self.graph_plan: GraphPlan | None = None
         self._slot = None                      # the streamed pass whose weights are in the slot
         self._payloads: dict[int, tuple[bytes, bytes]] = {}
+        self._input_slot = 0                   # contract 2: the slot the passes read input from
         self.identity = self.identify()
         if self.identity.version != PROTOCOL_VERSION:
             raise ConfigMismatch(f"the device on {self.port_name} speaks protocol version "
@@ -256,7 +261,7 @@ class Device:
         config = _resolve_config(config)
         if backend == "emu":
             from bitdet.sw.emulator import Emulator
-            link = EmuLink(Emulator(config))
+            link = EmuLink(Emulator(config, timed=True))
             timeout = DEFAULT_TIMEOUT if timeout is None else timeout
         elif backend == "rtl":
             link = rtl_link(config, timeout)
@@ -426,7 +431,77 @@ class Device:
         for index, entry in enumerate(graph.passes):
             self.command(Opcode.CONFIGURE_LAYER, encode_layer(**entry.descriptor, index=index))
         self.bundle, self.plan, self.graph_plan = bundle, graph.passes, graph
+        self._input_slot = graph.maps["input"].slot
         return graph.passes
+
+    # -- overlap (contract 2) -------------------------------------------------------------------
+    @property
+    def overlap_slots(self) -> tuple[int, int] | None:
+        """The two map slots a contract-2 plan's input alternates between when frames
+        are pipelined (:meth:`detect_many`), or None (contract 1, nothing loaded, or no
+        two slots that no other map of the plan uses). The input's own slot comes first
+        when no other map reuses it, then the slots the plan leaves free."""
+        graph = self.graph_plan
+        if graph is None or not self.plan:
+            return None
+        used = {m.slot for m in graph.maps.values() if m.name != "input"}
+        own = graph.maps["input"].slot
+        pool = ([own] if own not in used else []) + [
+            s for s in range(graph.slots) if s not in used and s != own]
+        return (pool[0], pool[1]) if len(pool) >= 2 else None
+
+    def overlap_gain(self) -> float | None:
+        """Seconds per frame that pipelining (:meth:`detect_many`) saves at the config's
+        clock and baud, from the plan: ``min(T_compute, T_input) − T_configure``, the
+        compute (cycle model) or the input's link time, whichever is shorter, hidden
+        behind the other, less the link time of the per-frame re-CONFIGUREs of the passes
+        that read the input (56 bytes out, 8 in, each). None without :attr:`overlap_slots`;
+        negative when the CONFIGUREs cost more than the overlap hides."""
+        from bitdet.core.cycles import pass_cycles
+        from bitdet.core.descriptor import EXTENDED_DESCRIPTOR_SIZE
+        from bitdet.core.protocol import FRAME_OVERHEAD, write_chunk_bytes, write_cost
+        if self.overlap_slots is None:
+            return None
+        c = self.config
+        busy = sum(pass_cycles(c, entry.descriptor)[0] for entry in self.plan)
+        word = c.simd // 8
+        data = self.graph_plan.maps["input"].words(c.simd) * word
+        input_bytes = (write_cost(data, word)
+                       + -(-data // write_chunk_bytes(word)) * (FRAME_OVERHEAD + 1))
+        readers = sum("input" in entry.reads for entry in self.plan)
+        configure = readers * (2 * FRAME_OVERHEAD + EXTENDED_DESCRIPTOR_SIZE + 2)
+        byte_time = 10 / c.baud
+        return min(busy / c.clock_hz, input_bytes * byte_time) - configure * byte_time
+
+    def _configure_input(self, slot: int) -> None:
+        """Re-CONFIGURE the passes that read the input map to read it from ``slot``."""
+        if slot == self._input_slot:
+            return
+        self._input_slot = None                # a CONFIGURE that breaks off: unknown
+        for index, entry in enumerate(self.plan):
+            if "input" not in entry.reads:
+                continue
+            d = dict(entry.descriptor)
+            if entry.reads[0] == "input":
+                d["input_slot"] = slot
+            if len(entry.reads) > 1 and entry.reads[1] == "input":
+                d["shortcut_slot"] = slot
+            self.command(Opcode.CONFIGURE_LAYER, encode_layer(**d, index=index))
+        self._input_slot = slot
+
+    def _write_input(self, levels, slot: int, stats: RunStats) -> tuple[int, int]:
+        """The input map's bit-planes into ``slot`` (contract 2); its WRITE frames' bytes
+        (out, and their 8-byte responses in) into ``stats.input_bytes``."""
+        from bitdet.core.protocol import FRAME_OVERHEAD, write_chunk_bytes
+        source = self.graph_plan.maps["input"]
+        data = packing.pack_levels(_input_levels(levels, source), source.bits,
+                                   word_bits=self.config.simd).tobytes()
+        out0 = self.bytes_out
+        self.write_activations(slot * self.config.activation_depth, data)
+        frames = -(-len(data) // write_chunk_bytes(self.config.simd // 8))
+        sent, received = self.bytes_out - out0, frames * (FRAME_OVERHEAD + 1)
+        stats.input_bytes = sent + received
+        return sent, received
 
     def _graph_payloads(self, entry: LayerPlan) -> tuple[bytes, bytes]:
         """WRITE_WEIGHTS and WRITE_THRESHOLDS data of a contract-2 conv: the threshold
@@ -539,9 +614,14 @@ class Device:
         one command frame instead of one per pass). The per-pass cycles are the cycle
         model's (:mod:`bitdet.core.cycles`, the RTL's exact counts); the device's sums must
         equal theirs."""
+        self._network_counters(self.command(Opcode.RUN_NETWORK, bytes([len(self.plan)])),
+                               stats)
+
+    def _network_counters(self, data: bytes, stats: RunStats) -> None:
+        """The per-pass cycles of a RUN_NETWORK answered ``data``, checked (see
+        :meth:`_run_network`), into ``stats``."""
         from bitdet.core.cycles import pass_cycles
-        busy, stall = decode_counters(self.command(Opcode.RUN_NETWORK,
-                                                   bytes([len(self.plan)])))
+        busy, stall = decode_counters(data)
         layers = []
         for entry in self.plan:
             b, s = pass_cycles(self.config, entry.descriptor)
@@ -589,12 +669,11 @@ class Device:
             raise DriverError("no bundle loaded on a contract-2 build: call "
                               "Device.load(bundle) first (contract 1: run_binary)")
         stats = RunStats() if stats is None else stats
-        source = graph.maps["input"]
-        x = _input_levels(levels, source)
+        if self._input_slot is None:           # a re-CONFIGURE broke off
+            self._configure_input(graph.maps["input"].slot)
+        _input_levels(levels, graph.maps["input"])          # checked before anything is sent
         out0, in0 = self.bytes_out, self.bytes_in
-        self.write_activations(source.slot * self.config.activation_depth,
-                               packing.pack_levels(x, source.bits, word_bits=self.config.simd)
-                               .tobytes())
+        self._write_input(levels, self._input_slot, stats)
         stats.mode = self.mode
         maps = {}
         if trace:
@@ -617,7 +696,9 @@ class Device:
         """A contract-2 map's levels (its ``level_bits`` planes) from its slot."""
         ch, h, w = m.shape
         words = m.level_bits * m.plane_words(self.config.simd)
-        data = self.read_activations(m.slot * self.config.activation_depth, words)
+        slot = self._input_slot if m.name == "input" and self._input_slot is not None \
+            else m.slot
+        data = self.read_activations(slot * self.config.activation_depth, words)
         packed = np.frombuffer(data, dtype=np.uint8).reshape(m.level_bits, 1, h, w, -1)
         return packing.unpack_levels(packed, ch, word_bits=self.config.simd,
                                      check_padding=False)
@@ -661,26 +742,42 @@ class Device:
         ``A`` last), and the head reads the last node's map as
         :meth:`~bitdet.core.bundle.Bundle.head` expects.
         """
-        from bitdet.sw.detection import decode
-        from bitdet.sw.evaluate import bundle_decode_settings
+        frame = self._prepare(image)
+        maps, tail_input = self._device_maps(frame["stem"], trace, frame["stats"])
+        frame["times"].append(time.perf_counter())
+        return self._finish(frame, maps, tail_input, trace, score_threshold=score_threshold,
+                            iou_threshold=iou_threshold, max_detections=max_detections)
+
+    def _prepare(self, image) -> dict:
+        """:meth:`detect`'s host part before the device: the image fitted to the model's
+        input and run through the stem."""
         if self.bundle is None:
             raise DriverError("no bundle loaded: call Device.load(bundle) first")
         bundle = self.bundle
-        stats = RunStats()
         clock = time.perf_counter
         t0 = clock()
         in_ch, in_h, in_w = bundle.model.get("input", [1, None, None])
         if in_h is None:
             raise DriverError("the bundle's model metadata has no 'input' shape")
         original = load_image(image, in_ch)
-        fitted, scale, (left, top) = fit_image(original, (in_h, in_w))
+        fitted, scale, offset = fit_image(original, (in_h, in_w))
         pixels = torch.from_numpy(np.array(
             fitted[None, None] if fitted.ndim == 2 else np.moveaxis(fitted, -1, 0)[None]))
         t1 = clock()
         stem = bundle.stem(pixels)
         t2 = clock()
-        maps, tail_input = self._device_maps(stem, trace, stats)
-        t3 = clock()
+        return {"original": original, "scale": scale, "offset": offset, "stem": stem,
+                "size": (in_h, in_w), "stats": RunStats(), "times": [t0, t1, t2],
+                "stem_seconds": t2 - t1}
+
+    def _finish(self, frame: dict, maps: list, tail_input, trace: bool, *,
+                score_threshold: float, iou_threshold: float, max_detections: int) -> dict:
+        """:meth:`detect`'s host part after the device: the raw tail, the head, the
+        decoding, the boxes in the original image's pixels."""
+        from bitdet.sw.detection import decode
+        from bitdet.sw.evaluate import bundle_decode_settings
+        bundle, stats, original = self.bundle, frame["stats"], frame["original"]
+        (left, top), scale, (in_h, in_w) = frame["offset"], frame["scale"], frame["size"]
         p = self.run_host_tail(tail_input)
         if p is not None:                       # a raw last layer: its P on the host
             maps = [*maps, p] if trace else [p]
@@ -694,9 +791,80 @@ class Device:
         boxes /= scale
         limits = torch.tensor([original.shape[1], original.shape[0]] * 2, dtype=boxes.dtype)
         boxes = torch.minimum(boxes.clamp(min=0), limits)
-        t4 = clock()
-        stats.host_seconds = {"preprocess": t1 - t0, "stem": t2 - t1, "device": t3 - t2,
-                              "head_decode": t4 - t3}
+        t0, t1, t2, t3 = frame["times"]
+        stats.host_seconds = {"preprocess": t1 - t0, "stem": frame["stem_seconds"],
+                              "device": t3 - t2,
+                              "head_decode": time.perf_counter() - t3}
         return {"boxes": boxes, "scores": found["scores"], "labels": found["labels"],
                 "class_names": list(bundle.model.get("classes", [])), "head": head,
                 "maps": maps, "image": original, "stats": stats}
+
+    def detect_many(self, images, *, score_threshold: float = 0.25,
+                    iou_threshold: float = 0.5, max_detections: int = 100,
+                    trace: bool = False, pipeline: bool | None = None):
+        """:meth:`detect` of every image of the iterable ``images``, yielded in order.
+
+        On a contract-2 build whose plan leaves two slots for the input
+        (:attr:`overlap_slots`), without ``trace``, the frames are pipelined: frame
+        ``k``'s RUN_NETWORK is sent, frame ``k + 1``'s input is written into the other
+        input slot while it runs, then frame ``k``'s answer is awaited and its output read;
+        before each RUN the passes that read the input are re-CONFIGUREd to its slot. The
+        detections are those of :meth:`detect`; a frame's ``stats`` count its input
+        (written during the run before), its CONFIGUREs, RUN and read, with
+        ``stats.overlap`` true for a frame after the first. ``pipeline``: None (default)
+        pipelines when it pays (:meth:`overlap_gain` > 0), True whenever the slots allow
+        it, False never. Otherwise (one image, too) each image is one :meth:`detect`."""
+        kwargs = {"score_threshold": score_threshold, "iou_threshold": iou_threshold,
+                  "max_detections": max_detections}
+        slots = None if trace or pipeline is False else self.overlap_slots
+        if slots is not None and pipeline is None and not self.overlap_gain() > 0:
+            slots = None
+        if slots is None:
+            for image in images:
+                yield self.detect(image, trace=trace, **kwargs)
+            return
+        end = object()
+        images = iter(images)
+        first, second = next(images, end), next(images, end)
+        if second is end:                      # one frame: nothing to overlap
+            if first is not end:
+                yield self.detect(first, **kwargs)
+            return
+        images = itertools.chain([second], images)
+        frame, k = self._prepare(first), 0
+        _input_levels(frame["stem"], self.graph_plan.maps["input"])
+        frame["input"] = self._write_input(frame["stem"], slots[0], frame["stats"])
+        while frame is not None:
+            upcoming = next(images, end)
+            following = None if upcoming is end else self._prepare(upcoming)
+            device_start = time.perf_counter()
+            maps = self._pipelined_run(frame, following, slots[k % 2], slots[(k + 1) % 2])
+            frame["times"][2:] = [device_start, time.perf_counter()]
+            yield self._finish(frame, maps, maps[0], False, **kwargs)
+            frame, k = following, k + 1
+
+    def _pipelined_run(self, frame: dict, following: dict | None, slot: int,
+                       next_slot: int) -> list[torch.Tensor]:
+        """One frame of :meth:`detect_many`: its input is in ``slot``; ``following``'s
+        input goes into ``next_slot`` during the run. Returns ``[host map]``."""
+        graph, stats = self.graph_plan, frame["stats"]
+        stats.mode = self.mode
+        out0, in0 = self.bytes_out, self.bytes_in
+        if following is not None:             # checked before the run starts
+            _input_levels(following["stem"], graph.maps["input"])
+        self._configure_input(slot)
+        seq = self.session.send(Opcode.RUN_NETWORK, bytes([len(self.plan)]))
+        written = (0, 0)
+        try:
+            if following is not None:
+                written = following["input"] = self._write_input(
+                    following["stem"], next_slot, following["stats"])
+                following["stats"].overlap = True
+        finally:
+            data = self.session.await_reply(seq)
+        self._network_counters(data, stats)
+        host = self._read_levels(graph.maps[graph.host_map])
+        # this frame: its input (written before), its CONFIGUREs, RUN and read
+        stats.bytes_out += self.bytes_out - out0 - written[0] + frame["input"][0]
+        stats.bytes_in += self.bytes_in - in0 - written[1] + frame["input"][1]
+        return [host]

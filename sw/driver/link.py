@@ -62,7 +62,9 @@ class EmuLink:
     ``timeout`` seconds on a quiet line: that many byte times at ``baud`` pass in the
     emulator (:meth:`~bitdet.sw.emulator.Emulator.idle`), so a partial frame expires with
     TIMEOUT after :data:`~bitdet.core.protocol.TIMEOUT_BYTE_TIMES`, as on the device; a
-    byte that is still missing then would never come (:class:`LinkTimeout`, at once).
+    byte that is still missing then would never come (:class:`LinkTimeout`, at once). The
+    same wait lets a timed contract-2 emulator's run end: its held RUN response comes
+    (docs/protocol.md, *Commands during a run*).
 
     Parameters
     ----------

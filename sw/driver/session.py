@@ -5,8 +5,10 @@ The session is the layer between the links (:mod:`.link`) and the device
 (:mod:`.device`): framing with a fresh sequence byte per frame, waiting for the response
 that echoes it (a late or stale reply is discarded, never taken for a later command's),
 resending frames the device dropped as damaged, resynchronising after a failure (the line
-quiet for the device's inter-byte timeout), and splitting writes and reads into frames of
-at most ``MAX_PAYLOAD``. Its implementation is in :mod:`bitdet.core.protocol`, so that the
+quiet for the device's inter-byte timeout), splitting writes and reads into frames of
+at most ``MAX_PAYLOAD``, and (contract 2) one RUN in flight while writes go on
+(``send`` / ``await_reply``: replies paired by seq, whatever their order). Its
+implementation is in :mod:`bitdet.core.protocol`, so that the
 RTL simulation's layer runs (:mod:`bitdet.sim.layer`, which may not import the
 application) drive the device through the same code; here it raises
 :class:`~.errors.LinkTimeout` naming the port, and one :class:`~.errors.DeviceError`
