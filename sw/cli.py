@@ -318,8 +318,9 @@ def _cmd_train(args) -> int:
                    model_options={"levels": args.levels, "dup": args.dup,
                                   "dup_input": args.dup_input, "binarizer": args.binarizer,
                                   "host_bits": args.host_bits, "ifq": args.ifq,
-                                  "raw_last": args.raw_last},
-                   widths=args.widths, init_from=args.init_from)
+                                  "raw_last": args.raw_last, "act_bits": args.act_bits,
+                                  "residual_bits": args.shortcut_bits},
+                   widths=args.widths, init_from=args.init_from, arch=args.arch)
     if os.environ.get("RANK", "0") not in ("", "0"):     # torchrun: rank 0 reports
         return 0
     last = result.history[-1] if result.history else {}
@@ -336,24 +337,33 @@ def _cmd_export(args) -> int:
     from .train import export_checkpoint
     path = export_checkpoint(args.checkpoint, args.out, force=args.force)
     bundle = load(path)
-    print(f"{path}: {len(bundle.binary_layers)} binary layers "
-          f"({', '.join(bundle.layer_names)}), host layers "
-          f"{', '.join(h.name for h in bundle.host_layers)}")
+    hosts = ", ".join(h.name for h in bundle.host_layers)
+    if bundle.uses_v2():
+        print(f"{path}: format-2 graph bundle, {len(bundle.nodes())} nodes, "
+              f"{len(bundle.binary_layers)} binary convs ({', '.join(bundle.layer_names)}), "
+              f"{bundle.input_bits}-bit input, {bundle.output_bits()}-bit output, host layers "
+              f"{hosts} (runs on a contract-2 build: bitdet detect --config contract2)")
+    else:
+        print(f"{path}: {len(bundle.binary_layers)} binary layers "
+              f"({', '.join(bundle.layer_names)}), host layers {hosts}")
     return 0
 
 
 def _cmd_import(args) -> int:
     from .files import OutputExists
+    emulator = None if args.emulator.lower() in ("off", "none") else args.emulator
     try:
         from .qonnx_import import QonnxImportError, _CheckFailed, import_to_file
         import_to_file(args.model, args.out, force=args.force, inputs=args.inputs,
-                       seed=args.seed)
+                       seed=args.seed, emulator=emulator)
     except ModuleNotFoundError as e:
         print(f"bitdet: error: bitdet import needs {e.name}, which is not installed: "
               'pip install -e ".[import]"', file=sys.stderr)
         return 2
-    except _CheckFailed:
-        print("bitdet: error: the imported bundle differs from qonnx; nothing written",
+    except _CheckFailed as e:
+        what = ("bundle differs" if e.report.difference is not None else
+                "bundle's maps on the contract-2 emulator differ")
+        print(f"bitdet: error: the imported {what} from qonnx; nothing written",
               file=sys.stderr)
         return 1
     except (QonnxImportError, OutputExists) as e:
@@ -570,7 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
         "schedule; writes OUT/epoch_NNN.pt and OUT/last.pt after every epoch, and OUT/best.pt "
         "whenever an epoch's validation mAP@0.5 is the run's highest so far (ties: the later "
         "epoch; none with --val-images 0). Methods: "
-        + "; ".join(f"{name}: {text}" for name, text in METHOD_HELP.items()) + ". A new run "
+        + "; ".join(f"{name}: {text}" for name, text in METHOD_HELP.items()) + ". --arch "
+        "residual trains the contract-v2 residual detector (n-bit activations, shortcuts; "
+        "exported to a format-2 bundle) with plain, fp, ida or lws. A new run "
         "refuses an --out folder that already holds files, and a resumed run continues in its "
         "checkpoint's folder, refusing to overwrite later epochs' checkpoints (--force "
         "allows both).")
@@ -617,12 +629,14 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--widths", type=_widths, metavar="W0,W1,W2,W3,W4",
                      help="channel widths: the stem's, then the four binary blocks' (any "
                      "method; default 16,32,64,128,128, the model sized for the iCEBreaker "
-                     "preset; e.g. 32,64,128,256,256 for the ULX3S). A distillation "
-                     "run's --teacher must have the same widths")
+                     "preset; e.g. 32,64,128,256,256 for the ULX3S; with --arch residual the "
+                     "same default, each width a multiple of the one before). A "
+                     "distillation run's --teacher must have the same widths and arch")
     trn.add_argument("--init-from", metavar="CKPT",
                      help="initialise the binary convolutions' latent weights from an fp "
-                     "checkpoint of the same widths (typically the --teacher); new runs of "
-                     "plain, ida, bidet, rbcn (docs/methods.md). With --method fp: a warm "
+                     "checkpoint of the same widths and arch (typically the --teacher); new "
+                     "runs of plain, ida, bidet, rbcn (--arch residual: plain, ida) "
+                     "(docs/methods.md). With --method fp: a warm "
                      "start from all of that fp checkpoint's weights")
     trn.add_argument("--levels", type=_positive,
                      help="pyramid levels of the head (plain only; default 1): 2 or 3 add a "
@@ -643,6 +657,24 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--raw-last", action="store_true", default=None,
                      help="the last binary layer outputs its popcount P (raw mode) to the "
                      "host head, through a BatchNorm folded into the head (plain and ida)")
+    trn.add_argument("--arch", choices=["chain", "residual"],
+                     help="architecture (default: chain, or the checkpoint's with --resume): "
+                     "chain is the plain chain of W1A1 binary blocks (format-1 bundle); "
+                     "residual the contract-v2 detector of residual binary blocks with n-bit "
+                     "activations and pooled / channel-repeated shortcuts (format-2 bundle, "
+                     "runs on a contract-2 build), methods plain, fp (its real-valued "
+                     "counterpart), ida and lws; --widths then gives the stem's and each "
+                     "block's width, each a multiple of the one before")
+    trn.add_argument("--act-bits", type=_checked(int, lambda v: 1 <= v <= 4, "1, 2, 3 or 4"),
+                     help="--arch residual: bits of every residual block's activations "
+                     "(default 2, W1A2; 1: W1A1, whose shortcuts then travel on a "
+                     "--shortcut-bits residual stream)")
+    trn.add_argument("--shortcut-bits", type=_checked(int, lambda v: 0 <= v <= 4,
+                                                      "0, 1, 2, 3 or 4"),
+                     help="--arch residual: bits of a separate residual stream that carries "
+                     "the shortcuts (each block but the last quantizes its pre-activation "
+                     "twice); 0: each block's shortcut is the map it reads (default: 2 "
+                     "with --act-bits 1, else 0)")
     trn.add_argument("--host-bits", type=_positive,
                      help="AQD learned-interval (LSQ) n-bit weights, 2..8, in the host stem and "
                      "head (plain only; default: int8 with a max-abs scale)")
@@ -666,6 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--inputs", type=_positive, default=3,
                      help="random inputs of the check (default 3)")
     imp.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    imp.add_argument("--emulator", default="contract2", metavar="CONFIG",
+                     help="contract-2 build whose emulator also runs a format-2 bundle, every "
+                     "map compared with qonnx (default contract2; 'off' skips it)")
     imp.set_defaults(func=_cmd_import)
 
     sim = sub.add_parser("sim", help="RTL simulation of the accelerator (cocotb)")

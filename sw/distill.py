@@ -32,7 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .detection import BOX_PRIOR, box_iou, decode, generalized_box_iou, head_boxes, nms
-from .models import PIXEL_MAX, BinaryDetector, RealDetector
+from .models import (
+    PIXEL_MAX,
+    BinaryDetector,
+    RealDetector,
+    ResidualBinaryBlock,
+    ResidualBinaryDetector,
+    ResidualRealBlock,
+)
 
 __all__ = [
     "BIDET_DEFAULTS",
@@ -43,6 +50,8 @@ __all__ = [
     "IDaDetector",
     "LWSDetector",
     "RBCNDetector",
+    "ResidualIDaDetector",
+    "ResidualLWSDetector",
     "SearchedBinaryConv2d",
     "bidet_losses",
     "fgfi_mask",
@@ -187,18 +196,46 @@ def _patch_norm(x: torch.Tensor, kernel: int, stride: int, padding: int) -> torc
     return F.conv2d(x * x, ones, stride=stride, padding=padding).clamp(min=0).sqrt()
 
 
-def _teacher_blocks(teacher: RealDetector, pixels: torch.Tensor):
-    """Teacher stem output, then per block (input, conv output, block output)."""
+def _teacher_blocks(teacher: nn.Module, pixels: torch.Tensor):
+    """Per teacher block (input, its 3×3 conv, conv output, block output): of a
+    :class:`RealDetector` or a :class:`~bitdet.sw.models.ResidualRealDetector`."""
     x = teacher.stem(pixels / PIXEL_MAX)
     records = []
     for blk in teacher.blocks:
-        conv_out = blk[0](x)
-        out = conv_out
-        for layer in list(blk)[1:]:
-            out = layer(out)
-        records.append((x, conv_out, out))
+        if isinstance(blk, ResidualRealBlock):
+            conv = blk.conv
+            conv_out = conv(x)
+            out = blk.finish(conv_out, x)
+        else:
+            conv = blk[0]
+            conv_out = conv(x)
+            out = conv_out
+            for layer in list(blk)[1:]:
+                out = layer(out)
+        records.append((x, conv, conv_out, out))
         x = out
     return records
+
+
+def _student_layers(student: nn.Module, pixels: torch.Tensor):
+    """Per binary block of an LWS student: ``(block, accumulator, norm)``, the norm being
+    ``‖â_patch‖·‖w*‖`` of the angular loss; finally the last block's output. A chain's
+    input is ±1 (norm ``K``); a residual block's is its input's values ``a·s + z`` padded
+    with ``pad_level``'s value (norm ``‖patch‖·√K``, without gradient like ``K``)."""
+    x = shortcut = student.stem(pixels)
+    for block in student.blocks:
+        k = float(block.conv.weight[0].numel())
+        if isinstance(block, ResidualBinaryBlock):
+            y, acc = block.forward_with_accumulator(x, shortcut)
+            with torch.no_grad():        # a constant, as K is (√ has no gradient at 0)
+                norm = _patch_norm(block.padded_input(x), block.conv.weight.shape[-1],
+                                   block.stride, 0) * math.sqrt(k)
+            x, shortcut = y if block.residual_quant is not None else (y, y)
+        else:
+            x, acc = block.forward_with_accumulator(x)
+            norm = k
+        yield block, acc, norm
+    yield x
 
 
 def lws_losses(student: LWSDetector, teacher: RealDetector, pixels: torch.Tensor,
@@ -216,30 +253,33 @@ def lws_losses(student: LWSDetector, teacher: RealDetector, pixels: torch.Tensor
 
     and ``L_Lim`` = FGFI: ``Σ mask·‖adapt(f_s) − f_t‖² / (2·N_p)`` on the last block's
     features. Returns ``(head, {"ang": …, "amp": …, "w": …, "lim": …})`` already weighted.
+    A residual student (:class:`ResidualLWSDetector`, teacher
+    :class:`~bitdet.sw.models.ResidualRealDetector`) has the same terms with ``â`` its
+    block's n-bit input values (``‖â_patch‖`` then computed, padding included) and its
+    teacher's conv inside the residual block; the shortcut is outside both convs.
     """
     weights = {**LWS_DEFAULTS, **options}
     with torch.no_grad():
         records = _teacher_blocks(teacher, pixels)
-    x = student.stem(pixels)
+    layers = _student_layers(student, pixels)
     ang = amp = wl = pixels.new_zeros(())
-    for block, t_block, (a, t_out, _) in zip(student.blocks, teacher.blocks, records,
-                                              strict=True):
+    # records first: zip stops at their end without taking the last block's output
+    for (a, t_conv, t_out, _), (block, acc, norm_s) in zip(records, layers, strict=False):
         conv = block.conv
-        x_next, acc = block.forward_with_accumulator(x)
-        w_t = t_block[0].weight.detach()
-        k = float(w_t[0].numel())
+        w_t = t_conv.weight.detach()
         with torch.no_grad():
-            t_conv = t_block[0]
             norm_t = (_patch_norm(a, w_t.shape[-1], t_conv.stride, t_conv.padding)
                       * w_t.flatten(1).norm(dim=1).reshape(1, -1, 1, 1))
             cos_t = t_out / norm_t.clamp(min=1e-6)
         alpha = conv.alpha()
-        ang = ang + ((cos_t - acc / k) ** 2).mean()
+        cos_s = acc / (norm_s if isinstance(norm_s, float) else norm_s.clamp(min=1e-6))
+        ang = ang + ((cos_t - cos_s) ** 2).mean()
         amp = amp + ((t_out - alpha.reshape(1, -1, 1, 1) * acc) ** 2).mean()
         wl = wl + ((w_t - alpha.reshape(-1, 1, 1, 1) * conv.binary_weight()) ** 2).mean()
-        x = x_next
-    head = student.head(x)
-    t_feat = records[-1][2]
+    x = next(layers)
+    head = student.head(student._head_input(x) if isinstance(student, ResidualBinaryDetector)
+                        else x)
+    t_feat = records[-1][3]
     grid = tuple(t_feat.shape[2:])
     mask = fgfi_mask(targets, grid, student.stride, psi=weights["psi"]).to(pixels.device)
     diff = ((student.imitation(x) - t_feat) ** 2).sum(dim=1)        # N×S×S
@@ -247,6 +287,22 @@ def lws_losses(student: LWSDetector, teacher: RealDetector, pixels: torch.Tensor
     return head, {"ang": weights["ang"] * ang, "amp": weights["amp"] * amp,
                   "w": weights["w"] * wl, "lim": weights["lim"] * lim}
 
+
+class ResidualLWSDetector(ResidualBinaryDetector):
+    """:class:`~bitdet.sw.models.ResidualBinaryDetector` with DBS binary convolutions
+    (:class:`SearchedBinaryConv2d`) and FGFI's ``imitation`` layer: the ``lws`` method of
+    the residual architecture (:func:`lws_losses`). Exported like ``plain``; ``imitation``
+    is not in the bundle."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        for block in self.blocks:
+            old = block.conv
+            o, c, k, _ = old.weight.shape
+            block.conv = SearchedBinaryConv2d(c, o, k, stride=old.stride, padding=old.padding,
+                                              pad_value=old.pad_value)
+        width = self.blocks[-1].out_channels
+        self.imitation = nn.Conv2d(width, width, 1)
 
 
 # --------------------------------------------------------------------------------- IDa-Det
@@ -261,6 +317,21 @@ class IDaDetector(BinaryDetector):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         width = self.blocks[-1].conv.weight.shape[0]
+        self.adapt = nn.Conv2d(width, width, 3, padding=1)
+        self.log_var = nn.Parameter(torch.zeros(width))
+
+
+class ResidualIDaDetector(ResidualBinaryDetector):
+    """:class:`~bitdet.sw.models.ResidualBinaryDetector` (as ``plain --arch residual``)
+    with IDa-Det's training parts ``adapt`` and ``log_var`` (as :class:`IDaDetector`): the
+    ``ida`` method of the residual architecture. :func:`ida_losses` distils the last
+    residual block's output values (``a·s + z`` of its levels; ±1 for one bit) towards the
+    last block of a :class:`~bitdet.sw.models.ResidualRealDetector` teacher. Neither part
+    is in the bundle."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        width = self.blocks[-1].out_channels
         self.adapt = nn.Conv2d(width, width, 3, padding=1)
         self.log_var = nn.Parameter(torch.zeros(width))
 

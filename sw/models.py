@@ -23,7 +23,8 @@ mode is :func:`~bitdet.core.fold.residual_preactivation` so that its ``to_device
 them and exports golden graph nodes. :class:`ResidualBinaryDetector` puts such a body
 (W1A2: ±1 weights, 2-bit activations, pooled / channel-repeated shortcuts) between an n-bit
 host stem (:class:`LevelStem`) and :class:`QuantHead`, and exports a version-2 graph bundle
-whose forward pass equals its eval-mode head map exactly.
+whose forward pass equals its eval-mode head map exactly; :class:`ResidualRealDetector` is
+its real-valued counterpart (same widths, strides and shortcuts).
 
 Opt-in trainer options (all off by default; docs/methods.md, "Trainer options"):
 :class:`SharedHeadBlock` (AQD multi-level BN, ``levels``), :class:`LSQQuantizer` (AQD / LSQ
@@ -68,6 +69,8 @@ __all__ = [
     "ResidualBinaryBlock",
     "ResidualBinaryDetector",
     "ResidualBinaryNet",
+    "ResidualRealBlock",
+    "ResidualRealDetector",
     "SharedHeadBlock",
     "binarize",
 ]
@@ -957,17 +960,27 @@ class ResidualBinaryBlock(nn.Module):
             if self.residual_quant is None:
                 return self.quant.dequantize(out)
             return self.quant.dequantize(out[0]), self.residual_quant.dequantize(out[1])
+        return self.forward_with_accumulator(x, shortcut)[0]
+
+    def padded_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input's values padded with the value of ``pad_level`` (training path)."""
         pad = self.pad_level * self.in_grid.scale() + self.in_grid.zero
         p = self.conv.padding
-        x = F.pad(x - pad, (p,) * 4) + pad
-        acc = F.conv2d(x, self.conv.binary_weight(), stride=self.stride)
+        return F.pad(x - pad, (p,) * 4) + pad
+
+    def forward_with_accumulator(self, x: torch.Tensor, shortcut: torch.Tensor | None = None):
+        """Training mode: the output of :meth:`forward` and the conv's accumulator
+        ``conv(padded x, ±1 W)`` on the input's values (before α, BN and the shortcut),
+        for layer-wise distillation losses."""
+        self._check_shortcut(shortcut)
+        acc = F.conv2d(self.padded_input(x), self.conv.binary_weight(), stride=self.stride)
         pre = self.bn(acc * self.conv.alpha().reshape(1, -1, 1, 1))
         if shortcut is not None:
             pre = pre + self.shortcut_gain.reshape(1, -1, 1, 1) * self._shortcut_map(shortcut)
         pre = pre - self.sign_bias.reshape(1, -1, 1, 1)
         if self.residual_quant is None:
-            return self.quant(pre)
-        return self.quant(pre), self.residual_quant(pre)
+            return self.quant(pre), acc
+        return (self.quant(pre), self.residual_quant(pre)), acc
 
     def to_device(self, *, residual: bool = False) -> BinaryConvLayer:
         """The folded v2 device layer (eval statistics): ``in_bits``, ``pad_level``,
@@ -1159,13 +1172,19 @@ class ResidualBinaryDetector(nn.Module):
         Each block's stride (1 or 2); the map at a stride-2 block must have an even size.
     stem_bits, act_bits : int
         Bits (1…4) of the stem's levels and of every block's output levels (W1A2: 2).
+    residual_bits : int
+        0 (default): each block's shortcut is the map it reads. ``m`` (1…4): a separate
+        ``m``-bit residual stream carries the shortcuts (W1A1 with n-bit shortcuts:
+        ``act_bits = 1, residual_bits = n``): every block but the last also quantizes its
+        pre-activation to ``m`` bits (``residual_quant``, graph node ``res{i}.res``) and
+        that map is the next block's shortcut; the first block's shortcut is the stem's map.
     """
 
     def __init__(self, *, num_classes: int = 10, in_channels: int = 1,
                  widths: tuple[int, ...] = (16, 16, 32, 32, 32),
                  strides: tuple[int, ...] = (1, 2, 2, 1), image_size: int = 64,
                  class_names: tuple[str, ...] | None = None, stem_bits: int = 2,
-                 act_bits: int = 2):
+                 act_bits: int = 2, residual_bits: int = 0):
         super().__init__()
         if len(strides) != len(widths) - 1 or not strides:
             raise ValueError(f"strides needs one entry per residual block ({len(widths) - 1}), "
@@ -1180,14 +1199,19 @@ class ResidualBinaryDetector(nn.Module):
                                  f"{side}×{side} (odd); choose an image size divisible by "
                                  f"{2 ** (1 + sum(s == 2 for s in strides))}")
             side //= stride
+        self.residual_bits = residual_bits
         self.blocks = nn.ModuleList()
-        grid = self.stem.act
-        for cin, cout, stride in zip(widths[:-1], widths[1:], strides, strict=True):
+        grid = sc_grid = self.stem.act
+        last = len(strides) - 1
+        for i, (cin, cout, stride) in enumerate(zip(widths[:-1], widths[1:], strides,
+                                                    strict=True)):
             block = ResidualBinaryBlock(cin, cout, in_bits=grid.bits, out_bits=act_bits,
-                                        shortcut_bits=grid.bits, stride=stride,
-                                        in_grid=grid, shortcut_grid=grid)
+                                        shortcut_bits=sc_grid.bits, stride=stride,
+                                        residual_bits=residual_bits if i < last else 0,
+                                        in_grid=grid, shortcut_grid=sc_grid)
             self.blocks.append(block)
             grid = block.quant
+            sc_grid = block.residual_quant if block.residual_quant is not None else grid
         if grid.bits > 1:     # the head reads the last map's levels: its zero point is unused
             del grid.zero
             grid.register_buffer("zero", torch.tensor(0.0))
@@ -1215,22 +1239,25 @@ class ResidualBinaryDetector(nn.Module):
 
     def intermediates(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         """The stem's values, every block's values (``a·s + z``) and the head map."""
-        x = self.stem(pixels)
+        x = shortcut = self.stem(pixels)
         outputs = [x]
         for block in self.blocks:
-            x = block(x, x)
+            y = block(x, shortcut)
+            x, shortcut = y if block.residual_quant is not None else (y, y)
             outputs.append(x)
         outputs.append(self.head(self._head_input(x)))
         return outputs
 
     def graph_nodes(self) -> list[GraphNode]:
         """The residual body as golden graph nodes: block ``i`` is conv node ``res{i}``
-        (``i`` from 1) with its shortcut's ``res{i}.pool`` / ``res{i}.repeat`` before it."""
-        nodes, source = [], "input"
+        (``i`` from 1) with its shortcut's ``res{i}.pool`` / ``res{i}.repeat`` before it
+        (and, with ``residual_bits``, the residual stream's conv ``res{i}.res``)."""
+        nodes, source, shortcut = [], "input", "input"
         for i, block in enumerate(self.blocks):
             name = f"res{i + 1}"
-            nodes += block.graph_nodes(name, source, shortcut=source)
+            nodes += block.graph_nodes(name, source, shortcut=shortcut)
             source = name
+            shortcut = f"{name}.res" if block.residual_quant is not None else name
         return nodes
 
     def export_bundle(self) -> Bundle:
@@ -1246,3 +1273,85 @@ class ResidualBinaryDetector(nn.Module):
                    "activation_bits": self.blocks[-1].quant.bits,
                    "head": "yolo-lite: objectness, tx, ty, tw, th, class logits per cell"},
             graph=self.graph_nodes(), input_bits=self.stem.bits)
+
+
+class ResidualRealBlock(nn.Module):
+    """Real-valued counterpart of :class:`ResidualBinaryBlock` as
+    :class:`ResidualBinaryDetector` uses it: ``ReLU(BN(conv(x)) + β·shortcut(x))`` with a
+    float 3×3 conv (``stride``, zero padding), the learned per-channel gain β and the same
+    shortcut (2×2 max-pool where the block has stride 2, channels repeated where it widens).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, stride: int = 1,
+                 kernel: int = 3):
+        super().__init__()
+        if out_channels % in_channels:
+            raise ValueError(f"a shortcut needs out_channels ({out_channels}) to be a multiple "
+                             f"of in_channels ({in_channels}) (channel repetition)")
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel, stride=stride,
+                              padding=kernel // 2, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.shortcut_gain = nn.Parameter(torch.ones(out_channels))
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 2:
+            x = F.max_pool2d(x, 2, 2)
+        if self.out_channels != x.shape[1]:
+            x = x.repeat(1, self.out_channels // x.shape[1], 1, 1)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.conv(x), x)
+
+    def finish(self, conv_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The block's output from its conv's output and its input."""
+        pre = self.bn(conv_out) + self.shortcut_gain.reshape(1, -1, 1, 1) * self.shortcut(x)
+        return F.relu(pre)
+
+
+class ResidualRealDetector(nn.Module):
+    """Real-valued counterpart of :class:`ResidualBinaryDetector` (same constructor; the
+    ``fp`` method of the residual architecture, the teacher of its distillation methods).
+
+    Float stem (3×3, stride 2, BN, ReLU; ``stem[0]`` is the conv) on ``pixels / 255`` →
+    :class:`ResidualRealBlock` s with the binary model's widths, strides and shortcuts →
+    1×1 head with a bias. The bit widths (``stem_bits``, ``act_bits``, ``residual_bits``)
+    are accepted and ignored: a real-valued model has one stream, so one ``fp`` model is the
+    counterpart of the W1A2 and the W1A1 residual detectors alike. Same grid, ``stride`` and
+    head channels as the binary model; not exportable to a bundle.
+    """
+
+    def __init__(self, *, num_classes: int = 10, in_channels: int = 1,
+                 widths: tuple[int, ...] = (16, 16, 32, 32, 32),
+                 strides: tuple[int, ...] = (1, 2, 2, 1), image_size: int = 64,
+                 class_names: tuple[str, ...] | None = None, stem_bits: int = 2,
+                 act_bits: int = 2, residual_bits: int = 0):
+        super().__init__()
+        del stem_bits, act_bits, residual_bits           # one real-valued stream
+        if len(strides) != len(widths) - 1 or not strides:
+            raise ValueError(f"strides needs one entry per residual block ({len(widths) - 1}), "
+                             f"got {len(strides)}")
+        self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
+        self.class_names = tuple(class_names or (str(i) for i in range(num_classes)))
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, stride=2, padding=1,
+                                            bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.blocks = nn.ModuleList(
+            ResidualRealBlock(cin, cout, stride=stride)
+            for cin, cout, stride in zip(widths[:-1], widths[1:], strides, strict=True))
+        self.head = nn.Conv2d(widths[-1], 5 + num_classes, 1)
+        self.stride = 2 ** (1 + sum(s == 2 for s in strides))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.intermediates(pixels)[-1]
+
+    def intermediates(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """Stem output, every block's output, and the head map."""
+        x = self.stem(pixels / PIXEL_MAX)
+        outputs = [x]
+        for block in self.blocks:
+            x = block(x)
+            outputs.append(x)
+        outputs.append(self.head(x))
+        return outputs

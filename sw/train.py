@@ -22,10 +22,13 @@ learned-step n-bit host weights (``host_bits``), QuantNet's meta-quantizer (``bi
 DupNet's duplicated weight channels / input maps (``dup``, ``dup_input``) and IFQ-Net's
 fixed-point host layers (``ifq``, integer path :func:`run_bundle_fixed_point`).
 
-:func:`train_residual_detector` trains the contract-v2 residual W1A2 detector
-(:class:`bitdet.sw.models.ResidualBinaryDetector`; a library function, no checkpoints, not
-a ``bitdet train`` method) and :func:`tiny_residual_detector` is its small seeded run with
-the exported version-2 bundle.
+Architectures (:data:`ARCHS`, ``train(arch=...)``, ``bitdet train --arch``): ``chain`` (the
+models above) and ``residual``, the contract-v2 residual detector
+(:class:`bitdet.sw.models.ResidualBinaryDetector`: n-bit activations, shortcuts; a
+format-2 bundle) for ``plain``, ``fp`` (:class:`bitdet.sw.models.ResidualRealDetector`),
+``ida`` and ``lws``, through the same loop and checkpoints.
+:func:`train_residual_detector` is that run without checkpoint files and
+:func:`tiny_residual_detector` its small seeded run with the exported version-2 bundle.
 
 More methods plug in by adding a :class:`Method` to :data:`METHODS`. docs/training.md
 describes the head, loss and commands, docs/methods.md the distillation methods.
@@ -40,6 +43,7 @@ an uninterrupted run would.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import time
@@ -67,6 +71,8 @@ from .distill import (
     IDaDetector,
     LWSDetector,
     RBCNDetector,
+    ResidualIDaDetector,
+    ResidualLWSDetector,
     bidet_losses,
     ida_check_options,
     ida_losses,
@@ -80,14 +86,17 @@ from .models import (
     BinaryDetector,
     RealDetector,
     ResidualBinaryDetector,
+    ResidualRealDetector,
 )
 
 __all__ = [
+    "ARCHS",
     "CHECKPOINT_FORMAT",
     "METHODS",
     "MODEL_OPTIONS",
     "MODEL_OPTION_METHODS",
     "QUANTNET_DEFAULTS",
+    "RESIDUAL_OPTIONS",
     "CheckpointError",
     "DistillLosses",
     "Method",
@@ -142,23 +151,26 @@ class Method:
     needs_teacher: bool = False
     #: ``check(options)``: raises ``ValueError`` for option values that cannot work
     check: Callable[[dict], None] | None = None
+    #: the model class of the residual architecture (``arch="residual"``; None: the method
+    #: refuses it)
+    residual_class: type[nn.Module] | None = None
 
 
 #: Training methods by name. Add an entry to make a new method available to
 #: :func:`train` and ``bitdet train --method``.
 METHODS: dict[str, Method] = {
     "plain": Method("plain", "BinaryDetector as is: XNOR-Net α, ApproxSign, RSign biases",
-                    BinaryDetector, exportable=True),
+                    BinaryDetector, exportable=True, residual_class=ResidualBinaryDetector),
     "fp": Method("fp", "real-valued teacher (float conv + BN + ReLU), same topology",
-                 RealDetector, exportable=False),
+                 RealDetector, exportable=False, residual_class=ResidualRealDetector),
     "lws": Method("lws", "LWS-Det: DBS-searched weights, learned α, angular + amplitude "
                   "losses against an fp teacher (--teacher)", LWSDetector, exportable=True,
                   losses=lws_losses, defaults=LWS_DEFAULTS, prepare=lws_prepare,
-                  needs_teacher=True),
+                  needs_teacher=True, residual_class=ResidualLWSDetector),
     "ida": Method("ida", "IDa-Det: max-discrepancy proposal pairs, entropy distillation "
                   "from an fp teacher (--teacher)", IDaDetector, exportable=True,
                   losses=ida_losses, defaults=IDA_DEFAULTS, needs_teacher=True,
-                  check=ida_check_options),
+                  check=ida_check_options, residual_class=ResidualIDaDetector),
     "bidet": Method("bidet", "BiDet: information bottleneck (sampled boxes, L2 on the "
                     "pre-activations) + sparse object prior; no teacher", BiDetDetector,
                     exportable=True, losses=bidet_losses, defaults=BIDET_DEFAULTS),
@@ -225,12 +237,105 @@ def _check_model_options(method: str, model_options: dict | None) -> dict:
     return chosen
 
 
+def _without_residual_options(model_options: dict | None) -> dict:
+    """A chain run's model options without the residual ones, which must be unset (None,
+    as the command line passes them)."""
+    options = dict(model_options or {})
+    for name in set(RESIDUAL_OPTIONS) - set(MODEL_OPTIONS):
+        if options.pop(name, None) is not None:
+            raise TrainingError(f"model option {name} is for arch 'residual', not 'chain'")
+    return options
+
+
 def _option_defaults(method: Method, model: dict) -> dict:
     """Options a run accepts: the method's, plus those its model options bring."""
     defaults = dict(method.defaults)
     if model.get("binarizer") == "quantnet":
         defaults.update(QUANTNET_DEFAULTS)
     return defaults
+
+
+#: Architectures of :func:`train` (``bitdet train --arch``): ``chain``, the plain chain of
+#: W1A1 binary blocks (:class:`~bitdet.sw.models.BinaryDetector` and the methods' variants;
+#: exported to a format-1 bundle), and ``residual``, the contract-v2 residual detector
+#: (:class:`~bitdet.sw.models.ResidualBinaryDetector`: n-bit activation maps, shortcuts;
+#: exported to a format-2 graph bundle) for the methods with a ``Method.residual_class``.
+ARCHS = ("chain", "residual")
+#: Model options of the residual architecture and their defaults (all stored in
+#: ``config.model``): the stem's and the blocks' activation bits, the residual stream's
+#: bits (None: 2 when ``act_bits`` is 1 — W1A1 with 2-bit shortcuts —, else 0: each
+#: block's shortcut is the map it reads) and each block's stride.
+RESIDUAL_OPTIONS = {"stem_bits": 2, "act_bits": 2, "residual_bits": None,
+                    "strides": (1, 2, 2, 1)}
+#: Bits of the residual stream that a W1A1 residual detector gets by default.
+RESIDUAL_STREAM_BITS = 2
+
+
+def residual_methods() -> list[str]:
+    """The methods that train the residual architecture."""
+    return [m.name for m in METHODS.values() if m.residual_class is not None]
+
+
+def _check_bits(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 4:
+        raise TrainingError(f"{name} must be an integer from {low} to 4, not {value!r}")
+    return value
+
+
+def _check_strides(strides) -> list[int]:
+    try:
+        values = list(strides)
+    except TypeError:
+        raise TrainingError(f"strides must be a sequence of 1s and 2s, not {strides!r}") from None
+    if not values or any(isinstance(v, bool) or v not in (1, 2) for v in values):
+        raise TrainingError(f"strides must be a non-empty sequence of 1s and 2s, not {values!r}")
+    return values
+
+
+def _residual_model_kwargs(method: Method, image_size: int, model_options: dict | None,
+                           widths) -> dict:
+    """The constructor arguments of a new residual run, validated (:class:`TrainingError`
+    otherwise)."""
+    if method.residual_class is None:
+        raise TrainingError(f"method {method.name!r} does not support arch 'residual' (it "
+                            f"does: {', '.join(residual_methods())})")
+    given = {k: v for k, v in (model_options or {}).items() if v is not None}
+    chain = [k for k in given if k in MODEL_OPTIONS and given[k] != MODEL_OPTIONS[k]]
+    if chain:
+        raise TrainingError(f"model option(s) {', '.join(chain)} are for arch 'chain', not "
+                            "'residual'")
+    unknown = sorted(set(given) - set(RESIDUAL_OPTIONS) - set(MODEL_OPTIONS))
+    if unknown:
+        raise TrainingError(f"bad residual detector options: unknown model option(s) "
+                            f"{', '.join(unknown)} (has: {', '.join(RESIDUAL_OPTIONS)})")
+    chosen = {**RESIDUAL_OPTIONS, **{k: v for k, v in given.items() if k in RESIDUAL_OPTIONS}}
+    _check_bits("stem_bits", chosen["stem_bits"], 1)
+    _check_bits("act_bits", chosen["act_bits"], 1)
+    if chosen["residual_bits"] is None:
+        chosen["residual_bits"] = RESIDUAL_STREAM_BITS if chosen["act_bits"] == 1 else 0
+    _check_bits("residual_bits", chosen["residual_bits"], 0)
+    strides = _check_strides(chosen["strides"])
+    values = list(DEFAULT_WIDTHS if widths is None else widths)
+    if len(values) != len(strides) + 1:
+        raise TrainingError(f"widths needs {len(strides) + 1} values (the stem, then "
+                            f"{len(strides)} residual blocks), not {len(values)}: {values}")
+    for value in values:
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_WIDTH:
+            raise TrainingError(f"every width must be an integer from 1 to {MAX_WIDTH}, "
+                                f"not {value!r}")
+    for i, (cin, cout) in enumerate(itertools.pairwise(values)):
+        if cout % cin:
+            raise TrainingError(f"residual block {i + 1}'s width {cout} must be a multiple of "
+                                f"the width before it, {cin} (its shortcut repeats channels): "
+                                f"{values}")
+    step = 2 ** (1 + sum(s == 2 for s in strides))
+    if image_size % step:
+        raise TrainingError(f"the residual detector with strides {strides} needs an image size "
+                            f"divisible by {step}, not {image_size}")
+    return {"num_classes": len(DIGIT_CLASSES), "in_channels": 1, "widths": values,
+            "strides": strides, "image_size": image_size, "class_names": list(DIGIT_CLASSES),
+            "stem_bits": chosen["stem_bits"], "act_bits": chosen["act_bits"],
+            "residual_bits": chosen["residual_bits"]}
 
 
 @dataclass
@@ -255,6 +360,8 @@ class TrainConfig:
     #: the ``fp`` checkpoint the binary convolutions' latent weights were initialised from
     #: (``init_from``; None: random initialisation)
     init_from: str | None = None
+    #: the architecture (:data:`ARCHS`); checkpoints written before it existed are ``chain``
+    arch: str = "chain"
 
 
 @dataclass
@@ -274,13 +381,20 @@ def _method(name: str) -> Method:
     return METHODS[name]
 
 
-def build_model(method: str, model_kwargs: dict) -> nn.Module:
-    """A fresh model of ``method`` from the stored constructor arguments."""
+def build_model(method: str, model_kwargs: dict, arch: str = "chain") -> nn.Module:
+    """A fresh model of ``method`` and ``arch`` from the stored constructor arguments."""
+    spec = _method(method)
+    if arch not in ARCHS:
+        raise TrainingError(f"unknown arch {arch!r} (available: {', '.join(ARCHS)})")
+    cls = spec.model_class if arch == "chain" else spec.residual_class
+    if cls is None:
+        raise TrainingError(f"method {method!r} does not support arch {arch!r} (it does: "
+                            f"{', '.join(residual_methods())})")
     kwargs = dict(model_kwargs)
-    for key in ("widths", "pools", "class_names"):
+    for key in ("widths", "pools", "strides", "class_names"):
         if key in kwargs and kwargs[key] is not None:
             kwargs[key] = tuple(kwargs[key])
-    return _method(method).model_class(**kwargs)
+    return cls(**kwargs)
 
 
 #: Channel widths of the default detector (stem, then four binary blocks): the model that
@@ -398,7 +512,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     """The model of a checkpoint (CPU, eval mode) and the checkpoint dict."""
     ckpt = _read_checkpoint(path)
     with torch.random.fork_rng(devices=[]):
-        model = build_model(ckpt["method"], ckpt["config"]["model"])
+        model = build_model(ckpt["method"], ckpt["config"]["model"],
+                            ckpt["config"].get("arch", "chain"))
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError) as e:
@@ -443,19 +558,24 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *,
 
 
 def load_teacher(path: str | os.PathLike, model_kwargs: dict, *,
-                 role: str = "teacher") -> RealDetector:
+                 role: str = "teacher", arch: str = "chain") -> nn.Module:
     """The frozen ``fp`` teacher of a distillation run (eval mode, no gradients).
 
     Raises :class:`CheckpointError` unless ``path`` is an ``fp`` checkpoint of the student's
-    topology (widths, pools, image size, classes); ``role`` names the checkpoint in the
-    message (``"teacher"``, or the ``--init-from`` checkpoint).
+    architecture ``arch`` and topology (widths, pools or strides, image size, classes);
+    ``role`` names the checkpoint in the message (``"teacher"``, or the ``--init-from``
+    checkpoint).
     """
     teacher, ckpt = load_checkpoint(path)
     if ckpt["method"] != "fp":
         raise CheckpointError(f"{path}: the {role} must be an 'fp' checkpoint, not "
                               f"{ckpt['method']!r}")
+    their_arch = ckpt["config"].get("arch", "chain")
+    if their_arch != arch:
+        raise CheckpointError(f"{path}: the {role} is an 'fp' checkpoint of arch "
+                              f"{their_arch!r}, the student's arch is {arch!r}")
     theirs = ckpt["config"]["model"]
-    for key in ("widths", "pools", "image_size", "num_classes", "in_channels"):
+    for key in ("widths", "pools", "strides", "image_size", "num_classes", "in_channels"):
         if list(np.atleast_1d(theirs.get(key))) != list(np.atleast_1d(model_kwargs.get(key))):
             raise CheckpointError(f"{path}: the {role}'s {key} {theirs.get(key)!r} does not "
                                   f"match the student's {model_kwargs.get(key)!r}")
@@ -470,13 +590,15 @@ def load_teacher(path: str | os.PathLike, model_kwargs: dict, *,
 LATENT_STD = 0.1
 
 
-def init_from_teacher(model: nn.Module, teacher: RealDetector) -> None:
+def init_from_teacher(model: nn.Module, teacher: nn.Module) -> None:
     """Initialise a binary detector's latent convolution weights from an ``fp`` model of
     the same topology (the usual start of a binary network from its real-valued
-    counterpart): the stem's weights and every binary block's latent weights become the
-    teacher's conv weights, each tensor rescaled to standard deviation
-    :data:`LATENT_STD`; BN, sign biases and the head keep their initialisation (the teacher's
-    act on ReLU features, the student's on ±1 ones). Raises :class:`TrainingError` for a
+    counterpart; :class:`~bitdet.sw.models.RealDetector` for a chain,
+    :class:`~bitdet.sw.models.ResidualRealDetector` for a residual model): the stem's
+    weights and every binary block's latent weights become the teacher's conv weights,
+    each tensor rescaled to standard deviation :data:`LATENT_STD`; BN, sign biases,
+    shortcut gains, quantizer steps and the head keep their initialisation (the teacher's
+    act on ReLU features, the student's on ±1 or n-bit ones). Raises :class:`TrainingError` for a
     model whose convolutions do not hold plain latent weights of the teacher's shapes."""
     pairs = [(model.stem.weight, teacher.stem[0].weight)]
     for i, (block, t_block) in enumerate(zip(model.blocks, teacher.blocks, strict=True)):
@@ -487,7 +609,8 @@ def init_from_teacher(model: nn.Module, teacher: RealDetector) -> None:
                 f"binary block {i + 1} is a {type(conv).__name__}"
                 + (f" (binarizer {conv.binarizer!r}, dup {conv.dup})"
                    if isinstance(conv, BinaryConv2d) else ""))
-        pairs.append((conv.weight, t_block[0].weight))
+        t_conv = t_block.conv if hasattr(t_block, "conv") else t_block[0]
+        pairs.append((conv.weight, t_conv.weight))
     with torch.no_grad():
         for mine, theirs in pairs:
             if mine.shape != theirs.shape:
@@ -715,7 +838,8 @@ def train(method: str | None = None, epochs: int | None = None,  # noqa: C901
           teacher: str | os.PathLike | None = None, options: dict | None = None,
           model_options: dict | None = None,
           widths: Sequence[int] | None = None,
-          init_from: str | os.PathLike | None = None, force: bool = False) -> TrainResult:
+          init_from: str | os.PathLike | None = None, force: bool = False,
+          arch: str | None = None) -> TrainResult:
     """Train ``method`` on generated DigitScenes and write a checkpoint after every epoch.
 
     ``method`` defaults to ``"plain"`` (or the checkpoint's when resuming); ``epochs`` is
@@ -769,6 +893,15 @@ def train(method: str | None = None, epochs: int | None = None,  # noqa: C901
     giving different values raises :class:`TrainingError` (equal ones are accepted).
     The history entries of a distillation run gain the mean weighted terms
     (``train_ang``, …) and ``train_loss`` is then the total.
+
+    ``arch``: :data:`ARCHS`, ``"chain"`` by default (or the checkpoint's when resuming).
+    ``"residual"`` trains the contract-v2 residual detector
+    (:class:`~bitdet.sw.models.ResidualBinaryDetector`, exported to a format-2 bundle; its
+    ``fp`` counterpart :class:`~bitdet.sw.models.ResidualRealDetector`) with the methods
+    that have a ``Method.residual_class`` (``plain``, ``fp``, ``ida``, ``lws``) through this
+    same loop; its ``model_options`` are :data:`RESIDUAL_OPTIONS` (``act_bits``,
+    ``residual_bits``, ``stem_bits``, ``strides``), and ``widths`` has one value per block
+    after the stem's (each a multiple of the one before; default :data:`DEFAULT_WIDTHS`).
     """
     if threads is not None:
         if threads < 1:
@@ -814,13 +947,16 @@ def train(method: str | None = None, epochs: int | None = None,  # noqa: C901
             if value is not None and config.model.get(name, MODEL_OPTIONS.get(name)) != value:
                 raise TrainingError(f"{resume}: a resumed run keeps the checkpoint's model; "
                                     f"cannot change {name} to {value!r}")
-        if widths is not None and list(_check_widths(widths)) != list(config.model["widths"]):
+        if widths is not None and list(widths) != list(config.model["widths"]):
             raise TrainingError(f"{resume}: a resumed run keeps the checkpoint's widths "
                                 f"{list(config.model['widths'])}; cannot change them to "
                                 f"{list(widths)}")
         if init_from is not None:
             raise TrainingError(f"{resume}: init_from applies to a new run only (a resumed "
                                 "run continues from the checkpoint's weights)")
+        if arch is not None and arch != config.arch:
+            raise TrainingError(f"{resume}: a resumed run keeps the checkpoint's arch "
+                                f"{config.arch!r}; cannot change it to {arch!r}")
         if epochs is not None:
             config.epochs = epochs
         if teacher is not None:          # the teacher file moved since the run started
@@ -838,10 +974,17 @@ def train(method: str | None = None, epochs: int | None = None,  # noqa: C901
                                 "give teacher= (an 'fp' checkpoint)")
         if not chosen.needs_teacher and teacher is not None:
             raise TrainingError(f"method {chosen.name!r} takes no teacher")
-        model_kwargs = {**_default_model_kwargs(image_size),
-                        **_check_model_options(chosen.name, model_options)}
-        if widths is not None:
-            model_kwargs["widths"] = list(_check_widths(widths))
+        arch = "chain" if arch is None else arch
+        if arch not in ARCHS:
+            raise TrainingError(f"unknown arch {arch!r} (available: {', '.join(ARCHS)})")
+        if arch == "residual":
+            model_kwargs = _residual_model_kwargs(chosen, image_size, model_options, widths)
+        else:
+            model_kwargs = {**_default_model_kwargs(image_size),
+                            **_check_model_options(chosen.name,
+                                                   _without_residual_options(model_options))}
+            if widths is not None:
+                model_kwargs["widths"] = list(_check_widths(widths))
         defaults = _option_defaults(chosen, model_kwargs)
         unknown = sorted(set(options or {}) - set(defaults))
         if unknown:
@@ -854,7 +997,7 @@ def train(method: str | None = None, epochs: int | None = None,  # noqa: C901
             model=model_kwargs,
             teacher=None if teacher is None else str(teacher),
             options={**defaults, **(options or {})},
-            init_from=None if init_from is None else str(init_from))
+            init_from=None if init_from is None else str(init_from), arch=arch)
     spec = _method(config.method)
     if spec.check is not None:
         try:
@@ -872,12 +1015,13 @@ def train(method: str | None = None, epochs: int | None = None,  # noqa: C901
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = build_model(config.method, config.model)
+        model = build_model(config.method, config.model, config.arch)
         _init_objectness(model)
         if spec.prepare is not None and ckpt is None:
             spec.prepare(model, config.options)
     if ckpt is None and config.init_from is not None:
-        source = load_teacher(config.init_from, config.model, role="--init-from checkpoint")
+        source = load_teacher(config.init_from, config.model, role="--init-from checkpoint",
+                              arch=config.arch)
         if spec.exportable:
             init_from_teacher(model, source)
         else:       # fp: a warm start, every weight and BN statistic of the checkpoint
@@ -885,7 +1029,7 @@ def train(method: str | None = None, epochs: int | None = None,  # noqa: C901
     model.to(dev)
     teacher_model = None
     if spec.needs_teacher:
-        teacher_model = load_teacher(config.teacher, config.model).to(dev)
+        teacher_model = load_teacher(config.teacher, config.model, arch=config.arch).to(dev)
     if world is None:
         _check_run_folder(out_dir, force=force, resume_epoch=resume_epoch)
     else:       # rank 0 checks, every rank raises its refusal
@@ -1014,120 +1158,34 @@ def train(method: str | None = None, epochs: int | None = None,  # noqa: C901
 #: Settings of :func:`tiny_residual_detector`: a few hundred images, a few epochs, the
 #: default residual body (widths 16/16/32/32/32, W1A2); a few seconds on one CPU thread.
 TINY_RESIDUAL = {"epochs": 6, "train_count": 384, "batch_size": 32, "lr": 4e-3,
-                 "image_size": 64}
-
-
-def _residual_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, pixels: torch.Tensor,
-                    targets: list[dict[str, torch.Tensor]], batches: list[list[int]],
-                    grid: tuple[int, int], *, prior: float, lr: float, first_step: int,
-                    total_steps: int) -> dict[str, float]:
-    """One training epoch of :func:`train_residual_detector` over ``batches`` (image
-    indices); returns the summed loss parts."""
-    model.train()
-    sums = {"loss": 0.0, "obj": 0.0, "box": 0.0, "cls": 0.0}
-    for step, idx in enumerate(batches, start=first_step):
-        encoded = encode_targets([targets[i] for i in idx], grid, model.stride, prior=prior)
-        for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(lr, step, total_steps)
-        optimizer.zero_grad(set_to_none=True)
-        loss, parts = detection_loss(model(pixels[idx]), encoded, model.stride, prior=prior,
-                                     weights=LossWeights())
-        if not torch.isfinite(loss):
-            raise TrainingError(f"step {step}: loss is {float(loss.detach())}; try a lower "
-                                "learning rate")
-        loss.backward()
-        optimizer.step()
-        parts["loss"] = float(loss.detach())
-        for key in sums:
-            sums[key] += parts[key]
-    return sums
+                 "image_size": 64, "model_options": {"widths": (16, 16, 32, 32, 32)}}
 
 
 def train_residual_detector(*, epochs: int = 10, batch_size: int = 32, lr: float = 2e-3,
                             seed: int = 0, image_size: int = 64, train_count: int = 2048,
                             val_count: int = 0, weight_decay: float = 1e-4,
-                            prior: float = BOX_PRIOR, model_options: dict | None = None,
+                            model_options: dict | None = None, method: str = "plain",
                             threads: int | None = None,
                             log: Callable[[str], None] | None = None,
                             ) -> tuple[ResidualBinaryDetector, list[dict]]:
-    """Train a :class:`~bitdet.sw.models.ResidualBinaryDetector` on generated DigitScenes.
+    """:func:`train` of the residual architecture (``arch="residual"``, ``method``
+    ``plain`` by default) without keeping its checkpoints: they go to a temporary folder.
 
-    The loop of :func:`train` without files: the model initialised under
-    ``torch.manual_seed(seed)`` (the caller's RNG state is left alone), the objectness
-    prior on the head bias, ``make_digitscenes("train", count=train_count, seed=seed)``,
-    AdamW with a per-step cosine decay of ``lr``, each epoch's shuffle seeded with
-    ``(seed, epoch)``, the detection loss. ``model_options``: the detector's constructor
-    arguments (``widths``, ``strides``, ``stem_bits``, ``act_bits``); classes and image
-    size are DigitScenes'. With ``val_count`` > 0 every history entry gains the validation
-    mAP@0.5 and mAP@[.5:.95] of the float model (``val_mAP50``, ``val_mAP``). ``threads``:
-    torch CPU threads for the run (restored afterwards). Not a ``bitdet train`` method (no
-    checkpoints); the trained model's :meth:`export_bundle` is a version-2 bundle.
-
-    Returns the model (eval mode) and the per-epoch history.
+    ``model_options``: the detector's ``widths`` and :data:`RESIDUAL_OPTIONS`
+    (``strides``, ``stem_bits``, ``act_bits``, ``residual_bits``); classes and image size
+    are DigitScenes'. ``val_count`` is 0 by default (no validation). Returns the model
+    (eval mode) and the per-epoch history.
     """
-    if threads is not None:
-        if threads < 1:
-            raise TrainingError(f"threads must be positive, not {threads}")
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return train_residual_detector(
-                epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, image_size=image_size,
-                train_count=train_count, val_count=val_count, weight_decay=weight_decay,
-                prior=prior, model_options=model_options, log=log)
-        finally:
-            torch.set_num_threads(previous)
-    for name, value in (("epochs", epochs), ("batch_size", batch_size),
-                        ("train_count", train_count), ("image_size", image_size)):
-        if value < 1:
-            raise TrainingError(f"{name} must be positive, not {value}")
-    if val_count < 0:
-        raise TrainingError(f"val_count must be >= 0, not {val_count}")
-    kwargs = {"num_classes": len(DIGIT_CLASSES), "image_size": image_size,
-              "class_names": tuple(DIGIT_CLASSES), **(model_options or {})}
-    for key in ("widths", "strides"):
-        if key in kwargs:
-            kwargs[key] = tuple(kwargs[key])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        try:
-            model = ResidualBinaryDetector(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise TrainingError(f"bad residual detector options: {e}") from None
-        _init_objectness(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    train_set = make_digitscenes("train", count=train_count, image_size=image_size, seed=seed)
-    pixels, targets = _pixels(train_set), _targets(train_set)
-    val_set = (make_digitscenes("val", count=val_count, image_size=image_size, seed=seed)
-               if val_count else None)
-    grid = (image_size // model.stride, image_size // model.stride)
-    steps_per_epoch = math.ceil(train_count / batch_size)
-    history = []
-
-    from .evaluate import evaluate_predictions, predict_model
-
-    for epoch in range(epochs):
-        started = time.perf_counter()
-        order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(
-            seed * 100_003 + epoch))
-        batches = [order[b * batch_size:(b + 1) * batch_size].tolist()
-                   for b in range(steps_per_epoch)]
-        sums = _residual_epoch(model, optimizer, pixels, targets, batches, grid, prior=prior,
-                               lr=lr, first_step=epoch * steps_per_epoch,
-                               total_steps=steps_per_epoch * epochs)
-        entry = {"epoch": epoch + 1, **{f"train_{k}": v / steps_per_epoch
-                                        for k, v in sums.items()}}
-        if val_set is not None:
-            scores = evaluate_predictions(predict_model(model, val_set, prior=prior), val_set)
-            entry.update(val_mAP50=scores["mAP50"], val_mAP=scores["mAP"])
-        entry["seconds"] = time.perf_counter() - started
-        history.append(entry)
-        if log is not None:
-            log(f"epoch {epoch + 1}/{epochs}: loss {entry['train_loss']:.4f}"
-                + (f", val mAP@0.5 {entry['val_mAP50']:.4f}" if val_set is not None else "")
-                + f", {entry['seconds']:.1f} s")
-    model.eval()
-    return model, history
+    import tempfile
+    options = dict(model_options or {})
+    widths = options.pop("widths", None)
+    with tempfile.TemporaryDirectory(prefix="bitdet-residual-") as out_dir:
+        result = train(method, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                       image_size=image_size, train_count=train_count, val_count=val_count,
+                       out_dir=out_dir, weight_decay=weight_decay, progress=False, log=log,
+                       threads=threads, model_options=options,
+                       widths=None if widths is None else list(widths), arch="residual")
+    return result.model, result.history
 
 
 def tiny_residual_detector(seed: int = 0, *, threads: int | None = 1,
