@@ -84,16 +84,21 @@ def _cmd_bundle_info(args) -> int:
     requirements = bundle.requirements()
     if args.json:
         from bitdet.core.bundle import _requirements_json
-        print(json.dumps({"model": bundle.model, "input_shape": list(bundle.input_shape),
-                          "layers": bundle.layer_names,
-                          "host_layers": [h.name for h in bundle.host_layers],
-                          "requirements": _requirements_json(requirements)}, indent=1))
+        report = {"model": bundle.model, "input_shape": list(bundle.input_shape),
+                  "layers": bundle.layer_names,
+                  "host_layers": [h.name for h in bundle.host_layers],
+                  "requirements": _requirements_json(requirements)}
+        if bundle.uses_v2():
+            report.update(format=2, input_bits=bundle.input_bits, nodes=[
+                {"name": node.name, "op": type(node.op).__name__, "input": node.input,
+                 "shortcut": node.shortcut} for node in bundle.nodes()])
+        print(json.dumps(report, indent=1))
         return 0
+    if bundle.uses_v2():
+        return _print_graph_bundle(args.bundle, bundle, requirements)
     print(f"{args.bundle}: model {bundle.model.get('name', '?')!r}, "
           f"binary input {'×'.join(map(str, bundle.input_shape))}")
-    for host in bundle.host_layers:
-        print(f"  host   {host.name:10} {host.kind:15} weight "
-              f"{'×'.join(map(str, host.arrays['weight'].shape))}")
+    _print_host_layers(bundle)
     for name, layer, (c, o, kh, kw, (h, w), (oh, ow)) in zip(
             bundle.layer_names, bundle.binary_layers, requirements.layer_shapes, strict=True):
         out = "raw P" if layer.output_bits is None else f"{layer.output_bits}-bit"
@@ -104,6 +109,48 @@ def _cmd_bundle_info(args) -> int:
           f"{requirements.max_in_channels}/{requirements.max_out_channels}, max kernel "
           f"{requirements.max_kernel}, max stride {requirements.max_stride}, "
           f"largest map {requirements.max_pixels} pixels")
+    return 0
+
+
+def _print_host_layers(bundle) -> None:
+    for host in bundle.host_layers:
+        print(f"  host   {host.name:10} {host.kind:15} weight "
+              f"{'×'.join(map(str, host.arrays['weight'].shape))}")
+
+
+def _print_graph_bundle(path, bundle, requirements) -> int:
+    """`bundle info` of a format-2 bundle: every node with its source, shapes and bits."""
+    from bitdet.core.golden import BinaryConvLayer, PoolPass
+    shape = "×".join(map(str, bundle.input_shape))
+    print(f"{path}: model {bundle.model.get('name', '?')!r}, graph (format 2), input "
+          f"{shape} of {bundle.input_bits}-bit levels")
+    _print_host_layers(bundle)
+    maps = {m[0]: m for m in requirements.node_maps}
+    for node in bundle.nodes():
+        op = node.op
+        c_in, h_in, w_in = maps[node.input][2:5]
+        c, h, w, bits = maps[node.name][2:]
+        out = "raw A" if bits is None else f"{bits}-bit"
+        if isinstance(op, BinaryConvLayer):
+            kh, kw = op.weights.shape[2:]
+            what = (f"{kh}×{kw}/s{op.stride} pad {op.padding} (level {op.padding_level}) "
+                    f"K={op.k} {op.in_bits}-bit → {out}")
+            if op.shortcut_bits:
+                what += f", {op.shortcut_bits}-bit shortcut {node.shortcut!r}"
+            if op.pool:
+                what += f", pool {op.pool[0]}/{op.pool[1]}"
+            kind = "conv"
+        elif isinstance(op, PoolPass):
+            kind, what = "pool", f"max {op.kernel}/{op.stride or op.kernel} of {out} levels"
+        else:
+            kind, what = "repeat", f"channel c ← c mod {c_in}, {out}"
+        print(f"  {kind:6} {node.name:12} {c_in}×{h_in}×{w_in} → {c}×{h}×{w}  {what}  "
+              f"(reads {node.input!r})")
+    print(f"requirements: max K {requirements.max_k}, max in/out channels "
+          f"{requirements.max_in_channels}/{requirements.max_out_channels}, input/shortcut "
+          f"bits {requirements.max_input_bits}/{requirements.max_shortcut_bits}, "
+          f"{requirements.live_maps} maps live at once, largest map "
+          f"{requirements.max_pixels} pixels")
     return 0
 
 

@@ -77,3 +77,21 @@ def test_cli(tmp_path, capsys):
         main(["demo", "--bits", "5", "--out", str(out)])
     assert exit_.value.code == 2
     assert "expected 1, 2, 3 or 4, not '5'" in capsys.readouterr().err
+
+
+def test_bundle_info_lists_the_graph(tmp_path, capsys):
+    import json
+    out = tmp_path / "d.bitdet"
+    assert main(["demo", "--bits", "3", "--residual", "--out", str(out), "--images", "1"]) == 0
+    capsys.readouterr()
+    assert main(["bundle", "info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "graph (format 2), input 3×16×16 of 3-bit levels" in text
+    assert "repeat b1.repeat    9×8×8 → 27×8×8  channel c ← c mod 9, 3-bit" in text
+    assert "3-bit shortcut 'b1.repeat'  (reads 'b0')" in text and "pad 1(-1)" not in text
+    assert "input/shortcut bits 3/3, 4 maps live at once" in text
+    assert main(["bundle", "info", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == 2 and report["input_bits"] == 3
+    assert {"name": "b1.pool", "op": "PoolPass", "input": "b0.res", "shortcut": None} \
+        in report["nodes"]
