@@ -435,7 +435,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-emulator", action="store_true", help="time the golden model only")
     parser.add_argument("--json", metavar="PATH", help="also write every number as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="also write the tables as markdown")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the --json / --markdown files if they exist")
     args = parser.parse_args(argv)
+    from bitdet.sw.files import OutputExists, atomic_write, check_new_file
+    try:                               # before the bench runs, not after 90 s of it
+        for path in (args.json, args.markdown):
+            if path:
+                check_new_file(path, force=args.force)
+    except OutputExists as e:
+        parser.error(str(e))
     timing = ({"warmup": 0, "repeats": 1, "min_sample_s": 0.0} if args.quick else
               {"warmup": 1, "repeats": 9, "min_sample_s": 0.2})
     if args.repeats is not None:
@@ -485,13 +494,11 @@ def main(argv: list[str] | None = None) -> int:
     text += ["", f"total {meta['elapsed_s']:.1f} s; load average {meta['loadavg_end']}"]
     print("\n" + "\n".join(text))
     if args.markdown:
-        with open(args.markdown, "w", encoding="utf-8") as f:
-            f.write("\n".join(text) + "\n")
+        atomic_write(args.markdown, "\n".join(text) + "\n")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"meta": meta, "golden": golden, "emulator": emulator,
-                       "emulator_skipped": missing}, f, indent=2)
-            f.write("\n")
+        atomic_write(args.json, json.dumps({"meta": meta, "golden": golden,
+                                            "emulator": emulator,
+                                            "emulator_skipped": missing}, indent=2) + "\n")
     noisy = [f"{r['layer']}:{r['path']}:{_bits(r)}" for r in golden
              if r["iqr_s"] > 0.25 * r["median_s"]] + [
         f"{r['layer']}:emulator {key}:{_bits(r)}" for r in emulator for key in ("run", "total")

@@ -191,6 +191,20 @@ POOL_OVERHEAD_CYCLES = 4
 """Cycles of a pool pass without a read: three setup cycles and the last write."""
 
 
+def _positive_fields(descriptor: Mapping, names: tuple[str, ...], kind: str) -> dict:
+    """``names`` of a pool or repeat pass's descriptor as ints, each a positive integer."""
+    if not isinstance(descriptor, Mapping):
+        raise TypeError(f"descriptor must be a dict, not {type(descriptor).__name__}")
+    values = {}
+    for name in names:
+        value = descriptor.get(name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{kind} descriptor {name} must be a positive integer, "
+                             f"not {value!r}")
+        values[name] = int(value)
+    return values
+
+
 def pool_cycles(config, descriptor: Mapping) -> tuple[int, int]:
     """``(busy_cycles, stall_cycles)`` of a max-pool pass of :class:`bitdet.hw.pool.
     PoolEngine`: one activation read per cycle without pauses,
@@ -198,15 +212,7 @@ def pool_cycles(config, descriptor: Mapping) -> tuple[int, int]:
     and the last write; docs/hardware.md, "Pool engine"). Wraps at 32 bits like the
     counters."""
     _rows, _cols, simd = _check_config(config)
-    if not isinstance(descriptor, Mapping):
-        raise TypeError(f"descriptor must be a dict, not {type(descriptor).__name__}")
-    values = {}
-    for name in ("out_h", "out_w", "channels", "kernel"):
-        value = descriptor.get(name)
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"pool descriptor {name} must be a positive integer, "
-                             f"not {value!r}")
-        values[name] = int(value)
+    values = _positive_fields(descriptor, ("out_h", "out_w", "channels", "kernel"), "pool")
     reads = (values["out_h"] * values["out_w"] * _ceil_div(values["channels"], simd)
              * values["kernel"] ** 2 * _plane_bits(descriptor)[0])
     return (reads + POOL_OVERHEAD_CYCLES) % 2 ** COUNTER_WIDTH, POOL_OVERHEAD_CYCLES
@@ -217,15 +223,8 @@ def repeat_cycles(config, descriptor: Mapping) -> tuple[int, int]:
     plane the input words are read and the output words written,
     ``busy = in_bits·out_h·out_w·(ceil(C/simd) + ceil(O/simd)) + 4``, ``stall = 4``."""
     _rows, _cols, simd = _check_config(config)
-    if not isinstance(descriptor, Mapping):
-        raise TypeError(f"descriptor must be a dict, not {type(descriptor).__name__}")
-    values = {}
-    for name in ("out_h", "out_w", "channels", "out_channels"):
-        value = descriptor.get(name)
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"repeat descriptor {name} must be a positive integer, "
-                             f"not {value!r}")
-        values[name] = int(value)
+    values = _positive_fields(descriptor, ("out_h", "out_w", "channels", "out_channels"),
+                              "repeat")
     words = _ceil_div(values["channels"], simd) + _ceil_div(values["out_channels"], simd)
     busy = values["out_h"] * values["out_w"] * words * _plane_bits(descriptor)[0]
     return (busy + POOL_OVERHEAD_CYCLES) % 2 ** COUNTER_WIDTH, POOL_OVERHEAD_CYCLES

@@ -43,6 +43,12 @@ def test_levels_bench_quick(tmp_path):
                                                                       (4, 0), (2, 2)]
     assert all(r["exact"] and r["busy_cycles"] > 0 for r in emulator)
     assert emulator[0]["run_ratio"] == 1.0
+    again = subprocess.run(                    # an existing output is kept, before any run
+        [sys.executable, str(ROOT / "bench" / "bench_levels.py"), "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert json.loads(out.read_text()) == data
+
 
 def test_cycles_bench_quick(tmp_path):
     """The cycle bench runs its quick set in amaranth.sim and the model matches every row."""
