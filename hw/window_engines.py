@@ -3,7 +3,10 @@ turns a command into per-row window origins (in shadow registers) while the *iss
 reads the running command's K-words; after the last K-word of its last job the shadow
 registers become the running ones (a ``window`` stream transfer), so setup hides behind
 the running command. A command's later jobs (tiles) reuse the running window: only the
-tag and the K-word counters restart."""
+tag and the K-word counters restart. With ``max_planes > 1`` each job is ``planes`` passes
+over its K-words, one per bit-plane of the input map; a pass restarts the K-word counters
+at the plane's offset ``b · plane_step`` (so the row's address adder stays the only one in
+the read-address path)."""
 
 from __future__ import annotations
 
@@ -12,9 +15,24 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import ReadPort
 from amaranth.lib.wiring import In, Out
 
-from ._util import mul_small
+from ._util import _check_positive, mul_small
 
 __all__ = ["IssueEngine", "SetupEngine", "window_layout"]
+
+
+#: The command fields of a generator that streams bit-planes (``max_planes > 1``).
+PLANE_FIELDS = ("planes", "plane_step", "pad_level")
+
+
+def _check_plane_fields(command_layout: data.StructLayout, max_planes: int) -> int:
+    """``max_planes`` if the command layout has the plane fields exactly when it is > 1."""
+    _check_positive("max_planes", max_planes)
+    names = set(command_layout.members)
+    if (max_planes > 1) != all(name in names for name in PLANE_FIELDS):
+        raise ValueError(f"max_planes {max_planes} needs a command layout "
+                         + ("with" if max_planes > 1 else "without")
+                         + " the fields " + ", ".join(PLANE_FIELDS))
+    return max_planes
 
 
 def window_layout(command_layout: data.StructLayout, *, rows: int, simd: int,
@@ -46,10 +64,19 @@ class SetupEngine(wiring.Component):
         :attr:`WindowGenerator.command_layout <bitdet.hw.window.WindowGenerator.command_layout>`.
     rows, simd, depth, max_kernel : int
         As the generator's.
+    max_planes : int
+        As the generator's (default 1); the command's plane fields (present when it is
+        > 1) pass to the issue engine in ``window.payload.geometry``.
     fixed_layer : bool
         The layer's fields (all but ``oy``, ``ox``, ``count``) are read from ``command``
         itself, which the caller holds for the whole layer, instead of a latched copy;
         ``window.payload.geometry`` is then ``command.payload``.
+
+    Raises
+    ------
+    ValueError
+        If the command layout has the plane fields but ``max_planes`` is 1, or lacks them
+        but ``max_planes`` is above 1.
 
     Members
     -------
@@ -58,9 +85,11 @@ class SetupEngine(wiring.Component):
     """
 
     def __init__(self, *, command_layout: data.StructLayout, rows: int, simd: int,
-                 depth: int, max_kernel: int, fixed_layer: bool = False):
+                 depth: int, max_kernel: int, max_planes: int = 1,
+                 fixed_layer: bool = False):
         self._rows, self._simd, self._depth = rows, simd, depth
         self._max_kernel = max_kernel
+        self._max_planes = _check_plane_fields(command_layout, max_planes)
         self._fixed_layer = bool(fixed_layer)
         self._addr_width = max(1, (depth - 1).bit_length())
         self._command_layout = command_layout
@@ -205,7 +234,10 @@ class IssueEngine(wiring.Component):
     the address stage (registered read addresses and the weight address), then the
     output stage (the read ports' words, the padding word or 0), stalling together while
     ``words`` is not ready. It takes the next ``window`` in the cycle it issues the last
-    K-word of the last job (or while idle).
+    K-word of the last job (or while idle). With ``max_planes > 1`` a job is ``planes``
+    passes over its ``K`` K-words (plane ``b``: addresses ``base + b·plane_step +
+    offset``, ``shift = b``, padding word from bit ``b`` of ``pad_level``), with no idle
+    cycle between them.
 
     Parameters
     ----------
@@ -215,6 +247,9 @@ class IssueEngine(wiring.Component):
         :attr:`WindowGenerator.word_layout <bitdet.hw.window.WindowGenerator.word_layout>`.
     rows, simd, depth, max_kernel, max_words, max_tiles, tag_width : int
         As the generator's (``max_words = ceil(max_channels / simd)``).
+    max_planes : int
+        As the generator's (default 1): above 1, the geometry has the plane fields and
+        ``word_layout`` has ``shift``.
     fixed_layer : bool
         As the setup engine's: the geometry of ``window`` is read while the command
         runs instead of being latched.
@@ -229,8 +264,13 @@ class IssueEngine(wiring.Component):
 
     def __init__(self, *, window_layout: data.StructLayout, word_layout: data.StructLayout,
                  rows: int, simd: int, depth: int, max_kernel: int, max_words: int,
-                 max_tiles: int, tag_width: int, fixed_layer: bool = False):
+                 max_tiles: int, tag_width: int, max_planes: int = 1,
+                 fixed_layer: bool = False):
         self._rows, self._simd = rows, simd
+        self._max_planes = _check_plane_fields(window_layout["geometry"].shape, max_planes)
+        if (max_planes > 1) != ("shift" in word_layout.members):
+            raise ValueError(f"max_planes {max_planes} needs a word layout "
+                             + ("with" if max_planes > 1 else "without") + " shift")
         self._max_kernel, self._max_words = max_kernel, max_words
         self._max_k_words = max_kernel ** 2 * max_words
         self._max_tiles, self._tag_width = max_tiles, tag_width
@@ -277,13 +317,28 @@ class IssueEngine(wiring.Component):
         index = Signal(range(self._max_k_words))
         offset = Signal(aw)                             # (ky·in_w + kx)·words + word
         offset_row = Signal(aw)                         # ky·in_w·words
+        planar = self._max_planes > 1
+        if planar:
+            # bit-planes: the plane of the running pass, and registers that keep its
+            # change out of the read-address path: a pass starts its K-word counters at
+            # offset = offset_row = b·plane_step (plane_next, a running sum), so that
+            # row_base + offset stays the only adder in front of the address registers;
+            # last_plane and the padding bit (pad_bits[0]) are registers, not selects of
+            # the plane number in the issuing cycle
+            plane = Signal(range(self._max_planes))
+            planes_m1 = Signal(range(self._max_planes))
+            last_plane = Signal()                       # plane == planes_m1
+            plane_next = Signal(aw)                     # (plane + 1)·plane_step
+            pad_bits = Signal(self._max_planes)         # pad_level >> plane
 
         # -- address stage: the read addresses are registered (the tap-mask select and the
         # row's address adder into eight bank copies had been the ULX3S' critical path),
         # with what the output stage needs of the K-word
-        word_meta = data.StructLayout({"row_valid": rows, "first": 1, "last": 1,
-                                       "index": range(self._max_k_words),
-                                       "tag": self._tag_width})
+        meta_fields = {"row_valid": rows, "first": 1, "last": 1,
+                       "index": range(self._max_k_words), "tag": self._tag_width}
+        if planar:
+            meta_fields["shift"] = range(self._max_planes)
+        word_meta = data.StructLayout(meta_fields)
         a_valid = Signal()
         a_addr = [Signal(aw, name=f"a{r}_addr") for r in range(rows)]
         a_use = Signal(rows)
@@ -323,13 +378,16 @@ class IssueEngine(wiring.Component):
                                     & (ky_n == kernel_m1))
         last_tile = Signal()
         handoff = Signal()
+        # the command's last K-word: the last of the last plane of its last job
+        last_of_command = issue & last_word & last_plane & last_tile if planar \
+            else issue & last_word & last_tile
         m.d.comb += [
             # the two stages (address, then data) move together: when the output stage
             # is empty or being taken
             advance.eq(~out_valid | self.words.ready),
             issue.eq(running & advance),
             last_tile.eq(tile == tiles_m1),                 # (tiles = 0 runs one job)
-            self.window.ready.eq(~running | (issue & last_word & last_tile)),
+            self.window.ready.eq(~running | last_of_command),
             handoff.eq(self.window.valid & self.window.ready),
         ]
 
@@ -352,9 +410,20 @@ class IssueEngine(wiring.Component):
             m.d.sync += last_word.eq(next_is_last)
             with m.If(last_word):
                 m.d.sync += last_word.eq((words_m1 == 0) & (kernel_m1 == 0))
-                with m.If(last_tile):
+                if planar:
+                    with m.If(~last_plane):
+                        # the job's next plane: K-word 0 at offset b·plane_step
+                        m.d.sync += [
+                            plane.eq(plane + 1),
+                            last_plane.eq(plane + 1 == planes_m1),
+                            plane_next.eq(plane_next + run_geo.plane_step),
+                            pad_bits.eq(pad_bits >> 1),
+                            ky.eq(0), kx.eq(0), word.eq(0), index.eq(0),
+                            offset.eq(plane_next), offset_row.eq(plane_next),
+                        ]
+                with m.If(last_plane & last_tile if planar else last_tile):
                     m.d.sync += running.eq(0)
-                with m.Else():
+                with m.Elif(last_plane) if planar else m.Else():
                     # the command's next job: same window (row registers), next tag
                     m.d.sync += [
                         tile.eq(tile + 1),
@@ -362,6 +431,10 @@ class IssueEngine(wiring.Component):
                         ky.eq(0), kx.eq(0), word.eq(0), index.eq(0), offset.eq(0),
                         offset_row.eq(0),
                     ]
+                    if planar:
+                        m.d.sync += [plane.eq(0), last_plane.eq(planes_m1 == 0),
+                                     plane_next.eq(run_geo.plane_step),
+                                     pad_bits.eq(run_geo.pad_level)]
         with m.If(handoff):                             # overrides the counting above
             m.d.sync += [
                 running.eq(1),
@@ -375,6 +448,14 @@ class IssueEngine(wiring.Component):
                 kernel_m1.eq(cmd_geo.kernel - 1),
                 tiles_m1.eq(Mux(cmd_geo.tiles == 0, 0, cmd_geo.tiles - 1)),
             ]
+            if planar:
+                m.d.sync += [
+                    plane.eq(0),
+                    planes_m1.eq(Mux(cmd_geo.planes == 0, 0, cmd_geo.planes - 1)),
+                    last_plane.eq(cmd_geo.planes <= 1),     # (planes = 0 reads one)
+                    plane_next.eq(cmd_geo.plane_step),
+                    pad_bits.eq(cmd_geo.pad_level),
+                ]
             if not self._fixed_layer:
                 m.d.sync += [run_row_words.eq(nxt.row_words), run_pad_mask.eq(nxt.pad_mask)]
             for r in range(rows):
@@ -392,7 +473,9 @@ class IssueEngine(wiring.Component):
                 self.read[r].addr.eq(a_addr[r]),
                 self.read[r].en.eq(advance),
             ]
-        pad_word = Mux(run_geo.pad_bit, Mux(word_at_last, run_pad_mask, ones), 0)
+        # the padding word: pad_bit's, or in plane b bit b of pad_level's
+        pad_word = Mux(pad_bits[0] if planar else run_geo.pad_bit,
+                       Mux(word_at_last, run_pad_mask, ones), 0)
         m.d.comb += [self.fetch.en.eq(advance & a_valid), self.fetch.index.eq(a_meta.index),
                      self.fetch.tag.eq(a_meta.tag), self.fetch.addr.eq(a_fetch_addr)]
 
@@ -403,8 +486,8 @@ class IssueEngine(wiring.Component):
                 a_pad.eq(pad),
                 a_pad_word.eq(pad_word),
                 a_meta.row_valid.eq(row_valid),
-                a_meta.first.eq(index == 0),
-                a_meta.last.eq(last_word),
+                a_meta.first.eq((index == 0) & (plane == 0) if planar else index == 0),
+                a_meta.last.eq(last_word & last_plane if planar else last_word),
                 a_meta.index.eq(index),
                 a_meta.tag.eq(tag),
                 a_fetch_addr.eq(tag + index),
@@ -414,6 +497,8 @@ class IssueEngine(wiring.Component):
                 out_pad_word.eq(a_pad_word),
                 out_meta.eq(a_meta),
             ]
+            if planar:
+                m.d.sync += a_meta.shift.eq(plane)
             for r in range(rows):
                 m.d.sync += a_addr[r].eq(Mux(use[r], row_base[r] + offset, 0))
 
@@ -427,6 +512,8 @@ class IssueEngine(wiring.Component):
             payload.index.eq(out_meta.index),
             payload.tag.eq(out_meta.tag),
         ]
+        if planar:
+            m.d.comb += payload.shift.eq(out_meta.shift)
         for r in range(rows):
             m.d.comb += payload.activations[r].eq(
                 Mux(out_use[r], self.read[r].data, Mux(out_pad[r], out_pad_word, 0)))
