@@ -27,6 +27,8 @@ METHOD_HELP = {
              "sparse object prior; no teacher",
     "rbcn": "RBCN: kernel approximation with a learnable matrix + adversarial feature matching "
             "against an fp teacher (--teacher)",
+    "kr": "KR (interpretation): the fp teacher's conv parameters aggregated as a prior on the "
+          "latent weights, sparsely recoded gradient (--teacher)",
 }
 
 def default_threads() -> int:
@@ -629,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
         "epoch; none with --val-images 0). Methods: "
         + "; ".join(f"{name}: {text}" for name, text in METHOD_HELP.items()) + ". --arch "
         "residual trains the contract-v2 residual detector (n-bit activations, shortcuts; "
-        "exported to a format-2 bundle) with plain, fp, ida or lws. A new run "
+        "exported to a format-2 bundle) with every method. A new run "
         "refuses an --out folder that already holds files, and a resumed run continues in its "
         "checkpoint's folder, refusing to overwrite later epochs' checkpoints (--force "
         "allows both).")
@@ -682,13 +684,13 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--init-from", metavar="CKPT",
                      help="initialise the binary convolutions' latent weights from an fp "
                      "checkpoint of the same widths and arch (typically the --teacher); new "
-                     "runs of plain, ida, bidet, rbcn (--arch residual: plain, ida) "
+                     "runs of plain, ida, bidet, rbcn, kr "
                      "(docs/methods.md). With --method fp: a warm "
                      "start from all of that fp checkpoint's weights")
     trn.add_argument("--levels", type=_positive,
-                     help="pyramid levels of the head (plain only; default 1): 2 or 3 add a "
-                     "shared binary head block with one BN per level (AQD multi-level BN); "
-                     "not exportable")
+                     help="pyramid levels of the head (plain, --arch chain only; default 1): "
+                     "2 or 3 add a shared binary head block with one BN per level (AQD "
+                     "multi-level BN); not exportable")
     trn.add_argument("--dup", type=_positive,
                      help="DupNet: store out/DUP filters per binary conv, tiled (plain only; "
                      "default 1)")
@@ -709,8 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "chain is the plain chain of W1A1 binary blocks (format-1 bundle); "
                      "residual the contract-v2 detector of residual binary blocks with n-bit "
                      "activations and pooled / channel-repeated shortcuts (format-2 bundle, "
-                     "runs on a contract-2 build), methods plain, fp (its real-valued "
-                     "counterpart), ida and lws; --widths then gives the stem's and each "
+                     "runs on a contract-2 build), every method (fp: its real-valued "
+                     "counterpart) and the model options but --levels and --raw-last; --widths "
+                     "then gives the stem's and each "
                      "block's width, each a multiple of the one before")
     trn.add_argument("--act-bits", type=_checked(int, lambda v: 1 <= v <= 4, "1, 2, 3 or 4"),
                      help="--arch residual: bits of every residual block's activations "

@@ -14,6 +14,13 @@ the real-valued ``fp`` teacher (registered in :data:`bitdet.sw.train.METHODS`).
   L2 on the binary pre-activations) and a sparse object prior; no teacher.
 * ``rbcn`` — RBCN (Liu et al., IJCAI 2019): kernel approximation through a learnable
   matrix and a discriminator matching the student's features to the teacher's.
+* ``kr`` — KR (Liu et al., "Knowledge Representing", arXiv 1911.05329; only the abstract
+  is readable here): a documented interpretation, the teacher's conv parameters
+  aggregated per (filter, input channel) as a prior on the student's latent weights, whose
+  gradient is sparsely recoded.
+
+Every method has a residual student too (``Residual*Detector``, ``kr`` the plain
+:class:`~bitdet.sw.models.ResidualBinaryDetector`) for ``--arch residual``.
 
 The students (:class:`LWSDetector`, :class:`IDaDetector`, :class:`BiDetDetector`,
 :class:`RBCNDetector`) are :class:`~bitdet.sw.models.BinaryDetector` subclasses whose extra
@@ -44,14 +51,17 @@ from .models import (
 __all__ = [
     "BIDET_DEFAULTS",
     "IDA_DEFAULTS",
+    "KR_DEFAULTS",
     "LWS_DEFAULTS",
     "RBCN_DEFAULTS",
     "BiDetDetector",
     "IDaDetector",
     "LWSDetector",
     "RBCNDetector",
+    "ResidualBiDetDetector",
     "ResidualIDaDetector",
     "ResidualLWSDetector",
+    "ResidualRBCNDetector",
     "SearchedBinaryConv2d",
     "bidet_losses",
     "fgfi_mask",
@@ -59,6 +69,9 @@ __all__ = [
     "ida_check_options",
     "ida_losses",
     "ida_selection",
+    "kr_aggregate",
+    "kr_check_options",
+    "kr_losses",
     "lws_losses",
     "lws_prepare",
     "rbcn_losses",
@@ -491,6 +504,17 @@ class BiDetDetector(BinaryDetector):
         self.log_var = nn.Conv2d(width, 4, 1)
 
 
+class ResidualBiDetDetector(ResidualBinaryDetector):
+    """:class:`~bitdet.sw.models.ResidualBinaryDetector` (as ``plain --arch residual``) with
+    BiDet's training-only ``log_var`` (as :class:`BiDetDetector`) on the last block's values:
+    the ``bidet`` method of the residual architecture. :func:`bidet_losses` takes ``L_IB`` on
+    every block's quantizer input ``BN(α·conv) + β_r·shortcut − b``. Not in the bundle."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.log_var = nn.Conv2d(self.blocks[-1].out_channels, 4, 1)
+
+
 #: Default options of ``bidet``: ``L = L_GT + reg·L_IB + prior·L_SP``; ``sigma`` scales the
 #: sampled box noise, ``score`` is the NMS confidence threshold of the sparse-prior term
 #: (values of the authors' SSD code; docs/methods.md).
@@ -536,9 +560,14 @@ def bidet_losses(student: BiDetDetector, teacher, pixels: torch.Tensor,
     del teacher
     weights = {**BIDET_DEFAULTS, **options}
     pre = []
-    hooks = [block.bn.register_forward_hook(
-        lambda mod, inp, out, block=block: pre.append(out - block.sign_bias.reshape(1, -1, 1, 1)))
-        for block in student.blocks]
+    if isinstance(student, ResidualBinaryDetector):     # the quantizer's input: BN + shortcut − b
+        hooks = [block.quant.register_forward_hook(
+            lambda mod, inp, out: pre.append(inp[0])) for block in student.blocks]
+    else:
+        hooks = [block.bn.register_forward_hook(
+            lambda mod, inp, out, block=block: pre.append(
+                out - block.sign_bias.reshape(1, -1, 1, 1)))
+            for block in student.blocks]
     try:
         maps = student.intermediates(pixels)
     finally:
@@ -590,6 +619,25 @@ class RBCNDetector(BinaryDetector):
             nn.Linear(64, 1))
 
 
+class ResidualRBCNDetector(ResidualBinaryDetector):
+    """:class:`~bitdet.sw.models.ResidualBinaryDetector` (as ``plain --arch residual``) with
+    RBCN's training parts (as :class:`RBCNDetector`): one ``modulation`` matrix per residual
+    block's conv, ``adapt`` and ``discriminator`` on the last block's values against the last
+    block of a :class:`~bitdet.sw.models.ResidualRealDetector` teacher (:func:`rbcn_losses`
+    unchanged). None of them is in the bundle."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.modulation = nn.ParameterList(
+            nn.Parameter(block.conv.weight.detach().abs().mean(dim=0).clone())
+            for block in self.blocks)
+        width = self.blocks[-1].out_channels
+        self.adapt = nn.Conv2d(width, width, 1)
+        self.discriminator = nn.Sequential(
+            nn.Linear(width, 64), nn.LeakyReLU(0.2), nn.Linear(64, 64), nn.LeakyReLU(0.2),
+            nn.Linear(64, 1))
+
+
 #: Default options of ``rbcn``: ``L = L_GT + kernel·L_Kernel + adv·(L_D + L_G)``
 #: (docs/methods.md).
 RBCN_DEFAULTS = {"kernel": 1e-4, "adv": 0.1}
@@ -633,3 +681,89 @@ def rbcn_losses(student: RBCNDetector, teacher: RealDetector, pixels: torch.Tens
     loss_g = F.binary_cross_entropy_with_logits(logit_gen, torch.ones_like(logit_gen))
     return head, {"kernel": weights["kernel"] * kernel, "disc": weights["adv"] * loss_d,
                   "gen": weights["adv"] * loss_g}
+
+
+# -------------------------------------------------------------------------------------- KR
+
+
+#: Default options of ``kr``: ``L = L_GT + ka·L_KA``; ``rho`` is the fraction of each
+#: layer's ``L_KA`` gradient entries that the sparse recoding keeps (docs/methods.md).
+KR_DEFAULTS = {"ka": 1.0, "rho": 0.1}
+
+
+class _SparseRecode(torch.autograd.Function):
+    """Identity forward; backward keeps the ``ceil(rho · numel)`` entries of largest
+    magnitude of the incoming gradient and zeroes the rest (KR's sparse recoding of the
+    prior's gradient on the student's weights; ties broken by ``torch.topk``'s order)."""
+
+    @staticmethod
+    def forward(ctx, x, rho):
+        ctx.rho = rho
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        flat = grad.reshape(-1)
+        keep = max(1, math.ceil(ctx.rho * flat.numel()))
+        if keep >= flat.numel():
+            return grad, None
+        index = torch.topk(flat.abs(), keep, sorted=False).indices
+        sparse = torch.zeros_like(flat)
+        sparse[index] = flat[index]
+        return sparse.reshape(grad.shape), None
+
+
+def kr_aggregate(weight: torch.Tensor) -> torch.Tensor:
+    """KR's knowledge aggregation of one conv's parameters (``O×C×k×k`` → ``O×C``): the
+    weights standardised over the layer (``w / std(w)``, so a real-valued teacher's and a
+    binary student's latent weights compare by shape, not scale), then averaged over each
+    ``k×k`` kernel: one number per (filter, input channel), the kernel's mean polarity."""
+    return (weight / weight.std().clamp(min=1e-12)).mean(dim=(2, 3))
+
+
+def kr_check_options(options: dict) -> None:
+    """``ValueError`` for ``kr`` options that cannot work (checked before training)."""
+    if options.get("ka", 1.0) < 0:
+        raise ValueError(f"kr option ka (the aggregation loss weight) must be >= 0, not "
+                         f"{options['ka']!r}")
+    rho = options.get("rho", 0.1)
+    if not 0 < rho <= 1:
+        raise ValueError(f"kr option rho (the fraction of gradient entries kept) must be in "
+                         f"(0, 1], not {rho!r}")
+
+
+def _teacher_convs(teacher: nn.Module) -> list[nn.Conv2d]:
+    return [blk.conv if isinstance(blk, ResidualRealBlock) else blk[0]
+            for blk in teacher.blocks]
+
+
+def kr_losses(student: nn.Module, teacher: nn.Module, pixels: torch.Tensor,
+              targets: list[dict[str, torch.Tensor]], options: dict,
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Student head map and the weighted KR term ``{"ka": ka·L_KA}`` (a documented
+    interpretation of Knowledge Representing, arXiv 1911.05329; docs/methods.md).
+
+    ``L_KA = Σ_i mean (kr_aggregate(W_i) − kr_aggregate(w̃_i))²`` over the binary blocks,
+    ``W_i`` the student's latent weights (the tensor whose sign is deployed), ``w̃_i`` the
+    teacher's corresponding 3×3 conv: the student matches the teacher's aggregated
+    parameter distribution, not its activations. The gradient ``L_KA`` sends to each
+    ``W_i`` is sparsely recoded (:class:`_SparseRecode`, the ``rho`` fraction of largest
+    magnitude kept), so the prior moves few weights per step. The teacher's data path is
+    not run (``pixels`` and ``targets`` reach only the student). Works for the chain
+    (:class:`~bitdet.sw.models.BinaryDetector`, teacher :class:`RealDetector`) and the
+    residual family (:class:`~bitdet.sw.models.ResidualBinaryDetector`, teacher
+    :class:`~bitdet.sw.models.ResidualRealDetector`).
+    """
+    del targets
+    weights = {**KR_DEFAULTS, **options}
+    head = student(pixels)
+    loss = pixels.new_zeros(())
+    for block, t_conv in zip(student.blocks, _teacher_convs(teacher), strict=True):
+        w = block.conv.weight
+        w_t = t_conv.weight.detach()
+        if w.shape != w_t.shape:
+            raise ValueError(f"kr: the teacher's conv {tuple(w_t.shape)} does not fit the "
+                             f"student's {tuple(w.shape)}")
+        recoded = _SparseRecode.apply(w, float(weights["rho"]))
+        loss = loss + ((kr_aggregate(recoded) - kr_aggregate(w_t)) ** 2).mean()
+    return head, {"ka": weights["ka"] * loss}

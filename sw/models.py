@@ -845,13 +845,17 @@ class ResidualBinaryBlock(nn.Module):
     :func:`~bitdet.core.fold.residual_preactivation` and
     :func:`~bitdet.core.fold.residual_output` on the integer dot (:meth:`forward_levels`),
     so :meth:`to_device` (:func:`~bitdet.core.fold.fold_residual_conv`) is bit-exact.
+
+    ``dup`` (DupNet) and ``binarizer`` (QuantNet) are :class:`BinaryConv2d`'s: the folded
+    weights are the signs of ``conv.sign_source()`` with the eval-mode α either way.
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, in_bits: int = 1,
                  out_bits: int = 1, shortcut_bits: int = 0, stride: int = 1,
                  residual_bits: int = 0, kernel: int = 3, pad_level: int = 0,
                  in_grid: LevelQuantizer | None = None,
-                 shortcut_grid: LevelQuantizer | None = None):
+                 shortcut_grid: LevelQuantizer | None = None, dup: int = 1,
+                 binarizer: str = "ste"):
         super().__init__()
         for name, value, low in (("in_bits", in_bits, 1), ("out_bits", out_bits, 1),
                                  ("shortcut_bits", shortcut_bits, 0),
@@ -875,7 +879,7 @@ class ResidualBinaryBlock(nn.Module):
         self.in_bits, self.out_bits, self.shortcut_bits = in_bits, out_bits, shortcut_bits
         self.residual_bits, self.stride, self.pad_level = residual_bits, stride, pad_level
         self.conv = BinaryConv2d(in_channels, out_channels, kernel, stride=stride,
-                                 padding=kernel // 2)
+                                 padding=kernel // 2, dup=dup, binarizer=binarizer)
         self.bn = nn.BatchNorm2d(out_channels)
         self.sign_bias = nn.Parameter(torch.zeros(out_channels))
         self.shortcut_gain = nn.Parameter(torch.ones(out_channels)) if shortcut_bits else None
@@ -1099,12 +1103,15 @@ class LevelStem(QuantStem):
     bn_sign_preactivation` on the integer accumulator). :meth:`export` folds BN, bias and
     quantizer into ``2**bits − 1`` integer thresholds per channel on that accumulator: the
     bundle's ``conv_threshold`` host layer, which outputs the levels themselves. ``bits = 1``
-    is :class:`QuantStem`'s sign (the level is the bit).
+    is :class:`QuantStem`'s sign (the level is the bit). ``host_bits`` (AQD's LSQ n-bit
+    weights) and ``ifq`` (power-of-two weight scale) are :class:`QuantStem`'s.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int = 3, *,
-                 stride: int = 2, bits: int = 2):
-        super().__init__(in_channels, out_channels, kernel, stride=stride)
+                 stride: int = 2, bits: int = 2, host_bits: int | None = None,
+                 ifq: bool = False):
+        super().__init__(in_channels, out_channels, kernel, stride=stride, bits=host_bits,
+                         ifq=ifq)
         self.act = LevelQuantizer(bits)
 
     @property
@@ -1178,20 +1185,37 @@ class ResidualBinaryDetector(nn.Module):
         ``act_bits = 1, residual_bits = n``): every block but the last also quantizes its
         pre-activation to ``m`` bits (``residual_quant``, graph node ``res{i}.res``) and
         that map is the next block's shortcut; the first block's shortcut is the stem's map.
+    dup, dup_input, binarizer, host_bits, ifq : optional
+        The chain's trainer options (:class:`BinaryDetector`; docs/methods.md, "Seed
+        methods on the residual family"), all off by default: DupNet's tiled filter banks in
+        every block (``dup`` must divide every block's width) and the stem's map repeated
+        ``dup_input`` times as the first block's input (its width must be a multiple of
+        ``dup_input · widths[0]``: the shortcut repeats the repeated map), QuantNet's
+        meta-quantizer (``binarizer="quantnet"``), AQD's LSQ ``host_bits``-bit stem and
+        head weights, IFQ-Net's power-of-two host scales (``ifq``).
     """
 
     def __init__(self, *, num_classes: int = 10, in_channels: int = 1,
                  widths: tuple[int, ...] = (16, 16, 32, 32, 32),
                  strides: tuple[int, ...] = (1, 2, 2, 1), image_size: int = 64,
                  class_names: tuple[str, ...] | None = None, stem_bits: int = 2,
-                 act_bits: int = 2, residual_bits: int = 0):
+                 act_bits: int = 2, residual_bits: int = 0, dup: int = 1, dup_input: int = 1,
+                 binarizer: str = "ste", host_bits: int | None = None, ifq: bool = False):
         super().__init__()
         if len(strides) != len(widths) - 1 or not strides:
             raise ValueError(f"strides needs one entry per residual block ({len(widths) - 1}), "
                              f"got {len(strides)}")
+        if isinstance(dup_input, bool) or not isinstance(dup_input, int) or dup_input < 1:
+            raise ValueError(f"dup_input must be a positive integer, not {dup_input!r}")
+        if dup_input > 1 and widths[1] % (widths[0] * dup_input):
+            raise ValueError(f"the first block's width {widths[1]} must be a multiple of "
+                             f"dup_input × the stem's width, {dup_input * widths[0]} (its "
+                             "shortcut repeats the repeated stem map)")
         self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
         self.class_names = tuple(class_names or (str(i) for i in range(num_classes)))
-        self.stem = LevelStem(in_channels, widths[0], bits=stem_bits)
+        self.dup_input = dup_input
+        self.stem = LevelStem(in_channels, widths[0], bits=stem_bits, host_bits=host_bits,
+                              ifq=ifq)
         side = self.stem_side
         for i, stride in enumerate(strides):
             if stride == 2 and side % 2:
@@ -1203,20 +1227,27 @@ class ResidualBinaryDetector(nn.Module):
         self.blocks = nn.ModuleList()
         grid = sc_grid = self.stem.act
         last = len(strides) - 1
-        for i, (cin, cout, stride) in enumerate(zip(widths[:-1], widths[1:], strides,
-                                                    strict=True)):
+        ins = [widths[0] * dup_input, *widths[1:-1]]
+        for i, (cin, cout, stride) in enumerate(zip(ins, widths[1:], strides, strict=True)):
             block = ResidualBinaryBlock(cin, cout, in_bits=grid.bits, out_bits=act_bits,
                                         shortcut_bits=sc_grid.bits, stride=stride,
                                         residual_bits=residual_bits if i < last else 0,
-                                        in_grid=grid, shortcut_grid=sc_grid)
+                                        in_grid=grid, shortcut_grid=sc_grid, dup=dup,
+                                        binarizer=binarizer)
             self.blocks.append(block)
             grid = block.quant
             sc_grid = block.residual_quant if block.residual_quant is not None else grid
         if grid.bits > 1:     # the head reads the last map's levels: its zero point is unused
             del grid.zero
             grid.register_buffer("zero", torch.tensor(0.0))
-        self.head = QuantHead(widths[-1], 5 + num_classes)
+        self.head = QuantHead(widths[-1], 5 + num_classes, bits=host_bits, ifq=ifq)
         self.stride = 2 ** (1 + sum(s == 2 for s in strides))
+
+    def set_progress(self, progress: float) -> None:
+        """Training progress in [0, 1] (QuantNet's β annealing; no effect otherwise)."""
+        for module in self.modules():
+            if isinstance(module, BinaryConv2d) and module.binarizer == "quantnet":
+                module.progress.fill_(float(progress))
 
     @property
     def stem_side(self) -> int:
@@ -1238,8 +1269,12 @@ class ResidualBinaryDetector(nn.Module):
         return (x - quant.zero_point()) / quant.scale()
 
     def intermediates(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        """The stem's values, every block's values (``a·s + z``) and the head map."""
-        x = shortcut = self.stem(pixels)
+        """The stem's values (repeated ``dup_input`` times), every block's values
+        (``a·s + z``) and the head map."""
+        x = self.stem(pixels)
+        if self.dup_input > 1:
+            x = x.repeat(1, self.dup_input, 1, 1)
+        shortcut = x
         outputs = [x]
         for block in self.blocks:
             y = block(x, shortcut)
@@ -1262,11 +1297,16 @@ class ResidualBinaryDetector(nn.Module):
 
     def export_bundle(self) -> Bundle:
         """Fold the (eval-mode) model into a version-2 deployment bundle: the stem and the
-        head on the host, the residual body as a graph (:meth:`graph_nodes`)."""
+        head on the host, the residual body as a graph (:meth:`graph_nodes`); with
+        ``dup_input`` the stem's output rows (weights, thresholds, signs) repeated."""
+        stem = self.stem.export()
+        if self.dup_input > 1:        # DupNet: the stem's output channels repeated
+            stem.arrays = {name: np.tile(a, (self.dup_input,) + (1,) * (a.ndim - 1))
+                           for name, a in stem.arrays.items()}
         return Bundle(
-            binary_layers=[], input_shape=(self.stem.weight.shape[0], self.stem_side,
-                                           self.stem_side),
-            host_layers=[self.stem.export(), self.head.export()],
+            binary_layers=[], input_shape=(self.stem.weight.shape[0] * self.dup_input,
+                                           self.stem_side, self.stem_side),
+            host_layers=[stem, self.head.export()],
             model={"name": "bitdet-residual-detector", "classes": list(self.class_names),
                    "input": [self.in_channels, self.image_size, self.image_size],
                    "grid_stride": self.stride,

@@ -14,6 +14,9 @@ Methods (:data:`METHODS`):
   bottleneck and a sparse object prior; no teacher.
 * ``rbcn`` — RBCN (:mod:`bitdet.sw.distill`): the ``plain`` detector with a learnable kernel
   approximation and a discriminator on its features against an ``fp`` teacher.
+* ``kr`` — KR (:mod:`bitdet.sw.distill`, a documented interpretation): the ``plain``
+  detector whose latent weights learn the ``fp`` teacher's aggregated parameter
+  distribution through a sparsely recoded gradient.
 
 ``plain`` also takes model options (:data:`MODEL_OPTIONS`, ``train(model_options=...)``):
 AQD's multi-level BN on a shared multi-level head (``levels``, trained with
@@ -25,8 +28,9 @@ fixed-point host layers (``ifq``, integer path :func:`run_bundle_fixed_point`).
 Architectures (:data:`ARCHS`, ``train(arch=...)``, ``bitdet train --arch``): ``chain`` (the
 models above) and ``residual``, the contract-v2 residual detector
 (:class:`bitdet.sw.models.ResidualBinaryDetector`: n-bit activations, shortcuts; a
-format-2 bundle) for ``plain``, ``fp`` (:class:`bitdet.sw.models.ResidualRealDetector`),
-``ida`` and ``lws``, through the same loop and checkpoints.
+format-2 bundle) for every method (``fp``: :class:`bitdet.sw.models.ResidualRealDetector`)
+and the model options but ``levels`` and ``raw_last`` (:data:`RESIDUAL_MODEL_OPTIONS`),
+through the same loop and checkpoints.
 :func:`train_residual_detector` is that run without checkpoint files and
 :func:`tiny_residual_detector` its small seeded run with the exported version-2 bundle.
 
@@ -65,17 +69,22 @@ from .detection import BOX_PRIOR, LossWeights, decode, detection_loss, encode_ta
 from .distill import (
     BIDET_DEFAULTS,
     IDA_DEFAULTS,
+    KR_DEFAULTS,
     LWS_DEFAULTS,
     RBCN_DEFAULTS,
     BiDetDetector,
     IDaDetector,
     LWSDetector,
     RBCNDetector,
+    ResidualBiDetDetector,
     ResidualIDaDetector,
     ResidualLWSDetector,
+    ResidualRBCNDetector,
     bidet_losses,
     ida_check_options,
     ida_losses,
+    kr_check_options,
+    kr_losses,
     lws_losses,
     lws_prepare,
     rbcn_losses,
@@ -96,6 +105,7 @@ __all__ = [
     "MODEL_OPTIONS",
     "MODEL_OPTION_METHODS",
     "QUANTNET_DEFAULTS",
+    "RESIDUAL_MODEL_OPTIONS",
     "RESIDUAL_OPTIONS",
     "CheckpointError",
     "DistillLosses",
@@ -173,11 +183,17 @@ METHODS: dict[str, Method] = {
                   check=ida_check_options, residual_class=ResidualIDaDetector),
     "bidet": Method("bidet", "BiDet: information bottleneck (sampled boxes, L2 on the "
                     "pre-activations) + sparse object prior; no teacher", BiDetDetector,
-                    exportable=True, losses=bidet_losses, defaults=BIDET_DEFAULTS),
+                    exportable=True, losses=bidet_losses, defaults=BIDET_DEFAULTS,
+                    residual_class=ResidualBiDetDetector),
     "rbcn": Method("rbcn", "RBCN: kernel approximation with a learnable matrix + adversarial "
                    "feature matching against an fp teacher (--teacher)", RBCNDetector,
                    exportable=True, losses=rbcn_losses, defaults=RBCN_DEFAULTS,
-                   needs_teacher=True),
+                   needs_teacher=True, residual_class=ResidualRBCNDetector),
+    "kr": Method("kr", "KR (interpretation): the fp teacher's conv parameters aggregated as a "
+                 "prior on the latent weights, sparsely recoded gradient (--teacher)",
+                 BinaryDetector, exportable=True, losses=kr_losses, defaults=KR_DEFAULTS,
+                 needs_teacher=True, check=kr_check_options,
+                 residual_class=ResidualBinaryDetector),
 }
 
 
@@ -267,6 +283,12 @@ ARCHS = ("chain", "residual")
 #: block's shortcut is the map it reads) and each block's stride.
 RESIDUAL_OPTIONS = {"stem_bits": 2, "act_bits": 2, "residual_bits": None,
                     "strides": (1, 2, 2, 1)}
+#: The chain's model options (:data:`MODEL_OPTIONS`) that the residual architecture takes
+#: too (``plain`` only, as on the chain; stored in ``config.model`` only when not default):
+#: DupNet's ``dup`` / ``dup_input``, QuantNet's ``binarizer``, AQD's ``host_bits``, IFQ-Net's
+#: ``ifq``. ``levels`` (AQD's multi-level head) and ``raw_last`` are refused: a format-2
+#: bundle has one host head reading the last node (docs/methods.md).
+RESIDUAL_MODEL_OPTIONS = ("dup", "dup_input", "binarizer", "host_bits", "ifq")
 #: Bits of the residual stream that a W1A1 residual detector gets by default.
 RESIDUAL_STREAM_BITS = 2
 
@@ -300,10 +322,14 @@ def _residual_model_kwargs(method: Method, image_size: int, model_options: dict 
         raise TrainingError(f"method {method.name!r} does not support arch 'residual' (it "
                             f"does: {', '.join(residual_methods())})")
     given = {k: v for k, v in (model_options or {}).items() if v is not None}
-    chain = [k for k in given if k in MODEL_OPTIONS and given[k] != MODEL_OPTIONS[k]]
+    chain = [k for k in given if k in MODEL_OPTIONS and k not in RESIDUAL_MODEL_OPTIONS
+             and given[k] != MODEL_OPTIONS[k]]
     if chain:
         raise TrainingError(f"model option(s) {', '.join(chain)} are for arch 'chain', not "
-                            "'residual'")
+                            "'residual' (a format-2 bundle has one host head on the last "
+                            "node's levels: docs/methods.md)")
+    seeds = _check_model_options(method.name, {k: given[k] for k in RESIDUAL_MODEL_OPTIONS
+                                               if k in given})
     unknown = sorted(set(given) - set(RESIDUAL_OPTIONS) - set(MODEL_OPTIONS))
     if unknown:
         raise TrainingError(f"bad residual detector options: unknown model option(s) "
@@ -332,10 +358,19 @@ def _residual_model_kwargs(method: Method, image_size: int, model_options: dict 
     if image_size % step:
         raise TrainingError(f"the residual detector with strides {strides} needs an image size "
                             f"divisible by {step}, not {image_size}")
+    dup = seeds.get("dup", 1)
+    if any(width % dup for width in values[1:]):
+        raise TrainingError(f"dup {dup} must divide every residual block's width "
+                            f"{values[1:]} (each block tiles its filters dup times)")
+    dup_input = seeds.get("dup_input", 1)
+    if values[1] % (dup_input * values[0]):
+        raise TrainingError(f"dup_input {dup_input}: the first block's width {values[1]} must "
+                            f"be a multiple of dup_input × the stem's width "
+                            f"{dup_input * values[0]} (its shortcut repeats the repeated map)")
     return {"num_classes": len(DIGIT_CLASSES), "in_channels": 1, "widths": values,
             "strides": strides, "image_size": image_size, "class_names": list(DIGIT_CLASSES),
             "stem_bits": chosen["stem_bits"], "act_bits": chosen["act_bits"],
-            "residual_bits": chosen["residual_bits"]}
+            "residual_bits": chosen["residual_bits"], **seeds}
 
 
 @dataclass
@@ -727,6 +762,9 @@ def run_bundle_fixed_point(bundle: Bundle, pixels: torch.Tensor,
     the head map is ``acc · 2^−frac_bits`` (per channel), which equals
     :func:`bitdet.sw.evaluate.run_bundle` exactly. Raises :class:`ValueError` for a head
     whose scales are not powers of two.
+
+    A format-2 (residual) bundle runs its stem's levels through the golden graph; the head
+    reads the last node's levels (0 … 2ⁿ − 1, or ±1 for one bit), as :meth:`Bundle.head`.
     """
     from bitdet.core.golden import fixed_point_conv2d
 
@@ -737,7 +775,12 @@ def run_bundle_fixed_point(bundle: Bundle, pixels: torch.Tensor,
         raise ValueError("the bundle's head scales are not powers of two: it was not trained "
                          "with --ifq (fixed point)")
     stem = bundle.stem(pixels)
-    bits = bundle.run_binary(stem.to(torch.float32) * 2 - 1)[-1].to(torch.int64) * 2 - 1
+    if bundle.uses_v2():
+        bits = bundle.run_binary(stem.to(torch.int32))[-1].to(torch.int64)
+        if bundle.output_bits() == 1:
+            bits = bits * 2 - 1
+    else:
+        bits = bundle.run_binary(stem.to(torch.float32) * 2 - 1)[-1].to(torch.int64) * 2 - 1
     weight = torch.from_numpy(head.arrays["weight"].astype(np.int64))
     acc = fixed_point_conv2d(bits, weight, stride=head.stride, padding=head.padding,
                              pad_value=0)
@@ -871,7 +914,7 @@ def train(method: str | None = None, epochs: int | None = None,  # noqa: C901
     ``1`` is often much faster than oversubscribed cores. Bit-exact reproduction (e.g. of
     a resumed run) needs the same thread count.
 
-    ``teacher``: the ``fp`` checkpoint a distillation method (``lws``, ``ida``, ``rbcn``)
+    ``teacher``: the ``fp`` checkpoint a distillation method (``lws``, ``ida``, ``rbcn``, ``kr``)
     learns from (required for those, refused for the others; a resumed run reloads the
     stored path).
     ``options``: the method's options (loss weights, …), overriding its defaults
@@ -898,10 +941,12 @@ def train(method: str | None = None, epochs: int | None = None,  # noqa: C901
     ``"residual"`` trains the contract-v2 residual detector
     (:class:`~bitdet.sw.models.ResidualBinaryDetector`, exported to a format-2 bundle; its
     ``fp`` counterpart :class:`~bitdet.sw.models.ResidualRealDetector`) with the methods
-    that have a ``Method.residual_class`` (``plain``, ``fp``, ``ida``, ``lws``) through this
-    same loop; its ``model_options`` are :data:`RESIDUAL_OPTIONS` (``act_bits``,
-    ``residual_bits``, ``stem_bits``, ``strides``), and ``widths`` has one value per block
-    after the stem's (each a multiple of the one before; default :data:`DEFAULT_WIDTHS`).
+    that have a ``Method.residual_class`` (every method) through this same loop; its
+    ``model_options`` are :data:`RESIDUAL_OPTIONS` (``act_bits``, ``residual_bits``,
+    ``stem_bits``, ``strides``) and, for ``plain``, :data:`RESIDUAL_MODEL_OPTIONS`
+    (``dup``, ``dup_input``, ``binarizer``, ``host_bits``, ``ifq``), and ``widths`` has one
+    value per block after the stem's (each a multiple of the one before; default
+    :data:`DEFAULT_WIDTHS`).
     """
     if threads is not None:
         if threads < 1:

@@ -190,12 +190,10 @@ def test_w1a1_with_a_two_bit_residual_stream(capsys, teacher, root, tmp_path):
 
 
 def test_residual_methods_are_the_registry():
-    assert residual_methods() == ["plain", "fp", "lws", "ida"]
+    assert residual_methods() == ["plain", "fp", "lws", "ida", "bidet", "rbcn", "kr"]
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method", "bidet"], "method 'bidet' does not support arch 'residual'"),
-    (["--method", "rbcn", "--teacher", "x.pt"], "method 'rbcn' does not support arch"),
     (["--method", "plain", "--levels", "2"], "model option(s) levels are for arch 'chain'"),
     (["--method", "plain", "--raw-last"], "model option(s) raw_last are for arch 'chain'"),
     (["--method", "plain", "--widths", "16,24,48,96,96"],
