@@ -545,8 +545,12 @@ class Bundle:
         rest)."""
         stride = self.model.get("grid_stride")
         if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-            raise BundleError("the bundle's model metadata has no valid 'grid_stride': it "
-                              "does not describe a detector")
+            task = self.model.get("task")
+            what = f"a {task!r} bundle" if isinstance(task, str) else "this bundle"
+            raise BundleError(f"{what} has no detection head (no valid 'grid_stride' in its "
+                              "model metadata), so it cannot detect: import the model with "
+                              "`bitdet import --head-config H.yaml`, or run its layers with "
+                              "the driver (Device.run_graph) or `bitdet sim layer --bundle`")
         settings = {"stride": stride}
         decode = self.model.get("decode", {})
         if isinstance(decode, dict) and "prior" in decode:

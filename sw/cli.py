@@ -404,7 +404,7 @@ def _cmd_import(args) -> int:
     try:
         from .qonnx_import import QonnxImportError, _CheckFailed, import_to_file
         import_to_file(args.model, args.out, force=args.force, inputs=args.inputs,
-                       seed=args.seed, emulator=emulator)
+                       seed=args.seed, emulator=emulator, head_config=args.head_config)
     except ModuleNotFoundError as e:
         print(f"bitdet: error: bitdet import needs {e.name}, which is not installed: "
               'pip install -e ".[import]"', file=sys.stderr)
@@ -751,6 +751,11 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--emulator", default="contract2", metavar="CONFIG",
                      help="contract-2 build whose emulator also runs a format-2 bundle, every "
                      "map compared with qonnx (default contract2; 'off' skips it)")
+    imp.add_argument("--head-config", metavar="H.yaml",
+                     help="a YAML mapping the graph's output to bitdet's detection head "
+                     "(classes, stride, channel order, box prior, score threshold, NMS IoU): "
+                     "the bundle is then a detector that `bitdet detect` runs; without it, a "
+                     "feature bundle (docs/import.md)")
     imp.set_defaults(func=_cmd_import)
 
     sim = sub.add_parser("sim", help="RTL simulation of the accelerator (cocotb)")

@@ -45,8 +45,9 @@ from bitdet.core.bundle import Bundle, HostLayer
 from bitdet.core.fold import fold_integer_epilogue, fold_levels, weight_sums
 from bitdet.core.golden import BinaryConvLayer, ChannelRepeat, GraphNode, PoolPass, run_layer
 
-__all__ = ["CheckReport", "EmulatorReport", "ImportResult", "QonnxImportError", "check_bundle",
-           "import_qonnx", "import_to_file"]
+__all__ = ["HEAD_CONFIG_KEYS", "CheckReport", "EmulatorReport", "HeadConfig", "HeadConfigError",
+           "ImportResult", "QonnxImportError", "apply_head_config", "check_bundle",
+           "head_error_bound", "import_qonnx", "import_to_file", "load_head_config"]
 
 QUANTIZERS = ("BipolarQuant", "Quant", "IntQuant", "MultiThreshold")
 ELEMENTWISE = ("BatchNormalization", "Mul", "Add", "Sub", "Div", "Relu", "Reciprocal",
@@ -152,6 +153,9 @@ class ImportResult:
     input_kind: dict
     head_output: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: bundle head channel ``j`` is the graph output's channel ``head_channels[j]``
+    #: (:func:`apply_head_config`; None: the graph's order)
+    head_channels: list[int] | None = None
 
 
 @dataclass
@@ -173,6 +177,7 @@ class CheckReport:
     inputs: int
     difference: str | None = None
     head_error: float | None = None
+    head_bound: float | None = None
     emulator: EmulatorReport | None = None
 
     @property
@@ -1011,9 +1016,12 @@ def _chain(nodes: list[GraphNode]):
 
 def _metadata(graph: _Graph, path, importer: _Importer) -> dict:
     props = {p.key: p.value for p in graph.model.model.metadata_props}
+    # "input": [C, H, W] of the graph input, as bitdet's own bundles record it (what
+    # `bitdet detect` letterboxes an image into); "input_kind": what the bundle reads
     model = {"name": graph.model.graph.name or Path(path).stem, "source": "qonnx import",
-             "source_file": Path(path).name, "input": importer.input_kind,
-             "task": "features"}
+             "source_file": Path(path).name,
+             "input": [int(d) for d in graph.shape(graph.input)[1:]],
+             "input_kind": importer.input_kind, "task": "features"}
     if "bitdet.grid_stride" in props:       # the model says it is a detector
         model.update(task="detection", grid_stride=int(props["bitdet.grid_stride"]))
         if "bitdet.classes" in props:
@@ -1071,6 +1079,288 @@ def import_qonnx(path: str | os.PathLike) -> ImportResult:
     bundle.validate()
     return ImportResult(bundle, tensors, graph.model, importer.input_kind,
                         importer.head_output, importer.notes)
+
+
+# --------------------------------------------------------------------------- the head config
+
+
+class HeadConfigError(QonnxImportError):
+    """The ``--head-config`` YAML is malformed or does not fit the graph (one line, names
+    the file and the key)."""
+
+
+#: Keys of a head config (docs/import.md, "A detection head"); every one is optional but
+#: ``classes`` or ``num_classes``.
+HEAD_CONFIG_KEYS = ("classes", "num_classes", "stride", "grid", "channels", "box_encoding",
+                    "box_prior", "score_threshold", "nms_iou", "max_detections")
+#: Keys of ``channels``: where bitdet's head-map parts sit in the graph output's channels.
+CHANNEL_KEYS = ("objectness", "box", "classes")
+#: The one box encoding bitdet decodes (:mod:`bitdet.sw.detection`): centre
+#: ``(g + sigmoid(t)) · stride``, size ``prior · exp(t)``, one box per cell.
+BOX_ENCODINGS = ("bitdet",)
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """A ``--head-config`` YAML, read and checked for types (:func:`load_head_config`); the
+    checks against the graph are :func:`apply_head_config`'s.
+
+    Members
+    -------
+    source : str
+        The file's name (for messages and the manifest).
+    num_classes : int
+    class_names : list of str or None
+    stride, grid : int / (int, int) or None
+        The grid stride in input pixels and the grid ``(S_h, S_w)``; None: derived from
+        the graph (input size / output size), checked when given.
+    channels : dict or None
+        ``{"objectness": int, "box": [tx, ty, tw, th], "classes": [int] * C}`` graph output
+        channels; None: bitdet's own order (0 objectness, 1…4 box, 5… classes).
+    box_prior, score_threshold, nms_iou : float
+    max_detections : int
+    """
+
+    source: str
+    num_classes: int
+    class_names: list[str] | None = None
+    stride: int | None = None
+    grid: tuple[int, int] | None = None
+    channels: dict | None = None
+    box_prior: float = 16.0
+    score_threshold: float = 0.25
+    nms_iou: float = 0.5
+    max_detections: int = 100
+
+    def permutation(self) -> list[int]:
+        """Graph output channel of each head-map channel in bitdet's order (objectness,
+        tx, ty, tw, th, class 0 … C−1)."""
+        if self.channels is None:
+            return list(range(5 + self.num_classes))
+        c = self.channels
+        return [c["objectness"], *c["box"], *c["classes"]]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and bool(np.isfinite(value)))
+
+
+def load_head_config(path) -> HeadConfig:
+    """Read a head config YAML; :class:`HeadConfigError` (one line naming the file and the
+    key) for a malformed one: not YAML, not a mapping, an unknown key, a wrong type or
+    range, ``classes`` and ``num_classes`` that disagree, a ``channels`` mapping that
+    repeats a channel or lacks a part."""
+    path = Path(path)
+    where = path.name
+    data = _read_yaml(path)
+    for key in data:
+        if key not in HEAD_CONFIG_KEYS:
+            _bad_key(where, key, f"unknown key (known: {', '.join(HEAD_CONFIG_KEYS)})")
+    names, count = _head_classes(data, where)
+    stride = data.get("stride")
+    if stride is not None and (not _is_int(stride) or stride < 1):
+        _bad_key(where, "stride", f"must be an integer >= 1 (input pixels per grid cell), "
+                 f"not {stride!r}")
+    grid = data.get("grid")
+    if grid is not None:
+        grid = [grid, grid] if _is_int(grid) else grid
+        if (not isinstance(grid, list) or len(grid) != 2
+                or not all(_is_int(g) and g >= 1 for g in grid)):
+            _bad_key(where, "grid", f"must be [rows, columns] (integers >= 1) or one "
+                     f"integer, not {data['grid']!r}")
+        grid = tuple(grid)
+    encoding = data.get("box_encoding", "bitdet")
+    if encoding not in BOX_ENCODINGS:
+        _bad_key(where, "box_encoding", f"{encoding!r} is not decoded by bitdet (known: "
+                 f"{', '.join(BOX_ENCODINGS)}: centre (cell + sigmoid(t))·stride, size "
+                 "prior·exp(t); permute the channels with 'channels')")
+    numbers = {}
+    for key, default, low, high, what in (
+            ("box_prior", 16.0, 1e-9, 1e9, "a positive number (pixels)"),
+            ("score_threshold", 0.25, 0.0, 1.0, "a number in [0, 1]"),
+            ("nms_iou", 0.5, 0.0, 1.0, "a number in [0, 1]")):
+        value = data.get(key, default)
+        if not _is_number(value) or not low <= value <= high:
+            _bad_key(where, key, f"must be {what}, not {value!r}")
+        numbers[key] = float(value)
+    most = data.get("max_detections", 100)
+    if not _is_int(most) or most < 1:
+        _bad_key(where, "max_detections", f"must be an integer >= 1, not {most!r}")
+    channels = data.get("channels")
+    if channels is not None:
+        channels = _head_channels(channels, count, where)
+    return HeadConfig(source=where, num_classes=count, class_names=names, stride=stride,
+                      grid=grid, channels=channels, max_detections=most, **numbers)
+
+
+def _bad_key(where: str, key: str, why: str):
+    raise HeadConfigError(f"{where}: key {key!r}: {why}")
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise HeadConfigError(f"{path}: no such head config file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise HeadConfigError(f"{path}: cannot read the head config "
+                              f"({type(e).__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise HeadConfigError(f"{path.name}: not valid YAML{at}: {problem}") from None
+    if not isinstance(data, dict):
+        raise HeadConfigError(f"{path.name}: a head config is a mapping of keys "
+                              f"({', '.join(HEAD_CONFIG_KEYS)}), not {type(data).__name__}")
+    return data
+
+
+def _head_classes(data: dict, where: str) -> tuple[list[str] | None, int]:
+    """``(class names or None, class count)`` from ``classes`` / ``num_classes``."""
+    names, count = data.get("classes"), data.get("num_classes")
+    if names is None and count is None:
+        _bad_key(where, "classes", "missing (a list of class names, or num_classes: C)")
+    if count is not None and (not _is_int(count) or count < 1):
+        _bad_key(where, "num_classes", f"must be an integer >= 1, not {count!r}")
+    if names is None:
+        return None, count
+    if _is_int(names) and names >= 1:              # classes: C (no names)
+        if count is not None and count != names:
+            _bad_key(where, "num_classes", f"{count!r} but classes is {names!r}")
+        return None, names
+    if (not isinstance(names, list) or not names
+            or not all(isinstance(n, str) and n for n in names)):
+        _bad_key(where, "classes", f"must be a non-empty list of class names (strings) or a "
+                 f"count, not {names!r}")
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        _bad_key(where, "classes", f"repeats a name ({twice!r})")
+    if count is not None and count != len(names):
+        _bad_key(where, "num_classes", f"{count} but classes lists {len(names)} names")
+    return names, len(names)
+
+
+def _head_channels(channels, count: int, where: str) -> dict:
+    """``channels`` checked: each part present, integers, no channel twice; ``classes``
+    may be the first of ``count`` consecutive channels."""
+    def bad(key, why):
+        raise HeadConfigError(f"{where}: key 'channels.{key}': {why}")
+
+    if not isinstance(channels, dict):
+        raise HeadConfigError(f"{where}: key 'channels': must be a mapping of "
+                              f"{', '.join(CHANNEL_KEYS)}, not {channels!r}")
+    for key in channels:
+        if key not in CHANNEL_KEYS:
+            bad(key, f"unknown key (known: {', '.join(CHANNEL_KEYS)})")
+    for key in CHANNEL_KEYS:
+        if key not in channels:
+            bad(key, "missing (channels gives objectness, box and classes together)")
+    obj, box, cls = (channels[k] for k in CHANNEL_KEYS)
+    if not _is_int(obj) or obj < 0:
+        bad("objectness", f"must be a channel index (integer >= 0), not {obj!r}")
+    if not isinstance(box, list) or len(box) != 4 or not all(_is_int(b) and b >= 0
+                                                              for b in box):
+        bad("box", f"must be 4 channel indices [tx, ty, tw, th], not {box!r}")
+    if _is_int(cls) and cls >= 0:
+        cls = list(range(cls, cls + count))
+    elif not isinstance(cls, list) or not all(_is_int(c) and c >= 0 for c in cls):
+        bad("classes", f"must be the first class channel or a list of channel indices, "
+            f"not {cls!r}")
+    elif len(cls) != count:
+        bad("classes", f"lists {len(cls)} channels for {count} classes")
+    used = [obj, *box, *cls]
+    twice = [c for c in used if used.count(c) > 1]
+    if twice:
+        raise HeadConfigError(f"{where}: key 'channels': channel {twice[0]} is used twice")
+    return {"objectness": obj, "box": list(box), "classes": cls}
+
+
+def apply_head_config(result: ImportResult, config: HeadConfig) -> None:
+    """Make ``result.bundle`` a detector: check ``config`` against the graph (a host head,
+    its output channels ``5 + C``, every channel index in range, the grid and stride
+    against the input and output sizes, an input of integer pixels), permute the head's
+    output channels into bitdet's order and set the model metadata (``task:
+    "detection"``, ``grid_stride``, ``classes``, ``num_classes``, ``decode``). Raises
+    :class:`HeadConfigError` naming the key."""
+    where = config.source
+    bundle = result.bundle
+    head = next((h for h in bundle.host_layers if h.name == "head"), None)
+    if head is None:
+        raise HeadConfigError(f"{where}: the graph has no host head (a real-valued last "
+                              "Conv) whose output could be a detection head map; import "
+                              "it without --head-config (a feature bundle)")
+    if result.input_kind.get("kind") != "integer pixels":
+        raise HeadConfigError(f"{where}: `bitdet detect` feeds integer pixels 0…255 to the "
+                              "bundle's stem; this graph's input is "
+                              f"{result.input_kind.get('kind', 'not read by a stem')!r} "
+                              "(import it without --head-config)")
+    shape = list(result.model.get_tensor_shape(result.head_output))
+    out = shape[1]
+    need = 5 + config.num_classes
+    if out != need:
+        raise HeadConfigError(f"{where}: key 'classes': {config.num_classes} classes need "
+                              f"5 + {config.num_classes} = {need} head channels (objectness, "
+                              f"4 box, classes), but the graph output {result.head_output!r} "
+                              f"has {out}")
+    if config.channels is not None:
+        for key in CHANNEL_KEYS:
+            value = config.channels[key]
+            high = max(value) if isinstance(value, list) else value
+            if high >= out:
+                raise HeadConfigError(f"{where}: key 'channels.{key}': channel {high} is out "
+                                      f"of range (the graph output has {out} channels, "
+                                      f"0…{out - 1})")
+    height, width = bundle.model["input"][1:]
+    grid = (int(shape[2]), int(shape[3]))
+    if config.grid is not None and tuple(config.grid) != grid:
+        raise HeadConfigError(f"{where}: key 'grid': {list(config.grid)} but the graph output "
+                              f"is a {grid[0]}×{grid[1]} grid")
+    stride = config.stride
+    if stride is None:
+        if height % grid[0] or width % grid[1] or height // grid[0] != width // grid[1]:
+            raise HeadConfigError(f"{where}: key 'stride': missing, and the {height}×{width} "
+                                  f"input over the {grid[0]}×{grid[1]} grid gives no integer "
+                                  "stride")
+        stride = height // grid[0]
+    elif (grid[0] * stride, grid[1] * stride) != (height, width):
+        raise HeadConfigError(f"{where}: key 'stride': {stride} × the {grid[0]}×{grid[1]} "
+                              f"grid is {grid[0] * stride}×{grid[1] * stride}, but the input "
+                              f"is {height}×{width}")
+    order = config.permutation()
+    head.arrays = {k: np.ascontiguousarray(v[order]) for k, v in head.arrays.items()}
+    result.head_channels = order
+    model = bundle.model
+    model.update(task="detection", grid_stride=int(stride), num_classes=config.num_classes,
+                 decode={"prior": config.box_prior, "score_threshold": config.score_threshold,
+                         "iou_threshold": config.nms_iou,
+                         "max_detections": config.max_detections},
+                 head_config={"file": config.source, "box_encoding": "bitdet",
+                              "graph_output": result.head_output,
+                              "graph_channels": order})
+    if config.class_names is not None:
+        model["classes"] = list(config.class_names)
+    else:
+        model.pop("classes", None)
+    bundle.validate()
+
+
+def head_error_bound(layer: HostLayer, input_max: float) -> np.ndarray:
+    """Per output channel, the most the fixed-point head can differ from the float head
+    it was rounded from, on inputs of magnitude ≤ ``input_max`` (±1 maps: 1; n-bit level
+    maps: 2**n − 1): ``scale · (K · input_max + 1) / 2``, ``K = C·kh·kw`` (each int8 weight
+    and the int32 bias are within half a step ``scale`` of the exact value). Float32
+    rounding of the two sides comes on top (a few ulp of the outputs)."""
+    k = int(np.prod(layer.arrays["weight"].shape[1:]))
+    return layer.arrays["scale"].astype(np.float64) * (k * input_max + 1) / 2
 
 
 # --------------------------------------------------------------------------- the check
@@ -1133,8 +1423,14 @@ def check_bundle(result: ImportResult, bundle: Bundle, *, inputs: int = 3,
                 last = maps[bundle.nodes()[-1].name]
                 head = bundle.head(last).numpy()
                 want = np.asarray(ctx[result.head_output])
+                if result.head_channels is not None:      # bitdet's order (head config)
+                    want = want[:, result.head_channels]
                 report.head_error = max(report.head_error or 0.0,
                                         float(np.abs(head - want).max()))
+                bits = bundle.output_bits()
+                if bits is not None:
+                    report.head_bound = float(head_error_bound(
+                        bundle.host_layer("head"), 1 if bits == 1 else 2 ** bits - 1).max())
     finally:
         if device is not None:
             device.close()
@@ -1226,15 +1522,21 @@ def _describe(tensor, ref, i, got, want, diff, who: str = "bundle") -> str:
 
 
 def import_to_file(path, out, *, force: bool = False, inputs: int = 3, seed: int = 0,
-                   emulator: str | None = "contract2", log=print) -> CheckReport:
+                   emulator: str | None = "contract2", head_config=None,
+                   log=print) -> CheckReport:
     """Import, save to a temporary file beside ``out``, load it back, check it against
     qonnx (and a format-2 bundle on the ``emulator`` build too, unless None); only an equal
-    bundle is renamed to ``out`` (nothing written otherwise)."""
+    bundle is renamed to ``out`` (nothing written otherwise). ``head_config``: a head
+    config YAML (:func:`load_head_config`, :func:`apply_head_config`) that makes the bundle
+    a detector; without it the bundle is a feature bundle (``model.task: "features"``)."""
     from bitdet.core.bundle import load
 
     from .files import atomic_path, check_new_file
-    check_new_file(out, force=force, inputs=[path])
+    check_new_file(out, force=force, inputs=[path] + ([head_config] if head_config else []))
+    config = load_head_config(head_config) if head_config is not None else None
     result = import_qonnx(path)
+    if config is not None:
+        apply_head_config(result, config)
     with atomic_path(out) as tmp:
         result.bundle.save(tmp)
         bundle = load(tmp)
@@ -1251,8 +1553,12 @@ def import_to_file(path, out, *, force: bool = False, inputs: int = 3, seed: int
             f"{report.values} values: all equal to qonnx execute_onnx")
         _log_emulator(report, log)
         if report.head_error is not None:
+            bound = "" if report.head_bound is None else \
+                f" (bound scale·(K·max|x| + 1)/2 = {report.head_bound:.4g})"
             log(f"head (fixed point, informational): max |bundle − qonnx| = "
-                f"{report.head_error:.4g}")
+                f"{report.head_error:.4g}{bound}")
+        if config is not None:
+            log(_detector_summary(bundle))
     log(f"wrote {out}")
     return report
 
@@ -1280,6 +1586,23 @@ def _summary(path, bundle: Bundle) -> str:
     bits = "/".join(map(str, bits))
     return (f"{path}: graph of {_count(len(nodes), 'node')} ({what}; {bits}-bit maps): "
             f"{', '.join(node.name for node in nodes)}; {tail}")
+
+
+def _detector_summary(bundle: Bundle) -> str:
+    model = bundle.model
+    decode = model["decode"]
+    _c, height, width = model["input"]
+    stride = model["grid_stride"]
+    order = model["head_config"]["graph_channels"]
+    moved = "" if order == list(range(len(order))) else \
+        f", graph channels {order} → bitdet's order"
+    names = model.get("classes")
+    classes = (f"{len(names)} classes ({', '.join(names)})" if names else
+               f"{model['num_classes']} classes")
+    return (f"detection head: {classes}, grid {height // stride}×{width // stride} stride "
+            f"{stride}, box prior {decode['prior']:g} px{moved}; score ≥ "
+            f"{decode['score_threshold']:g}, NMS IoU {decode['iou_threshold']:g}, at most "
+            f"{decode['max_detections']} detections")
 
 
 def _count(n: int, what: str) -> str:
