@@ -477,7 +477,9 @@ def _cmd_detect(args) -> int:
     try:
         report = run_detect(args.images, bundle=args.bundle, backend=args.backend,
                             config=args.config, port=args.port, out=args.out,
-                            score_threshold=args.score_threshold, force=args.force)
+                            score_threshold=args.score_threshold,
+                            iou_threshold=args.iou_threshold,
+                            max_detections=args.max_detections, force=args.force)
     except (DriverError, DeviceError, ProtocolError, OutputExists) as e:
         print(f"bitdet: error: {e}", file=sys.stderr)
         return 2
@@ -844,8 +846,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "%(default)s)")
     det.add_argument("--force", action="store_true",
                      help="replace annotated PNGs that exist (else an error, before any work)")
-    det.add_argument("--score-threshold", type=_unit_interval, default=0.25,
-                     help="lowest score reported, in [0, 1] (default: %(default)s)")
+    det.add_argument("--score-threshold", metavar="S", type=_unit_interval, default=None,
+                     help="lowest score reported, in [0, 1] (default: the bundle's "
+                     "decode.score_threshold, else 0.25)")
+    det.add_argument("--iou-threshold", metavar="IOU", type=_unit_interval, default=None,
+                     help="NMS IoU above which the lower-scored of two boxes of a class is "
+                     "dropped, in [0, 1] (default: the bundle's decode.iou_threshold, else "
+                     "0.5)")
+    det.add_argument("--max-detections", metavar="N", type=_positive, default=None,
+                     help="most detections reported per image (default: the bundle's "
+                     "decode.max_detections, else 100)")
     det.add_argument("--json", action="store_true", help="print JSON instead of a table")
     det.set_defaults(func=_cmd_detect)
     return parser

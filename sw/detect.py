@@ -162,17 +162,27 @@ def annotated_targets(files, out_dir: str | Path, *, force: bool = False) -> lis
 
 
 def run_detect(paths, *, bundle=None, backend: str = "emu", config=None, port=None,
-               out: str | Path | None = None, score_threshold: float = 0.25,
+               out: str | Path | None = None, score_threshold: float | None = None,
+               iou_threshold: float | None = None, max_detections: int | None = None,
                progress: bool | None = None, device: Device | None = None,
                force: bool = False, pipeline: bool | None = None) -> dict:
     """Detect objects in the images of ``paths`` (files or folders).
 
     Each image's annotated PNG is ``out/<stem>.detect.png`` (inputs with the same stem get
     unique names, :func:`annotated_targets`); an existing one is an error unless ``force``,
-    checked before anything runs. ``score_threshold`` must be in [0, 1]. With ``device``
-    (opened elsewhere) a ``config`` that differs from the device's is an error.
+    checked before anything runs. With ``device`` (opened elsewhere) a ``config`` that
+    differs from the device's is an error.
 
-    Returns ``{"backend", "config", "bundle", "load_bytes", "images": [{"file", "width",
+    ``score_threshold``, ``iou_threshold`` (NMS) and ``max_detections``: None (the default)
+    takes the bundle's ``model["decode"]`` value (``bitdet import --head-config``), else
+    0.25, 0.5 and 100 (:meth:`~bitdet.sw.driver.device.Device.decode_settings_for`); the
+    thresholds must be in [0, 1], ``max_detections`` an integer >= 1. The bundle's
+    detection head is checked right after it is loaded: a bundle without one raises
+    :class:`~bitdet.core.bundle.BundleError` before a device opens, a frame runs or the
+    ``out`` folder is made.
+
+    Returns ``{"backend", "config", "bundle", "load_bytes", "decode": {"score_threshold",
+    "iou_threshold", "max_detections"}, "images": [{"file", "width",
     "height", "detections": [{"label", "class", "score", "box"}], "annotated"}], "device":
     {"layers", "busy_cycles", "bytes_out", "bytes_in", "estimated_fps",
     "link_limited_fps", "fps", "overlap", ...}}`` (device statistics of the last frame:
@@ -187,9 +197,14 @@ def run_detect(paths, *, bundle=None, backend: str = "emu", config=None, port=No
     from bitdet.core.bundle import load as load_bundle
 
     from .images import read_image
-    score_threshold = check_score_threshold(score_threshold)
+    if score_threshold is not None:
+        score_threshold = check_score_threshold(score_threshold)
     bundle_path = Path(bundle) if bundle is not None else DEFAULT_BUNDLE
     loaded = load_bundle(bundle_path)
+    settings = Device.decode_settings_for(        # no detection head: BundleError, here
+        loaded, score_threshold=score_threshold, iou_threshold=iou_threshold,
+        max_detections=max_detections)
+    limits = {key: settings[key] for key in Device.DECODE_DEFAULTS}
     files = list_images(paths)
     out_dir = Path(out) if out is not None else None
     targets = annotated_targets(files, out_dir, force=force) if out_dir is not None else None
@@ -214,7 +229,7 @@ def run_detect(paths, *, bundle=None, backend: str = "emu", config=None, port=No
             (None if progress is None else False)          # None: only on a terminal
         shown = tqdm(files, desc="detect", unit="image", disable=disable)
         results = device.detect_many((read_image(path, in_channels) for path in shown),
-                                     score_threshold=score_threshold, pipeline=pipeline)
+                                     pipeline=pipeline, **limits)
         for k, (path, result) in enumerate(zip(files, results, strict=True)):
             stats = result["stats"]
             names = result["class_names"]
@@ -240,7 +255,8 @@ def run_detect(paths, *, bundle=None, backend: str = "emu", config=None, port=No
                                      stats.input_bytes if stats.overlap else None))
         return {"backend": backend, "config": device.config.name,
                 "config_hash": device.config.config_hash(), "bundle": str(bundle_path),
-                "load_bytes": load_bytes, "images": images, "device": per_frame}
+                "load_bytes": load_bytes, "decode": limits, "images": images,
+                "device": per_frame}
     finally:
         if own:
             device.close()
@@ -250,6 +266,11 @@ def format_report(report: dict) -> str:
     """A human-readable table of :func:`run_detect`'s report."""
     lines = [f"backend {report['backend']}, config {report['config']} "
              f"({report['config_hash']}), bundle {report['bundle']}"]
+    if "decode" in report:
+        limits = report["decode"]
+        lines.append(f"score ≥ {limits['score_threshold']:g}, NMS IoU "
+                     f"{limits['iou_threshold']:g}, at most {limits['max_detections']} "
+                     "detections")
     for image in report["images"]:
         found = image["detections"]
         lines.append(f"{image['file']} ({image['width']}×{image['height']}): "

@@ -168,6 +168,25 @@ class RunStats:
                 "host_seconds": self.host_seconds}
 
 
+def layer_payloads(config, layer) -> tuple[bytes, bytes]:
+    """WRITE_WEIGHTS and WRITE_THRESHOLDS data of a contract-2 conv (a
+    :class:`~bitdet.core.golden.BinaryConvLayer`): the threshold entries of tile ``t`` are
+    its ``R = 2**shortcut_bits`` rows, one entry per row (``(tiles, cols, R, L)`` as
+    ``(tiles·R, cols, L)``, docs/packing.md); the thresholds an entry holds beyond the
+    layer's ``L`` are "never" (a map stored with more planes than its levels need)."""
+    c = config
+    weights = packing.pack_weights(layer.weights, word_bits=c.simd, cols=c.cols)
+    table = packing.pack_thresholds(layer.thresholds, layer.k, cols=c.cols,
+                                    in_bits=layer.in_bits)
+    if table.ndim == 3:
+        table = table[:, :, None]                         # one row: no shortcut
+    tiles, cols, rows, levels = table.shape
+    entries = table.transpose(0, 2, 1, 3).reshape(tiles * rows, cols, levels)
+    return (encode_weights(weights),
+            encode_thresholds(entries, threshold_width=c.threshold_width,
+                              thresholds_per_channel=c.thresholds_per_channel))
+
+
 def _resolve_config(config):
     from bitdet.core.config import AcceleratorConfig, load_config
     if isinstance(config, AcceleratorConfig):
@@ -504,22 +523,9 @@ class Device:
         return sent, received
 
     def _graph_payloads(self, entry: LayerPlan) -> tuple[bytes, bytes]:
-        """WRITE_WEIGHTS and WRITE_THRESHOLDS data of a contract-2 conv: the threshold
-        entries of tile ``t`` are its ``R = 2**shortcut_bits`` rows, one entry per row
-        (``(tiles, cols, R, L)`` as ``(tiles·R, cols, L)``); the thresholds an entry holds
-        beyond the layer's ``L`` are "never" (a map stored with more planes than its
-        levels need)."""
-        c, layer = self.config, entry.layer
-        weights = packing.pack_weights(layer.weights, word_bits=c.simd, cols=c.cols)
-        table = packing.pack_thresholds(layer.thresholds, layer.k, cols=c.cols,
-                                        in_bits=layer.in_bits)
-        if table.ndim == 3:
-            table = table[:, :, None]                     # one row: no shortcut
-        tiles, cols, rows, levels = table.shape
-        entries = table.transpose(0, 2, 1, 3).reshape(tiles * rows, cols, levels)
-        return (encode_weights(weights),
-                encode_thresholds(entries, threshold_width=c.threshold_width,
-                                  thresholds_per_channel=c.thresholds_per_channel))
+        """WRITE_WEIGHTS and WRITE_THRESHOLDS data of a contract-2 conv
+        (:func:`layer_payloads`)."""
+        return layer_payloads(self.config, entry.layer)
 
     def _write_layer(self, index: int, entry: LayerPlan) -> None:
         """WRITE_WEIGHTS and WRITE_THRESHOLDS of pass ``index`` at its descriptor's bases."""
@@ -723,8 +729,73 @@ class Device:
                                          check_padding=False)
         return (pm1 > 0).to(torch.int32)
 
-    def detect(self, image, *, score_threshold: float = 0.25, iou_threshold: float = 0.5,
-               max_detections: int = 100, trace: bool = False) -> dict:
+    DECODE_DEFAULTS = {  # noqa: RUF012 - read only
+        "score_threshold": 0.25, "iou_threshold": 0.5, "max_detections": 100}
+    """Decoding limits of :meth:`detect` for a bundle whose ``model["decode"]`` gives none
+    (read only)."""
+
+    @classmethod
+    def decode_settings_for(cls, bundle, *, score_threshold: float | None = None,
+                            iou_threshold: float | None = None,
+                            max_detections: int | None = None) -> dict:
+        """Keyword arguments of :func:`bitdet.sw.detection.decode` that :meth:`detect` uses
+        for ``bundle``: its stride and box prior
+        (:meth:`~bitdet.core.bundle.Bundle.decode_settings`) and the score threshold, NMS
+        IoU threshold and detection limit, each the argument when given (not None), else
+        the bundle's ``model["decode"]`` value (``bitdet import --head-config``), else
+        :attr:`DECODE_DEFAULTS` (0.25, 0.5, 100).
+
+        Raises
+        ------
+        BundleError
+            For a bundle without a detection head (no valid ``grid_stride``), or a
+            ``model.decode`` limit out of range (naming the key).
+        ValueError
+            For an argument out of range (thresholds in [0, 1], ``max_detections`` an
+            integer >= 1).
+        """
+        import numbers
+
+        from bitdet.core.bundle import BundleError
+        from bitdet.sw.evaluate import decode_settings
+
+        def checked(key, value, error, where):
+            if key == "max_detections":
+                ok = (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+                      and value >= 1)
+                need = "an integer >= 1"
+            else:
+                ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                      and 0 <= value <= 1)              # False for NaN too
+                need = "a number in [0, 1]"
+            if not ok:
+                raise error(f"{where} must be {need}, not {value!r}")
+            return int(value) if key == "max_detections" else float(value)
+
+        settings = decode_settings(**bundle.decode_settings())   # no head: BundleError
+        stored = bundle.model.get("decode")
+        stored = stored if isinstance(stored, dict) else {}
+        given = {"score_threshold": score_threshold, "iou_threshold": iou_threshold,
+                 "max_detections": max_detections}
+        for key, value in given.items():
+            if value is not None:
+                settings[key] = checked(key, value, ValueError, key)
+            elif key in stored:
+                settings[key] = checked(key, stored[key], BundleError,
+                                        f"the bundle's model.decode.{key}")
+            else:
+                settings[key] = cls.DECODE_DEFAULTS[key]
+        return settings
+
+    def _decode_kwargs(self, **limits) -> dict:
+        """:meth:`decode_settings_for` the loaded bundle (checked before a frame runs)."""
+        if self.bundle is None:
+            raise DriverError("no bundle loaded: call Device.load(bundle) first")
+        return self.decode_settings_for(self.bundle, **limits)
+
+    def detect(self, image, *, score_threshold: float | None = None,
+               iou_threshold: float | None = None, max_detections: int | None = None,
+               trace: bool = False) -> dict:
         """Detections of the loaded bundle on one image.
 
         The image (path, PIL image or array; any size and mode) is converted to the
@@ -741,12 +812,19 @@ class Device:
         ``"maps"`` with ``trace`` are every node's map in node order (a raw last conv's
         ``A`` last), and the head reads the last node's map as
         :meth:`~bitdet.core.bundle.Bundle.head` expects.
+
+        ``score_threshold``, ``iou_threshold`` (NMS) and ``max_detections``: None (the
+        default) takes the bundle's ``model["decode"]`` value, else 0.25, 0.5 and 100
+        (:meth:`decode_settings_for`, which also raises :class:`BundleError` for a bundle
+        without a detection head, before the frame runs).
         """
+        settings = self._decode_kwargs(score_threshold=score_threshold,
+                                       iou_threshold=iou_threshold,
+                                       max_detections=max_detections)
         frame = self._prepare(image)
         maps, tail_input = self._device_maps(frame["stem"], trace, frame["stats"])
         frame["times"].append(time.perf_counter())
-        return self._finish(frame, maps, tail_input, trace, score_threshold=score_threshold,
-                            iou_threshold=iou_threshold, max_detections=max_detections)
+        return self._finish(frame, maps, tail_input, trace, settings)
 
     def _prepare(self, image) -> dict:
         """:meth:`detect`'s host part before the device: the image fitted to the model's
@@ -770,21 +848,18 @@ class Device:
                 "size": (in_h, in_w), "stats": RunStats(), "times": [t0, t1, t2],
                 "stem_seconds": t2 - t1}
 
-    def _finish(self, frame: dict, maps: list, tail_input, trace: bool, *,
-                score_threshold: float, iou_threshold: float, max_detections: int) -> dict:
+    def _finish(self, frame: dict, maps: list, tail_input, trace: bool,
+                settings: dict) -> dict:
         """:meth:`detect`'s host part after the device: the raw tail, the head, the
-        decoding, the boxes in the original image's pixels."""
+        decoding (``settings``: :meth:`decode_settings_for`), the boxes in the original
+        image's pixels."""
         from bitdet.sw.detection import decode
-        from bitdet.sw.evaluate import bundle_decode_settings
         bundle, stats, original = self.bundle, frame["stats"], frame["original"]
         (left, top), scale, (in_h, in_w) = frame["offset"], frame["scale"], frame["size"]
         p = self.run_host_tail(tail_input)
         if p is not None:                       # a raw last layer: its P on the host
             maps = [*maps, p] if trace else [p]
         head = bundle.head(maps[-1])
-        settings = bundle_decode_settings(bundle)
-        settings.update(score_threshold=score_threshold, iou_threshold=iou_threshold,
-                        max_detections=max_detections)
         found = decode(head, image_size=(in_h, in_w), **settings)[0]
         boxes = found["boxes"].clone()
         boxes -= torch.tensor([left, top, left, top], dtype=boxes.dtype)
@@ -799,8 +874,8 @@ class Device:
                 "class_names": list(bundle.model.get("classes", [])), "head": head,
                 "maps": maps, "image": original, "stats": stats}
 
-    def detect_many(self, images, *, score_threshold: float = 0.25,
-                    iou_threshold: float = 0.5, max_detections: int = 100,
+    def detect_many(self, images, *, score_threshold: float | None = None,
+                    iou_threshold: float | None = None, max_detections: int | None = None,
                     trace: bool = False, pipeline: bool | None = None):
         """:meth:`detect` of every image of the iterable ``images``, yielded in order.
 
@@ -813,9 +888,14 @@ class Device:
         (written during the run before), its CONFIGUREs, RUN and read, with
         ``stats.overlap`` true for a frame after the first. ``pipeline``: None (default)
         pipelines when it pays (:meth:`overlap_gain` > 0), True whenever the slots allow
-        it, False never. Otherwise (one image, too) each image is one :meth:`detect`."""
-        kwargs = {"score_threshold": score_threshold, "iou_threshold": iou_threshold,
-                  "max_detections": max_detections}
+        it, False never. Otherwise (one image, too) each image is one :meth:`detect`.
+        The decoding limits are :meth:`detect`'s (None: the bundle's, else the defaults),
+        resolved once, before the first frame."""
+        settings = self._decode_kwargs(score_threshold=score_threshold,
+                                       iou_threshold=iou_threshold,
+                                       max_detections=max_detections)
+        kwargs = {key: settings[key]
+                  for key in ("score_threshold", "iou_threshold", "max_detections")}
         slots = None if trace or pipeline is False else self.overlap_slots
         if slots is not None and pipeline is None and not self.overlap_gain() > 0:
             slots = None
@@ -840,7 +920,7 @@ class Device:
             device_start = time.perf_counter()
             maps = self._pipelined_run(frame, following, slots[k % 2], slots[(k + 1) % 2])
             frame["times"][2:] = [device_start, time.perf_counter()]
-            yield self._finish(frame, maps, maps[0], False, **kwargs)
+            yield self._finish(frame, maps, maps[0], False, settings)
             frame, k = following, k + 1
 
     def _pipelined_run(self, frame: dict, following: dict | None, slot: int,
