@@ -28,22 +28,25 @@ registers, the ``THRESHOLD_PIPELINE`` = 2 registers of the threshold stage and (
 ``rows``) the output word writes. Both counters are ``COUNTER_WIDTH`` (32) bits wide and
 wrap like the hardware's.
 
-**Contract 2** (an extended descriptor: ``in_bits`` = n, ``out_bits`` = m,
-``shortcut_bits`` = s). The array reads the ``K`` words of every input plane in turn
-(bit-serial, one pass per plane: ``K' = n·K`` words per job), the threshold stage reads
-the ``s`` shortcut planes and the output writer writes the ``m`` output planes of each
-completed word (``rows·(m + s)`` cycles per job instead of ``rows``)::
+**Contract 2** (a contract-2 build, ``config.contract == 2``: ``bitdet.hw.controller_v2``;
+an extended descriptor's ``in_bits`` = n, ``out_bits`` = m, ``shortcut_bits`` = s). The
+array reads the ``K`` words of every input plane in turn (bit-serial, ``K' = n·K`` words
+per job); each job's context (its tile's ``2**s`` threshold rows, its pixels' ``s``
+shortcut planes) loads in ``load = max(2**s, rows·s)`` cycles, the first one before the
+first command, the next ones within a job period; the output writer writes the ``m``
+output planes of each completed word (``rows·m`` cycles)::
 
-    J     = max(n·K, cols, rows·(m + s))
+    load  = max(2**s, rows·s)
+    J     = max(n·K, cols, rows·m, load + 2)
     G     = max(tiles · J, rows + 4)
-    busy  = n·K + (groups − 1)·G + (tiles − 1)·J + (2 + m + s)·rows + 2·cols + 13
+    busy  = n·K + (groups − 1)·G + (tiles − 1)·J + (2 + m)·rows + 2·cols + 13 + load + 4
     stall = busy − groups · tiles · n·K
 
-For n = m = 1, s = 0 this is the contract-1 formula. A pool pass over an n-bit map reads
-each window word of each plane (``busy = n·out_h·out_w·ceil(C/simd)·kernel² + 4``), a
-channel-repeat pass reads the input words and writes the output words of every pixel and
-plane (``busy = n·h·w·(ceil(C/simd) + ceil(O/simd)) + 4``), each with ``stall = 4``. This
-is the specification the contract-2 RTL is checked against (the hardware issue); the
+A pool pass over an n-bit map reads each window word of each plane (``busy =
+n·out_h·out_w·ceil(C/simd)·kernel² + 4``), a channel-repeat pass reads the input words
+and writes the output words of every pixel and plane (``busy = n·h·w·(ceil(C/simd) +
+ceil(O/simd)) + 4``), each with ``stall = 4``. ``tests/test_hw_controller_v2.py`` checks
+the convolution formula against ``amaranth.sim`` of the contract-2 controller; the
 emulator reports it.
 """
 
@@ -177,11 +180,31 @@ def layer_cycles(config, descriptor: Mapping) -> tuple[int, int]:
     rows, cols, groups, tiles, k_words, raw = _conv_sizes(config, descriptor)
     in_bits, out_bits, shortcut_bits = _plane_bits(descriptor)
     k_words *= in_bits                           # one pass over the K words per plane
+    if getattr(config, "contract", 1) == 2:
+        return _contract2_cycles(rows, cols, groups, tiles, k_words, out_bits, shortcut_bits)
     writes = 0 if raw else rows * (out_bits + shortcut_bits)
     job_period = max(k_words, cols if raw else max(cols, writes))
     group_period = max(tiles * job_period, rows + 4)
     busy = (k_words + (groups - 1) * group_period + (tiles - 1) * job_period
             + 2 * rows + 2 * cols + 8 + ARRAY_PIPELINE + THRESHOLD_PIPELINE + writes)
+    stall = busy - groups * tiles * k_words
+    mask = (1 << COUNTER_WIDTH) - 1
+    return busy & mask, stall & mask
+
+
+def _contract2_cycles(rows: int, cols: int, groups: int, tiles: int, k_words: int,
+                      out_bits: int, shortcut_bits: int) -> tuple[int, int]:
+    """The contract-2 controller (``bitdet.hw.controller_v2``): each job's context (its
+    tile's ``2**s`` threshold rows and its pixels' ``s`` shortcut planes) loads in
+    ``load = max(2**s, rows·s)`` cycles, the first one before the first command (``load
+    + 4`` cycles), the others within a job period ``J ≥ load + 2``; the writer writes
+    ``rows·m`` words per completed word (``k_words`` counts all ``n`` planes)."""
+    load = max(1 << shortcut_bits, rows * shortcut_bits)
+    job_period = max(k_words, cols, rows * out_bits, load + 2)
+    group_period = max(tiles * job_period, rows + 4)
+    busy = (k_words + (groups - 1) * group_period + (tiles - 1) * job_period
+            + 2 * rows + 2 * cols + 8 + ARRAY_PIPELINE + THRESHOLD_PIPELINE
+            + rows * out_bits + load + 4)
     stall = busy - groups * tiles * k_words
     mask = (1 << COUNTER_WIDTH) - 1
     return busy & mask, stall & mask

@@ -41,6 +41,7 @@ __all__ = [
     "LayerDescriptor",
     "descriptor_fields",
     "descriptor_layout",
+    "extended_descriptor_layout",
     "extension_fields",
     "output_size",
 ]
@@ -524,6 +525,15 @@ def descriptor_layout():
     field ``i − 1``, as :meth:`LayerDescriptor.encode` packs them); needs amaranth."""
     from amaranth.lib import data
     return data.StructLayout({f.name: f.metadata["bits"] for f in descriptor_fields()})
+
+
+def extended_descriptor_layout():
+    """The Amaranth ``data.StructLayout`` of an extended (contract-2) descriptor: the base
+    fields, then the extension's, as :meth:`LayerDescriptor.encode` packs
+    :data:`EXTENDED_DESCRIPTOR_SIZE` bytes; needs amaranth."""
+    from amaranth.lib import data
+    return data.StructLayout({f.name: f.metadata["bits"]
+                              for f in (*descriptor_fields(), *extension_fields())})
 
 
 def extension_fields() -> tuple[dataclasses.Field, ...]:

@@ -125,12 +125,9 @@ class LevelThresholdUnit(wiring.Component):
     the first ``2**m − 1`` of the entry's ``2**output_bits − 1`` thresholds count, as in
     the emulator, so the rest of the entry may hold anything.
 
-    Why one row and not all ``R`` rows and ``r``: the rows of a tile are ``R`` separate
-    entries of the same column memory, so presenting all of them would take ``R`` reads
-    and ``R·(2**m − 1)·threshold_width`` bits of registers per column, and the unit an
-    ``R``:1 multiplexer of as many bits (4320 bits for the contract2 preset's ``R =
-    16``, 15 thresholds of 18 bits) — where selecting the row is one address per column
-    memory (``entry = tile_base + r``).
+    The row is selected per pixel in front of the unit (the contract-2 controller's
+    :class:`~bitdet.hw.controller_v2.JobContext` holds the tile's ``R`` entries), so the
+    unit keeps ``2**m − 1`` comparators.
 
     The input is accepted every cycle; its level is on ``o`` in the next cycle
     (``o.valid`` is ``i.valid`` delayed by one), the depth of :class:`ThresholdUnit`

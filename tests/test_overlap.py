@@ -286,7 +286,7 @@ def test_run_detect_reports_the_pipelined_rate(tmp_path):
     with Device.open("emu", config) as device:
         device.load(load_bundle(DEFAULT_BUNDLE))
         gain = device.overlap_gain()
-    assert gain == pytest.approx(11868 / 48e6 - 64 * 10 / 3e6)
+    assert gain == pytest.approx(11888 / 48e6 - 64 * 10 / 3e6)
     one = run_detect([SAMPLE_PATH], config=config, progress=False)["device"]
     many = run_detect([tmp_path], config=config, progress=False)
     dev = many["device"]
