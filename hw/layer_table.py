@@ -10,7 +10,13 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from bitdet.core.config import AcceleratorConfig
-from bitdet.core.descriptor import LAYER_DESCRIPTOR_SIZE, descriptor_layout
+from bitdet.core.descriptor import (
+    EXTENDED_DESCRIPTOR_SIZE,
+    LAYER_DESCRIPTOR_SIZE,
+    MAX_LEVEL_BITS,
+    descriptor_layout,
+    extended_descriptor_layout,
+)
 from bitdet.core.protocol import LAYER_TABLE_ENTRIES
 
 from ._util import mul_small
@@ -34,6 +40,11 @@ class LayerCheck(wiring.Component):
     arithmetic of their own): the hardware form of the device checks of
     :meth:`~bitdet.core.descriptor.LayerDescriptor.problems` (those with a ``stage``).
 
+    A contract-2 build (``config.contract == 2``) checks an extended descriptor: the
+    contract-1 checks, which a pool pass, a repeat pass and a convolution share as there,
+    and the extension's (bit widths, padding level, pass kinds, slots; docs/protocol.md,
+    "Extended descriptor").
+
     Parameters
     ----------
     config : AcceleratorConfig
@@ -41,7 +52,9 @@ class LayerCheck(wiring.Component):
     Members
     -------
     descriptor : ``In(descriptor_layout())``
-        The 32-byte descriptor (:func:`~bitdet.core.descriptor.descriptor_layout`).
+        The 32-byte descriptor (:func:`~bitdet.core.descriptor.descriptor_layout`); under
+        contract 2 the 48-byte one (:func:`~bitdet.core.descriptor.
+        extended_descriptor_layout`).
     refused : ``Out(1)``
         A zero size or a bad flag (stage 1: BAD_ARGUMENT), a cycle after ``descriptor``.
     too_large : ``Out(1)``
@@ -61,7 +74,8 @@ class LayerCheck(wiring.Component):
             raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
         self._config = config
         super().__init__({
-            "descriptor": In(descriptor_layout()),
+            "descriptor": In(extended_descriptor_layout() if config.contract == 2
+                             else descriptor_layout()),
             "refused": Out(1),
             "too_large": Out(1),
             "misfit": Out(1),
@@ -117,27 +131,68 @@ class LayerCheck(wiring.Component):
         # the maps fit a bank (this also bounds a layer's run time)
         area = ((f.in_h[:dim] * f.in_w[:dim] > c.activation_depth)
                 | (f.out_h[:dim] * f.out_w[:dim] > c.activation_depth))
-        m.d.sync += [self.refused.eq(zero | bad_flags), self.too_large.eq(too_big | area),
+        refused, too_large = zero | bad_flags, too_big | area
+        if c.contract == 2:
+            # (a repeat pass takes the conv's stage-2 limits above: with its stage-1
+            # fields right, kernel 1, stride 1, padding 0 and no bases, they are its own)
+            ext_refused, ext_too_big = self._extension_checks(f)
+            refused, too_large = refused | ext_refused, too_large | ext_too_big
+        m.d.sync += [self.refused.eq(refused), self.too_large.eq(too_large),
                      self.misfit.eq(~geometry)]
         return m
 
+    def _extension_checks(self, f):
+        """``(refused, too_large)`` of an extended descriptor's own checks: stage 1
+        (:meth:`~bitdet.core.descriptor.LayerDescriptor._extension_flag_problems`) and the
+        extension's stage-2 limits."""
+        c = self._config
+        above = _above
+        passes = f.pool | f.repeat
+        has_shortcut = f.shortcut_bits != 0
+        refused = ((f.in_bits == 0) | above(f.in_bits, MAX_LEVEL_BITS)
+                   | (f.out_bits == 0) | above(f.out_bits, MAX_LEVEL_BITS)
+                   | above(f.shortcut_bits, MAX_LEVEL_BITS)
+                   | (f.ext_reserved != 0) | f.pad_bit
+                   # pad_level ≥ 2**in_bits (in_bits outside 1 … 4 is refused anyway)
+                   | ((f.pad_level >> f.in_bits) != 0)
+                   | (f.pool & f.repeat)
+                   | (passes & ((f.out_bits != f.in_bits) | has_shortcut
+                                | (f.pad_level != 0)))
+                   | (f.repeat & ((f.kernel != 1) | (f.stride != 1) | (f.padding != 0)
+                                  | f.raw | (f.weight_base != 0)
+                                  | (f.threshold_base != 0)))
+                   | (~has_shortcut & ((f.shortcut_slot != 0) | (f.shortcut_base != 0)))
+                   | (f.output_slot == f.input_slot)
+                   | (has_shortcut & (f.output_slot == f.shortcut_slot)))
+        slots = c.activation_slots - 1
+        too_big = (above(f.in_bits, c.max_input_bits) | above(f.out_bits, c.output_bits)
+                   | above(f.shortcut_bits, c.max_shortcut_bits)
+                   | above(f.input_slot, slots) | above(f.output_slot, slots)
+                   | above(f.shortcut_slot, slots)
+                   | above(f.shortcut_base, c.activation_depth - 1))
+        return refused, too_big
+
 
 class LayerTable(wiring.Component):
-    """``LAYER_TABLE_ENTRIES`` checked descriptors of ``LAYER_DESCRIPTOR_SIZE`` bytes in one
-    byte-wide memory, with a valid bit per entry.
+    """``LAYER_TABLE_ENTRIES`` checked descriptors of ``size`` bytes in one byte-wide
+    memory, with a valid bit per entry.
 
-    **Store** (``store`` high for ``LAYER_DESCRIPTOR_SIZE`` consecutive cycles): byte ``i``
-    of the descriptor on ``store_data`` in the ``i``-th cycle goes to entry ``entry``;
-    ``stored`` is high in the last cycle, and the entry is valid from the next.
+    **Store** (``store`` high for ``size`` consecutive cycles): byte ``i`` of the
+    descriptor on ``store_data`` in the ``i``-th cycle goes to entry ``entry``; ``stored``
+    is high in the last cycle, and the entry is valid from the next.
 
-    **Load** (``load`` high for ``LAYER_DESCRIPTOR_SIZE + 1`` consecutive cycles): byte
-    ``i`` of entry ``entry`` is on ``load_data`` (``valid`` high) in cycle ``i + 1``;
-    ``loaded`` is high in the last cycle, after the last byte.
+    **Load** (``load`` high for ``size + 1`` consecutive cycles): byte ``i`` of entry
+    ``entry`` is on ``load_data`` (``valid`` high) in cycle ``i + 1``; ``loaded`` is high
+    in the last cycle, after the last byte.
 
     Parameters
     ----------
     entries : int
         Table entries (default :data:`~bitdet.core.protocol.LAYER_TABLE_ENTRIES`).
+    size : int
+        Bytes of a descriptor: :data:`~bitdet.core.descriptor.LAYER_DESCRIPTOR_SIZE`
+        (contract 1, the default) or :data:`~bitdet.core.descriptor.
+        EXTENDED_DESCRIPTOR_SIZE` (contract 2).
 
     Members
     -------
@@ -158,10 +213,15 @@ class LayerTable(wiring.Component):
     invalidate_entry : ``In(range(entries))``
     """
 
-    def __init__(self, *, entries: int = LAYER_TABLE_ENTRIES):
+    def __init__(self, *, entries: int = LAYER_TABLE_ENTRIES,
+                 size: int = LAYER_DESCRIPTOR_SIZE):
         if isinstance(entries, bool) or not isinstance(entries, int) or entries < 1:
             raise ValueError(f"entries must be a positive integer, not {entries!r}")
+        if size not in (LAYER_DESCRIPTOR_SIZE, EXTENDED_DESCRIPTOR_SIZE):
+            raise ValueError(f"size must be {LAYER_DESCRIPTOR_SIZE} or "
+                             f"{EXTENDED_DESCRIPTOR_SIZE}, not {size!r}")
         self._entries = entries
+        self._size = size
         super().__init__({
             "entry": In(range(entries)),
             "store": In(1),
@@ -180,9 +240,14 @@ class LayerTable(wiring.Component):
     def entries(self) -> int:
         return self._entries
 
+    @property
+    def size(self) -> int:
+        """Bytes of a descriptor."""
+        return self._size
+
     def elaborate(self, platform):
         m = Module()
-        size = LAYER_DESCRIPTOR_SIZE
+        size = self._size
         step = Signal(range(size + 1))                     # byte of the entry
         table = m.submodules.memory = Memory(shape=8, depth=self._entries * size, init=[])
         wr = table.write_port()

@@ -16,6 +16,8 @@ ports (the address presented in cycle ``t`` is read out in cycle ``t + 1``; a po
   ``simd``-bit words (pixels row-major, channel words innermost, as
   :func:`bitdet.core.packing.pack_activations`). ``select`` chooses the bank that is read
   (the current layer's input); the one write port writes the other bank (its output).
+  Contract 2 replaces it by :class:`SlotMemory`: ``activation_slots`` map slots addressed
+  flat (``slot · activation_depth + word``), no ``select``.
 
 The read ports use the signature of :class:`amaranth.lib.memory.ReadPort`
 (``addr``, ``en``, ``data``), so a reader declares ``In(ReadPort.Signature(...))`` and is
@@ -36,8 +38,10 @@ from ._util import _check_positive
 __all__ = [
     "ActivationBuffer",
     "ColumnMemory",
+    "SlotMemory",
     "activation_buffer",
     "column_write_signature",
+    "slot_memory",
     "threshold_layout",
     "threshold_memory",
     "weight_memory",
@@ -268,3 +272,106 @@ def activation_buffer(config: AcceleratorConfig, *, read_ports: int | None = Non
     return ActivationBuffer(simd=config.simd, depth=config.activation_depth,
                             read_ports=config.rows if read_ports is None else read_ports,
                             src_loc_at=1)
+
+
+class SlotMemory(wiring.Component):
+    """The contract-2 activation memory: ``slots`` map slots of ``depth`` × ``simd``-bit
+    words in one :class:`~amaranth.lib.memory.Memory` of ``slots · depth`` words, addressed
+    **flat** (word ``w`` of slot ``s`` at ``s · depth + w``, docs/protocol.md, "Map slots
+    and flat addresses"), with ``read_ports`` synchronous read ports and one write port.
+    Every descriptor names its slots, so there is no ``select``. As for
+    :class:`ActivationBuffer`, yosys builds the extra read ports by replicating the block
+    RAMs (``read_ports`` copies of the ``slots·depth·simd`` bits; banking comes later).
+
+    **Read** (each port ``read[i]``): ``addr`` presented in cycle ``t`` with ``en`` high
+    gives its word on ``data`` in cycle ``t + 1``; while ``en`` is low the port holds its
+    data. **Write**: ``write.data`` goes to word ``write.addr`` at the end of a cycle with
+    ``write.en`` high. An address at or beyond ``slots · depth`` (a memory whose size is not
+    a power of two) is not checked here: the callers keep their addresses inside.
+
+    Parameters
+    ----------
+    simd : int
+        Word width.
+    depth : int
+        Words per slot.
+    slots : int
+        Map slots.
+    read_ports : int
+        Number of independent read ports (the window generator's ``rows`` and one more:
+        :func:`slot_memory`).
+
+    Members
+    -------
+    read : ``Out(ReadPort.Signature(addr_width=, shape=simd)).array(read_ports)``
+    write : ``Out(WritePort.Signature(addr_width=, shape=simd))`` (``en``, ``addr``,
+        ``data``, all in).
+
+    Raises
+    ------
+    TypeError, ValueError
+        If a parameter is not a positive integer.
+    """
+
+    def __init__(self, *, simd: int, depth: int, slots: int, read_ports: int = 1,
+                 src_loc_at: int = 0):
+        self._simd = _check_positive("simd", simd)
+        self._depth = _check_positive("depth", depth)
+        self._slots = _check_positive("slots", slots)
+        self._read_ports = _check_positive("read_ports", read_ports)
+        self._addr_width = max(1, (slots * depth - 1).bit_length())
+        super().__init__({
+            "read": Out(ReadPort.Signature(addr_width=self._addr_width, shape=simd)
+                        ).array(read_ports),
+            "write": Out(WritePort.Signature(addr_width=self._addr_width, shape=simd)),
+        }, src_loc_at=1 + src_loc_at)
+
+    @property
+    def simd(self) -> int:
+        return self._simd
+
+    @property
+    def depth(self) -> int:
+        """Words per slot."""
+        return self._depth
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    @property
+    def words(self) -> int:
+        """Words of all slots, ``slots · depth``."""
+        return self._slots * self._depth
+
+    @property
+    def read_ports(self) -> int:
+        return self._read_ports
+
+    @property
+    def addr_width(self) -> int:
+        """Bits of a flat address (:func:`bitdet.hw.pass_engine.slot_addr_width`)."""
+        return self._addr_width
+
+    def elaborate(self, platform):
+        m = Module()
+        mem = Memory(shape=self._simd, depth=self.words, init=[])
+        m.submodules.slots = mem
+        wr = mem.write_port()
+        m.d.comb += [wr.addr.eq(self.write.addr), wr.data.eq(self.write.data),
+                     wr.en.eq(self.write.en)]
+        for i in range(self._read_ports):
+            rd = mem.read_port()
+            port = self.read[i]
+            m.d.comb += [rd.addr.eq(port.addr), rd.en.eq(port.en), port.data.eq(rd.data)]
+        return m
+
+
+def slot_memory(config: AcceleratorConfig) -> SlotMemory:
+    """The contract-2 activation memory of ``config``: ``activation_slots`` slots of
+    ``activation_depth`` words, ``rows + 1`` read ports (port ``r < rows``: the window
+    generator's row ``r``; port ``rows``: the auxiliary port of the shortcut reads, the
+    pass engine and READ_ACTIVATIONS)."""
+    return SlotMemory(simd=config.simd, depth=config.activation_depth,
+                      slots=config.activation_slots, read_ports=config.rows + 1,
+                      src_loc_at=1)

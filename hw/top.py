@@ -28,19 +28,54 @@ the ping-pong :class:`~bitdet.hw.memory.ActivationBuffer`, the
 * ``READ_COUNTERS``, ``RESET``; ``READ_RESULTS`` is not implemented and answers
   ``UNKNOWN_OPCODE``.
 
+**Contract 2** (``config.contract == 2``; docs/protocol.md, "Contract 2"): the same
+executor with these parts swapped (the contract-1 Verilog is unchanged):
+
+* CONFIGURE_LAYER takes 48-byte extended descriptors (49 with the index; 32/33 bytes are
+  BAD_LENGTH), checked by :class:`~bitdet.hw.layer_table.LayerCheck`'s contract-2 checks
+  and kept in a table of 48-byte entries;
+* the activations are a :class:`~bitdet.hw.memory.SlotMemory` (``activation_slots``
+  slots, flat addresses ``slot · activation_depth + word``, ``rows + 1`` read ports);
+  WRITE/READ_ACTIVATIONS address all slots flat (``address + words ≤ activation_slots ·
+  activation_depth``, else BAD_ADDRESS); there is no select (``select`` stays 0) and RUN_*
+  flip nothing;
+* RUN_LAYER / RUN_NETWORK run a convolution on
+  :class:`~bitdet.hw.controller_v2.LayerControllerV2` and a pool or repeat pass (its
+  ``pool`` or ``repeat`` bit) on :class:`~bitdet.hw.pass_engine.PassEngine`, both fed the
+  whole extended descriptor (held while they run).
+
+Ports of the activation memory: the write port is the host writer's while a
+WRITE_ACTIVATIONS frame streams in (no layer runs then), otherwise the running engine's
+(contract 1: the pool engine's or the controller's; contract 2: the pass engine's or the
+controller's, from the cycle of its start pulse). The window generator's rows read their
+own ports; one more port (contract 1: row 0's) is the running engine's (contract 1: the
+controller's row 0 or the pool engine's; contract 2: the controller's shortcut reads
+``sc_read`` or the pass engine's), otherwise READ_ACTIVATIONS'.
+
 Commands are executed one at a time: while a command executes (a layer runs, a response
 goes out) the executor takes no decoder event, so the decoder stalls its input (the host
-sends one command and waits for its response, docs/protocol.md).
+sends one command and waits for its response, docs/protocol.md). Under contract 2 this
+differs from *Commands during a run* (the timed emulator): the executor answers no frame
+during a run, neither BUSY nor a WRITE_ACTIVATIONS to a free slot; the frame's bytes meet
+the stalled decoder (on a board: the UART receiver, which drops them as overruns), and
+whatever of it gets through is executed after the run's response.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from bitdet.core.config import AcceleratorConfig, ConfigError
-from bitdet.core.descriptor import LAYER_DESCRIPTOR_SIZE, descriptor_layout
+from bitdet.core.descriptor import (
+    EXTENDED_DESCRIPTOR_SIZE,
+    LAYER_DESCRIPTOR_SIZE,
+    descriptor_layout,
+    extended_descriptor_layout,
+)
 from bitdet.core.protocol import (
     COUNTERS_SIZE,
     LAYER_TABLE_ENTRIES,
@@ -53,11 +88,13 @@ from bitdet.core.protocol import (
 )
 
 from .controller import LayerController
+from .controller_v2 import LayerControllerV2
 from .counters import CycleCounters
 from .decoder import CommandDecoder, DecoderEvent, ResponseEncoder, timeout_cycles
 from .host_writer import HostWriter
 from .layer_table import LayerCheck, LayerTable
-from .memory import activation_buffer, threshold_memory, weight_memory
+from .memory import activation_buffer, slot_memory, threshold_memory, weight_memory
+from .pass_engine import PassEngine
 from .pool import PoolEngine
 
 __all__ = ["CommandExecutor"]
@@ -70,13 +107,26 @@ _ADDRESS_BYTES = HostWriter.ADDRESS_BYTES
 _SMALL_BYTES = max(IdentifyReply.SIZE, COUNTERS_SIZE)
 
 
-def require_rtl_contract(config: AcceleratorConfig) -> None:
-    """Raise :class:`~bitdet.core.config.ConfigError` for a config the RTL does not
-    implement: contract 2 (n-bit maps, shortcuts, map slots) runs on the emulator only."""
+def _flat_activations(config: AcceleratorConfig) -> AcceleratorConfig:
+    """The config the :class:`~bitdet.hw.host_writer.HostWriter` of a contract-2 build
+    sees: its slots as one activation memory of ``activation_slots · activation_depth``
+    words, so that WRITE_ACTIVATIONS writes (and range-checks) flat addresses."""
+    return dataclasses.replace(
+        config, activation_depth=config.activation_slots * config.activation_depth,
+        activation_slots=2)
+
+
+def require_board_contract(config: AcceleratorConfig) -> None:
+    """Raise :class:`~bitdet.core.config.ConfigError` for a config that no board build
+    implements yet: contract 2 (n-bit maps, shortcuts, map slots) runs in RTL simulation
+    and on the emulator, but its slot memory is one copy per read port (not banked), which
+    no preset's FPGA holds."""
     if config.contract != 1:
         raise ConfigError(f"config {config.name!r} asks for contract {config.contract} "
-                          "(n-bit maps, shortcuts, map slots): the RTL implements "
-                          "contract 1; run it on the emulator (--backend emu)")
+                          "(n-bit maps, shortcuts, map slots): board builds implement "
+                          "contract 1 (the contract-2 slot memory is not banked yet); "
+                          "simulate it (bitdet sim layer, --backend rtl) or run it on the "
+                          "emulator (--backend emu)")
 
 
 class CommandExecutor(wiring.Component):
@@ -96,7 +146,7 @@ class CommandExecutor(wiring.Component):
     o : ``Out(stream.Signature(8))``
         Bytes to the host.
     select : ``Out(1)``
-        The activation bank the next layer reads (for observation).
+        The activation bank the next layer reads (for observation; contract 2: 0).
     busy : ``Out(1)``
         A layer is running.
     """
@@ -104,11 +154,6 @@ class CommandExecutor(wiring.Component):
     def __init__(self, config: AcceleratorConfig, *, timeout_cycles: int | None = None):
         if not isinstance(config, AcceleratorConfig):
             raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
-        try:
-            require_rtl_contract(config)
-        except ConfigError:
-            self._MustUse__used = True         # refused, not forgotten: no unused warning
-            raise
         self._config = config
         self._timeout = timeout_cycles
         super().__init__({
@@ -148,18 +193,30 @@ class CommandExecutor(wiring.Component):
         if timeout is None:
             timeout = timeout_cycles(c.clock_hz, c.baud)
 
+        # contract 2: extended descriptors, map slots (flat addresses), no select; the
+        # conv goes to LayerControllerV2, a pool or repeat pass to the PassEngine
+        v2 = c.contract == 2
+        desc_size = EXTENDED_DESCRIPTOR_SIZE if v2 else LAYER_DESCRIPTOR_SIZE
+        # the words WRITE/READ_ACTIVATIONS address: all slots (v2), bank `select` (v1)
+        act_words = c.activation_slots * c.activation_depth if v2 else c.activation_depth
+
         dec = m.submodules.decoder = CommandDecoder(timeout_cycles=timeout)
         enc = m.submodules.encoder = ResponseEncoder()
         # embedded: the engines read the descriptor from `args` (held while they run) and
         # the executor counts their busy / stall cycles itself
-        ctrl = m.submodules.controller = LayerController(config=c, embedded=True)
-        pool = m.submodules.pool = PoolEngine(config=c, embedded=True)
+        if v2:
+            ctrl = m.submodules.controller = LayerControllerV2(config=c, embedded=True)
+            pool = m.submodules.pass_engine = PassEngine(config=c, embedded=True)
+        else:
+            ctrl = m.submodules.controller = LayerController(config=c, embedded=True)
+            pool = m.submodules.pool = PoolEngine(config=c, embedded=True)
         wmem = m.submodules.weights = weight_memory(c)
         tmem = m.submodules.thresholds = threshold_memory(c)
-        buf = m.submodules.activations = activation_buffer(c)
-        writer = m.submodules.host_writer = HostWriter(config=c)
+        buf = m.submodules.activations = slot_memory(c) if v2 else activation_buffer(c)
+        writer = m.submodules.host_writer = HostWriter(
+            config=_flat_activations(c) if v2 else c)
         check = m.submodules.layer_check = LayerCheck(config=c)
-        table = m.submodules.layer_table = LayerTable()
+        table = m.submodules.layer_table = LayerTable(size=desc_size)
         counters = m.submodules.counters = CycleCounters()
 
         wiring.connect(m, wiring.flipped(self.i), dec.i)
@@ -169,7 +226,8 @@ class CommandExecutor(wiring.Component):
         wiring.connect(m, ctrl.thresholds, tmem.read)
         wiring.connect(m, writer.weights, wmem.write)
         wiring.connect(m, writer.thresholds, tmem.write)
-        for r in range(1, c.rows):
+        # the window generator's rows: v1's row 0 shares its port with READ_ACTIVATIONS
+        for r in range(0 if v2 else 1, c.rows):
             wiring.connect(m, ctrl.act_read[r], buf.read[r])
 
         ev = dec.o.payload
@@ -179,10 +237,11 @@ class CommandExecutor(wiring.Component):
         opcode = Signal(8)
         length = Signal(16)
         index = Signal(range(MAX_PAYLOAD + 1))             # payload byte of the DATA event
-        # the payload bytes shift in from the top: after a payload of n ≤ 32 bytes its
-        # byte i is at 8·(32 − n + i); a descriptor (the last 32 bytes of CONFIGURE_LAYER)
-        # fills it, byte i at 8·i, the order of descriptor_layout()
-        args = Signal(8 * LAYER_DESCRIPTOR_SIZE)
+        # the payload bytes shift in from the top: after a payload of n ≤ desc_size (32,
+        # v2: 48) bytes its byte i is at 8·(desc_size − n + i); a descriptor (the last
+        # desc_size bytes of CONFIGURE_LAYER) fills it, byte i at 8·i, the order of
+        # descriptor_layout() (v2: extended_descriptor_layout())
+        args = Signal(8 * desc_size)
         arg_clear = Signal()
         arg_shift = Signal()
         arg_byte = Signal(8)
@@ -215,7 +274,7 @@ class CommandExecutor(wiring.Component):
 
         def short_arg(payload, offset, size):
             """Bytes of a payload of `payload` bytes (at the top of `args`)."""
-            return arg(LAYER_DESCRIPTOR_SIZE - payload + offset, size)
+            return arg(desc_size - payload + offset, size)
 
         def respond(code, nbytes=0):
             m.d.sync += [status.eq(code), resp_len.eq(nbytes)]
@@ -239,38 +298,57 @@ class CommandExecutor(wiring.Component):
         act_frame = Signal()
         run_pool = Signal()                                # the running layer is a pool
         m.d.comb += act_frame.eq(~running & (opcode == Opcode.WRITE_ACTIVATIONS))
+        if v2:
+            # an engine owns its ports from the cycle of its start pulse (state START) on
+            starting, start_pool = Signal(), Signal()
+            engine_on, engine_pool = running | starting, run_pool | start_pool
+        else:
+            engine_on, engine_pool = running, run_pool
+        # (v2: flat addresses, no bank to select; the pass engine runs pool and repeat
+        # passes, the controller convolutions)
+        def bank(value):
+            return [] if v2 else [buf.select.eq(value)]
+
         with m.If(act_frame):
-            m.d.comb += [buf.select.eq(~sel), buf.write.en.eq(writer.activations.en),
+            m.d.comb += [*bank(~sel), buf.write.en.eq(writer.activations.en),
                          buf.write.addr.eq(writer.activations.addr),
                          buf.write.data.eq(writer.activations.data)]
-        with m.Elif(run_pool):
-            m.d.comb += [buf.select.eq(sel), buf.write.en.eq(pool.act_write.en),
+        with m.Elif(engine_pool):
+            m.d.comb += [*bank(sel), buf.write.en.eq(pool.act_write.en),
                          buf.write.addr.eq(pool.act_write.addr),
                          buf.write.data.eq(pool.act_write.data)]
         with m.Else():
-            m.d.comb += [buf.select.eq(sel), buf.write.en.eq(ctrl.act_write.en),
+            m.d.comb += [*bank(sel), buf.write.en.eq(ctrl.act_write.en),
                          buf.write.addr.eq(ctrl.act_write.addr),
                          buf.write.data.eq(ctrl.act_write.data)]
 
-        # row 0's read port: the controller's or the pool engine's while a layer runs,
-        # READ_ACTIVATIONS' otherwise
+        # the auxiliary read port: the running engine's while a layer runs (the pool
+        # engine's or the controller's row 0; v2: the pass engine's or the controller's
+        # shortcut reads, on port `rows`), READ_ACTIVATIONS' otherwise
+        aux = buf.read[c.rows] if v2 else buf.read[0]
+        ctrl_aux = ctrl.sc_read if v2 else ctrl.act_read[0]
         read_en = Signal()
         m.d.comb += [
-            buf.read[0].addr.eq(Mux(running, Mux(run_pool, pool.act_read.addr,
-                                                 ctrl.act_read[0].addr), raddr)),
-            buf.read[0].en.eq(Mux(running, Mux(run_pool, pool.act_read.en,
-                                               ctrl.act_read[0].en), read_en)),
-            ctrl.act_read[0].data.eq(buf.read[0].data),
-            pool.act_read.data.eq(buf.read[0].data),
+            aux.addr.eq(Mux(engine_on, Mux(engine_pool, pool.act_read.addr, ctrl_aux.addr),
+                            raddr)),
+            aux.en.eq(Mux(engine_on, Mux(engine_pool, pool.act_read.en, ctrl_aux.en),
+                          read_en)),
+            ctrl_aux.data.eq(aux.data),
+            pool.act_read.data.eq(aux.data),
         ]
 
         # -- the descriptor in `args` ------------------------------------------------------
         identify = int.from_bytes(IdentifyReply.for_config(c).pack(), "little")
         # the engines sample their descriptor in the cycle of `start`: a plain decoding of
         # the entry loaded into `args`
-        f = data.View(descriptor_layout(), args)
-        is_pool = f.pool
-        for engine, forced in ((ctrl, {"raw": 0}), (pool, {})):
+        f = data.View(extended_descriptor_layout() if v2 else descriptor_layout(), args)
+        if v2:
+            # the whole extended descriptor to both (CONFIGURE_LAYER refused raw mode)
+            is_pool = f.pool | f.repeat
+            m.d.comb += [ctrl.layer.eq(f), pool.layer.eq(f)]
+        else:
+            is_pool = f.pool
+        for engine, forced in () if v2 else ((ctrl, {"raw": 0}), (pool, {})):
             # (each field truncated to the engine's narrower one: CONFIGURE_LAYER's
             # checks keep the values within; raw mode is refused there)
             for name, _field in engine.descriptor_layout:
@@ -279,13 +357,14 @@ class CommandExecutor(wiring.Component):
         # before EXECUTE (the frame's two CRC bytes follow its payload), so there the
         # check's registers hold its outcome
         m.d.comb += check.descriptor.eq(f)
-        # CONFIGURE_LAYER of 33 bytes: [index] + descriptor; the descriptor's 32 bytes are
-        # the last ones shifted in, at the offsets of a 32-byte one
+        # CONFIGURE_LAYER of 33 (v2: 49) bytes: [index] + descriptor; the descriptor's
+        # bytes are the last ones shifted in, at the offsets of one without the index
         shift = Signal()
         m.d.comb += shift.eq((opcode == Opcode.CONFIGURE_LAYER)
-                             & (length == LAYER_DESCRIPTOR_SIZE + 1))
+                             & (length == desc_size + 1))
         decision = self._configure_decision(
-            m, (check.refused, check.too_large, check.misfit), length, table_index, entries)
+            m, (check.refused, check.too_large, check.misfit), length, table_index, entries,
+            desc_size)
 
         with m.FSM(name="executor"):
             with m.State("RECEIVE"):
@@ -348,12 +427,12 @@ class CommandExecutor(wiring.Component):
                         nbytes = words * act_bytes
                         # with nbytes < MAX_PAYLOAD, words is small: the sum needs only
                         # the low bits of the address and whether it has higher ones
-                        low = max(c.activation_depth, MAX_PAYLOAD).bit_length()
+                        low = max(act_words, MAX_PAYLOAD).bit_length()
                         m.d.sync += [raddr.eq(address), count.eq(words), byte_idx.eq(0)]
                         with m.If(nbytes > MAX_PAYLOAD - 1):
                             respond(ErrorCode.BAD_ARGUMENT)
                         with m.Elif((address[low:] != 0)
-                                    | (address[:low] + words[:low] > c.activation_depth)):
+                                    | (address[:low] + words[:low] > act_words)):
                             respond(ErrorCode.BAD_ADDRESS)
                         with m.Else():
                             respond(ErrorCode.OK, nbytes)
@@ -363,8 +442,8 @@ class CommandExecutor(wiring.Component):
                         respond(ErrorCode.UNKNOWN_OPCODE)
 
             with m.State("STORE"):
-                # a checked CONFIGURE_LAYER: its 32 bytes into the entry, one per cycle,
-                # rotating `args` by a byte each time (it is whole again afterwards)
+                # a checked CONFIGURE_LAYER: its 32 (v2: 48) bytes into the entry, one per
+                # cycle, rotating `args` by a byte each time (it is whole again afterwards)
                 m.d.comb += [table.store.eq(1), table.store_data.eq(args[:8]),
                              arg_shift.eq(1), arg_byte.eq(args[:8])]
                 with m.If(table.stored):
@@ -380,6 +459,8 @@ class CommandExecutor(wiring.Component):
             with m.State("START"):
                 m.d.comb += [ctrl.start.eq(~is_pool), pool.start.eq(is_pool)]
                 m.d.sync += [running.eq(1), run_pool.eq(is_pool)]
+                if v2:
+                    m.d.comb += [starting.eq(1), start_pool.eq(is_pool)]
                 m.next = "RUN"
 
             with m.State("RUN"):
@@ -388,7 +469,9 @@ class CommandExecutor(wiring.Component):
                 m.d.comb += [counters.busy.eq(ctrl.busy | pool.busy),
                              counters.stall.eq(ctrl.stall | pool.stall)]
                 with m.If(Mux(run_pool, pool.done, ctrl.done)):
-                    m.d.sync += [running.eq(0), run_pool.eq(0), sel.eq(~sel),
+                    # (v2 flips nothing: every descriptor names its slots)
+                    flip = [] if v2 else [sel.eq(~sel)]
+                    m.d.sync += [running.eq(0), run_pool.eq(0), *flip,
                                  layers_left.eq(layers_left - 1), entry.eq(entry + 1)]
                     with m.If(layers_left == 1):
                         respond(ErrorCode.OK, COUNTERS_SIZE)
@@ -430,7 +513,7 @@ class CommandExecutor(wiring.Component):
                 # the word is registered before its bytes are selected: the block RAM's
                 # clock-to-out, the bank multiplexer, the byte select and the encoder's
                 # CRC had been one path (the ULX3S' critical one)
-                m.d.sync += fetched.eq(buf.read[0].data)
+                m.d.sync += fetched.eq(aux.data)
                 m.next = "SEND"
 
             with m.State("SEND"):
@@ -449,7 +532,7 @@ class CommandExecutor(wiring.Component):
         return m
 
     @staticmethod
-    def _configure_decision(m, checks, length, table_index, entries):
+    def _configure_decision(m, checks, length, table_index, entries, size):
         """CONFIGURE_LAYER's outcome, registered: ``(code, which)``, ``code`` one of
         ``_CFG_*`` (in the order the checks answer) and ``which`` the table entry. It is
         computed every cycle from the registered checks, the frame's length and its index
@@ -458,11 +541,11 @@ class CommandExecutor(wiring.Component):
         descriptor ≥ 2 cycles before EXECUTE (the frame's two CRC bytes follow its
         payload): the checks' register, then this one, hold its outcome there."""
         refused, too_large, misfit = checks
-        indexed = length == LAYER_DESCRIPTOR_SIZE + 1
+        indexed = length == size + 1
         which = Mux(indexed, table_index, 0)
         code = Signal(range(_CFG_CODES))
         which_r = Signal(range(entries))
-        with m.If((length != LAYER_DESCRIPTOR_SIZE) & ~indexed):
+        with m.If((length != size) & ~indexed):
             m.d.sync += code.eq(_CFG_BAD_LENGTH)
         with m.Elif(which >= entries):
             m.d.sync += code.eq(_CFG_BAD_INDEX)

@@ -190,11 +190,13 @@ def test_contract_1_configs_keep_their_hash():
     assert V2.memory_bits()["activations"] == 6 * V2.activation_depth * V2.simd
 
 
-def test_the_rtl_refuses_contract_2():
+def test_contract_2_has_rtl_but_no_board_build():
     pytest.importorskip("amaranth")
+    from bitdet.hw.build import plan_board_build
     from bitdet.hw.top import CommandExecutor
-    with pytest.raises(ConfigError, match="the RTL implements contract 1"):
-        CommandExecutor(V2)
+    assert CommandExecutor(V2).config is V2          # the contract-2 executor builds
+    with pytest.raises(ConfigError, match="board builds implement contract 1"):
+        plan_board_build(V2, "ulx3s")
 
 
 # -- cycle model ---------------------------------------------------------------------------
@@ -218,10 +220,12 @@ def test_n_bit_conv_cycles(in_bits, out_bits, shortcut_bits):
                      shortcut_base=40 if shortcut_bits else 0, pad_level=0)
     k_words = in_bits * 9 * 1                         # 21 channels: one 64-bit word per tap
     groups, tiles = -(-5 * 4 // rows), -(-13 // cols)
-    writes = rows * (out_bits + shortcut_bits)
-    job = max(k_words, cols, writes)
+    writes = rows * out_bits
+    load = max(2 ** shortcut_bits, rows * shortcut_bits)   # the job context's reads
+    job = max(k_words, cols, writes, load + 2)
     group = max(tiles * job, rows + 4)
-    busy = k_words + (groups - 1) * group + (tiles - 1) * job + 2 * rows + 2 * cols + 13 + writes
+    busy = (k_words + (groups - 1) * group + (tiles - 1) * job + 2 * rows + 2 * cols + 13
+            + writes + load + 4)
     assert layer_cycles(config, d) == (busy, busy - groups * tiles * k_words)
     assert pass_cycles(config, d) == layer_cycles(config, d)
 
