@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from bitdet.core import golden
-from bitdet.core.packing import pack_activations, pack_thresholds, pack_weights
+from bitdet.core.descriptor import output_size
+from bitdet.core.packing import pack_activations, pack_levels, pack_thresholds, pack_weights
 from bitdet.core.protocol import (
     HostSession,
     Opcode,
@@ -31,8 +32,9 @@ from bitdet.core.protocol import (
     encode_weights,
 )
 
-__all__ = ["LayerCase", "LinkHost", "bundle_case", "compare_maps", "load_case", "random_case",
-           "run_case", "simulate_layer"]
+__all__ = ["V2_SLOTS", "LayerCase", "LinkHost", "bundle_case", "case_descriptors",
+           "compare_levels", "compare_maps", "load_case", "random_case", "random_case_v2",
+           "run_case", "run_case_v2", "simulate_layer"]
 
 
 class LinkHost(HostSession):
@@ -57,6 +59,17 @@ class LayerCase:
     x: torch.Tensor
     layer: golden.BinaryConvLayer
     name: str = "layer"
+    #: contract 2: the shortcut map's levels (1×O×H'×W', the conv output's shape) of a
+    #: layer with ``shortcut_bits`` > 0
+    shortcut: torch.Tensor | None = None
+
+    @property
+    def contract2(self) -> bool:
+        """Whether the case needs a contract-2 build: n-bit input or output, a shortcut,
+        or an input given as levels."""
+        layer = self.layer
+        return (layer.in_bits != 1 or layer.shortcut_bits != 0 or layer.output_bits != 1
+                or not self.x.dtype.is_floating_point)
 
     @property
     def out_channels(self) -> int:
@@ -75,20 +88,32 @@ class LayerCase:
     def shape(self) -> str:
         _, c, h, w = self.x.shape
         pool = f" pool{self.layer.pool[0]}/{self.layer.pool[1]}" if self.layer.pool else ""
+        bits = ""
+        if self.contract2:
+            layer = self.layer
+            bits = (f" a{layer.in_bits}->a{layer.output_bits}"
+                    + (f" +s{layer.shortcut_bits}" if layer.shortcut_bits else ""))
         return (f"{c}x{h}x{w}->{self.out_channels} k{self.kernel}s{self.layer.stride}"
-                f"p{self.layer.padding}{pool}")
+                f"p{self.layer.padding}{pool}{bits}")
 
 
 def random_case(*, cin: int, cout: int, hw: tuple[int, int], kernel: int, stride: int = 1,
                 padding: int | None = None, pad_bit: int = 0, seed: int = 0,
-                pool: tuple[int, int] | None = None) -> LayerCase:
+                pool: tuple[int, int] | None = None, in_bits: int = 1, out_bits: int = 1,
+                shortcut_bits: int = 0, pad_level: int | None = None) -> LayerCase:
     """A random input, random ±1 weights, thresholds spread around ``K/2`` (so outputs
     are mixed 0/1); ``padding`` defaults to ``kernel // 2``; ``pool`` = (kernel, stride)
-    of a binary max-pool after the layer."""
-    for name, value in (("cin", cin), ("cout", cout), ("kernel", kernel), ("stride", stride),
-                        ("height", hw[0]), ("width", hw[1])):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, not {value!r}")
+    of a binary max-pool after the layer.
+
+    Contract 2 (any of ``in_bits``, ``out_bits`` > 1, ``shortcut_bits`` > 0 or a
+    ``pad_level``; :func:`random_case_v2`): random input levels, sorted threshold rows
+    spread over the accumulator's range, a random shortcut map."""
+    if (in_bits, out_bits, shortcut_bits, pad_level) != (1, 1, 0, None):
+        return random_case_v2(cin=cin, cout=cout, hw=hw, kernel=kernel, stride=stride,
+                              padding=padding, seed=seed, pool=pool, in_bits=in_bits,
+                              out_bits=out_bits, shortcut_bits=shortcut_bits,
+                              pad_level=pad_bit if pad_level is None else pad_level)
+    _check_geometry(cin, cout, hw, kernel, stride)
     padding = kernel // 2 if padding is None else padding
     if padding < 0:
         raise ValueError(f"padding must be ≥ 0, not {padding}")
@@ -108,11 +133,62 @@ def random_case(*, cin: int, cout: int, hw: tuple[int, int], kernel: int, stride
     return LayerCase(x, layer, name=f"random seed {seed}")
 
 
+def random_case_v2(*, cin: int, cout: int, hw: tuple[int, int], kernel: int, stride: int = 1,
+                   padding: int | None = None, seed: int = 0,
+                   pool: tuple[int, int] | None = None, in_bits: int = 1, out_bits: int = 1,
+                   shortcut_bits: int = 0, pad_level: int = 0) -> LayerCase:
+    """A random contract-2 layer: input levels of ``in_bits`` bits, ±1 weights, sorted
+    rows of ``2**out_bits − 1`` thresholds (one row per shortcut level) spread over
+    ``0 … (2**in_bits − 1)·K + 1`` so that every level occurs, padding at ``pad_level``
+    and, with ``shortcut_bits``, a random shortcut map of the conv output's shape."""
+    _check_geometry(cin, cout, hw, kernel, stride)
+    for name, value, low in (("in_bits", in_bits, 1), ("out_bits", out_bits, 1),
+                             ("shortcut_bits", shortcut_bits, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 4:
+            raise ValueError(f"{name} must be an integer in {low} … 4, not {value!r}")
+    padding = kernel // 2 if padding is None else padding
+    if padding < 0:
+        raise ValueError(f"padding must be ≥ 0, not {padding}")
+    if isinstance(pad_level, bool) or not isinstance(pad_level, int) \
+            or not 0 <= pad_level < 1 << in_bits:
+        raise ValueError(f"pad_level must be a {in_bits}-bit level, not {pad_level!r}")
+    if kernel > min(hw) + 2 * padding:
+        raise ValueError(f"kernel {kernel} is larger than the padded {hw[0]}×{hw[1]} input")
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.integers(0, 1 << in_bits, size=(1, cin, *hw), dtype=np.int32))
+    w = torch.from_numpy(rng.choice([-1.0, 1.0], size=(cout, cin, kernel, kernel)))
+    amax = ((1 << in_bits) - 1) * cin * kernel * kernel
+    rows, levels = 1 << shortcut_bits, (1 << out_bits) - 1
+    centre = amax / 2
+    spread = max(2.0, amax / 4)
+    t = np.sort(rng.normal(centre, spread, size=(cout, rows, levels)), axis=-1)
+    t = torch.from_numpy(np.clip(np.rint(t), 0, amax + 1).astype(np.int64))
+    layer = golden.BinaryConvLayer(
+        w, t if shortcut_bits else t[:, 0], stride=stride, padding=padding, pool=pool,
+        in_bits=in_bits, pad_level=pad_level, shortcut_bits=shortcut_bits,
+        pad_value=2 * pad_level - 1 if in_bits == 1 else -1)
+    shortcut = None
+    if shortcut_bits:
+        oh, ow = (output_size(v, kernel, stride, padding) for v in hw)
+        shortcut = torch.from_numpy(rng.integers(0, rows, size=(1, cout, oh, ow),
+                                                 dtype=np.int32))
+    return LayerCase(x, layer, name=f"random seed {seed}", shortcut=shortcut)
+
+
+def _check_geometry(cin, cout, hw, kernel, stride) -> None:
+    for name, value in (("cin", cin), ("cout", cout), ("kernel", kernel), ("stride", stride),
+                        ("height", hw[0]), ("width", hw[1])):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, not {value!r}")
+
+
 def bundle_case(path, index: int, *, seed: int = 0) -> LayerCase:
     """Binary layer ``index`` of a bundle (with its max-pool, if any), on a random ±1
     input of its input shape."""
     from bitdet.core.bundle import BundleError, load
     bundle = load(path)
+    if bundle.uses_v2():
+        return _graph_case(bundle, path, index, seed)
     layers = bundle.binary_layers
     if not 0 <= index < len(layers):
         raise BundleError(f"{path}: --layer must be in 0 … {len(layers) - 1}, not {index}")
@@ -133,6 +209,30 @@ def bundle_case(path, index: int, *, seed: int = 0) -> LayerCase:
     rng = np.random.default_rng(seed)
     x = torch.from_numpy(rng.choice([-1.0, 1.0], size=(1, c, h, w)))
     return LayerCase(x, layer, name=f"{path} layer {index} ({bundle.layer_names[index]})")
+
+
+def _graph_case(bundle, path, index: int, seed: int) -> LayerCase:
+    """Conv node ``index`` of a format-2 (graph) bundle: the graph run on random input
+    levels gives the node's input map and its shortcut map (the data that reaches it)."""
+    from bitdet.core.bundle import BundleError
+    convs = [n for n in bundle.nodes() if isinstance(n.op, golden.BinaryConvLayer)]
+    if not 0 <= index < len(convs):
+        raise BundleError(f"{path}: --layer must be in 0 … {len(convs) - 1} (the graph's "
+                          f"convolutions), not {index}")
+    node = convs[index]
+    if node.op.thresholds is None:
+        raise BundleError(f"{path}: conv {node.name!r} outputs raw A, which runs on the "
+                          "host (READ_RESULTS is not implemented)")
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.integers(0, 1 << bundle.input_bits,
+                                      size=(1, *bundle.input_shape), dtype=np.int32))
+    maps = bundle.run_graph(x)
+    source = x if node.input == "input" else maps[node.input]
+    shortcut = None
+    if node.shortcut is not None:
+        shortcut = x if node.shortcut == "input" else maps[node.shortcut]
+    return LayerCase(source.to(torch.int32), node.op,
+                     name=f"{path} conv {index} ({node.name})", shortcut=shortcut)
 
 
 def load_case(host: LinkHost, config, case: LayerCase, *, input_base: int = 0,
@@ -199,6 +299,11 @@ def run_case(link, config, case: LayerCase, *, input_base: int = 0, output_base:
     runs a pool pass after the convolution (its counters: ``pool_cycles``,
     ``pool_stall_cycles``) and the pooled map is compared.
     """
+    if config.contract == 2:
+        return run_case_v2(link, config, case, timeout=timeout)
+    if case.contract2:
+        raise ValueError(f"the case {case.shape()} needs a contract-2 build; config "
+                         f"{config.name!r} is contract 1")
     from bitdet.hw.controller import LayerController
     ctrl = LayerController(config=config)
     window = case.window()
@@ -236,6 +341,116 @@ def run_case(link, config, case: LayerCase, *, input_base: int = 0, output_base:
     return result
 
 
+#: Map slots of a contract-2 case: the input, the conv's output, the shortcut; a pool
+#: pass writes the input's slot (no longer needed).
+V2_SLOTS = {"input": 0, "output": 1, "shortcut": 2}
+
+
+def case_descriptors(config, case: LayerCase) -> list:
+    """The extended descriptors of a contract-2 case: the conv (slots :data:`V2_SLOTS`,
+    bases 0) and, with a pool, the pool pass from the conv's slot into the input's.
+
+    Raises
+    ------
+    ValueError
+        One line naming every problem if a pass does not fit ``config``
+        (:meth:`~bitdet.core.descriptor.LayerDescriptor.problems`).
+    """
+    from bitdet.core.descriptor import LayerDescriptor
+    layer = case.layer
+    _, c, h, w = case.x.shape
+    shortcut = layer.shortcut_bits
+    conv = LayerDescriptor.conv(
+        in_h=int(h), in_w=int(w), channels=int(c), out_channels=case.out_channels,
+        kernel=case.kernel, stride=layer.stride, padding=layer.padding).replace(
+        in_bits=layer.in_bits, out_bits=layer.output_bits, shortcut_bits=shortcut,
+        pad_level=layer.padding_level, input_slot=V2_SLOTS["input"],
+        output_slot=V2_SLOTS["output"],
+        shortcut_slot=V2_SLOTS["shortcut"] if shortcut else 0, extended=True)
+    passes = [conv]
+    if layer.pool is not None:
+        passes.append(LayerDescriptor.pool_pass(
+            in_h=conv.out_h, in_w=conv.out_w, channels=case.out_channels,
+            kernel=layer.pool[0], stride=layer.pool[1], in_bits=conv.out_bits,
+            out_bits=conv.out_bits, input_slot=V2_SLOTS["output"],
+            output_slot=V2_SLOTS["input"]))
+    problems = [f"{d.kind}: {p}" for d in passes for p in d.problems(config)]
+    if problems:
+        raise ValueError(f"layer {case.shape()} does not fit {config.name}: "
+                         + "; ".join(problems))
+    return passes
+
+
+def run_case_v2(link, config, case: LayerCase, *, timeout: float | None = None) -> dict:
+    """:func:`run_case` on a contract-2 build: the input levels' planes into slot 0, the
+    shortcut's into slot 2, the weights and the threshold rows
+    (:func:`bitdet.sw.driver.device.layer_payloads`), extended descriptors, RUN_LAYER per
+    pass, and the output planes read back and compared with
+    :func:`bitdet.core.golden.run_layer`, bit for bit. Adds ``cycles_match``: the counters
+    of every pass equal :func:`bitdet.core.cycles.pass_cycles` (the cycle model)."""
+    from bitdet.core.cycles import ideal_cycles, pass_cycles
+    from bitdet.core.protocol import threshold_entry_bytes, weight_entry_bytes
+    from bitdet.sw.driver.device import layer_payloads
+    passes = case_descriptors(config, case)
+    conv = passes[0]
+    simd, depth, wbytes = config.simd, config.activation_depth, config.simd // 8
+    ideal = ideal_cycles(config, dict(conv))
+    run_timeout = timeout if timeout is not None else 60 + 4 * ideal / 20000
+    host = LinkHost(link, timeout=run_timeout)
+    written, read = getattr(link, "bytes_written", 0), getattr(link, "bytes_read", 0)
+    layer = case.layer
+    x = case.x if not case.x.dtype.is_floating_point else ((case.x + 1) // 2).to(torch.int32)
+    host.write_memory(Opcode.WRITE_ACTIVATIONS, V2_SLOTS["input"] * depth,
+                      pack_levels(x, layer.in_bits, word_bits=simd).tobytes(), wbytes)
+    if layer.shortcut_bits:
+        host.write_memory(Opcode.WRITE_ACTIVATIONS, V2_SLOTS["shortcut"] * depth,
+                          pack_levels(case.shortcut, layer.shortcut_bits,
+                                      word_bits=simd).tobytes(), wbytes)
+    weights, thresholds = layer_payloads(config, layer)
+    host.write_memory(Opcode.WRITE_WEIGHTS, 0, weights, weight_entry_bytes(simd, config.cols))
+    host.write_memory(Opcode.WRITE_THRESHOLDS, 0, thresholds, threshold_entry_bytes(
+        config.threshold_width, config.thresholds_per_channel, config.cols))
+    counters = []
+    for d in passes:
+        host.command(Opcode.CONFIGURE_LAYER, d.encode())
+        counters.append(decode_counters(host.command(Opcode.RUN_LAYER)))
+    last = passes[-1]
+    expected = golden.run_layer(x, layer, case.shortcut)
+    planes = pack_levels(expected, conv.out_bits, word_bits=simd)     # m, 1, H, W, bytes
+    got = host.read_activations(last.output_slot * depth,
+                                conv.out_bits * last.map_words(simd), wbytes)
+    result = compare_levels(got, planes)
+    busy, stall = counters[0]
+    result.update({"cycles": busy, "stall_cycles": stall, "ideal_cycles": ideal,
+                   "utilization": round(ideal / busy, 4) if busy else None,
+                   "model_cycles": list(pass_cycles(config, dict(conv))),
+                   "cycles_match": all(tuple(got_c) == pass_cycles(config, dict(d))
+                                       for got_c, d in zip(counters, passes, strict=True))})
+    if len(passes) > 1:
+        result["pool_cycles"], result["pool_stall_cycles"] = counters[1]
+    result.update({"link_bytes_in": getattr(link, "bytes_written", 0) - written,
+                   "link_bytes_out": getattr(link, "bytes_read", 0) - read})
+    return result
+
+
+def compare_levels(got: bytes, planes: np.ndarray) -> dict:
+    """Bitwise comparison of read-back planes with :func:`pack_levels`' ``m×1×H×W×bytes``
+    (the first mismatch names its plane, pixel and channel)."""
+    m, _, h, w, nbytes = planes.shape
+    got_arr = np.frombuffer(got, dtype=np.uint8)
+    if got_arr.size != planes.size:
+        return {"match": False, "mismatches": None,
+                "first_mismatch": f"read {got_arr.size} bytes, expected {planes.size}"}
+    diff = np.unpackbits(got_arr.reshape(m, h, w, nbytes) ^ planes[:, 0], axis=-1,
+                         bitorder="little")
+    where = np.argwhere(diff)
+    result = {"match": not where.size, "mismatches": int(where.shape[0])}
+    if where.size:
+        b, y, x, channel = (int(v) for v in where[0])
+        result["first_mismatch"] = {"plane": b, "y": y, "x": x, "channel": channel}
+    return result
+
+
 def simulate_layer(config, case: LayerCase, *, simulator: str = "verilator", seed: int = 0,
                    waves: bool = False, work_dir=None, idle: float = 0.0,
                    backpressure: float = 0.0) -> dict:
@@ -247,7 +462,13 @@ def simulate_layer(config, case: LayerCase, *, simulator: str = "verilator", see
 
     from .link import RtlLink
     # the host-side fit check first: a layer that cannot run needs no simulator
-    LayerController(config=config).descriptor(case.window(), case.out_channels)
+    if config.contract == 2:
+        case_descriptors(config, case)
+    elif case.contract2:
+        raise ValueError(f"the case {case.shape()} needs a contract-2 build; config "
+                         f"{config.name!r} is contract 1")
+    else:
+        LayerController(config=config).descriptor(case.window(), case.out_channels)
     link = RtlLink(config, simulator, waves, seed=seed, idle=idle, backpressure=backpressure,
                    work_dir=work_dir)
     try:

@@ -514,7 +514,9 @@ def _cmd_sim_layer(args) -> int:
                 raise ValueError(f"{', '.join(missing)} required (or --bundle F --layer i)")
             case = random_case(cin=args.cin, cout=args.cout, hw=tuple(args.hw),
                                kernel=args.kernel, stride=args.stride, padding=args.padding,
-                               pad_bit=args.pad_bit, seed=args.seed)
+                               pad_bit=args.pad_bit, seed=args.seed, in_bits=args.in_bits,
+                               out_bits=args.out_bits, shortcut_bits=args.shortcut_bits,
+                               pad_level=args.pad_level)
         work = tempfile.mkdtemp(prefix="bitdet-sim-") if args.waves else None
         if args.simulator == "verilator":
             _rtl_build_notice()
@@ -540,7 +542,7 @@ def _cmd_sim_layer(args) -> int:
             result["waves"] = str(target.resolve())
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=1))
-    return 0 if result["match"] else 1
+    return 0 if result["match"] and result.get("cycles_match", True) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -768,7 +770,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate the top level's Verilog for a config, run it under cocotb "
         "(Verilator by default), load one layer (random, or a bundle's) through the byte "
         "protocol, run it, read the map back and compare it bit for bit with the golden "
-        "model. Prints a JSON summary; exit status 1 on a mismatch.")
+        "model. On a contract-2 config (e.g. contract2) the layer may read and write "
+        "n-bit levels and take a shortcut (--in-bits, --out-bits, --shortcut-bits; a "
+        "format-2 bundle's convolutions), and its cycle counts are checked against the "
+        "cycle model. Prints a JSON summary; exit status 1 on a mismatch.")
     sim_layer.add_argument("--config", required=True,
                            help="YAML config file or preset name (tiny is fastest)")
     sim_layer.add_argument("--cin", type=_positive, help="input channels")
@@ -782,6 +787,18 @@ def build_parser() -> argparse.ArgumentParser:
                            help="spatial padding (default: kernel // 2)")
     sim_layer.add_argument("--pad-bit", type=int, choices=(0, 1), default=0,
                            help="padding bit, 0 = -1, 1 = +1 (default: %(default)s)")
+    sim_layer.add_argument("--in-bits", type=int, choices=(1, 2, 3, 4), default=1,
+                           help="bits of the input levels (contract 2 above 1; default: "
+                           "%(default)s)")
+    sim_layer.add_argument("--out-bits", type=int, choices=(1, 2, 3, 4), default=1,
+                           help="bits of the output levels (contract 2 above 1; default: "
+                           "%(default)s)")
+    sim_layer.add_argument("--shortcut-bits", type=int, choices=(0, 1, 2, 3, 4), default=0,
+                           help="bits of a random residual shortcut map that selects each "
+                           "output's threshold row (contract 2; default: %(default)s, none)")
+    sim_layer.add_argument("--pad-level", type=_non_negative,
+                           help="level of the spatial padding (contract 2; default: "
+                           "--pad-bit)")
     sim_layer.add_argument("--simulator", choices=("verilator", "icarus"), default="verilator",
                            help="HDL simulator (default: %(default)s)")
     sim_layer.add_argument("--seed", type=int, default=0,

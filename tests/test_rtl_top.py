@@ -368,8 +368,9 @@ def test_icarus_layer_and_errors():
 def test_sweep_20_shapes_three_configs():
     """20 random layers over the tiny, iCEBreaker and a 3×4×16 config (three Verilator
     builds): every map equals the golden model and busy − stall = ideal."""
-    from bitdet.sim.sweep import SWEEP_CONFIGS, sweep
-    rows = sweep(list(SWEEP_CONFIGS), 20, seed=1, log=lambda line: None)
+    from bitdet.sim.sweep import SWEEP_CONFIGS, V2_CONFIGS, sweep
+    rows = sweep([n for n in SWEEP_CONFIGS if n not in V2_CONFIGS], 20, seed=1,
+                 log=lambda line: None)
     assert len(rows) == 20
     bad = [row for row in rows if not row["match"]
            or row["cycles"] - row["stall_cycles"] != row["ideal_cycles"]]

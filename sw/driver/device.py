@@ -234,6 +234,10 @@ class Device:
     plan : list of LayerPlan, after :meth:`load`
     graph_plan : GraphPlan or None
         On a contract-2 build, after :meth:`load`: the passes with their map slots.
+    concurrent_writes : bool
+        The device takes WRITE_ACTIVATIONS while a run goes on (docs/protocol.md,
+        "Commands during a run"), so :meth:`detect_many` may pipeline frames: the timed
+        emulator of ``Device.open("emu", ...)``; not the contract-2 RTL yet.
     """
 
     def __init__(self, link, config, *, timeout: float = DEFAULT_TIMEOUT,
@@ -248,6 +252,10 @@ class Device:
         self._slot = None                      # the streamed pass whose weights are in the slot
         self._payloads: dict[int, tuple[bytes, bytes]] = {}
         self._input_slot = 0                   # contract 2: the slot the passes read input from
+        # docs/protocol.md, "Commands during a run": the timed emulator takes a
+        # WRITE_ACTIVATIONS while a run goes on; the contract-2 RTL does not yet (it runs one
+        # command at a time), and no board runs contract 2, so only the emulator pipelines
+        self.concurrent_writes = bool(getattr(getattr(link, "emulator", None), "timed", False))
         self.identity = self.identify()
         if self.identity.version != PROTOCOL_VERSION:
             raise ConfigMismatch(f"the device on {self.port_name} speaks protocol version "
@@ -457,11 +465,12 @@ class Device:
     @property
     def overlap_slots(self) -> tuple[int, int] | None:
         """The two map slots a contract-2 plan's input alternates between when frames
-        are pipelined (:meth:`detect_many`), or None (contract 1, nothing loaded, or no
-        two slots that no other map of the plan uses). The input's own slot comes first
+        are pipelined (:meth:`detect_many`), or None (contract 1, nothing loaded, a device
+        that does not take writes during a run — :attr:`concurrent_writes`, only the timed
+        emulator does — or no two slots that no other map of the plan uses). The input's own slot comes first
         when no other map reuses it, then the slots the plan leaves free."""
         graph = self.graph_plan
-        if graph is None or not self.plan:
+        if graph is None or not self.plan or not self.concurrent_writes:
             return None
         used = {m.slot for m in graph.maps.values() if m.name != "input"}
         own = graph.maps["input"].slot
