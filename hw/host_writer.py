@@ -34,6 +34,10 @@ class HostWriter(wiring.Component):
     Parameters
     ----------
     config : AcceleratorConfig
+    activation_words : int or None
+        The words WRITE_ACTIVATIONS addresses (and range-checks): by default
+        ``config.activation_depth`` (contract 1: the bank the caller selects); a contract-2
+        executor passes ``activation_slots · activation_depth`` (all slots, flat).
 
     Members
     -------
@@ -51,8 +55,8 @@ class HostWriter(wiring.Component):
     thresholds : ``In(column_write_signature(...))``
         To the threshold memory's ``write``.
     activations : ``In(WritePort.Signature(addr_width=, shape=simd))``
-        For the activation buffer's ``write`` (the bank the next layer reads: the caller
-        selects it).
+        For the activation memory's ``write`` (``activation_words`` words; contract 1: the
+        bank the next layer reads, the caller selects it).
     error : ``Out(1)``
         The frame wrote outside its memory or ended inside an entry (BAD_ADDRESS).
 
@@ -60,20 +64,29 @@ class HostWriter(wiring.Component):
     ------
     TypeError
         If ``config`` is not an :class:`AcceleratorConfig`.
+    ValueError
+        If ``activation_words`` is not a positive integer.
     """
 
     ADDRESS_BYTES = 4
 
-    def __init__(self, *, config: AcceleratorConfig):
+    def __init__(self, *, config: AcceleratorConfig, activation_words: int | None = None):
         if not isinstance(config, AcceleratorConfig):
             raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+        if activation_words is None:
+            activation_words = config.activation_depth
+        if (isinstance(activation_words, bool) or not isinstance(activation_words, int)
+                or activation_words < 1):
+            raise ValueError(f"activation_words must be a positive integer, not "
+                             f"{activation_words!r}")
         self._config = c = config
+        self._activation_words = activation_words
         thr_bits = c.thresholds_per_channel * c.threshold_width
         # (bytes per word, words per entry, depth) of each target
         self._targets = {
             Opcode.WRITE_WEIGHTS: (c.simd // 8, c.cols, c.weight_depth),
             Opcode.WRITE_THRESHOLDS: (-(-thr_bits // 8), c.cols, c.threshold_depth),
-            Opcode.WRITE_ACTIVATIONS: (c.simd // 8, 1, c.activation_depth),
+            Opcode.WRITE_ACTIVATIONS: (c.simd // 8, 1, activation_words),
         }
 
         def aw(depth):
@@ -88,7 +101,7 @@ class HostWriter(wiring.Component):
             "weights": In(column_write_signature(aw(c.weight_depth), c.cols, c.simd)),
             "thresholds": In(column_write_signature(aw(c.threshold_depth), c.cols,
                                                     threshold_layout(c))),
-            "activations": In(WritePort.Signature(addr_width=aw(c.activation_depth),
+            "activations": In(WritePort.Signature(addr_width=aw(activation_words),
                                                   shape=c.simd)),
             "error": Out(1),
         })
@@ -96,6 +109,11 @@ class HostWriter(wiring.Component):
     @property
     def config(self) -> AcceleratorConfig:
         return self._config
+
+    @property
+    def activation_words(self) -> int:
+        """The words WRITE_ACTIVATIONS addresses."""
+        return self._activation_words
 
     def elaborate(self, platform):
         m = Module()
@@ -105,7 +123,7 @@ class HostWriter(wiring.Component):
         # the entry being written: `waddr` counts from the frame's address when that is
         # below 2**(w − 1) (≥ every depth and ≥ the entries of a frame, so it never wraps),
         # otherwise `whigh` marks the whole frame out of range
-        max_depth = max(c.weight_depth, c.threshold_depth, c.activation_depth)
+        max_depth = max(c.weight_depth, c.threshold_depth, self._activation_words)
         waddr = Signal(max(max_depth, MAX_PAYLOAD).bit_length() + 1)
         whigh = Signal()
         byte_idx = Signal(range(max(word_bytes, 2)))      # byte of the word

@@ -44,26 +44,42 @@ executor with these parts swapped (the contract-1 Verilog is unchanged):
   ``pool`` or ``repeat`` bit) on :class:`~bitdet.hw.pass_engine.PassEngine`, both fed the
   whole extended descriptor (held while they run).
 
-Ports of the activation memory: the write port is the host writer's while a
+Ports of the activation memory: contract 1: the write port is the host writer's while a
 WRITE_ACTIVATIONS frame streams in (no layer runs then), otherwise the running engine's
-(contract 1: the pool engine's or the controller's; contract 2: the pass engine's or the
-controller's, from the cycle of its start pulse). The window generator's rows read their
-own ports; one more port (contract 1: row 0's) is the running engine's (contract 1: the
+(the pool engine's or the controller's); contract 2: the running engine's (the pass
+engine's or the controller's, from the cycle of its start pulse) in every cycle it writes,
+the host writer's in the others (below). The window generator's rows read their own
+ports; one more port (contract 1: row 0's) is the running engine's (contract 1: the
 controller's row 0 or the pool engine's; contract 2: the controller's shortcut reads
 ``sc_read`` or the pass engine's), otherwise READ_ACTIVATIONS'.
 
-Commands are executed one at a time: while a command executes (a layer runs, a response
-goes out) the executor takes no decoder event, so the decoder stalls its input (the host
-sends one command and waits for its response, docs/protocol.md). Under contract 2 this
-differs from *Commands during a run* (the timed emulator): the executor answers no frame
-during a run, neither BUSY nor a WRITE_ACTIVATIONS to a free slot; the frame's bytes meet
-the stalled decoder (on a board: the UART receiver, which drops them as overruns), and
-whatever of it gets through is executed after the run's response.
+Contract 1 executes commands one at a time: while a command executes (a layer runs, a
+response goes out) the executor takes no decoder event, so the decoder stalls its input
+(the host sends one command and waits for its response, docs/protocol.md).
+
+**Commands during a run** (contract 2; docs/protocol.md, "Commands during a run"): a
+RUN_LAYER / RUN_NETWORK is handed to a second FSM (``runner``: the table entries into a
+descriptor register of their own, the engines, the counters) and the executor goes back to
+taking frames. The run's busy slots are the union of its entries' ``input_slot``,
+``output_slot`` and (with a shortcut) ``shortcut_slot``, kept per entry by CONFIGURE_LAYER
+and ORed at the RUN. During the run:
+
+* a WRITE_ACTIVATIONS whose words (from its address and the frame's length) all lie in
+  idle slots writes them as they arrive and is answered (OK / BAD_ADDRESS); the engine has
+  priority on the write port: a host word that meets an engine write waits in a register
+  and is written in the next cycle without one, and while it waits the executor takes no
+  byte that would complete another word and no COMMIT (``ready`` low: the byte stream
+  stalls, only after the engine has written in every cycle for about ``simd / 8`` byte
+  times — docs/protocol.md bounds it);
+* a WRITE_* whose address came during the run otherwise writes nothing and answers BUSY
+  (even if the run ends before its last byte); any other frame completed during the run
+  answers BUSY; a damaged one gets the decoder's error response;
+* when the run ends its response (the RUN's opcode and seq, the counters) goes out as soon
+  as the executor is between frames' responses; a COMMIT waits for it, so a frame
+  completed after the run's end is answered after it.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
@@ -107,15 +123,6 @@ _ADDRESS_BYTES = HostWriter.ADDRESS_BYTES
 _SMALL_BYTES = max(IdentifyReply.SIZE, COUNTERS_SIZE)
 
 
-def _flat_activations(config: AcceleratorConfig) -> AcceleratorConfig:
-    """The config the :class:`~bitdet.hw.host_writer.HostWriter` of a contract-2 build
-    sees: its slots as one activation memory of ``activation_slots · activation_depth``
-    words, so that WRITE_ACTIVATIONS writes (and range-checks) flat addresses."""
-    return dataclasses.replace(
-        config, activation_depth=config.activation_slots * config.activation_depth,
-        activation_slots=2)
-
-
 def require_board_contract(config: AcceleratorConfig) -> None:
     """Raise :class:`~bitdet.core.config.ConfigError` for a config that no board build
     implements yet: contract 2 (n-bit maps, shortcuts, map slots) runs in RTL simulation
@@ -127,6 +134,151 @@ def require_board_contract(config: AcceleratorConfig) -> None:
                           "contract 1 (the contract-2 slot memory is not banked yet); "
                           "simulate it (bitdet sim layer, --backend rtl) or run it on the "
                           "emulator (--backend emu)")
+
+
+class _RunState:
+    """Contract 2: the signals of the run that goes on beside the executor (its FSM
+    ``runner``), and the executor's logic around it. The static helpers take ``run =
+    None`` under contract 1 and then do what contract 1 does."""
+
+    def __init__(self, config: AcceleratorConfig, entries: int):
+        self.config = config
+        self.slots = slots = config.activation_slots
+        self.go = Signal()                     # EXECUTE starts a run
+        self.active = Signal()                 # the runner is busy: BUSY answers
+        self.reply_wait = Signal()             # the run ended, its response is not out
+        self.replying = Signal()               # the encoder takes the run's header
+        self.receiving = Signal()              # the executor is in state RECEIVE
+        self.opcode = Signal(8)                # the RUN's opcode and seq
+        self.seq = Signal(8)
+        self.busy_slots = Signal(slots)        # the slots the run reads or writes
+        #: per table entry, the slots its descriptor reads or writes
+        self.entry_slots = Signal(entries * slots)
+        self.entries = entries
+        self.rep_idx = Signal(range(COUNTERS_SIZE))
+        # the running entry (`args` takes the frames that arrive during the run); an
+        # engine owns its ports from the cycle of its start pulse (state START) on
+        self.desc = Signal(8 * EXTENDED_DESCRIPTOR_SIZE)
+        self.layer = data.View(extended_descriptor_layout(), self.desc)
+        self.is_pool = self.layer.pool | self.layer.repeat
+        self.starting = Signal()
+        self.start_pool = Signal()
+
+    def launch(self, m, first, n, opcode, seq):
+        """A RUN of entries ``first … first + n − 1``: its busy slots (those of its
+        entries), its opcode and seq; the runner starts. The executor's next state."""
+        used = [Mux((first <= i) & (i < first + n),
+                    self.entry_slots.word_select(i, self.slots), 0)
+                for i in range(self.entries)]
+        mask = used[0]
+        for u in used[1:]:
+            mask = mask | u
+        m.d.comb += self.go.eq(1)
+        m.d.sync += [self.busy_slots.eq(mask), self.opcode.eq(opcode), self.seq.eq(seq)]
+        return "RECEIVE"
+
+    @staticmethod
+    def runner(run, m, table, ctrl, pool, counters, resp, enc, running, run_pool,
+               layers_left, entry):
+        """The FSM ``runner`` (contract 2; nothing under contract 1): a launched RUN's
+        entries one after the other into ``desc``, each started on its engine and run
+        (the counters count the engines' busy and stall cycles), then the run's response,
+        once the executor is between responses."""
+        if run is not None:
+            run._runner(m, table, ctrl, pool, counters, resp, enc, running, run_pool,
+                        layers_left, entry)
+
+    def _runner(self, m, table, ctrl, pool, counters, resp, enc, running, run_pool,
+                layers_left, entry):
+        counter_bytes = Cat(counters.busy_cycles, counters.stall_cycles)
+        with m.FSM(name="runner"):
+            with m.State("IDLE"):
+                with m.If(self.go):
+                    m.next = "LOAD"
+
+            with m.State("LOAD"):
+                # the entry into `desc`, a byte per cycle
+                m.d.comb += [self.active.eq(1), table.load.eq(1)]
+                with m.If(table.load_data.valid):
+                    m.d.sync += self.desc.eq(Cat(self.desc[8:], table.load_data.payload))
+                with m.If(table.loaded):
+                    m.next = "START"
+
+            with m.State("START"):
+                m.d.comb += [self.active.eq(1), ctrl.start.eq(~self.is_pool),
+                             pool.start.eq(self.is_pool), self.starting.eq(1),
+                             self.start_pool.eq(self.is_pool)]
+                m.d.sync += [running.eq(1), run_pool.eq(self.is_pool)]
+                m.next = "RUN"
+
+            with m.State("RUN"):
+                # the counters, summed over the passes of the command (u32, wrapping): the
+                # engines' busy and stall cycles (only one engine runs); nothing flips
+                m.d.comb += [self.active.eq(1), counters.busy.eq(ctrl.busy | pool.busy),
+                             counters.stall.eq(ctrl.stall | pool.stall)]
+                with m.If(Mux(run_pool, pool.done, ctrl.done)):
+                    m.d.sync += [running.eq(0), run_pool.eq(0),
+                                 layers_left.eq(layers_left - 1), entry.eq(entry + 1)]
+                    with m.If(layers_left == 1):
+                        m.next = "REPLY"
+                    with m.Else():
+                        m.next = "LOAD"
+
+            with m.State("REPLY"):
+                # the run's response, once the executor has sent its own (it takes no
+                # COMMIT meanwhile); the counters hold the totals from the cycle after the
+                # last `done`
+                m.d.comb += [self.active.eq(1), self.reply_wait.eq(1)]
+                with m.If(self.receiving):
+                    m.d.comb += [self.replying.eq(1), resp.valid.eq(1)]
+                    with m.If(resp.ready):
+                        m.d.sync += self.rep_idx.eq(0)
+                        m.next = "COUNTERS"
+
+            with m.State("COUNTERS"):
+                m.d.comb += [self.active.eq(1), self.reply_wait.eq(1), enc.data.valid.eq(1),
+                             enc.data.payload.eq(counter_bytes.word_select(self.rep_idx, 8))]
+                with m.If(enc.data.ready):
+                    m.d.sync += self.rep_idx.eq(self.rep_idx + 1)
+                    with m.If(self.rep_idx == COUNTERS_SIZE - 1):
+                        m.next = "IDLE"
+
+    @staticmethod
+    def judge_address(run, m, index, frame_ok, opcode, address, length):
+        """The address of a WRITE_* is complete (payload byte ``index``): during a run it
+        writes only when it is a WRITE_ACTIVATIONS into idle slots (``frame_ok``)."""
+        if run is None:
+            return
+        with m.If(index == _ADDRESS_BYTES - 1):
+            idle = (opcode == Opcode.WRITE_ACTIVATIONS) & ~(
+                run.busy_slots & CommandExecutor._touched_slots(address, length,
+                                                                run.config)).any()
+            m.d.sync += frame_ok.eq(~run.active | idle)
+
+    @staticmethod
+    def remember(run, m, decision, f):
+        """CONFIGURE_LAYER: the slots of an accepted descriptor ``f``, for a run's busy
+        slots."""
+        if run is None:
+            return
+        code, which = decision
+        with m.If(code == _CFG_OK):
+            m.d.sync += run.entry_slots.word_select(which, run.slots).eq(
+                CommandExecutor._descriptor_slots(f, run.slots))
+
+    @staticmethod
+    def guard(run, m, opcode, frame_ok, respond, execute):
+        """EXECUTE: during a run BUSY, but for a WRITE_ACTIVATIONS into idle slots (a
+        WRITE_* whose address came during the run wrote nothing: BUSY)."""
+        if run is None:
+            execute()
+            return
+        writes = Cat(opcode == op for op in (Opcode.WRITE_WEIGHTS, Opcode.WRITE_THRESHOLDS,
+                                             Opcode.WRITE_ACTIVATIONS)).any()
+        with m.If(Mux(writes, ~frame_ok, run.active)):
+            respond(ErrorCode.BUSY)
+        with m.Else():
+            execute()
 
 
 class CommandExecutor(wiring.Component):
@@ -213,8 +365,7 @@ class CommandExecutor(wiring.Component):
         wmem = m.submodules.weights = weight_memory(c)
         tmem = m.submodules.thresholds = threshold_memory(c)
         buf = m.submodules.activations = slot_memory(c) if v2 else activation_buffer(c)
-        writer = m.submodules.host_writer = HostWriter(
-            config=_flat_activations(c) if v2 else c)
+        writer = m.submodules.host_writer = HostWriter(config=c, activation_words=act_words)
         check = m.submodules.layer_check = LayerCheck(config=c)
         table = m.submodules.layer_table = LayerTable(size=desc_size)
         counters = m.submodules.counters = CycleCounters()
@@ -224,8 +375,7 @@ class CommandExecutor(wiring.Component):
         wiring.connect(m, dec.error, enc.error)
         wiring.connect(m, ctrl.weights, wmem.read)
         wiring.connect(m, ctrl.thresholds, tmem.read)
-        wiring.connect(m, writer.weights, wmem.write)
-        wiring.connect(m, writer.thresholds, tmem.write)
+        frame_ok = self._host_memory_writes(m, writer, wmem, tmem, v2)
         # the window generator's rows: v1's row 0 shares its port with READ_ACTIVATIONS
         for r in range(0 if v2 else 1, c.rows):
             wiring.connect(m, ctrl.act_read[r], buf.read[r])
@@ -264,9 +414,18 @@ class CommandExecutor(wiring.Component):
         raddr = Signal(buf.addr_width)
         fetched = Signal(c.simd)                           # READ_ACTIVATIONS' current word
 
+        # contract 2: the run goes on beside the executor (FSM "runner"), its response
+        # header (the RUN's opcode and seq) replaces the executor's while it is sent
+        run = _RunState(c, entries) if v2 else None
+
+        def header(frame_value, run_value):
+            return Mux(run.replying, run_value, frame_value) if v2 else frame_value
+
         m.d.comb += [self.select.eq(sel), self.busy.eq(running),
-                     resp.payload.opcode.eq(opcode), resp.payload.status.eq(status),
-                     resp.payload.length.eq(resp_len), resp.payload.seq.eq(dec.seq)]
+                     resp.payload.opcode.eq(header(opcode, run.opcode if v2 else None)),
+                     resp.payload.status.eq(header(status, ErrorCode.OK)),
+                     resp.payload.length.eq(header(resp_len, COUNTERS_SIZE)),
+                     resp.payload.seq.eq(header(dec.seq, run.seq if v2 else None))]
 
         # -- argument fields ----------------------------------------------------------------
         def arg(offset, size):
@@ -279,6 +438,13 @@ class CommandExecutor(wiring.Component):
         def respond(code, nbytes=0):
             m.d.sync += [status.eq(code), resp_len.eq(nbytes)]
             m.next = "RESPOND"
+
+        def launch(first, n):
+            """RUN_LAYER / RUN_NETWORK of table entries ``first … first + n − 1``."""
+            m.d.sync += [entry.eq(first), layers_left.eq(n)]
+            m.d.comb += counters.clear.eq(1)
+            # (v2: the runner takes it, the executor goes on taking frames)
+            m.next = run.launch(m, first, n, opcode, dec.seq) if v2 else "LOAD"
 
         # -- memory writes, as the payload streams in ------------------------------------
         act_bytes = c.simd // 8
@@ -297,30 +463,26 @@ class CommandExecutor(wiring.Component):
         # (only one at a time) owns the write port.
         act_frame = Signal()
         run_pool = Signal()                                # the running layer is a pool
-        m.d.comb += act_frame.eq(~running & (opcode == Opcode.WRITE_ACTIVATIONS))
         if v2:
             # an engine owns its ports from the cycle of its start pulse (state START) on
-            starting, start_pool = Signal(), Signal()
-            engine_on, engine_pool = running | starting, run_pool | start_pool
+            engine_on, engine_pool = running | run.starting, run_pool | run.start_pool
+            hold_word = self._slot_write_port(m, buf, writer, ctrl, pool, engine_on,
+                                              engine_pool, frame_ok)
         else:
+            m.d.comb += act_frame.eq(~running & (opcode == Opcode.WRITE_ACTIVATIONS))
             engine_on, engine_pool = running, run_pool
-        # (v2: flat addresses, no bank to select; the pass engine runs pool and repeat
-        # passes, the controller convolutions)
-        def bank(value):
-            return [] if v2 else [buf.select.eq(value)]
-
-        with m.If(act_frame):
-            m.d.comb += [*bank(~sel), buf.write.en.eq(writer.activations.en),
-                         buf.write.addr.eq(writer.activations.addr),
-                         buf.write.data.eq(writer.activations.data)]
-        with m.Elif(engine_pool):
-            m.d.comb += [*bank(sel), buf.write.en.eq(pool.act_write.en),
-                         buf.write.addr.eq(pool.act_write.addr),
-                         buf.write.data.eq(pool.act_write.data)]
-        with m.Else():
-            m.d.comb += [*bank(sel), buf.write.en.eq(ctrl.act_write.en),
-                         buf.write.addr.eq(ctrl.act_write.addr),
-                         buf.write.data.eq(ctrl.act_write.data)]
+            with m.If(act_frame):
+                m.d.comb += [buf.select.eq(~sel), buf.write.en.eq(writer.activations.en),
+                             buf.write.addr.eq(writer.activations.addr),
+                             buf.write.data.eq(writer.activations.data)]
+            with m.Elif(engine_pool):
+                m.d.comb += [buf.select.eq(sel), buf.write.en.eq(pool.act_write.en),
+                             buf.write.addr.eq(pool.act_write.addr),
+                             buf.write.data.eq(pool.act_write.data)]
+            with m.Else():
+                m.d.comb += [buf.select.eq(sel), buf.write.en.eq(ctrl.act_write.en),
+                             buf.write.addr.eq(ctrl.act_write.addr),
+                             buf.write.data.eq(ctrl.act_write.data)]
 
         # the auxiliary read port: the running engine's while a layer runs (the pool
         # engine's or the controller's row 0; v2: the pass engine's or the controller's
@@ -343,9 +505,10 @@ class CommandExecutor(wiring.Component):
         # the entry loaded into `args`
         f = data.View(extended_descriptor_layout() if v2 else descriptor_layout(), args)
         if v2:
-            # the whole extended descriptor to both (CONFIGURE_LAYER refused raw mode)
-            is_pool = f.pool | f.repeat
-            m.d.comb += [ctrl.layer.eq(f), pool.layer.eq(f)]
+            # the run's entry has its own register (`args` takes the frames that arrive
+            # during the run); the whole extended descriptor to both engines
+            # (CONFIGURE_LAYER refused raw mode)
+            m.d.comb += [ctrl.layer.eq(run.layer), pool.layer.eq(run.layer)]
         else:
             is_pool = f.pool
         for engine, forced in () if v2 else ((ctrl, {"raw": 0}), (pool, {})):
@@ -368,23 +531,30 @@ class CommandExecutor(wiring.Component):
 
         with m.FSM(name="executor"):
             with m.State("RECEIVE"):
-                m.d.comb += dec.o.ready.eq(1)
-                with m.If(dec.o.valid):
+                m.d.comb += dec.o.ready.eq(~self._hold_event(
+                    m, ev, opcode, index, data_event, hold_word, run.reply_wait, act_bytes)
+                    if v2 else 1)
+                m.d.comb += [run.receiving.eq(1)] if v2 else []
+                with m.If(dec.o.valid & dec.o.ready if v2 else dec.o.valid):
                     with m.Switch(ev.event):
                         with m.Case(DecoderEvent.START):
                             m.d.sync += [opcode.eq(ev.opcode), length.eq(ev.length),
                                          index.eq(0), byte_idx.eq(0)]
                             m.d.comb += [arg_clear.eq(1), writer.start.eq(1)]
+                            # (v2: a frame too short for an address, as one with it)
+                            m.d.sync += [frame_ok.eq(~run.active)] if v2 else []
                         with m.Case(DecoderEvent.DATA):
                             m.d.sync += index.eq(index + 1)
                             m.d.comb += [arg_shift.eq(1), arg_byte.eq(ev.data)]
                             with m.If(shift & (index == 0)):
                                 m.d.sync += table_index.eq(ev.data)
+                            _RunState.judge_address(run, m, index, frame_ok, opcode,
+                                                    writer.address, length)
                         with m.Case(DecoderEvent.COMMIT):
                             m.next = "EXECUTE"
                         # ABORT: the decoder answers; what was written stays provisional
 
-            with m.State("EXECUTE"):
+            def execute():
                 with m.Switch(opcode):
                     with m.Case(Opcode.IDENTIFY):
                         respond(ErrorCode.OK, IdentifyReply.SIZE)
@@ -397,6 +567,7 @@ class CommandExecutor(wiring.Component):
                         respond(Mux(writer.error, ErrorCode.BAD_ADDRESS, ErrorCode.OK))
                     with m.Case(Opcode.CONFIGURE_LAYER):
                         self._configure(m, decision, table, entry, respond)
+                        _RunState.remember(run, m, decision, f)
                     with m.Case(Opcode.RUN_LAYER):
                         which = short_arg(1, 0, 1)         # 0 without a payload (args cleared)
                         with m.If(which >= entries):
@@ -405,9 +576,7 @@ class CommandExecutor(wiring.Component):
                                 which[:(entries - 1).bit_length()], 1)):
                             respond(ErrorCode.NOT_CONFIGURED)
                         with m.Else():
-                            m.d.sync += [entry.eq(which), layers_left.eq(1)]
-                            m.d.comb += counters.clear.eq(1)
-                            m.next = "LOAD"
+                            launch(which, 1)
                     with m.Case(Opcode.RUN_NETWORK):
                         n = short_arg(1, 0, 1)
                         needed = Cat(n > i for i in range(entries))
@@ -416,9 +585,7 @@ class CommandExecutor(wiring.Component):
                         with m.Elif((table.valid & needed) != needed):
                             respond(ErrorCode.NOT_CONFIGURED)
                         with m.Else():
-                            m.d.sync += [entry.eq(0), layers_left.eq(n)]
-                            m.d.comb += counters.clear.eq(1)
-                            m.next = "LOAD"
+                            launch(0, n)
                     with m.Case(Opcode.READ_ACTIVATIONS):
                         address = short_arg(6, 0, 4)
                         words = short_arg(6, 4, 2)
@@ -441,6 +608,9 @@ class CommandExecutor(wiring.Component):
                     with m.Default():                       # READ_RESULTS
                         respond(ErrorCode.UNKNOWN_OPCODE)
 
+            with m.State("EXECUTE"):
+                _RunState.guard(run, m, opcode, frame_ok, respond, execute)
+
             with m.State("STORE"):
                 # a checked CONFIGURE_LAYER: its 32 (v2: 48) bytes into the entry, one per
                 # cycle, rotating `args` by a byte each time (it is whole again afterwards)
@@ -449,34 +619,31 @@ class CommandExecutor(wiring.Component):
                 with m.If(table.stored):
                     respond(ErrorCode.OK)
 
-            with m.State("LOAD"):
-                # the entry back into `args`, a byte per cycle
-                m.d.comb += [table.load.eq(1), arg_shift.eq(table.load_data.valid),
-                             arg_byte.eq(table.load_data.payload)]
-                with m.If(table.loaded):
-                    m.next = "START"
+            if not v2:                 # (v2: these are the runner's, below)
+                with m.State("LOAD"):
+                    # the entry back into `args`, a byte per cycle
+                    m.d.comb += [table.load.eq(1), arg_shift.eq(table.load_data.valid),
+                                 arg_byte.eq(table.load_data.payload)]
+                    with m.If(table.loaded):
+                        m.next = "START"
 
-            with m.State("START"):
-                m.d.comb += [ctrl.start.eq(~is_pool), pool.start.eq(is_pool)]
-                m.d.sync += [running.eq(1), run_pool.eq(is_pool)]
-                if v2:
-                    m.d.comb += [starting.eq(1), start_pool.eq(is_pool)]
-                m.next = "RUN"
+                with m.State("START"):
+                    m.d.comb += [ctrl.start.eq(~is_pool), pool.start.eq(is_pool)]
+                    m.d.sync += [running.eq(1), run_pool.eq(is_pool)]
+                    m.next = "RUN"
 
-            with m.State("RUN"):
-                # the counters, summed over the layers of the command (u32, wrapping):
-                # the engines' busy and stall cycles (only one engine runs)
-                m.d.comb += [counters.busy.eq(ctrl.busy | pool.busy),
-                             counters.stall.eq(ctrl.stall | pool.stall)]
-                with m.If(Mux(run_pool, pool.done, ctrl.done)):
-                    # (v2 flips nothing: every descriptor names its slots)
-                    flip = [] if v2 else [sel.eq(~sel)]
-                    m.d.sync += [running.eq(0), run_pool.eq(0), *flip,
-                                 layers_left.eq(layers_left - 1), entry.eq(entry + 1)]
-                    with m.If(layers_left == 1):
-                        respond(ErrorCode.OK, COUNTERS_SIZE)
-                    with m.Else():
-                        m.next = "LOAD"
+                with m.State("RUN"):
+                    # the counters, summed over the layers of the command (u32, wrapping):
+                    # the engines' busy and stall cycles (only one engine runs)
+                    m.d.comb += [counters.busy.eq(ctrl.busy | pool.busy),
+                                 counters.stall.eq(ctrl.stall | pool.stall)]
+                    with m.If(Mux(run_pool, pool.done, ctrl.done)):
+                        m.d.sync += [running.eq(0), run_pool.eq(0), sel.eq(~sel),
+                                     layers_left.eq(layers_left - 1), entry.eq(entry + 1)]
+                        with m.If(layers_left == 1):
+                            respond(ErrorCode.OK, COUNTERS_SIZE)
+                        with m.Else():
+                            m.next = "LOAD"
 
             with m.State("RESPOND"):
                 m.d.comb += resp.valid.eq(1)
@@ -529,7 +696,110 @@ class CommandExecutor(wiring.Component):
                             m.next = "FETCH"
                     with m.Else():
                         m.d.sync += byte_idx.eq(byte_idx + 1)
+
+        # contract 2: the run, beside the executor
+        _RunState.runner(run, m, table, ctrl, pool, counters, resp, enc, running, run_pool,
+                         layers_left, entry)
         return m
+
+    @staticmethod
+    def _host_memory_writes(m, writer, wmem, tmem, v2):
+        """The host writer's weight and threshold writes; contract 2: only while
+        ``frame_ok`` (returned; a WRITE_* whose address came during a run writes nothing,
+        state RECEIVE sets it), contract 1: always (None)."""
+        if not v2:
+            wiring.connect(m, writer.weights, wmem.write)
+            wiring.connect(m, writer.thresholds, tmem.write)
+            return None
+        frame_ok = Signal()
+        for source, target in ((writer.weights, wmem.write), (writer.thresholds, tmem.write)):
+            m.d.comb += [target.en.eq(source.en & frame_ok), target.addr.eq(source.addr),
+                         target.column.eq(source.column), target.data.eq(source.data)]
+        return frame_ok
+
+    @staticmethod
+    def _descriptor_slots(f, slots):
+        """The slots a contract-2 descriptor ``f`` reads or writes, a mask of ``slots``
+        bits: ``input_slot``, ``output_slot`` and, with a shortcut, ``shortcut_slot``
+        (CONFIGURE_LAYER refuses a pool or repeat pass with one, and slots beyond the
+        build)."""
+        return Cat((f.input_slot == s) | (f.output_slot == s)
+                   | ((f.shortcut_bits != 0) & (f.shortcut_slot == s)) for s in range(slots))
+
+    @staticmethod
+    def _touched_slots(address, length, config):
+        """The slots a WRITE_ACTIVATIONS of payload ``length`` bytes at flat ``address``
+        writes, a mask of ``activation_slots`` bits: its words (at least one, as the
+        emulator counts them) run from ``address`` to ``address + words − 1``. Constant
+        comparisons per slot, no division by the depth."""
+        c = config
+        word_bytes, depth = c.simd // 8, c.activation_depth
+        data_bytes = length - _ADDRESS_BYTES
+        if word_bytes & (word_bytes - 1) == 0:
+            whole = data_bytes >> (word_bytes.bit_length() - 1)
+        else:
+            whole = data_bytes // word_bytes
+        words = Mux(length >= _ADDRESS_BYTES + word_bytes, whole, 1)
+        end = address + words                              # one past the last word
+        return Cat((address < (s + 1) * depth) & (end > s * depth)
+                   for s in range(c.activation_slots))
+
+    @staticmethod
+    def _slot_write_port(m, buf, writer, ctrl, pool, engine_on, engine_pool, frame_ok):
+        """The slot memory's write port (contract 2): the running engine's in every cycle
+        it writes, the host's words (a WRITE_ACTIVATIONS whose ``frame_ok`` is set) in the
+        others. A host word that meets an engine write waits in a register (``held``) and
+        is written in the next cycle without one. Returns ``hold_word``: a host word waits
+        or is about to; the executor then takes no byte that completes another word (so
+        at most one ever waits) and no COMMIT (a frame is answered once its words are
+        written)."""
+        engine_we = Signal()
+        engine_addr = Signal.like(buf.write.addr)
+        engine_data = Signal.like(buf.write.data)
+        m.d.comb += [
+            engine_we.eq(engine_on & Mux(engine_pool, pool.act_write.en, ctrl.act_write.en)),
+            engine_addr.eq(Mux(engine_pool, pool.act_write.addr, ctrl.act_write.addr)),
+            engine_data.eq(Mux(engine_pool, pool.act_write.data, ctrl.act_write.data)),
+        ]
+        host = writer.activations
+        host_we = Signal()
+        m.d.comb += host_we.eq(host.en & frame_ok)
+        held = Signal()
+        held_addr = Signal.like(buf.write.addr)
+        held_data = Signal.like(buf.write.data)
+        with m.If(engine_we):
+            m.d.comb += [buf.write.en.eq(1), buf.write.addr.eq(engine_addr),
+                         buf.write.data.eq(engine_data)]
+            with m.If(host_we):                            # (never while `held`)
+                m.d.sync += [held.eq(1), held_addr.eq(host.addr), held_data.eq(host.data)]
+        with m.Elif(held):
+            m.d.comb += [buf.write.en.eq(1), buf.write.addr.eq(held_addr),
+                         buf.write.data.eq(held_data)]
+            m.d.sync += held.eq(0)
+        with m.Elif(host_we):
+            m.d.comb += [buf.write.en.eq(1), buf.write.addr.eq(host.addr),
+                         buf.write.data.eq(host.data)]
+        hold_word = Signal()
+        m.d.comb += hold_word.eq(held | (host_we & engine_we))
+        return hold_word
+
+    @staticmethod
+    def _hold_event(m, ev, opcode, index, data_event, hold_word, reply_wait, word_bytes):
+        """Contract 2: the decoder event that the executor does not take this cycle (its
+        ``ready`` low): while a host word waits for the write port (``hold_word``), a
+        WRITE_ACTIVATIONS byte that completes another word, and a COMMIT; a COMMIT also
+        while the run's response waits (``reply_wait``: it goes out first)."""
+        # the byte of the word (the host writer's count): 0 during the address
+        position = Signal(range(max(word_bytes, 2)))
+        with m.If(data_event):
+            with m.If((index < _ADDRESS_BYTES) | (position == word_bytes - 1)):
+                m.d.sync += position.eq(0)
+            with m.Else():
+                m.d.sync += position.eq(position + 1)
+        completes = ((ev.event == DecoderEvent.DATA) & (opcode == Opcode.WRITE_ACTIVATIONS)
+                     & (index >= _ADDRESS_BYTES) & (position == word_bytes - 1))
+        commit = ev.event == DecoderEvent.COMMIT
+        return (completes & hold_word) | (commit & (hold_word | reply_wait))
 
     @staticmethod
     def _configure_decision(m, checks, length, table_index, entries, size):

@@ -656,3 +656,162 @@ def test_verilog_of_a_contract_2_build():
     text = verilog.convert(CommandExecutor(V2), name="bitdet_top")
     assert f"reg [{V2.simd - 1}:0] slots [{WORDS - 1}:0];" in text
     assert f"reg [7:0] memory [{48 * LAYER_TABLE_ENTRIES - 1}:0];" in text
+
+
+# -- commands during a run (docs/protocol.md, "Commands during a run") ----------------------
+async def stream(driver, frames, count, *, limit=20000):
+    """Push all ``frames``' bytes into ``i`` back to back (random gaps; the executor's
+    ``ready`` paces them) while collecting ``o`` until ``count`` whole responses have
+    come back; the responses' bytes, each as it came."""
+    ctx, dut, rng = driver.ctx, driver.dut, driver.rng
+    pending = [b for frame in frames for b in frame]
+    got, responses = bytearray(), []
+    parser = FrameParser(payload_limits=None)
+    for _ in range(limit):
+        offer = bool(pending) and rng.random() < driver.valid_probability
+        ctx.set(dut.i.valid, offer)
+        if offer:
+            ctx.set(dut.i.payload, pending[0])
+        ready = rng.random() < driver.ready_probability
+        ctx.set(dut.o.ready, ready)
+        took = offer and ctx.get(dut.i.ready)
+        out = ctx.get(dut.o.payload) if ready and ctx.get(dut.o.valid) else None
+        await ctx.tick()
+        driver.cycles += 1
+        if took:
+            pending.pop(0)
+        if out is not None:
+            got.append(out)
+            for frame in parser.feed([out]):
+                assert isinstance(frame, Frame), frame
+                responses.append(bytes(got))
+                got.clear()
+            if len(responses) == count:
+                assert not pending and not got
+                ctx.set(dut.i.valid, 0)
+                return responses
+    raise AssertionError(f"{len(responses)} of {count} responses in {limit} cycles")
+
+
+def test_commands_during_a_run_as_the_timed_emulator(monkeypatch):
+    """RUN_NETWORK of three convolutions (8 groups of 2 pixels, 3 tiles each; slots 0, 1
+    and 2 busy), and right behind it, pipelined: a WRITE_ACTIVATIONS of 60 words into slot
+    3 (idle: written while the controller writes, answered OK before the RUN), one across
+    slots 2 and 3 (BUSY, nothing written), a WRITE_WEIGHTS, READ_COUNTERS,
+    CONFIGURE_LAYER, RUN_LAYER (BUSY), a damaged frame (the decoder's BAD_CRC), then the
+    RUN's response with its own seq and the emulator's counters. Every response byte as
+    the timed emulator's (its run held over the frames), and afterwards every word of
+    every slot and the counters."""
+    rng = np.random.default_rng(21)
+    setup = parameter_frames(rng) + random_map_frames(rng, [CONV])
+    slot3 = encode_frame(Opcode.WRITE_ACTIVATIONS, encode_write(3 * DEPTH, words(rng, DEPTH)))
+    setup += [slot3] + [configure(CONV, i) for i in range(3)]
+    run = encode_frame(Opcode.RUN_NETWORK, bytes([3]), seq=200)
+    damaged = bytearray(encode_frame(Opcode.READ_COUNTERS, seq=207))
+    damaged[-1] ^= 0xFF
+    during = [
+        encode_frame(Opcode.WRITE_ACTIVATIONS, encode_write(3 * DEPTH + 2, words(rng, 60)),
+                     seq=201),
+        encode_frame(Opcode.WRITE_ACTIVATIONS, encode_write(3 * DEPTH - 2, words(rng, 4)),
+                     seq=202),
+        encode_frame(Opcode.WRITE_WEIGHTS, encode_write(0, words(rng, V2.cols)), seq=203),
+        encode_frame(Opcode.READ_COUNTERS, seq=204),
+        encode_frame(Opcode.CONFIGURE_LAYER, CONV.encode(5), seq=205),
+        encode_frame(Opcode.RUN_LAYER, bytes([0]), seq=206),
+        bytes(damaged),
+        encode_frame(Opcode.WRITE_ACTIVATIONS, encode_write(3 * DEPTH + 62, words(rng, 2)),
+                     seq=208),
+    ]
+    after = [encode_frame(Opcode.READ_ACTIVATIONS, encode_read(0, WORDS)),
+             encode_frame(Opcode.READ_COUNTERS), encode_frame(Opcode.RUN_LAYER, bytes([5])),
+             encode_frame(Opcode.READ_ACTIVATIONS, encode_read(0, WORDS))]
+
+    # the timed emulator, its run still going while the frames behind it arrive
+    emu = Emulator(V2, timed=True)
+    emu.run_byte_times = lambda busy: 1 << 20
+    want_setup = [emu.feed(frame) for frame in setup]
+    assert emu.feed(run) == b"" and emu.running
+    assert emu.busy_slots() == {0, 1, 2}
+    want_during = [emu.feed(frame) for frame in during] + [emu.idle(1 << 20)]
+    want_after = [emu.feed(frame) for frame in after]
+
+    got = {}
+
+    async def testbench(ctx):
+        driver = RawDriver(ctx, dut, seed=5)
+        got["setup"] = [await driver.exchange(frame, limit=50000) for frame in setup]
+        got["during"] = await stream(driver, [run, *during], len(during) + 1)
+        got["after"] = [await driver.exchange(frame, limit=50000) for frame in after]
+
+    # the write port's arbitration: cycles in which a host word waits for the engine
+    holds = []
+    arbitrate = CommandExecutor._slot_write_port
+
+    def watched(*args):
+        holds.append(arbitrate(*args))
+        return holds[-1]
+
+    monkeypatch.setattr(CommandExecutor, "_slot_write_port", staticmethod(watched))
+    waited = []
+
+    async def watch(ctx):
+        async for *_, hold in ctx.tick().sample(holds[0]):
+            waited.append(hold)
+
+    dut = CommandExecutor(V2)
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(testbench)
+    sim.add_process(watch)
+    sim.run()
+
+    assert any(waited)                                # the host word met engine writes
+    assert got["setup"] == want_setup
+    assert got["during"] == want_during, [r.hex() for r in got["during"]]
+    assert got["after"] == want_after
+    parsed = [FrameParser(payload_limits=None).feed(r)[0] for r in got["during"]]
+    # the RUN's response last, with its seq; the others in command order, BUSY but the
+    # write into slot 3, the damaged frame an error response
+    assert [p.seq for p in parsed] == [*range(201, 209), 200]
+    statuses = [parse_response(p).status for p in parsed[:6] + parsed[7:]]
+    assert statuses == [ErrorCode.OK, *[ErrorCode.BUSY] * 5, ErrorCode.OK, ErrorCode.OK]
+    assert parse_response(parsed[6]).status == ErrorCode.BAD_CRC
+    counters = decode_counters(parse_response(parsed[-1]).data)
+    assert counters == tuple(3 * x for x in pass_cycles(V2, CONV))
+    # the memory: the idle slot's new words, the busy slots as the run left them
+    memory = parse_response(FrameParser(payload_limits=None).feed(got["after"][0])[0]).data
+    assert memory == emu.activations.tobytes()
+    new = during[0][9:-2]                              # (header 5 bytes, address 4)
+    assert memory[(3 * DEPTH + 2) * WBYTES:(3 * DEPTH + 62) * WBYTES] == new
+    old = slot3[9:-2]
+    assert memory[3 * DEPTH * WBYTES:(3 * DEPTH + 2) * WBYTES] == old[:2 * WBYTES]
+
+
+def test_driver_pipelines_on_the_contract_2_rtl():
+    """``Device.concurrent_writes``: true on an RtlLink of a contract-2 config (a stand-in
+    of that name over the untimed emulator here), false on one of a contract-1 config."""
+    from bitdet.core.config import load_config
+    from bitdet.sw.driver.device import Device
+    from bitdet.sw.driver.link import EmuLink
+
+    class RtlLink(EmuLink):
+        pass
+
+    assert Device(RtlLink(Emulator(V2)), V2).concurrent_writes
+    tiny = load_config("tiny")
+    assert not Device(RtlLink(Emulator(tiny)), tiny).concurrent_writes
+    assert not Device(EmuLink(Emulator(V2)), V2).concurrent_writes
+
+
+def test_host_writer_activation_words():
+    """HostWriter's ``activation_words``: the words WRITE_ACTIVATIONS range-checks (and
+    the width of its port), by default ``activation_depth``; the contract-2 executor's
+    covers all slots."""
+    from bitdet.hw.host_writer import HostWriter
+    assert HostWriter(config=V2).activation_words == DEPTH
+    writer = HostWriter(config=V2, activation_words=WORDS)
+    assert writer.activation_words == WORDS
+    assert len(writer.activations.addr) == slot_addr_width(V2) == (WORDS - 1).bit_length()
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="activation_words"):
+            HostWriter(config=V2, activation_words=bad)

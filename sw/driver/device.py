@@ -237,7 +237,9 @@ class Device:
     concurrent_writes : bool
         The device takes WRITE_ACTIVATIONS while a run goes on (docs/protocol.md,
         "Commands during a run"), so :meth:`detect_many` may pipeline frames: the timed
-        emulator of ``Device.open("emu", ...)``; not the contract-2 RTL yet.
+        emulator of ``Device.open("emu", ...)`` and the RTL of a contract-2 config
+        (``bitdet.sim.link.RtlLink``, ``Device.open("rtl", ...)``); not a serial link (no
+        board runs contract 2).
     """
 
     def __init__(self, link, config, *, timeout: float = DEFAULT_TIMEOUT,
@@ -252,10 +254,12 @@ class Device:
         self._slot = None                      # the streamed pass whose weights are in the slot
         self._payloads: dict[int, tuple[bytes, bytes]] = {}
         self._input_slot = 0                   # contract 2: the slot the passes read input from
-        # docs/protocol.md, "Commands during a run": the timed emulator takes a
-        # WRITE_ACTIVATIONS while a run goes on; the contract-2 RTL does not yet (it runs one
-        # command at a time), and no board runs contract 2, so only the emulator pipelines
-        self.concurrent_writes = bool(getattr(getattr(link, "emulator", None), "timed", False))
+        # docs/protocol.md, "Commands during a run": the timed emulator and the contract-2
+        # RTL (an RtlLink, named so that the driver does not import bitdet.sim) take a
+        # WRITE_ACTIVATIONS while a run goes on; no board runs contract 2 (serial: False)
+        self.concurrent_writes = (
+            bool(getattr(getattr(link, "emulator", None), "timed", False))
+            or (type(link).__name__ == "RtlLink" and self.config.contract == 2))
         self.identity = self.identify()
         if self.identity.version != PROTOCOL_VERSION:
             raise ConfigMismatch(f"the device on {self.port_name} speaks protocol version "
@@ -466,9 +470,10 @@ class Device:
     def overlap_slots(self) -> tuple[int, int] | None:
         """The two map slots a contract-2 plan's input alternates between when frames
         are pipelined (:meth:`detect_many`), or None (contract 1, nothing loaded, a device
-        that does not take writes during a run — :attr:`concurrent_writes`, only the timed
-        emulator does — or no two slots that no other map of the plan uses). The input's own slot comes first
-        when no other map reuses it, then the slots the plan leaves free."""
+        that does not take writes during a run — :attr:`concurrent_writes`: the timed
+        emulator and the contract-2 RTL do — or no two slots that no other map of the plan
+        uses). The input's own slot comes first when no other map reuses it, then the slots
+        the plan leaves free."""
         graph = self.graph_plan
         if graph is None or not self.plan or not self.concurrent_writes:
             return None
