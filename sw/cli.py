@@ -573,8 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: %(default)s)")
     demo.add_argument("--residual", action="store_true",
                       help="contract v2 with a separate n-bit residual stream for the "
-                      "shortcuts (checked on the golden model and the contract-2 emulator; "
-                      "the RTL implements contract 1)")
+                      "shortcuts (checked on the golden model and the contract-2 "
+                      "emulator)")
     demo.add_argument("--images", type=_positive, default=4,
                       help="random input images to compare on (default: %(default)s)")
     demo.set_defaults(func=_cmd_demo)

@@ -11,8 +11,9 @@ bits at every layer.
 (:class:`bitdet.sw.models.ResidualBinaryNet`: N-bit maps, shortcuts around every block,
 pooled and channel-repeated where a block downsamples, γ < 0 and constant channels), its
 format-2 graph bundle, and the same check at every node, on the contract-2 emulator too
-(the ``contract2`` preset). The RTL implements contract 1, so it does not run the v2
-network yet.
+(the ``contract2`` preset). The contract-2 RTL runs such networks in simulation
+(``bitdet sim layer``, ``--backend rtl``); the demo stays on the emulator, which is
+instant.
 """
 
 from __future__ import annotations
@@ -247,8 +248,7 @@ def run_demo_v2(out: str | Path = "demo.bitdet", *, seed: int = 0, images: int =
                 bits: int = 2, residual: bool = True, echo=print, force: bool = False) -> bool:
     """The v2 demo: the float network, its folded golden graph, the reloaded bundle and the
     contract-2 emulator (``contract2`` preset, through command frames) give the same levels
-    at every node (printed per node). True when all match. The RTL implements contract 1:
-    the v2 bundle does not run on it yet."""
+    at every node (printed per node). True when all match."""
     from .files import atomic_path, check_new_file
     check_new_file(out, force=force)
     net, bundle = build_demo_v2(seed, bits=bits, residual=residual)
@@ -299,7 +299,8 @@ def run_demo_v2(out: str | Path = "demo.bitdet", *, seed: int = 0, images: int =
     echo(f"requirements: max K {requirements.max_k}, input/shortcut bits "
          f"{requirements.max_input_bits}/{requirements.max_shortcut_bits}, "
          f"{requirements.live_maps} maps live at once")
-    echo("the emulator ran the contract2 preset (the RTL implements contract 1: not run)")
+    echo("the emulator ran the contract2 preset (the contract-2 RTL: bitdet sim layer, "
+         "--backend rtl)")
     echo("all nodes bit-exact" if ok else "MISMATCH between the float, the folded network, "
          "the bundle and the emulator")
     return ok

@@ -22,8 +22,8 @@ two slots): a pass reads bank ``select`` and writes the other, then ``select`` f
 WRITE/READ_ACTIVATIONS address bank ``select``. A convolution compares with threshold 0
 of its entry only, a pool pass ORs the window's words.
 
-**Contract 2** (``config.contract == 2``, emulator only; docs/protocol.md, "Contract
-2"): 48-byte extended descriptors (49 with the index; 32/33 bytes answer BAD_LENGTH).
+**Contract 2** (``config.contract == 2``, as the contract-2 RTL; docs/protocol.md,
+"Contract 2"): 48-byte extended descriptors (49 with the index; 32/33 bytes answer BAD_LENGTH).
 An n-bit map is n bit-planes, plane ``b`` at ``base + b · map_words`` of its slot, each
 packed like a 1-bit map. WRITE/READ_ACTIVATIONS addresses are flat (``slot ·
 activation_depth + word``); nothing flips. A convolution reads ``in_bits`` input planes
