@@ -659,7 +659,7 @@ class LayerControllerV2(wiring.Component):
                 m.d.comb += context.init.eq(1)
                 m.next = "GUARD"
             with m.State("GUARD"):
-                # guard = max(cols, rows·m, load + 2) − 1 + 1
+                # the job period guard: max(cols, rows·m, load + 2)
                 g = Mux(Const(cols) > writes, Const(cols), writes)
                 m.d.sync += [guard.eq(Mux(g > load + 2, g, load + 2)),
                              since_last.eq(guard_max)]

@@ -80,7 +80,8 @@ def test_sweep_32_v2_shapes_two_configs():
 @pytest.mark.slow
 def test_trained_residual_detector_on_rtl_equals_emu(tmp_path):
     """The briefly trained residual W1A2 detector on the contract-2 RTL and on the
-    emulator: identical detections, head map, every map and every pass's cycles."""
+    emulator: identical detections, head map, every map and every pass's cycles; then two
+    frames pipelined (the second input written while the first runs) on both."""
     from bitdet.core.config import AcceleratorConfig
     from bitdet.sw.driver import Device
     from bitdet.sw.train import tiny_residual_detector
@@ -89,14 +90,22 @@ def test_trained_residual_detector_on_rtl_equals_emu(tmp_path):
         name="v2-rtl-residual", rows=4, cols=4, simd=32, weight_depth=512,
         threshold_depth=256, activation_depth=2048, max_channels=32, max_kernel=3,
         max_stride=2, output_bits=2, clock_hz=1_000_000, baud=62_500, contract=2,
-        max_input_bits=2, max_shortcut_bits=2, activation_slots=4)
+        max_input_bits=2, max_shortcut_bits=2, activation_slots=6)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(64, 64), dtype=np.uint8)
-    results = {}
+    frames = [rng.integers(0, 256, size=(64, 64), dtype=np.uint8) for _ in range(2)]
+    results, many = {}, {}
     for backend in ("emu", "rtl"):
         with Device.open(backend, config) as device:
             device.load(bundle)
             results[backend] = device.detect(image, score_threshold=0.05, trace=True)
+            # two frames pipelined: the second one's input written during the first run
+            assert device.concurrent_writes and device.overlap_gain() > 0
+            many[backend] = list(device.detect_many(frames, score_threshold=0.05))
+    assert [r["stats"].overlap for r in many["rtl"]] == [False, True]
+    for a, b in zip(many["emu"], many["rtl"], strict=True):
+        for key in ("boxes", "scores", "labels", "head"):
+            assert torch.equal(a[key], b[key]), key
     emu, rtl = results["emu"], results["rtl"]
     for key in ("boxes", "scores", "labels", "head"):
         assert torch.equal(emu[key], rtl[key]), key
