@@ -155,8 +155,10 @@ def _value(desc: LayerDescriptor) -> int:
     return int.from_bytes(desc.encode(), "little")
 
 
-@pytest.mark.parametrize("seed", range(24))
+@pytest.mark.parametrize("seed", [*range(8), *(pytest.param(s, marks=pytest.mark.slow)
+                                                 for s in range(8, 32))])
 def test_random_layer_matches_the_emulator(seed):
+    """8 random layers in the fast tier, 24 more in the slow one."""
     rng = np.random.default_rng(1000 + seed)
     desc = random_layer(rng, CONFIG)
     words, expected, cycles, expected_cycles, misses = run_layer(CONFIG, desc, seed)
