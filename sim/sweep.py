@@ -37,10 +37,7 @@ SWEEP_CONFIGS = {
                                         threshold_depth=32, activation_depth=256,
                                         max_channels=48),
     # contract 2: n-bit maps, shortcuts and slots (random_shapes then draws the bits)
-    "v2-3x2x8": lambda: AcceleratorConfig(
-        name="v2-3x2x8", rows=3, cols=2, simd=8, weight_depth=512, threshold_depth=256,
-        activation_depth=512, max_channels=32, output_bits=4, contract=2, max_input_bits=4,
-        max_shortcut_bits=4, activation_slots=3),
+    "v2-3x2x8": lambda: load_config("tiny2"),
     "v2-2x4x16": lambda: AcceleratorConfig(
         name="v2-2x4x16", rows=2, cols=4, simd=16, weight_depth=512, threshold_depth=256,
         activation_depth=512, max_channels=48, output_bits=2, contract=2, max_input_bits=2,
