@@ -597,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
         "used, and per device pass its kind, slots and bits.")
     hw_info.add_argument("--config", required=True,
                          help="YAML config file or preset name (icebreaker, ulx3s, tiny, "
-                         "contract2)")
+                         "contract2, tiny2)")
     hw_info.add_argument("--bundle", help="check that this bundle fits the config")
     hw_info.add_argument("--json", action="store_true",
                          help="print the host constants as JSON")
@@ -605,9 +605,12 @@ def build_parser() -> argparse.ArgumentParser:
     hw_verilog = hw_sub.add_parser(
         "verilog", help="write the board-independent UART top as Verilog, with the config",
         description="Write bitdet_top.v (ports clk, rst, uart_rx, uart_tx, busy) and "
-        "config.json (host constants and config hash) for any FPGA toolchain.")
+        "config.json (host constants and config hash) for any FPGA toolchain; a "
+        "contract-2 config gives the contract-2 top (simulation only: no board holds its "
+        "slot memory yet).")
     hw_verilog.add_argument("--config", required=True,
-                            help="YAML config file or preset name (icebreaker, ulx3s, tiny)")
+                            help="YAML config file or preset name (icebreaker, ulx3s, tiny, "
+                            "contract2, tiny2)")
     hw_verilog.add_argument("--out", required=True, help="folder to write into")
     hw_verilog.add_argument("--force", action="store_true",
                             help="replace bitdet_top.v and config.json if they exist")
@@ -617,7 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build the accelerator for a board: yosys, nextpnr and the packer from "
         "YoWASP for Lattice boards (minutes), the Vivado project tree plus a yosys "
         "resource estimate for Xilinx boards. Writes the bitstream, the reports and "
-        "manifest.json; exit status 1 if timing is not met.")
+        "manifest.json; exit status 1 if timing is not met. Contract-2 configs are "
+        "refused (their slot memory is not banked yet).")
     hw_build.add_argument("--board", required=True, choices=["icebreaker", "ulx3s", "arty_a7"],
                           help="target board")
     hw_build.add_argument("--config", required=True,
@@ -775,7 +779,8 @@ def build_parser() -> argparse.ArgumentParser:
         "format-2 bundle's convolutions), and its cycle counts are checked against the "
         "cycle model. Prints a JSON summary; exit status 1 on a mismatch.")
     sim_layer.add_argument("--config", required=True,
-                           help="YAML config file or preset name (tiny is fastest)")
+                           help="YAML config file or preset name (tiny is fastest; tiny2 "
+                           "for contract 2: n-bit levels and shortcuts)")
     sim_layer.add_argument("--cin", type=_positive, help="input channels")
     sim_layer.add_argument("--cout", type=_positive, help="output channels")
     sim_layer.add_argument("--hw", type=_positive, nargs=2, metavar=("H", "W"),
