@@ -404,7 +404,8 @@ def _cmd_import(args) -> int:
     try:
         from .qonnx_import import QonnxImportError, _CheckFailed, import_to_file
         import_to_file(args.model, args.out, force=args.force, inputs=args.inputs,
-                       seed=args.seed, emulator=emulator, head_config=args.head_config)
+                       seed=args.seed, emulator=emulator, head_config=args.head_config,
+                       images=args.images)
     except ModuleNotFoundError as e:
         print(f"bitdet: error: bitdet import needs {e.name}, which is not installed: "
               'pip install -e ".[import]"', file=sys.stderr)
@@ -748,14 +749,21 @@ def build_parser() -> argparse.ArgumentParser:
     imp = sub.add_parser(
         "import", help="import a QONNX (Brevitas) binary network into a bundle, checked "
         "against qonnx", description="Fold a QONNX model (e.g. brevitas.export.export_qonnx) "
-        "into a bundle, run it and qonnx on random inputs, compare every quantized tensor and "
+        "into a bundle, run it and qonnx on random inputs and on DigitScenes images (when the "
+        "graph reads integer pixels), compare every quantized tensor and "
         "write the bundle only if all are equal (docs/import.md; needs .[import]).")
     imp.add_argument("model", help="a QONNX .onnx file")
     imp.add_argument("--out", required=True, help="bundle file to write (.bitdet)")
     imp.add_argument("--force", action="store_true", help="replace --out if it exists")
     imp.add_argument("--inputs", type=_positive, default=3,
                      help="random inputs of the check (default 3)")
-    imp.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    imp.add_argument("--seed", type=int, default=0,
+                     help="seed of the random inputs and the DigitScenes images")
+    imp.add_argument("--images", type=_non_negative, default=2, metavar="N",
+                     help="DigitScenes test scenes (generated at the graph input's size, "
+                     "grayscale repeated to 3 channels if need be) also compared, when the "
+                     "graph reads integer pixels 0…255 on 1 or 3 channels (default 2; 0: "
+                     "none)")
     imp.add_argument("--emulator", default="contract2", metavar="CONFIG",
                      help="contract-2 build whose emulator also runs a format-2 bundle, every "
                      "map compared with qonnx (default contract2; 'off' skips it)")

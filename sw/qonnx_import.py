@@ -26,8 +26,11 @@
 Anything else is refused with one line naming the node, its op type and why
 (:class:`QonnxImportError`). :func:`check_bundle` runs the bundle on the golden model and
 ``qonnx.core.onnx_exec.execute_onnx`` on the original graph and compares every quantized
-tensor (the bundle's levels mapped back to the QONNX values); a format-2 bundle also on
-the contract-2 emulator (``Device.open("emu", "contract2")``, ``run_graph`` with ``trace``).
+tensor (the bundle's levels mapped back to the QONNX values), on random inputs and, when the
+graph reads integer pixels (a host stem on 1 or 3 channels), on DigitScenes scenes
+(:func:`bitdet.sw.data.make_digitscenes`, generated: nothing is downloaded); a format-2
+bundle also on the contract-2 emulator (``Device.open("emu", "contract2")``, ``run_graph``
+with ``trace``).
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ from bitdet.core.golden import BinaryConvLayer, ChannelRepeat, GraphNode, PoolPa
 
 __all__ = ["HEAD_CONFIG_KEYS", "CheckReport", "EmulatorReport", "HeadConfig", "HeadConfigError",
            "ImportResult", "QonnxImportError", "apply_head_config", "check_bundle",
-           "head_error_bound", "import_qonnx", "import_to_file", "load_head_config"]
+           "head_error_bound", "import_qonnx", "import_to_file", "load_head_config",
+           "pixel_input_problem", "scene_inputs"]
 
 QUANTIZERS = ("BipolarQuant", "Quant", "IntQuant", "MultiThreshold")
 ELEMENTWISE = ("BatchNormalization", "Mul", "Add", "Sub", "Div", "Relu", "Reciprocal",
@@ -172,6 +176,27 @@ class EmulatorReport:
 
 @dataclass
 class CheckReport:
+    """What :func:`check_bundle` compared.
+
+    Members
+    -------
+    tensors, values : int
+        Quantized tensors compared, and their values summed over every input.
+    inputs : int
+        Random inputs.
+    images : int
+        DigitScenes images compared (0: none asked for, or ``images_skipped``).
+    images_skipped : str or None
+        Why no image was compared although some were asked for (the graph input is not
+        integer pixels of 1 or 3 channels, at least 9×9: :func:`pixel_input_problem`).
+    difference : str or None
+        The first difference (tensor, map, which input or image, index, both values).
+    head_error, head_error_images : float or None
+        Largest ``|bundle head − qonnx head|`` on the random inputs, on the images.
+    head_bound : float or None
+        :func:`head_error_bound`'s largest value (the same for both).
+    """
+
     tensors: int
     values: int
     inputs: int
@@ -179,6 +204,16 @@ class CheckReport:
     head_error: float | None = None
     head_bound: float | None = None
     emulator: EmulatorReport | None = None
+    images: int = 0
+    images_skipped: str | None = None
+    head_error_images: float | None = None
+
+    def inputs_text(self) -> str:
+        """``"3 random inputs"`` or ``"3 random inputs and 2 DigitScenes images"``."""
+        text = f"{_count(self.inputs, 'random input')}"
+        if self.images:
+            text += f" and {_count(self.images, 'DigitScenes image')}"
+        return text
 
     @property
     def equal(self) -> bool:
@@ -1393,51 +1428,112 @@ def _stem_input(result: ImportResult, ctx, x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(codes.astype(np.int64))
 
 
+def pixel_input_problem(result: ImportResult) -> str | None:
+    """Why the graph input is not an image the bundle's host stem takes (integer pixels
+    0…255 on 1 or 3 channels, at least 9×9: the smallest DigitScenes scenes
+    :func:`scene_inputs` makes), or None."""
+    model = result.model
+    shape = list(model.get_tensor_shape(model.graph.input[0].name))
+    kind = result.input_kind
+    if kind.get("kind") == "quantized":
+        return (f"the host stem reads the codes of an input {kind.get('quantizer')} "
+                f"({kind.get('bits')} bits), not integer pixels 0…255")
+    if kind.get("kind") != "integer pixels":
+        return (f"the graph input is quantized straight to a {kind.get('bits')}-bit level "
+                "map (no host stem on integer pixels 0…255)")
+    channels, height, width = shape[1:]
+    if channels not in (1, 3):
+        return (f"the graph input has {channels} channels, not an image's 1 or 3")
+    if height < 9 or width < 9:     # make_digitscenes' clutter arcs need 9 px on a side
+        return f"the graph input is {height}×{width}, smaller than DigitScenes' 9×9 minimum"
+    return None
+
+
+def scene_inputs(shape, images: int, seed: int) -> list[tuple[np.ndarray, list[int]]]:
+    """``images`` DigitScenes test scenes of the graph input's ``H×W`` (seed ``seed``,
+    :func:`bitdet.sw.data.make_digitscenes`) as float32 pixel batches of ``shape``
+    (N×C×H×W; a grayscale scene repeated over 3 channels where C is 3; a last batch that
+    the scenes do not fill is topped up with the first ones), each with its scenes'
+    indices."""
+    from .data import make_digitscenes
+    batch, channels, height, width = shape
+    scenes = make_digitscenes("test", count=images, image_size=(height, width),
+                              seed=seed).images
+    out = []
+    for start in range(0, images, batch):
+        index = [(start + j) % images for j in range(batch)]
+        x = np.repeat(scenes[index][:, None], channels, axis=1).astype(np.float32)
+        out.append((x, index))
+    return out
+
+
 def check_bundle(result: ImportResult, bundle: Bundle, *, inputs: int = 3,
-                 seed: int = 0, emulator: str | None = None) -> CheckReport:
+                 seed: int = 0, emulator: str | None = None,
+                 images: int = 0) -> CheckReport:
     """Run ``bundle`` (golden model) and the QONNX graph (``execute_onnx``) on random
-    inputs; compare every quantized tensor bit for bit (the bundle's levels mapped to the
-    QONNX values). The head's float output is compared for information only.
+    inputs and on ``images`` DigitScenes scenes; compare every quantized tensor bit for bit
+    (the bundle's levels mapped to the QONNX values). The head's float output is compared
+    for information only.
+
+    The scenes (:func:`scene_inputs`: the test split, seed ``seed``, of the graph input's
+    size) are fed as integer pixels only where the graph reads them
+    (:func:`pixel_input_problem`); otherwise ``report.images_skipped`` says why and only
+    the random inputs are compared.
 
     ``emulator``: a contract-2 config (``"contract2"``): the bundle also runs on the
     emulator of that build, every node's map read back after its pass (``Device.run_graph``
-    with ``trace``), and each is compared with qonnx's tensor (``report.emulator``)."""
+    with ``trace``), and each is compared with qonnx's tensor (``report.emulator``), on the
+    random inputs and the images alike."""
     from qonnx.core.onnx_exec import execute_onnx
     model = result.model
     name = model.graph.input[0].name
     shape = list(model.get_tensor_shape(name))
     rng = np.random.default_rng(seed)
     report = CheckReport(tensors=len(result.tensors), values=0, inputs=inputs)
+    runs = [(_random_input(result, shape, rng), f"random input {i}", "head_error")
+            for i in range(inputs)]
+    if images > 0:
+        report.images_skipped = pixel_input_problem(result)
+        if report.images_skipped is None:
+            report.images = images
+            for x, index in scene_inputs(shape, images, seed):
+                where = (f"DigitScenes image {index[0]}" if len(index) == 1 else
+                         f"DigitScenes images {', '.join(map(str, index))} (one batch)")
+                runs.append((x, where, "head_error_images"))
     device = None if emulator is None else _open_emulator(bundle, emulator, report)
     try:
-        for i in range(inputs):
-            x = _random_input(result, shape, rng)
+        for x, where, head_key in runs:
             ctx = execute_onnx(model, {name: x}, return_full_exec_context=True)
             maps = _bundle_maps(result, bundle, ctx, x)
-            if not _compare_golden(result, maps, ctx, i, report):
+            if not _compare_golden(result, maps, ctx, where, report):
                 return report
             if device is not None and not _compare_emulator(result, device, maps["input"],
-                                                            ctx, i, report.emulator):
+                                                            ctx, where, report.emulator):
                 return report
             if any(h.name == "head" for h in bundle.host_layers):
-                last = maps[bundle.nodes()[-1].name]
-                head = bundle.head(last).numpy()
-                want = np.asarray(ctx[result.head_output])
-                if result.head_channels is not None:      # bitdet's order (head config)
-                    want = want[:, result.head_channels]
-                report.head_error = max(report.head_error or 0.0,
-                                        float(np.abs(head - want).max()))
-                bits = bundle.output_bits()
-                if bits is not None:
-                    report.head_bound = float(head_error_bound(
-                        bundle.host_layer("head"), 1 if bits == 1 else 2 ** bits - 1).max())
+                _compare_head(result, bundle, maps, ctx, report, head_key)
     finally:
         if device is not None:
             device.close()
     return report
 
 
-def _compare_golden(result: ImportResult, maps: dict, ctx, i: int, report: CheckReport
+def _compare_head(result: ImportResult, bundle: Bundle, maps: dict, ctx,
+                  report: CheckReport, key: str) -> None:
+    """The fixed-point head against qonnx's float one (``report.<key>``, informational)."""
+    last = maps[bundle.nodes()[-1].name]
+    head = bundle.head(last).numpy()
+    want = np.asarray(ctx[result.head_output])
+    if result.head_channels is not None:      # bitdet's order (head config)
+        want = want[:, result.head_channels]
+    setattr(report, key, max(getattr(report, key) or 0.0, float(np.abs(head - want).max())))
+    bits = bundle.output_bits()
+    if bits is not None:
+        report.head_bound = float(head_error_bound(
+            bundle.host_layer("head"), 1 if bits == 1 else 2 ** bits - 1).max())
+
+
+def _compare_golden(result: ImportResult, maps: dict, ctx, where: str, report: CheckReport
                     ) -> bool:
     for tensor, ref in result.tensors.items():
         key = f"{ref.node}@prepool" if ref.prepool_of else ref.node
@@ -1446,7 +1542,7 @@ def _compare_golden(result: ImportResult, maps: dict, ctx, i: int, report: Check
         report.values += want.size
         diff = got != want
         if got.shape != want.shape or diff.any():
-            report.difference = _describe(tensor, ref, i, got, want, diff)
+            report.difference = _describe(tensor, ref, where, got, want, diff)
             return False
     return True
 
@@ -1470,7 +1566,7 @@ def _open_emulator(bundle: Bundle, config: str, report: CheckReport):
     return device
 
 
-def _compare_emulator(result: ImportResult, device, levels: torch.Tensor, ctx, i: int,
+def _compare_emulator(result: ImportResult, device, levels: torch.Tensor, ctx, where: str,
                       report: EmulatorReport) -> bool:
     """Every node's map of the emulator (one image at a time) against qonnx's tensors."""
     per_image = [device.run_graph(levels[j:j + 1], trace=True) for j in range(levels.shape[0])]
@@ -1484,7 +1580,7 @@ def _compare_emulator(result: ImportResult, device, levels: torch.Tensor, ctx, i
         report.values += want.size
         diff = got != want
         if got.shape != want.shape or diff.any():
-            report.difference = _describe(tensor, ref, i, got, want, diff, "emulator")
+            report.difference = _describe(tensor, ref, where, got, want, diff, "emulator")
             return False
     return True
 
@@ -1511,24 +1607,27 @@ def _bundle_maps(result: ImportResult, bundle: Bundle, ctx, x) -> dict:
     return maps
 
 
-def _describe(tensor, ref, i, got, want, diff, who: str = "bundle") -> str:
+def _describe(tensor, ref, where: str, got, want, diff, who: str = "bundle") -> str:
     if got.shape != want.shape:
         return (f"tensor {tensor!r} ({who} map {ref.node!r}): shape {got.shape} but qonnx "
-                f"{want.shape} on input {i}")
+                f"{want.shape} on {where}")
     index = tuple(int(v) for v in np.argwhere(diff)[0])
-    return (f"tensor {tensor!r} ({who} map {ref.node!r}) differs on random input {i} at "
+    return (f"tensor {tensor!r} ({who} map {ref.node!r}) differs on {where} at "
             f"{index}: qonnx {float(want[index])!r}, {who} {float(got[index])!r} "
             f"({int(diff.sum())} of {diff.size} values)")
 
 
 def import_to_file(path, out, *, force: bool = False, inputs: int = 3, seed: int = 0,
-                   emulator: str | None = "contract2", head_config=None,
+                   emulator: str | None = "contract2", head_config=None, images: int = 2,
                    log=print) -> CheckReport:
     """Import, save to a temporary file beside ``out``, load it back, check it against
-    qonnx (and a format-2 bundle on the ``emulator`` build too, unless None); only an equal
-    bundle is renamed to ``out`` (nothing written otherwise). ``head_config``: a head
-    config YAML (:func:`load_head_config`, :func:`apply_head_config`) that makes the bundle
-    a detector; without it the bundle is a feature bundle (``model.task: "features"``)."""
+    qonnx (and a format-2 bundle on the ``emulator`` build too, unless None) on ``inputs``
+    random inputs and ``images`` DigitScenes scenes (:func:`check_bundle`; 0: none; a graph
+    that does not read integer pixels gets one line saying so and random inputs only);
+    only an equal bundle is renamed to ``out`` (nothing written otherwise).
+    ``head_config``: a head config YAML (:func:`load_head_config`,
+    :func:`apply_head_config`) that makes the bundle a detector; without it the bundle is a
+    feature bundle (``model.task: "features"``)."""
     from bitdet.core.bundle import load
 
     from .files import atomic_path, check_new_file
@@ -1541,26 +1640,38 @@ def import_to_file(path, out, *, force: bool = False, inputs: int = 3, seed: int
         result.bundle.save(tmp)
         bundle = load(tmp)
         report = check_bundle(result, bundle, inputs=inputs, seed=seed,
-                              emulator=emulator if bundle.format_version == 2 else None)
+                              emulator=emulator if bundle.format_version == 2 else None,
+                              images=images)
         log(_summary(path, bundle))
+        if report.images_skipped is not None:
+            log(f"DigitScenes images: not run: {report.images_skipped}; checked on random "
+                "inputs only")
         if report.difference is not None:
-            log(f"check: {report.tensors} quantized tensors on {report.inputs} random inputs: "
+            log(f"check: {report.tensors} quantized tensors on {report.inputs_text()}: "
                 f"DIFFERENT: {report.difference}")
             for note in result.notes:
                 log(f"note: {note}")
             raise _CheckFailed(report)
-        log(f"check: {report.tensors} quantized tensors on {report.inputs} random inputs, "
+        log(f"check: {report.tensors} quantized tensors on {report.inputs_text()}, "
             f"{report.values} values: all equal to qonnx execute_onnx")
         _log_emulator(report, log)
-        if report.head_error is not None:
-            bound = "" if report.head_bound is None else \
-                f" (bound scale·(K·max|x| + 1)/2 = {report.head_bound:.4g})"
-            log(f"head (fixed point, informational): max |bundle − qonnx| = "
-                f"{report.head_error:.4g}{bound}")
+        if report.head_error is not None or report.head_error_images is not None:
+            log(_head_line(report))
         if config is not None:
             log(_detector_summary(bundle))
     log(f"wrote {out}")
     return report
+
+
+def _head_line(report: CheckReport) -> str:
+    parts = []
+    if report.head_error is not None:
+        parts.append(f"{report.head_error:.4g} on the random inputs")
+    if report.head_error_images is not None:
+        parts.append(f"{report.head_error_images:.4g} on the DigitScenes images")
+    bound = "" if report.head_bound is None else \
+        f" (bound scale·(K·max|x| + 1)/2 = {report.head_bound:.4g})"
+    return f"head (fixed point, informational): max |bundle − qonnx| = {', '.join(parts)}{bound}"
 
 
 def _summary(path, bundle: Bundle) -> str:
@@ -1620,7 +1731,7 @@ def _log_emulator(report: CheckReport, log) -> None:
     if emu.difference is not None:
         log(f"{where}: DIFFERENT: {emu.difference}")
         raise _CheckFailed(report)
-    log(f"{where}: {_count(emu.tensors, 'quantized tensor')} on {report.inputs} random inputs, "
+    log(f"{where}: {_count(emu.tensors, 'quantized tensor')} on {report.inputs_text()}, "
         f"{emu.values} values: all equal to qonnx execute_onnx")
 
 
