@@ -1,5 +1,5 @@
 """A contract-v2 bundle (bundle format 2: a graph, n-bit maps, shortcuts) is refused by
-everything that would run it on a contract-1 accelerator (today's RTL), before anything is
+everything that would run it on a contract-1 accelerator (the boards' RTL), before anything is
 sent, naming the node and what the accelerator lacks and that a contract-2 build (the
 ``contract2`` preset, on the emulator) runs it — never run as if it were a chain of 1-bit
 layers. tests/test_device_v2.py runs such bundles on contract 2."""
@@ -77,6 +77,19 @@ def test_cli_says_it_does_not_fit(v2_file, capsys, tmp_path):
     assert "'contract2' preset" in err
 
 
-def test_sim_layer_refuses_a_v2_layer(v2_file):
-    with pytest.raises(BundleError, match="binary layer 0 reads 2-bit maps"):
-        bundle_case(v2_file, 0)
+def test_sim_layer_refuses_a_v2_layer_on_a_contract_1_config(v2_file, capsys):
+    """A format-2 bundle's conv is a contract-2 case (tests/test_rtl_v2.py runs such cases
+    on the contract-2 RTL); on a contract-1 config it is refused before any simulator
+    starts, in one line."""
+    from bitdet.sim.layer import simulate_layer
+    case = bundle_case(v2_file, 0)
+    assert case.contract2 and case.layer.in_bits == 2
+    with pytest.raises(ValueError, match="needs a contract-2 build; config 'tiny' is "
+                                         "contract 1"):
+        simulate_layer(load_config("tiny"), case)
+    assert main(["sim", "layer", "--config", "tiny", "--bundle", str(v2_file),
+                 "--layer", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs a contract-2 build" in err
+    with pytest.raises(BundleError, match="--layer must be in 0 … "):
+        bundle_case(v2_file, 99)

@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """Contract 2: the extended layer descriptor, the config fields and the cycle model of
 n-bit passes, shortcuts and repeat passes."""
 
