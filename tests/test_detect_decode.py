@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,9 +74,12 @@ def check(detections, want):
 
 
 def detect_json(capsys, bundle_path, *flags):
+    """`bitdet detect --json` of the sample, its annotated PNG into a temporary folder
+    (never beside a shipped bundle)."""
     capsys.readouterr()
-    assert main(["detect", str(SAMPLE_PATH), "--bundle", str(bundle_path), "--json",
-                 "--out", str(bundle_path.parent / "annotated"), "--force", *flags]) == 0
+    with tempfile.TemporaryDirectory() as out:
+        assert main(["detect", str(SAMPLE_PATH), "--bundle", str(bundle_path), "--json",
+                     "--out", str(Path(out) / "annotated"), *flags]) == 0
     return json.loads(capsys.readouterr().out)
 
 
